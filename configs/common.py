@@ -1,0 +1,83 @@
+"""Defaults shared by every palr-jax config.
+
+Every size, path and parallelism setting lives here or in a config that starts from `get_config()`;
+code reads `config.x` and never keeps a default of its own. Each section belongs to one PALR stage, and
+the stage fingerprints (palr_jax/stages.py) hash exactly the sections a stage depends on.
+"""
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Interactions -> chronological leave-one-out split (palr_jax/data/interactions.py).
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'recbole'      # recbole | ml-100k | ml-1m | amazon | tfds
+  c.data.path = ''               # '' = embedded ML-100K from the recbole wheel; else a dir or file prefix
+  c.data.name = 'ml-100k'        # recbole atomic file stem / amazon category / tfds dataset name
+  c.data.tfds_data_dir = ''
+  c.data.rating_threshold = 0.0  # keep interactions with rating >= this (0 = every rating)
+  c.data.k_core = 0              # iterative k-core filter on users and items (0 = off)
+  c.data.min_history = 3         # users need >= this many events (train >= 1 + valid + test)
+
+  # Matrix-factorization retriever (palr_jax/retrieval/).
+  c.retriever = ml_collections.ConfigDict()
+  c.retriever.model = 'ials'     # ials | bpr
+  c.retriever.factors = 64
+  c.retriever.reg = 0.05
+  c.retriever.alpha = 10.0       # iALS confidence 1 + alpha * r
+  c.retriever.iterations = 15
+  c.retriever.learning_rate = 0.05   # BPR
+  c.retriever.epochs = 30            # BPR
+  c.retriever.batch_size = 4096      # BPR
+  c.retriever.num_candidates = 20    # K candidates handed to the ranker
+  c.retriever.folds = 5              # cross-fitting folds for candidates/train.jsonl
+  c.retriever.user_batch = 1024      # users per jitted top-K call
+  c.retriever.shard_items = False    # shard the item table over the mesh for top-K
+  c.retriever.search = ml_collections.ConfigDict()  # grid, chosen on valid Recall@num_candidates
+  c.retriever.search.factors = ()
+  c.retriever.search.reg = ()
+  c.retriever.search.alpha = ()
+
+  # Evaluation (palr_jax/evaluate.py).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.ks = (5, 10, 20, 50)
+  c.eval.max_users = 0             # 0 = all users; else a seeded subset for quick runs
+  c.eval.bootstrap_samples = 1000
+
+  # The LLM (palr_jax/model/, palr_jax/checkpoints/).
+  c.model = ml_collections.ConfigDict()
+  c.model.spec = 'smollm2'         # smollm2 | hf:DIR | gguf:FILE
+  c.model.cache_dir = ''           # '' = ~/.cache/palr_jax (GGUF -> HF folder conversion)
+  c.model.dtype = 'float32'        # compute dtype
+  c.model.param_dtype = 'float32'  # frozen base weights
+  c.model.remat = 'none'           # none | full | dots
+  c.model.attention = 'auto'       # auto | xla | cudnn | reference
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 8
+  c.lora.alpha = 16.0
+  c.lora.dropout = 0.05
+  c.lora.targets = (r'.*self_attn\.(q_proj|v_proj)',)
+  c.lora.dtype = 'float32'
+
+  # Device mesh and logical-axis rules (palr_jax/sharding.py).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.dcn_data = 1              # outer data axis across slices / hosts
+  c.mesh.data = 1
+  c.mesh.fsdp = -1                 # -1 takes the remaining devices
+  c.mesh.tensor = 1
+  c.mesh.rules = (
+      ('batch', ('dcn_data', 'data', 'fsdp')),
+      ('vocab', 'tensor'),
+      ('embed', 'fsdp'),
+      ('heads', 'tensor'),
+      ('kv_heads', 'tensor'),
+      ('head_dim', None),
+      ('mlp', 'tensor'),
+      ('lora_rank', None),
+      ('length', None),
+  )
+
+  return c

@@ -1,0 +1,111 @@
+"""Device mesh from config and logical-axis -> mesh-axis rules.
+
+Model code names each parameter's dimensions with logical axes (`vocab`, `embed`, `heads`, ...), stored
+as the variable metadata `logical_axes`. Which mesh axes those map to is decided here, from
+`config.mesh.rules`, so a new parallelism layout is a config change, never a model change.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+import math
+
+import jax
+from jax.experimental import mesh_utils
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('dcn_data', 'data', 'fsdp', 'tensor')
+
+
+def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
+  """Resolves the configured axis sizes (one may be -1) against the device count."""
+  sizes = {name: int(mesh_config[name]) for name in MESH_AXES}
+  free = [n for n, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise ValueError(f'config.mesh: at most one axis may be -1, got {free}')
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if any(s == 0 or s < -1 for s in sizes.values()):
+    raise ValueError(f'config.mesh: axis sizes must be positive or -1, got {sizes}')
+  if free:
+    if num_devices % fixed:
+      raise ValueError(f'config.mesh: {num_devices} devices do not divide by the fixed axes {sizes}')
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ValueError(f'config.mesh: axes {sizes} need {math.prod(sizes.values())} devices, '
+                     f'have {num_devices}')
+  return sizes
+
+
+def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 4-axis Mesh (dcn_data, data, fsdp, tensor); unused axes have size 1."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_shape(mesh_config, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  if sizes['dcn_data'] > 1 and len({d.slice_index for d in devices if hasattr(d, 'slice_index')}) > 1:
+    ici = (1,) + shape[1:]
+    dcn = (sizes['dcn_data'], 1, 1, 1)
+    arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+  else:
+    try:
+      arr = mesh_utils.create_device_mesh(shape, devices)
+    except (AssertionError, NotImplementedError, ValueError):
+      arr = np.asarray(devices).reshape(shape)
+  return Mesh(arr, MESH_AXES)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None] | None, rules) -> P:
+  """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once per array."""
+  if logical_axes is None:
+    return P()
+  table = {}
+  for name, target in rules:
+    table.setdefault(name, target)
+  used: set[str] = set()
+  out = []
+  for name in logical_axes:
+    target = table.get(name) if name is not None else None
+    if target is None:
+      out.append(None)
+      continue
+    axes = (target,) if isinstance(target, str) else tuple(target)
+    axes = tuple(a for a in axes if a not in used)
+    used.update(axes)
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*out)
+
+
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Drops mesh axes that do not divide a dimension (e.g. 9 heads over tensor=2): replicate instead."""
+  out = []
+  for i, dim in enumerate(shape):
+    entry = spec[i] if i < len(spec) else None
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    kept, size = [], 1
+    for a in axes:
+      if dim % (size * mesh.shape[a]) == 0:
+        kept.append(a)
+        size *= mesh.shape[a]
+    out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return P(*out)
+
+
+def named_sharding(mesh: Mesh, logical_axes, shape, rules) -> NamedSharding:
+  return NamedSharding(mesh, fit_spec(logical_to_spec(logical_axes, rules), shape, mesh))
+
+
+def state_shardings(state, mesh: Mesh, rules):
+  """NamedShardings for an nnx.State (or any pytree of nnx.Variable) from `logical_axes` metadata."""
+  from flax import nnx
+
+  def one(v):
+    if isinstance(v, nnx.Variable):
+      axes = v.get_metadata().get('logical_axes')
+      return v.replace(named_sharding(mesh, axes, v.value.shape, rules))
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
+  """Sharding of a [B, T, ...] batch: B over the rules' `batch` axes."""
+  return NamedSharding(mesh, logical_to_spec(('batch',) + (None,) * (ndim - 1), rules))

@@ -1,0 +1,18 @@
+"""Test session set-up: 8 simulated CPU devices, TensorFlow kept off accelerators."""
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import jax  # noqa: E402
+
+# Must run before any device is touched.
+jax.config.update('jax_num_cpu_devices', 8)
+jax.config.update('jax_platforms', 'cpu')
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _float32_matmuls():
+  with jax.default_matmul_precision('float32'):
+    yield
