@@ -1,0 +1,26 @@
+"""PALR on Amazon Beauty (5-core) with Llama-2-7B + LoRA, on a TPU or GPU pod.
+
+Run (8xH100 node; the data folder holds reviews_Beauty_5.json.gz and meta_Beauty.json.gz):
+  python -m palr_jax.main --config configs/beauty_llama2_7b.py:8xH100 \
+    --config.model.spec=hf:/data/Llama-2-7b-hf --config.data.path=/data/amazon --workdir gs://BUCKET/palr/beauty
+TPU v4-32 (4 hosts):
+  launch/tpu_vm.sh --name palr-v4 --zone us-central2-b --type v4-32 -- \
+    python -m palr_jax.main --config configs/beauty_llama2_7b.py:v4-32 \
+    --config.model.spec=hf:/data/Llama-2-7b-hf --config.data.path=/data/amazon --workdir gs://BUCKET/palr/beauty
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import common  # noqa: E402
+import llama2_7b_common  # noqa: E402
+
+
+def get_config(arg: str = '8xH100'):
+  c = common.get_config()
+  c.data.source = 'amazon'
+  c.data.path = '/path/to/amazon'
+  c.data.name = 'Beauty'
+  c.data.k_core = 5
+  c.retriever.num_candidates = 20
+  return llama2_7b_common.apply_pod(c, arg or '8xH100')
