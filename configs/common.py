@@ -72,6 +72,29 @@ def get_config():
   c.lora.targets = (r'.*self_attn\.(q_proj|v_proj)',)
   c.lora.dtype = 'float32'
 
+  # LoRA fine-tuning on the mesh (palr_jax/train.py).
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 1000
+  c.train.batch_size = 32          # global examples per optimizer step (all processes together)
+  c.train.microbatches = 1         # gradient accumulation: the batch is run in this many slices
+  c.train.max_loss_tokens = 64     # logits only at <= this many loss tokens per row (0 = every position)
+  c.train.learning_rate = 2e-4     # peak, reached after the warmup
+  c.train.warmup_steps = 50        # linear from 0
+  c.train.lr_decay = 'cosine'      # cosine | linear | constant, from the peak to the end of training
+  c.train.final_lr_fraction = 0.1  # the decay ends at learning_rate * this
+  c.train.adam_b1 = 0.9
+  c.train.adam_b2 = 0.999
+  c.train.adam_eps = 1e-8
+  c.train.weight_decay = 0.0       # AdamW, on matrices only
+  c.train.grad_clip_norm = 1.0     # global norm; 0 = off
+  c.train.log_every = 10           # steps between TensorBoard points
+  c.train.eval_every = 200         # validation loss every this many steps and at the end (0 = only at the end)
+  c.train.checkpoint_every = 200   # async save every this many steps, and at the end
+  c.train.keep_latest = 2          # checkpoints kept: the last keep_latest ...
+  c.train.keep_best = 1            # ... and the keep_best with the lowest validation loss
+  c.train.async_checkpoints = True
+  c.train.peak_tflops_per_device = 0.0  # dense peak for the MFU estimate (0 = MFU not reported)
+
   # Device mesh and logical-axis rules (palr_jax/sharding.py).
   c.mesh = ml_collections.ConfigDict()
   c.mesh.dcn_data = 1              # outer data axis across slices / hosts

@@ -109,3 +109,33 @@ def state_shardings(state, mesh: Mesh, rules):
 def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
   """Sharding of a [B, T, ...] batch: B over the rules' `batch` axes."""
   return NamedSharding(mesh, logical_to_spec(('batch',) + (None,) * (ndim - 1), rules))
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules) -> jax.Array:
+  """Pins an activation's sharding by logical axes inside jit; a no-op when no mesh is set.
+
+  XLA propagates shardings from the parameters, which under FSDP can leave activations split on
+  `embed` instead of `batch`; a constraint at the few places that matter keeps them batch-parallel.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, fit_spec(logical_to_spec(logical_axes, rules), x.shape, mesh))
+
+
+def process_rows(mesh: Mesh, rules, global_batch: int) -> np.ndarray:
+  """Rows of a global batch that this process feeds, in the order `global_batch_array` expects.
+
+  The pipeline chooses shapes for the global batch, then each process builds only these rows.
+  Processes that are replicas along the batch axes get the same rows.
+  """
+  sharding = batch_sharding(mesh, rules, ndim=1)
+  starts = sorted({idx[0].start or 0 for idx in sharding.addressable_devices_indices_map((global_batch,)).values()})
+  per_device = sharding.shard_shape((global_batch,))[0]
+  return np.concatenate([np.arange(s, s + per_device) for s in starts])
+
+
+def global_batch_array(local: np.ndarray, mesh: Mesh, rules, global_batch: int) -> jax.Array:
+  """A global [B, ...] jax.Array from this process's rows (`process_rows`) of it."""
+  sharding = batch_sharding(mesh, rules, ndim=local.ndim)
+  return jax.make_array_from_process_local_data(sharding, local, (global_batch,) + local.shape[1:])
