@@ -211,8 +211,10 @@ def build_tokenizer(metadata: dict[str, Any], path):
       clean_up_tokenization_spaces=False)
 
 
-def convert(gguf_path, out_dir, max_shard_bytes: int = 2 << 30) -> None:
-  """Writes the HF folder for `gguf_path` to `out_dir` (atomically: a temp folder, then a rename)."""
+def convert(gguf_path, out_dir, max_shard_bytes: int = 2 << 30, replace: bool = True) -> None:
+  """Writes the HF folder for `gguf_path` to `out_dir` (atomically: a temp folder, then a rename).
+
+  `replace=False` keeps an `out_dir` that appeared meanwhile (another process converted first)."""
   gguf_path = epath.Path(gguf_path)
   reader = gguf.GGUFReader(os.fspath(gguf_path))
   metadata = read_metadata(reader)
@@ -220,7 +222,7 @@ def convert(gguf_path, out_dir, max_shard_bytes: int = 2 << 30) -> None:
   config = hf_config_from_metadata(metadata, gguf_path, has_output)
   specs = hf_tensor_specs(reader, config, gguf_path)
   tokenizer = build_tokenizer(metadata, gguf_path)
-  with hf.atomic_dir(out_dir) as tmp:
+  with hf.atomic_dir(out_dir, replace=replace) as tmp:
     hf.write_json(tmp / 'config.json', config)
     hf.write_json(tmp / 'generation_config.json', hf.generation_config(config))
     hf.save_safetensors(tmp, specs, max_shard_bytes)
@@ -244,5 +246,5 @@ def cached_hf_dir(gguf_path, cache_root: str = '') -> epath.Path:
     raise FileNotFoundError(f'{gguf_path}: GGUF file not found')
   out = cache_dir_for(gguf_path, cache_root)
   if not (out / 'config.json').exists():
-    convert(gguf_path, out)
+    convert(gguf_path, out, replace=False)
   return out
