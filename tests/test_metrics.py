@@ -1,0 +1,115 @@
+"""Ranking metrics against hand-computed values and a direct DCG computation; the paired bootstrap
+against numpy."""
+import math
+
+import numpy as np
+import pytest
+
+from palr_jax import evaluate
+
+LOG2_3 = math.log2(3)
+
+
+def test_metrics_hand_computed():
+  ranks = np.array([0, 1, 4, 9, 30])
+  m = evaluate.metrics_from_ranks(ranks, ks=(1, 5, 10))
+  assert set(m) == {'HR@1', 'HR@5', 'HR@10', 'NDCG@1', 'NDCG@5', 'NDCG@10', 'Recall@1', 'Recall@5',
+                    'Recall@10', 'MRR'}
+  assert m['HR@1'] == pytest.approx(1 / 5)
+  assert m['HR@5'] == pytest.approx(3 / 5)
+  assert m['HR@10'] == pytest.approx(4 / 5)
+  assert m['NDCG@1'] == pytest.approx(1 / 5)
+  assert m['NDCG@5'] == pytest.approx((1 + 1 / LOG2_3 + 1 / math.log2(6)) / 5)
+  assert m['NDCG@10'] == pytest.approx((1 + 1 / LOG2_3 + 1 / math.log2(6) + 1 / math.log2(11)) / 5)
+  assert m['MRR'] == pytest.approx((1 + 1 / 2 + 1 / 5 + 1 / 10 + 1 / 31) / 5)
+  for k in (1, 5, 10):
+    assert m[f'Recall@{k}'] == m[f'HR@{k}']
+  assert all(type(v) is float for v in m.values())
+
+
+def test_per_user_metrics_values():
+  per_user = evaluate.per_user_metrics([2, 0, 7], ks=(3,))
+  np.testing.assert_allclose(per_user['HR@3'], [1, 1, 0])
+  np.testing.assert_allclose(per_user['NDCG@3'], [1 / 2, 1, 0])  # log2(2 + 2) = 2
+  np.testing.assert_allclose(per_user['MRR'], [1 / 3, 1, 1 / 8])
+  assert per_user['HR@3'].shape == (3,)
+
+
+def test_ndcg_matches_dcg_over_sorted_scores():
+  """Ranks from random scores vs DCG computed on the sorted candidate list with a 0/1 relevance."""
+  rng = np.random.default_rng(0)
+  num_users, num_items, k = 50, 40, 10
+  scores = rng.normal(size=(num_users, num_items))
+  targets = rng.integers(0, num_items, num_users)
+  ranks = (scores > scores[np.arange(num_users), targets][:, None]).sum(1)
+  dcg, hits = [], []
+  for u in range(num_users):
+    relevance = (np.argsort(-scores[u])[:k] == targets[u]).astype(float)
+    dcg.append((relevance / np.log2(np.arange(2, k + 2))).sum())
+    hits.append(relevance.sum())
+  m = evaluate.metrics_from_ranks(ranks, ks=(k,))
+  assert m[f'NDCG@{k}'] == pytest.approx(np.mean(dcg))
+  assert m[f'HR@{k}'] == pytest.approx(np.mean(hits))
+  assert 0 < m[f'HR@{k}'] < 1  # the case exercises both hits and misses
+
+
+def test_rank_in_list_and_misses():
+  assert evaluate.rank_in_list([7, 3, 9], 3) == 1
+  assert evaluate.rank_in_list(['a', 'b'], 'a') == 0
+  missing = evaluate.rank_in_list([7, 3, 9], 4)
+  assert missing == math.inf
+  # A target absent from a 3-item list is a miss even at a cutoff larger than the list.
+  m = evaluate.metrics_from_ranks([evaluate.rank_in_list([7, 3, 9], 9), missing], ks=(5,))
+  assert m['HR@5'] == pytest.approx(0.5)
+  assert m['NDCG@5'] == pytest.approx(0.5 / 2)
+  assert m['MRR'] == pytest.approx(0.5 / 3)
+
+
+@pytest.mark.parametrize('ranks, ks, match', [
+    ([], (5,), 'non-empty'),
+    ([[0, 1]], (5,), '1-D'),
+    ([0, -1], (5,), '>= 0'),
+    ([0, float('nan')], (5,), '>= 0'),
+    ([0, 1], (), 'positive integers'),
+    ([0, 1], (0,), 'positive integers'),
+    ([0, 1], (2.5,), 'positive integers'),
+])
+def test_metric_input_errors(ranks, ks, match):
+  with pytest.raises(ValueError, match=match):
+    evaluate.metrics_from_ranks(ranks, ks)
+
+
+def test_paired_bootstrap_matches_numpy():
+  rng = np.random.default_rng(1)
+  a, b = rng.random(200), rng.random(200)
+  got = evaluate.paired_bootstrap(a, b, samples=300, seed=7)
+  ref_rng = np.random.default_rng(7)
+  idx = ref_rng.integers(0, 200, size=(300, 200))  # same stream, drawn in one call
+  means = (a - b)[idx].mean(axis=1)
+  assert got.mean_diff == pytest.approx((a - b).mean())
+  assert (got.low, got.high) == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])))
+  assert got.low < got.mean_diff < got.high
+  assert evaluate.paired_bootstrap(a, b, samples=300, seed=7) == got
+
+
+def test_paired_bootstrap_normal_approximation():
+  """For a large sample the percentile interval is close to mean +- 1.96 * sd / sqrt(n)."""
+  rng = np.random.default_rng(2)
+  b = rng.random(4000)
+  a = b + rng.normal(0.05, 1.0, 4000)
+  got = evaluate.paired_bootstrap(a, b, samples=2000, seed=0)
+  d = a - b
+  half = 1.96 * d.std(ddof=1) / math.sqrt(d.size)
+  assert got.low == pytest.approx(d.mean() - half, abs=0.15 * half)
+  assert got.high == pytest.approx(d.mean() + half, abs=0.15 * half)
+
+
+def test_paired_bootstrap_degenerate_and_errors():
+  a = np.array([0.0, 1.0, 1.0, 0.0])
+  assert evaluate.paired_bootstrap(a, a, 50, 0) == (0.0, 0.0, 0.0)
+  shifted = evaluate.paired_bootstrap(a + 0.25, a, 50, 0)
+  assert shifted == pytest.approx((0.25, 0.25, 0.25))
+  with pytest.raises(ValueError, match='same users'):
+    evaluate.paired_bootstrap(a, a[:3], 10, 0)
+  with pytest.raises(ValueError, match='samples'):
+    evaluate.paired_bootstrap(a, a, 0, 0)
