@@ -113,4 +113,53 @@ def get_config():
       ('length', None),
   )
 
+  # User profiles (palr_jax/profiles.py). One profile per user, written from the part of train[u] that
+  # precedes every training target (see the module docstring for the no-leakage rule).
+  c.profiles = ml_collections.ConfigDict()
+  c.profiles.kind = 'llm'          # llm (the model writes it) | stats (genre/keyword counts, fast)
+  c.profiles.max_history = 20      # most recent items of the profile's source shown to the LLM
+  c.profiles.user_features = ('age', 'gender', 'occupation')  # attributes shown when the data has them
+  c.profiles.system = ''           # system message; '' = the chat template's default
+  c.profiles.template = (
+      'Here are movies a user watched, oldest first, with their genres:\n{history}\n{user}'
+      'In two sentences, describe this user\'s taste in movies: favourite genres, themes and eras. '
+      'Do not list titles.')
+  c.profiles.history_line = '- {title} ({genres})'
+  c.profiles.user_line = 'About the user: {features}.\n'
+  c.profiles.max_new_tokens = 64
+  c.profiles.batch_size = 16
+  c.profiles.length_buckets = (128, 256, 384, 512, 768, 1024)  # prompt lengths padded to one of these
+  c.profiles.top_genres = 3        # stats profile
+  c.profiles.top_keywords = 3      # stats profile: frequent title words
+
+  # PALR instruction examples (palr_jax/data/prompts.py). Templates are str.format strings.
+  c.prompts = ml_collections.ConfigDict()
+  c.prompts.tasks = ('recommend', 'recommend_retrieval')
+  c.prompts.max_history = 20       # most recent history titles in a prompt
+  c.prompts.max_examples_per_user = 10  # training targets per user and task: the last N of train[u]
+  c.prompts.tags = tuple('ABCDEFGHIJKLMNOPQRSTUVWXYZ')  # single-token tags, >= retriever.num_candidates
+  c.prompts.candidate_order = 'shuffle'  # shuffle | retriever
+  c.prompts.use_profile = True
+  c.prompts.max_title_tokens = 24  # longer titles are cut
+  c.prompts.max_length = 1024      # tokens per example (and per packed row); oldest history dropped first
+  c.prompts.system = ''            # system message; '' = the chat template's default
+  c.prompts.history_line = '- {title}'
+  c.prompts.candidate_line = '{tag}. {title}'
+  c.prompts.profile_block = 'Profile: {profile}\n'
+  c.prompts.recommend = (
+      'A user watched these movies, oldest first:\n{history}\n{profile}'
+      'Recommend the movie the user will watch next. Answer with its title.')
+  c.prompts.recommend_response = '{title}'
+  c.prompts.recommend_retrieval = (
+      'A user watched these movies, oldest first:\n{history}\n{profile}'
+      'Candidates:\n{candidates}\n'
+      'Which candidate will the user watch next? Answer with its letter and title.')
+  c.prompts.recommend_retrieval_response = '{tag}. {title}'
+  # Batching (palr_jax/data/pipeline.py); not part of the examples' fingerprint.
+  c.prompts.batches = ml_collections.ConfigDict()
+  c.prompts.batches.pack = True    # pack examples into rows of max_length; else pad to a length bucket
+  c.prompts.batches.length_buckets = (256, 512, 1024)  # padding mode: global batch padded to one of these
+  c.prompts.batches.shuffle_buffer = 0  # 0 = the whole split
+  c.prompts.batches.prefetch = 2
+
   return c

@@ -1,0 +1,394 @@
+"""PALR instruction examples: Recommend and Recommend_Retrieval prompts, chat-templated and tokenized.
+
+Tasks (templates are str.format strings in `config.prompts`):
+  recommend            the last <= `max_history` titles of the history, oldest first [+ profile]
+                       -> the next item's title.
+  recommend_retrieval  the same + K = `config.retriever.num_candidates` candidates, each tagged with a
+                       letter that is a single token in the rendered text -> the target's tag and title.
+                       Titles are not unique (ML-100K has 22 duplicates): an item is identified by its
+                       tag, never by its title.
+
+Targets and the no-leakage rule. H(u) = {valid[u], test[u]} are the user's held-out items.
+  train  targets slide over the last `max_examples_per_user` positions p >= 1 of train[u], history
+         train[u][:p]. Positions whose item is in H(u) are skipped and items of H(u) are removed from the
+         history and from the candidate list (both only happen with repeat events), so no training prompt
+         of u asks for, shows or offers a held-out item of u.
+  valid  history train[u], target valid[u].    test  history train[u] + [valid[u]], target test[u].
+  The profile is one text per user, written from train[u] before its first training target
+  (`palr_jax/profiles.py`), so it never contains a prompt's target or anything after it.
+
+Candidates: train prompts take row (u, p) of `candidates/train.jsonl`, valid/test prompts the user's row
+of `candidates/{valid,test}.jsonl`. With `insert_target`, a target the retriever missed replaces the last
+candidate and moves to a seeded random position (rank.py turns it off to see the retriever's list as is);
+then the order is the retriever's or a seeded shuffle (`candidate_order`).
+
+Tokens: the tokenizer's own chat template renders [system] + user prompt with the generation prompt, and
+the answer is what the template appends for the assistant message up to its end-of-turn token. The two
+are tokenized separately, as at inference time, and `loss_mask` is 1 exactly on the answer tokens. An
+example longer than `max_length` loses its oldest history titles first; instruction, profile and
+candidates are never cut (an example that still does not fit is an error). Titles are cut to
+`max_title_tokens` tokens once, so a title reads the same in histories, candidate lists and answers.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+import json
+import string
+from typing import NamedTuple
+
+from etils import epath
+import numpy as np
+
+TASKS = ('recommend', 'recommend_retrieval')
+SPLITS = ('train', 'valid', 'test')
+CANDIDATE_ORDERS = ('shuffle', 'retriever')
+_PROBE_TITLE = 'title'
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  task: str
+  split: str
+  user: int                     # dense user index
+  position: int                 # index of the target in the user's full sequence (train + valid + test)
+  target: int                   # item index
+  history: tuple[int, ...]      # items shown, oldest first, after truncation
+  candidates: tuple[int, ...]   # items in tag order (recommend_retrieval), else ()
+  prompt: str                   # chat-templated text the model conditions on
+  answer: str                   # chat-templated answer with its end-of-turn token ('' = no answer)
+  input_ids: np.ndarray         # int32 [L]: prompt tokens then answer tokens
+  loss_mask: np.ndarray         # int32 [L]: 1 on the answer tokens
+
+  @property
+  def target_tag_index(self) -> int | None:
+    """Index of the target in `candidates` (its tag), None if absent."""
+    hits = [j for j, i in enumerate(self.candidates) if i == self.target]
+    return hits[0] if hits else None
+
+
+class Spec(NamedTuple):
+  """What an example says, before rendering."""
+  task: str
+  split: str
+  user: int
+  position: int
+  target: int
+  history: tuple[int, ...]
+  profile: str
+  candidates: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidates:
+  path: str
+  split: str
+  rows: dict   # valid/test: user -> items; train: (user, position) -> items (retriever order)
+
+
+def training_positions(num_train: int, max_examples: int) -> range:
+  """Target positions in train[u] for the training prompts: the last `max_examples`, each with history."""
+  if max_examples < 1:
+    raise ValueError(f'config.prompts.max_examples_per_user must be >= 1, got {max_examples}')
+  return range(max(1, num_train - max_examples), num_train)
+
+
+def held_out(split, user: int) -> frozenset[int]:
+  return frozenset((int(split.valid[user]), int(split.test[user])))
+
+
+def read_candidates(path, split, which: str) -> Candidates:
+  """Reads `candidates/{which}.jsonl`, checking each row's target against the split (stale files fail)."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f'{path}: not found; run the retriever first (python -m palr_jax.retrieve)')
+  keys = ('user_index', 'target', 'items') + (('position',) if which == 'train' else ())
+  rows = {}
+  for line_no, line in enumerate(path.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    where = f'{path}:{line_no}'
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{where}: not a JSON object ({e.msg})') from None
+    missing = [k for k in keys if k not in row]
+    if missing:
+      raise ValueError(f'{where}: missing keys {missing}; expected {list(keys)}')
+    u, target = int(row['user_index']), int(row['target'])
+    if not 0 <= u < len(split.train):
+      raise ValueError(f'{where}: user_index {u} outside [0, {len(split.train)})')
+    if which == 'train':
+      p = int(row['position'])
+      if not 0 <= p < len(split.train[u]):
+        raise ValueError(f'{where}: position {p} outside train[{u}] (length {len(split.train[u])})')
+      expected, key = int(split.train[u][p]), (u, p)
+    else:
+      expected, key = int(getattr(split, which)[u]), u
+    if target != expected:
+      raise ValueError(f'{where}: target {target} but the split says {expected}; the candidates are '
+                       'stale for this data config: rerun the retriever')
+    rows[key] = np.asarray(row['items'], np.int64)
+  return Candidates(str(path), which, rows)
+
+
+def cut_title(title: str, tokenizer, max_tokens: int) -> str:
+  """One-line title of at most `max_tokens` tokens (cut at a token boundary)."""
+  title = ' '.join(title.split())
+  ids = tokenizer(title, add_special_tokens=False)['input_ids']
+  if len(ids) <= max_tokens:
+    return title
+  return tokenizer.decode(ids[:max_tokens]).replace('\ufffd', '').strip()
+
+
+def _fields(template: str) -> set[str]:
+  return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+
+
+def _check_config(cfg) -> None:
+  required = {
+      'recommend': {'history'}, 'recommend_retrieval': {'history', 'candidates'},
+      'recommend_response': {'title'}, 'recommend_retrieval_response': {'tag', 'title'},
+      'history_line': {'title'}, 'candidate_line': {'tag', 'title'}, 'profile_block': {'profile'}}
+  allowed = {'recommend': {'history', 'profile'}, 'recommend_retrieval': {'history', 'profile', 'candidates'}}
+  for key, need in required.items():
+    got = _fields(cfg[key])
+    if not need <= got or not got <= allowed.get(key, need):
+      raise ValueError(f'config.prompts.{key} = {cfg[key]!r}: needs the fields {sorted(need)} '
+                       f'(allowed: {sorted(allowed.get(key, need))}), has {sorted(got)}')
+  for key in ('max_history', 'max_examples_per_user', 'max_title_tokens', 'max_length'):
+    if int(cfg[key]) < 1:
+      raise ValueError(f'config.prompts.{key} = {cfg[key]}: must be >= 1')
+  for key in ('candidate_line', 'recommend_retrieval_response'):
+    if cfg[key].count('{tag}') != 1:
+      raise ValueError(f'config.prompts.{key} = {cfg[key]!r}: needs exactly one {{tag}}')
+  unknown = set(cfg.tasks) - set(TASKS)
+  if unknown or not cfg.tasks:
+    raise ValueError(f'config.prompts.tasks = {tuple(cfg.tasks)}: expected a non-empty subset of {TASKS}')
+  if cfg.candidate_order not in CANDIDATE_ORDERS:
+    raise ValueError(f'config.prompts.candidate_order = {cfg.candidate_order!r}: expected one of '
+                     f'{CANDIDATE_ORDERS}')
+
+
+def _special_tokens(tokenizer) -> list[str]:
+  return [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+
+
+class PromptBuilder:
+  """Renders and tokenizes examples for one config and tokenizer.
+
+  Titles are cut once, the chat template's answer framing is probed once, and (for recommend_retrieval)
+  every tag is checked to be one token where it appears: `tag_ids[j]` is the token of tag j at the start
+  of an answer, the token whose logit rank.py reads.
+  """
+
+  def __init__(self, config, inter, tokenizer):
+    cfg = config.prompts
+    _check_config(cfg)
+    self.cfg, self.tokenizer, self.inter, self.seed = cfg, tokenizer, inter, int(config.seed)
+    self.num_candidates = int(config.retriever.num_candidates)
+    self.titles = [cut_title(t or f'item {i}', tokenizer, cfg.max_title_tokens)
+                   for t, i in zip(inter.titles, inter.item_ids)]
+    self._answer_prefix, self._answer_suffix = self._probe_answer_framing()
+    self.tags = list(cfg.tags)
+    self.tag_ids = self._check_tags() if 'recommend_retrieval' in cfg.tasks else None
+
+  # Rendering.
+
+  def _messages(self, user_text: str) -> list[dict]:
+    system = [{'role': 'system', 'content': self.cfg.system}] if self.cfg.system else []
+    return system + [{'role': 'user', 'content': user_text}]
+
+  def chat_prompt(self, user_text: str) -> str:
+    return self.tokenizer.apply_chat_template(self._messages(user_text), tokenize=False,
+                                              add_generation_prompt=True)
+
+  def _probe_answer_framing(self) -> tuple[str, str]:
+    """What the template puts around an assistant message: (text before it, text through end-of-turn)."""
+    marker = 'PALR_ANSWER_PROBE'
+    msgs = self._messages('q')
+    prompt = self.chat_prompt('q')
+    full = self.tokenizer.apply_chat_template(msgs + [{'role': 'assistant', 'content': marker}],
+                                              tokenize=False)
+    if not full.startswith(prompt) or marker not in full[len(prompt):]:
+      raise ValueError('the tokenizer chat template renders the assistant turn so that the generation '
+                       'prompt is not a prefix of it; cannot tell the answer tokens apart')
+    tail = full[len(prompt):]
+    start = tail.index(marker)
+    rest = tail[start + len(marker):]
+    ends = [rest.find(s) + len(s) for s in _special_tokens(self.tokenizer) if s in rest]
+    if not ends:
+      raise ValueError(f'the tokenizer chat template ends the assistant turn with {rest!r}: no special '
+                       'end-of-turn token to train on')
+    return tail[:start], rest[:min(ends)]
+
+  def user_text(self, task: str, history: Sequence[int], profile: str,
+                candidates: Sequence[int] = ()) -> str:
+    cfg = self.cfg
+    lines = '\n'.join(cfg.history_line.format(title=self.titles[i]) for i in history)
+    block = cfg.profile_block.format(profile=profile) if cfg.use_profile and profile else ''
+    cands = '\n'.join(cfg.candidate_line.format(tag=self.tags[j], title=self.titles[i])
+                      for j, i in enumerate(candidates))
+    return cfg[task].format(history=lines, profile=block, candidates=cands)
+
+  def answer_text(self, task: str, target: int, candidates: Sequence[int] = ()) -> str:
+    """The answer as rendered after the prompt (content + end-of-turn); '' if the target is absent."""
+    if task == 'recommend':
+      content = self.cfg.recommend_response.format(title=self.titles[target])
+    else:
+      hits = [j for j, i in enumerate(candidates) if i == target]
+      if not hits:
+        return ''
+      content = self.cfg.recommend_retrieval_response.format(tag=self.tags[hits[0]],
+                                                             title=self.titles[target])
+    return self._answer_prefix + content + self._answer_suffix
+
+  def _encode(self, text: str) -> list[int]:
+    return self.tokenizer(text, add_special_tokens=False)['input_ids'] if text else []
+
+  def _encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)['input_ids']]
+
+  # Tags.
+
+  def _single_token(self, text: str, starts: Sequence[int], tag_len: Sequence[int], where: str) -> list[int]:
+    """Token ids of the spans [start, start+len) of `text`, each required to be exactly one token."""
+    enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc['input_ids'], enc['offset_mapping']
+    out = []
+    for s, n in zip(starts, tag_len):
+      e = s + n
+      hit = [k for k, (a, b) in enumerate(offsets) if a < e and b > s]
+      ok = len(hit) == 1 and offsets[hit[0]][1] == e and not text[offsets[hit[0]][0]:s].strip()
+      if not ok:
+        pieces = self.tokenizer.convert_ids_to_tokens([ids[k] for k in hit])
+        raise ValueError(f'config.prompts.tags: tag {text[s:e]!r} is not a single token {where} '
+                         f'(it tokenizes as {pieces} in {text[max(0, s - 12):e + 12]!r}); choose tags '
+                         'that are single tokens of this tokenizer or change the template')
+      out.append(ids[hit[0]])
+    return out
+
+  def _check_tags(self) -> np.ndarray:
+    k, tags = self.num_candidates, self.tags
+    if len(set(tags)) != len(tags):
+      raise ValueError(f'config.prompts.tags = {self.cfg.tags!r}: tags must be distinct')
+    if k > len(tags):
+      raise ValueError(f'config.retriever.num_candidates = {k} exceeds the {len(tags)} tags of '
+                       f'config.prompts.tags; at most {len(tags)} candidates can be tagged')
+    line = self.cfg.candidate_line
+    tag_at = line.format(tag='\0', title=_PROBE_TITLE).index('\0')
+    lines = [line.format(tag=t, title=_PROBE_TITLE) for t in tags[:k]]
+    prompt = self.chat_prompt(self.cfg.recommend_retrieval.format(
+        history=self.cfg.history_line.format(title=_PROBE_TITLE), profile='',
+        candidates='\n'.join(lines)))
+    block = prompt.index('\n'.join(lines))
+    starts = np.cumsum([block] + [len(s) + 1 for s in lines[:-1]]) + tag_at
+    self._single_token(prompt, starts, [len(t) for t in tags[:k]], 'in the candidate list')
+    resp = self.cfg.recommend_retrieval_response
+    ids = []
+    for t in tags[:k]:
+      answer = self._answer_prefix + resp.format(tag=t, title=_PROBE_TITLE) + self._answer_suffix
+      at = len(self._answer_prefix) + resp.format(tag='\0', title=_PROBE_TITLE).index('\0')
+      ids += self._single_token(answer, [at], [len(t)], 'in the answer')
+    return np.asarray(ids, np.int32)
+
+  # Examples.
+
+  def _prompt(self, spec: Spec, n: int) -> str:
+    """The chat-templated prompt of `spec` with its `n` most recent history titles."""
+    history = spec.history[len(spec.history) - n:]
+    return self.chat_prompt(self.user_text(spec.task, history, spec.profile, spec.candidates))
+
+  def _truncate(self, spec: Spec, answer_len: int) -> tuple[int, str, list[int]]:
+    """The most recent history titles (at least one) whose prompt fits beside the answer."""
+    budget = self.cfg.max_length - answer_len
+    found, lo, hi = None, 1, len(spec.history) - 1
+    while lo <= hi:
+      mid = (lo + hi) // 2
+      prompt = self._prompt(spec, mid)
+      ids = self._encode(prompt)
+      if len(ids) <= budget:
+        found, lo = (mid, prompt, ids), mid + 1
+      else:
+        hi = mid - 1
+    if found is None:
+      n = min(len(spec.history), 1)
+      raise ValueError(
+          f'{spec.task} example of user {spec.user} (position {spec.position}) takes '
+          f'{len(self._encode(self._prompt(spec, n))) + answer_len} tokens with {n} history title(s) > '
+          f'config.prompts.max_length = {self.cfg.max_length}; instruction, profile and candidates are '
+          'never cut: raise max_length or lower max_title_tokens / profiles.max_new_tokens')
+    return found
+
+  def examples(self, specs: Sequence[Spec]) -> list[Example]:
+    """Renders and tokenizes (batched); an example over `max_length` loses its oldest titles first."""
+    specs = [s._replace(history=tuple(int(i) for i in s.history)[-self.cfg.max_history:],
+                        candidates=tuple(int(i) for i in s.candidates)) for s in specs]
+    answers = [self.answer_text(s.task, s.target, s.candidates) for s in specs]
+    prompts = [self._prompt(s, len(s.history)) for s in specs]
+    answer_ids = self._encode_batch(answers)
+    prompt_ids = self._encode_batch(prompts)
+    out = []
+    for s, prompt, p_ids, answer, a_ids in zip(specs, prompts, prompt_ids, answers, answer_ids):
+      n = len(s.history)
+      if len(p_ids) + len(a_ids) > self.cfg.max_length:
+        n, prompt, p_ids = self._truncate(s, len(a_ids))
+      ids = np.asarray(p_ids + a_ids, np.int32)
+      mask = np.zeros(len(ids), np.int32)
+      mask[len(p_ids):] = 1
+      out.append(Example(s.task, s.split, s.user, s.position, s.target, s.history[len(s.history) - n:],
+                         s.candidates, prompt, answer, ids, mask))
+    return out
+
+  def arrange_candidates(self, retrieved: np.ndarray, target: int, exclude: frozenset[int],
+                         rng: np.random.Generator, insert_target: bool) -> list[int]:
+    """K candidates in tag order: retriever's list minus `exclude`, target inserted if missed, ordered."""
+    k = self.num_candidates
+    items = [int(i) for i in retrieved if int(i) not in exclude][:k]
+    if insert_target and target not in items:
+      items = items[:k - 1]
+      items.insert(int(rng.integers(len(items) + 1)), target)
+    if self.cfg.candidate_order == 'shuffle':
+      items = [items[j] for j in rng.permutation(len(items))]
+    return items
+
+
+def build_examples(builder: PromptBuilder, split, which: str, profiles: Sequence[str] | None,
+                   candidates: Candidates | None = None, *, users: Sequence[int] | None = None,
+                   insert_target: bool = True) -> list[Example]:
+  """All examples of one split (`which`), users in order, then positions, then tasks.
+
+  `profiles[u]` is the user's profile text ('' or None = none). `candidates` (from `read_candidates` for
+  the same split) is needed when recommend_retrieval is a task.
+  """
+  if which not in SPLITS:
+    raise ValueError(f'split {which!r}: expected one of {SPLITS}')
+  tasks = tuple(builder.cfg.tasks)
+  if 'recommend_retrieval' in tasks and (candidates is None or candidates.split != which):
+    raise ValueError(f'recommend_retrieval needs candidates/{which}.jsonl (read_candidates(..., {which!r}))')
+  specs = []
+  for u in range(len(split.train)) if users is None else users:
+    heldout = held_out(split, u)
+    profile = profiles[u] if profiles is not None else ''
+    train = [int(i) for i in split.train[u]]
+    if which == 'train':
+      steps = [(p, train[p], [i for i in train[:p] if i not in heldout], heldout, (u, p))
+               for p in training_positions(len(train), builder.cfg.max_examples_per_user)
+               if train[p] not in heldout]
+    elif which == 'valid':
+      steps = [(len(train), int(split.valid[u]), train, frozenset(), u)]
+    else:
+      steps = [(len(train) + 1, int(split.test[u]), train + [int(split.valid[u])], frozenset(), u)]
+    for p, target, history, exclude, key in steps:
+      for task in tasks:
+        cands = ()
+        if task == 'recommend_retrieval':
+          if key not in candidates.rows:
+            raise ValueError(f'{candidates.path}: no row for user_index {u}' +
+                             (f' position {p}' if which == 'train' else '') +
+                             '; candidates/train.jsonl must cover the last config.prompts.'
+                             'max_examples_per_user positions (see config.retriever.max_train_positions)')
+          rng = np.random.default_rng((builder.seed, SPLITS.index(which), u, p))
+          cands = builder.arrange_candidates(candidates.rows[key], target, exclude, rng, insert_target)
+        specs.append(Spec(task, which, u, p, target, tuple(history), profile or '', tuple(cands)))
+  return builder.examples(specs)

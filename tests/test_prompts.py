@@ -1,0 +1,273 @@
+"""PALR prompts: rendering, answer-only loss mask, truncation, tags, duplicates, no held-out leakage."""
+import json
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from palr_jax.data import interactions, prompts
+from prompt_fixtures import (CHATML, SPECIAL, TITLES, tiny_config, tiny_interactions, tiny_tokenizer,
+                             write_candidates)
+
+HEADER = ('<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face'
+          '<|im_end|>\n<|im_start|>user\n')
+
+
+@pytest.fixture(scope='module')
+def tok():
+  return tiny_tokenizer()
+
+
+@pytest.fixture(scope='module')
+def data():
+  inter = tiny_interactions()
+  return inter, interactions.leave_one_out(inter)
+
+
+@pytest.fixture(scope='module')
+def cand_dir(tmp_path_factory, data):
+  d = tmp_path_factory.mktemp('candidates')
+  write_candidates(d, *data, count=4)
+  return d
+
+
+def _all_examples(config, tok, data, cand_dir, profiles=None):
+  inter, split = data
+  builder = prompts.PromptBuilder(config, inter, tok)
+  out = []
+  for which in prompts.SPLITS:
+    cands = prompts.read_candidates(cand_dir / f'{which}.jsonl', split, which)
+    out += prompts.build_examples(builder, split, which, profiles, cands)
+  return builder, out
+
+
+def test_templates_render_for_fixture_user(tok, data, cand_dir):
+  inter, split = data
+  config = tiny_config()
+  config.prompts.candidate_order = 'retriever'
+  builder = prompts.PromptBuilder(config, inter, tok)
+  cands = prompts.read_candidates(cand_dir / 'valid.jsonl', split, 'valid')
+  rec, ret = prompts.build_examples(builder, split, 'valid', ['likes comedy'] * 4, cands, users=[0])
+  history = '- Casino\n- Fargo\n- Sabrina\n- Babe\n- Clueless\nProfile: likes comedy\n'
+  assert rec.prompt == (HEADER + 'A user watched these movies, oldest first:\n' + history +
+                        'Recommend the movie the user will watch next. Answer with its title.<|im_end|>\n'
+                        '<|im_start|>assistant\n')
+  assert rec.answer == 'Rob Roy<|im_end|>'
+  # Fixture retriever order for user 0 minus train[0]: Nixon, Get Shorty, Jumanji, Rob Roy.
+  assert ret.prompt == (HEADER + 'A user watched these movies, oldest first:\n' + history +
+                        'Candidates:\nA. Nixon\nB. Get Shorty\nC. Jumanji\nD. Rob Roy\n'
+                        'Which candidate will the user watch next? Answer with its letter and title.'
+                        '<|im_end|>\n<|im_start|>assistant\n')
+  assert ret.answer == 'D. Rob Roy<|im_end|>'
+  assert ret.candidates == (14, 12, 10, 9) and ret.target == 9 and ret.target_tag_index == 3
+  assert rec.history == ret.history == (5, 6, 2, 7, 8)
+  # No profile: the block disappears; use_profile=False drops it even when one is given.
+  config.prompts.use_profile = False
+  builder = prompts.PromptBuilder(config, inter, tok)
+  rec2, _ = prompts.build_examples(builder, split, 'valid', ['likes comedy'] * 4, cands, users=[0])
+  assert rec2.prompt == rec.prompt.replace('Profile: likes comedy\n', '')
+
+
+def test_loss_mask_covers_exactly_the_answer_tokens(tok, data, cand_dir):
+  _, examples = _all_examples(tiny_config(), tok, data, cand_dir, profiles=['p'] * 4)
+  assert len(examples) > 20
+  eot = tok.convert_tokens_to_ids('<|im_end|>')
+  for ex in examples:
+    start = len(tok(ex.prompt, add_special_tokens=False)['input_ids'])
+    expected = tok(ex.prompt, add_special_tokens=False)['input_ids'] + tok(ex.answer, add_special_tokens=False)['input_ids']
+    np.testing.assert_array_equal(ex.input_ids, expected)
+    np.testing.assert_array_equal(ex.loss_mask, np.arange(len(expected)) >= start)
+    assert ex.input_ids.dtype == ex.loss_mask.dtype == np.int32
+    assert tok.decode(ex.input_ids[ex.loss_mask == 1]) == ex.answer
+    assert tok.decode(ex.input_ids[ex.loss_mask == 0]).endswith('<|im_start|>assistant\n')
+    assert ex.input_ids[-1] == eot and ex.loss_mask[-1] == 1
+
+
+def test_truncation_drops_oldest_history_first(tok, data, cand_dir):
+  inter, split = data
+  config = tiny_config()
+  config.prompts.max_history = 20
+  full = prompts.build_examples(prompts.PromptBuilder(config, inter, tok), split, 'test', ['p'] * 4,
+                                prompts.read_candidates(cand_dir / 'test.jsonl', split, 'test'), users=[3])
+  assert [len(e.history) for e in full] == [13, 13]
+  test_cands = prompts.read_candidates(cand_dir / 'test.jsonl', split, 'test')
+  for ex in full:
+    limit = config.prompts.max_length = len(ex.input_ids) - 12     # a few titles must go
+    builder = prompts.PromptBuilder(config, inter, tok)
+    [cut] = [e for e in prompts.build_examples(builder, split, 'test', ['p'] * 4, test_cands, users=[3])
+             if e.task == ex.task]
+    assert len(cut.input_ids) <= limit
+    assert 1 <= len(cut.history) < len(ex.history)
+    assert cut.history == ex.history[-len(cut.history):]          # the most recent ones are kept
+    assert cut.answer == ex.answer and cut.candidates == ex.candidates
+    instruction = config.prompts[ex.task].split('{profile}')[1].split('{candidates}')[-1]
+    assert instruction in cut.prompt and 'Profile: p\n' in cut.prompt
+    for j, item in enumerate(cut.candidates):
+      assert f'{builder.tags[j]}. {builder.titles[item]}\n' in cut.prompt
+    # Maximal: with one more title it would not fit.
+    more = prompts.Spec(ex.task, 'test', 3, ex.position, ex.target, ex.history[-len(cut.history) - 1:], 'p',
+                        ex.candidates)
+    config.prompts.max_length = 10_000
+    assert len(prompts.PromptBuilder(config, inter, tok).examples([more])[0].input_ids) > limit
+  config.prompts.max_length = 40                             # not even the instruction fits
+  builder = prompts.PromptBuilder(config, inter, tok)
+  with pytest.raises(ValueError, match='max_length = 40'):
+    prompts.build_examples(builder, split, 'valid', None,
+                           prompts.read_candidates(cand_dir / 'valid.jsonl', split, 'valid'), users=[0])
+
+
+def test_long_titles_cut_to_token_budget(tok):
+  long = 'Adventures of Priscilla, Queen of the Desert, The'
+  inter = tiny_interactions(titles=[long] + tiny_interactions().titles[1:])
+  config = tiny_config()
+  config.prompts.max_title_tokens = 5
+  builder = prompts.PromptBuilder(config, inter, tok)
+  cut = builder.titles[0]
+  assert len(tok(long, add_special_tokens=False)['input_ids']) > 5
+  assert len(tok(cut, add_special_tokens=False)['input_ids']) <= 5
+  assert cut and long.startswith(cut)
+  assert builder.titles[3] == 'Heat'         # short titles untouched
+
+
+def test_tags_must_be_single_tokens(tok, data):
+  inter, _ = data
+  config = tiny_config(num_candidates=4)
+  builder = prompts.PromptBuilder(config, inter, tok)
+  np.testing.assert_array_equal(builder.tag_ids, tok.convert_tokens_to_ids(['A', 'B', 'C', 'D']))
+  config.retriever.num_candidates = 27
+  with pytest.raises(ValueError, match='num_candidates = 27 exceeds the 26 tags'):
+    prompts.PromptBuilder(config, inter, tok)
+  config.retriever.num_candidates = 4
+  config.prompts.tags = ('A', 'B', 'Zq', 'D')                  # 'Zq' is two tokens here
+  assert len(tok('Zq', add_special_tokens=False)['input_ids']) == 2
+  with pytest.raises(ValueError, match="tag 'Zq' is not a single token in the candidate list"):
+    prompts.PromptBuilder(config, inter, tok)
+  config.prompts.tags = tuple('ABCD')
+  # A SentencePiece-like tokenizer that learned 'A.' as one token: the tag is not a token of its own.
+  glue = Tokenizer(models.BPE())
+  glue.pre_tokenizer, glue.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+  glue.train_from_iterator(['A. B. C. D.'] * 20 + TITLES, trainers.BpeTrainer(
+      vocab_size=300, special_tokens=SPECIAL, show_progress=False))
+  glued = PreTrainedTokenizerFast(tokenizer_object=glue, eos_token='<|im_end|>', chat_template=CHATML)
+  assert 'A.' in glued.convert_ids_to_tokens(glued('Candidates:\nA. x', add_special_tokens=False)['input_ids'])
+  with pytest.raises(ValueError, match="tag 'A' is not a single token in the candidate list"):
+    prompts.PromptBuilder(config, inter, glued)
+  config.prompts.tasks = ('recommend',)                         # no candidates, no tag check
+  assert prompts.PromptBuilder(config, inter, tok).tag_ids is None
+
+
+def test_duplicate_titles_resolve_through_tags(tok, data):
+  inter, _ = data
+  assert inter.titles[2] == inter.titles[4] == 'Sabrina'
+  builder = prompts.PromptBuilder(tiny_config(), inter, tok)
+  for target, tag in ((4, 'C'), (2, 'A')):
+    [ex] = builder.examples([prompts.Spec('recommend_retrieval', 'test', 0, 9, target, (0, 1), '', (2, 11, 4, 10))])
+    assert ex.prompt.count('. Sabrina\n') == 2
+    assert ex.answer == f'{tag}. Sabrina<|im_end|>'
+    first = ex.input_ids[ex.loss_mask == 1][0]             # the ranker reads this token's logit
+    assert ex.candidates[list(builder.tag_ids).index(first)] == target
+
+
+def test_no_heldout_item_in_training_prompts(tok, tmp_path):
+  # Repeat events: user 0's valid (1) and test (3) items also occur inside train[0].
+  seqs = [[0, 1, 2, 3, 1, 5, 6, 2, 7, 3, 8, 1, 3], [2, 5, 0, 6, 7, 9, 10, 2, 11], [4, 6, 7, 8, 3, 9]]
+  inter = tiny_interactions(sequences=seqs)
+  split = interactions.leave_one_out(inter)
+  write_candidates(tmp_path, inter, split, count=6)
+  config = tiny_config()
+  config.prompts.max_examples_per_user = 5
+  builder = prompts.PromptBuilder(config, inter, tok)
+  train = prompts.build_examples(builder, split, 'train', None,
+                                 prompts.read_candidates(tmp_path / 'train.jsonl', split, 'train'))
+  for u in range(3):
+    heldout = {int(split.valid[u]), int(split.test[u])}
+    mine = [e for e in train if e.user == u]
+    n = len(split.train[u])
+    expected = [p for p in range(max(1, n - 5), n) if split.train[u][p] not in heldout]
+    assert sorted({e.position for e in mine}) == expected
+    for e in mine:
+      assert e.target == split.train[u][e.position] and e.target not in heldout
+      assert not heldout & set(e.history) and not heldout & set(e.candidates)
+      assert e.target in e.candidates or e.task == 'recommend'
+      for item in heldout:
+        assert f'- {inter.titles[item]}\n' not in e.prompt and f'. {inter.titles[item]}\n' not in e.prompt
+  assert {1, 3} & set(int(i) for i in split.train[0])     # the fixture really has the repeats
+
+
+def test_missed_target_inserted_at_seeded_position(tok, data, cand_dir):
+  inter, split = data
+  config = tiny_config()
+  config.prompts.candidate_order = 'retriever'
+  cands = prompts.read_candidates(cand_dir / 'train.jsonl', split, 'train')
+  build = lambda: [e for e in prompts.build_examples(prompts.PromptBuilder(config, inter, tok), split,  # noqa: E731
+                                                     'train', None, cands) if e.task == 'recommend_retrieval']
+  first = build()
+  missed = [e for e in first if e.target not in cands.rows[(e.user, e.position)][:4]]
+  assert len(missed) >= 3
+  for e in first:
+    heldout = {int(split.valid[e.user]), int(split.test[e.user])}
+    retrieved = [int(i) for i in cands.rows[(e.user, e.position)] if i not in heldout]
+    others = [i for i in e.candidates if i != e.target]
+    assert others == [i for i in retrieved if i != e.target][:len(others)]   # retriever order kept
+    assert e.target in e.candidates
+  assert len({e.target_tag_index for e in missed}) > 1
+  assert [e.candidates for e in build()] == [e.candidates for e in first]   # seeded
+  config.prompts.candidate_order = 'shuffle'
+  shuffled = build()
+  assert [sorted(e.candidates) for e in shuffled] == [sorted(e.candidates) for e in first]
+  assert [e.candidates for e in shuffled] != [e.candidates for e in first]
+  config.seed = 1
+  assert [e.candidates for e in build()] != [e.candidates for e in shuffled]
+
+
+def test_eval_candidates_as_retrieved_without_insertion(tok, data, cand_dir):
+  inter, split = data
+  config = tiny_config()
+  config.prompts.candidate_order = 'retriever'
+  builder = prompts.PromptBuilder(config, inter, tok)
+  cands = prompts.read_candidates(cand_dir / 'test.jsonl', split, 'test')
+  raw = prompts.build_examples(builder, split, 'test', None, cands, insert_target=False)
+  for e in raw:
+    if e.task == 'recommend_retrieval':
+      assert list(e.candidates) == list(cands.rows[e.user][:4])
+      assert (e.answer == '') == (e.target not in e.candidates)
+      assert e.loss_mask.sum() == (len(tok(e.answer, add_special_tokens=False)['input_ids']) if e.answer else 0)
+  assert any(e.answer == '' for e in raw if e.task == 'recommend_retrieval')
+
+
+def test_candidate_file_errors(tok, data, cand_dir, tmp_path):
+  _, split = data
+  rows = (cand_dir / 'train.jsonl').read_text().splitlines()
+  bad = json.loads(rows[2])
+  bad['target'] = (bad['target'] + 1) % 16
+  (tmp_path / 'train.jsonl').write_text('\n'.join(rows[:2] + [json.dumps(bad)]) + '\n')
+  with pytest.raises(ValueError, match=r'train.jsonl:3: target .* stale'):
+    prompts.read_candidates(tmp_path / 'train.jsonl', split, 'train')
+  (tmp_path / 'valid.jsonl').write_text('{"user_index": 0, "target": 9}\n')
+  with pytest.raises(ValueError, match=r"valid.jsonl:1: missing keys \['items'\]"):
+    prompts.read_candidates(tmp_path / 'valid.jsonl', split, 'valid')
+  with pytest.raises(FileNotFoundError, match='run the retriever'):
+    prompts.read_candidates(tmp_path / 'test.jsonl', split, 'test')
+  # A train file without the rows a training prompt needs.
+  (tmp_path / 'train.jsonl').write_text('\n'.join(rows[:2]) + '\n')
+  builder = prompts.PromptBuilder(tiny_config(), data[0], tok)
+  with pytest.raises(ValueError, match='no row for user_index 0 position 5'):
+    prompts.build_examples(builder, split, 'train', None,
+                           prompts.read_candidates(tmp_path / 'train.jsonl', split, 'train'))
+
+
+def test_config_and_template_errors(tok, data):
+  inter, _ = data
+  config = tiny_config()
+  config.prompts.recommend = 'History: {history} {candidates}'
+  with pytest.raises(ValueError, match='config.prompts.recommend = '):
+    prompts.PromptBuilder(config, inter, tok)
+  config = tiny_config()
+  config.prompts.tasks = ('recommend', 'explain')
+  with pytest.raises(ValueError, match='config.prompts.tasks'):
+    prompts.PromptBuilder(config, inter, tok)
+  no_end = tiny_tokenizer()
+  no_end.chat_template = CHATML.replace("'<|im_end|>' + '\n'", "'\n'")
+  with pytest.raises(ValueError, match='no special end-of-turn token'):
+    prompts.PromptBuilder(tiny_config(), inter, no_end)
