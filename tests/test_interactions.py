@@ -71,7 +71,7 @@ def test_recbole_reader_and_tie_order(tmp_path):
   assert item_seq(inter, 1) == ['i2', 'i1', 'i3', 'i4']
   np.testing.assert_array_equal(inter.timestamps[0], [50, 100, 100])
   assert inter.sequences[0].dtype == np.int32 and inter.timestamps[0].dtype == np.int64
-  assert inter.titles == ['Z', 'Amélie', 'Seven Samurai', '']  # i4 has no item row
+  assert inter.titles == ['Z (1969)', 'Amélie (2001)', 'Seven Samurai (1954)', '']  # i4 has no item row
   assert inter.genres == [(), ('Comedy', 'Romance'), ('Action', 'Drama'), ()]
   np.testing.assert_array_equal(inter.user_features['age'], ['24', '53'])
   np.testing.assert_array_equal(inter.user_features['gender'], ['M', 'F'])
@@ -441,7 +441,7 @@ def test_embedded_ml100k(ml100k):
   assert seconds < 2.0, f'ML-100K took {seconds:.2f} s to load'
   assert (inter.user_ids[0], inter.item_ids[0]) == ('196', '242')  # first row of ml-100k.inter
   toy_story = list(inter.item_ids).index('1')
-  assert inter.titles[toy_story] == 'Toy Story'
+  assert inter.titles[toy_story] == 'Toy Story (1995)'  # release_year appended, as GroupLens
   assert inter.genres[toy_story] == ('Animation', "Children's", 'Comedy')
   u1 = list(inter.user_ids).index('1')
   assert {k: v[u1] for k, v in inter.user_features.items()} == {
@@ -478,7 +478,8 @@ def test_ml100k_reader_agrees_with_recbole(ml100k, tmp_path):
       flags = ['0'] * 19
       for g in row[3].split():
         flags[genres[g]] = '1'
-      lines.append('|'.join([row[0], row[1], '', '', ''] + flags) + '\n')
+      title = f'{row[1]} ({row[2]})' if row[2] and row[1] else row[1]
+      lines.append('|'.join([row[0], title, '', '', ''] + flags) + '\n')
   write(tmp_path / 'u.item', ''.join(lines), encoding='latin-1')
   other = I.load(data_config(source='ml-100k', path=str(tmp_path), name='ml-100k'))
   np.testing.assert_array_equal(other.user_ids, inter.user_ids)

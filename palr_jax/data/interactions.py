@@ -340,6 +340,9 @@ def read_recbole(path: str, name: str) -> Events:
   title_col = next((c for c in RECBOLE_TITLE_COLUMNS if c in items), None)
   genre_col = next((c for c in RECBOLE_GENRE_COLUMNS if c in items), None)
   titles = dict(zip(items['item_id'], items[title_col] if title_col else [''] * len(items['item_id'])))
+  if title_col and 'release_year' in items:  # "Toy Story (1995)", as GroupLens writes it: fewer clashes
+    titles = {i: f'{t} ({y})' if y and t else t
+              for (i, t), y in zip(titles.items(), items['release_year'])}
   genres = {i: tuple(g.split()) for i, g in zip(items['item_id'], items[genre_col])} if genre_col else {}
   user_features = {}
   if os.path.exists(prefix + '.user'):
