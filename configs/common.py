@@ -28,11 +28,14 @@ def get_config():
   c.retriever.reg = 0.05
   c.retriever.alpha = 10.0       # iALS confidence 1 + alpha * r
   c.retriever.iterations = 15
+  c.retriever.init_scale = 0.1       # std of the normal factor init
+  c.retriever.solve_chunk = 16384    # iALS: rows x max(history, factors) per jitted solve (memory bound)
   c.retriever.learning_rate = 0.05   # BPR
   c.retriever.epochs = 30            # BPR
   c.retriever.batch_size = 4096      # BPR
   c.retriever.num_candidates = 20    # K candidates handed to the ranker
   c.retriever.folds = 5              # cross-fitting folds for candidates/train.jsonl
+  c.retriever.max_train_positions = 20  # most recent target positions per user in candidates/train.jsonl
   c.retriever.user_batch = 1024      # users per jitted top-K call
   c.retriever.shard_items = False    # shard the item table over the mesh for top-K
   c.retriever.search = ml_collections.ConfigDict()  # grid, chosen on valid Recall@num_candidates

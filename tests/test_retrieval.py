@@ -1,0 +1,331 @@
+"""Retriever: top-K and ranks vs numpy, the item-sharded top-K, iALS solves vs closed form, BPR, the
+cross-fitted train candidates (no leak of the target), and the retrieve CLI on a tiny dataset."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from palr_jax import sharding
+from palr_jax.data import interactions
+from palr_jax.retrieval import candidates
+from palr_jax.retrieval import mf
+from palr_jax.retrieval import topk
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, 'configs'))
+import common  # noqa: E402
+
+
+def retriever_config(**overrides):
+  c = common.get_config().retriever
+  c.update(dict(factors=8, reg=0.5, alpha=4.0, iterations=6, solve_chunk=64, num_candidates=5,
+                user_batch=16, folds=2))
+  c.update(overrides)
+  return c
+
+
+def random_problem(num_users=37, num_items=101, factors=8, seed=0):
+  rng = np.random.default_rng(seed)
+  users = rng.normal(size=(num_users, factors)).astype(np.float32)
+  items = rng.normal(size=(num_items, factors)).astype(np.float32)
+  histories = [rng.choice(num_items, size=rng.integers(0, 30), replace=False) for _ in range(num_users)]
+  targets = np.array([rng.choice(np.setdiff1d(np.arange(num_items), h)) for h in histories])
+  return users, items, histories, targets
+
+
+def numpy_top_k(users, items, histories, targets, k):
+  scores = users.astype(np.float64) @ items.T.astype(np.float64)
+  target_scores = scores[np.arange(len(users)), targets]
+  for u, h in enumerate(histories):
+    scores[u, h] = -np.inf
+  order = np.argsort(-scores, axis=1, kind='stable')[:, :k]
+  return (np.take_along_axis(scores, order, axis=1), order,
+          (scores > target_scores[:, None]).sum(axis=1))
+
+
+# ------------------------------------------------------------------------------------------ top-K
+
+
+def test_top_k_matches_numpy_with_history_mask():
+  users, items, histories, targets = random_problem()
+  scores, indices, ranks = topk.top_k(users, items, histories, 7, user_batch=16, targets=targets)
+  ref_scores, ref_indices, ref_ranks = numpy_top_k(users, items, histories, targets, 7)
+  np.testing.assert_array_equal(indices, ref_indices)
+  np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(ranks, ref_ranks)
+  for u, h in enumerate(histories):
+    assert not set(indices[u]) & set(h)
+  hits = ranks < 7
+  np.testing.assert_array_equal(indices[hits, ranks[hits]], targets[hits])
+
+
+def test_top_k_without_targets_returns_no_ranks():
+  users, items, histories, _ = random_problem()
+  scores, indices, ranks = topk.top_k(users, items, histories, 3, user_batch=64)
+  assert ranks is None and scores.shape == indices.shape == (37, 3)
+
+
+@pytest.mark.parametrize('num_items,k', [(101, 20), (96, 5)])
+def test_sharded_top_k_equals_single_device(num_items, k):
+  """101 items over 8 devices pads to 104 (13 per shard, fewer than k=20); 96 divides evenly."""
+  mesh = sharding.make_mesh(common.get_config().mesh)
+  assert mesh.devices.size == 8
+  users, items, histories, targets = random_problem(num_items=num_items, seed=1)
+  single = topk.top_k(users, items, histories, k, user_batch=16, targets=targets)
+  sharded = topk.top_k(users, items, histories, k, user_batch=16, targets=targets, mesh=mesh)
+  np.testing.assert_array_equal(sharded[1], single[1])
+  np.testing.assert_allclose(sharded[0], single[0], rtol=1e-6)
+  np.testing.assert_array_equal(sharded[2], single[2])
+  assert sharded[1].max() < num_items
+
+
+def test_user_with_short_catalog_gets_minus_inf_tail():
+  items = np.eye(4, dtype=np.float32)
+  scores, indices, _ = topk.top_k(np.ones((1, 4), np.float32), items, [np.array([0, 1, 2])], 2,
+                                  user_batch=1)
+  assert indices[0, 0] == 3 and np.isneginf(scores[0, 1])
+
+
+def test_top_k_rejects_bad_arguments():
+  users, items, histories, targets = random_problem()
+  with pytest.raises(ValueError, match='k=102'):
+    topk.top_k(users, items, histories, 102, user_batch=8)
+  with pytest.raises(ValueError, match='36 histories for 37 users'):
+    topk.top_k(users, items, histories[1:], 3, user_batch=8)
+  with pytest.raises(ValueError, match='targets'):
+    topk.top_k(users, items, histories, 3, user_batch=8, targets=targets + 101)
+  with pytest.raises(ValueError, match='width=2'):
+    topk.pad_histories([np.arange(3)], width=2)
+
+
+def test_pad_histories():
+  np.testing.assert_array_equal(topk.pad_histories([np.array([4, 2]), np.array([], int)]),
+                                [[4, 2], [-1, -1]])
+
+
+# ------------------------------------------------------------------------------------------ iALS
+
+
+def closed_form_user(items, history, reg, alpha):
+  """x = (Y^T C Y + reg I)^-1 Y^T C p with dense C = 1 + alpha r, p = 1[r > 0] (Hu et al. eq. 4)."""
+  r = np.bincount(history, minlength=len(items)).astype(np.float64)
+  c, p, y = 1 + alpha * r, (r > 0).astype(np.float64), items.astype(np.float64)
+  return np.linalg.solve(y.T @ (c[:, None] * y) + reg * np.eye(y.shape[1]), y.T @ (c * p))
+
+
+def test_fold_in_equals_dense_closed_form():
+  rng = np.random.default_rng(0)
+  items = rng.normal(size=(50, 6)).astype(np.float32)
+  histories = [np.array([3, 7, 7, 20]), np.array([], np.int64), np.arange(40), np.array([49])]
+  config = retriever_config(reg=0.3, alpha=2.5, solve_chunk=32)  # several chunk widths and sizes
+  got = np.asarray(mf.fold_in_users(items, histories, config))
+  for u, h in enumerate(histories):
+    np.testing.assert_allclose(got[u], closed_form_user(items, h, 0.3, 2.5), rtol=2e-4, atol=1e-5)
+  np.testing.assert_array_equal(got[1], 0)
+
+
+def block_histories(num_users=24, items_per_block=10, length=6, seed=0):
+  """Two taste groups: even users consume items 0..9, odd users items 10..19."""
+  rng = np.random.default_rng(seed)
+  return [rng.choice(items_per_block, size=length, replace=False) + items_per_block * (u % 2)
+          for u in range(num_users)]
+
+
+def unseen_own_group_auc(scores, histories):
+  """Mean over users of P(an unseen own-group item outscores an other-group item)."""
+  aucs = []
+  for u, h in enumerate(histories):
+    own = np.setdiff1d(np.arange(10) + 10 * (u % 2), h)
+    other = np.arange(10) + 10 * (1 - u % 2)
+    aucs.append((scores[u, own][:, None] > scores[u, other][None, :]).mean())
+  return np.mean(aucs)
+
+
+def test_fit_ials_learns_groups_and_ends_with_exact_user_step():
+  histories = block_histories()
+  config = retriever_config(factors=4)
+  users, items = mf.fit_ials(histories, 20, config, jax.random.key(0))
+  scores = np.asarray(users @ items.T)
+  assert unseen_own_group_auc(scores, histories) > 0.95
+  np.testing.assert_allclose(mf.fold_in_users(items, histories, config), users, rtol=1e-4, atol=1e-5)
+
+
+def test_emptied_user_leaves_item_factors_as_if_absent():
+  histories = block_histories()
+  config = retriever_config(factors=4)
+  emptied = [h if u != 3 else h[:0] for u, h in enumerate(histories)]
+  users, items = mf.fit_ials(emptied, 20, config, jax.random.key(1))
+  _, items_without = mf.fit_ials(histories[:3] + histories[4:], 20, config, jax.random.key(1))
+  np.testing.assert_allclose(items, items_without, rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(users[3], 0)
+
+
+def test_fit_rejects_bad_input():
+  with pytest.raises(ValueError, match='row 1 holds item index 20'):
+    mf.fit_ials([np.array([1]), np.array([20])], 20, retriever_config(), jax.random.key(0))
+  with pytest.raises(ValueError, match="model='svd'"):
+    mf.fit([np.array([1])], 20, retriever_config(model='svd'), jax.random.key(0))
+
+
+def test_fit_bpr_learns_groups():
+  histories = block_histories()
+  config = retriever_config(model='bpr', factors=4, learning_rate=0.05, epochs=40, batch_size=32,
+                            reg=1e-4)
+  users, items = mf.fit(histories, 20, config, jax.random.key(0))
+  scores = np.asarray(users @ items.T)
+  assert unseen_own_group_auc(scores, histories) > 0.95
+
+
+# ------------------------------------------------------------------------------------------ candidates
+
+
+def test_train_positions_skip_repeats_and_keep_most_recent():
+  train = [np.array([5, 6, 5, 7, 8]), np.array([1]), np.array([2, 3])]
+  users, positions = candidates.train_positions(train, 0)
+  np.testing.assert_array_equal(users, [0, 0, 0, 2])
+  np.testing.assert_array_equal(positions, [1, 3, 4, 1])  # p=2 repeats item 5
+  users, positions = candidates.train_positions(train, 2)
+  np.testing.assert_array_equal(positions, [3, 4, 1])
+
+
+def test_user_folds_are_balanced_and_seeded():
+  folds = candidates.user_folds(11, 3, jax.random.key(0))
+  assert sorted(np.bincount(folds)) == [3, 4, 4]
+  np.testing.assert_array_equal(folds, candidates.user_folds(11, 3, jax.random.key(0)))
+  with pytest.raises(ValueError, match='folds=1'):
+    candidates.user_folds(11, 1, jax.random.key(0))
+
+
+def test_cross_fit_rows_never_see_their_target():
+  """User 0 alone consumed item 20, its last train target: the fold model never saw the pair."""
+  train = block_histories()
+  train[0] = np.append(train[0], 20)
+  config = retriever_config(factors=4, num_candidates=8)
+  folds = (np.arange(24) // 2) % 2       # both taste groups in both folds
+  users, positions = candidates.train_positions(train, 3)
+  ranking = candidates.cross_fit_fold(train, 21, folds, 0, users, positions, config, jax.random.key(0))
+  assert set(ranking.users.tolist()) == {u for u in range(24) if folds[u] == 0}
+
+  # Reference built independently: item factors fitted on the other fold's users only.
+  _, items = mf.fit_ials([h for u, h in enumerate(train) if folds[u] == 1], 21, config,
+                         jax.random.key(0))
+  items = np.asarray(items, np.float64)
+  np.testing.assert_array_equal(items[20], 0)   # nobody else has item 20
+  for n, (u, p) in enumerate(zip(ranking.users, ranking.positions)):
+    prefix, target = train[u][:p], train[u][p]
+    assert ranking.targets[n] == target and target not in prefix
+    scores = items @ closed_form_user(items, prefix, config.reg, config.alpha)
+    target_score = scores[target]
+    scores[prefix] = -np.inf
+    assert (scores > target_score + 1e-5).sum() <= ranking.ranks[n] <= (scores > target_score - 1e-5).sum()
+    assert not set(ranking.items[n].tolist()) & set(prefix.tolist())
+    if ranking.ranks[n] < 8:   # the item at the target's rank scores as high (a tie or the target)
+      assert ranking.scores[n][ranking.ranks[n]] == pytest.approx(target_score, abs=1e-5)
+
+  # The row for item 20 ranks it behind the user's 4 unseen own-group items; a model that saw the
+  # pair (a leaky fit on all users) ranks it higher.
+  (row,) = np.flatnonzero((ranking.users == 0) & (ranking.positions == len(train[0]) - 1))
+  assert ranking.ranks[row] >= 4
+  _, leaky_items = mf.fit_ials(train, 21, config, jax.random.key(0))
+  leaky_items = np.asarray(leaky_items, np.float64)
+  leaky = leaky_items @ closed_form_user(leaky_items, train[0][:-1], config.reg, config.alpha)
+  leaky[train[0][:-1]] = -np.inf
+  assert (leaky > leaky[20]).sum() < ranking.ranks[row]
+
+
+def test_rows_use_raw_ids():
+  ranking = candidates.Ranking(users=np.array([1]), targets=np.array([2]), scores=np.array([[0.5, 0.25]]),
+                               items=np.array([[2, 0]]), ranks=np.array([0]), positions=np.array([3]))
+  (row,) = candidates.rows(ranking, np.array(['u0', 'u1']), np.array(['a', 'b', 'c']))
+  assert row == {'user': 'u1', 'user_index': 1, 'target': 2, 'target_id': 'c', 'items': [2, 0],
+                 'item_ids': ['c', 'a'], 'scores': [0.5, 0.25], 'target_rank': 0, 'position': 3}
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def write_tiny_recbole(directory, num_users=12, num_items=15, length=7, seed=0):
+  """A RecBole atomic dataset with raw ids unlike the dense indices (u100.., i500..)."""
+  rng = np.random.default_rng(seed)
+  lines = ['user_id:token\titem_id:token\trating:float\ttimestamp:float']
+  for u in range(num_users):
+    for t, i in enumerate(rng.choice(num_items, size=length, replace=False)):
+      lines.append(f'u{100 + u}\ti{500 + i}\t4\t{1000 * u + t}')
+  (directory / 'tiny.inter').write_text('\n'.join(lines) + '\n')
+  items = ['item_id:token\tmovie_title:token_seq'] + [f'i{500 + i}\tMovie {i}' for i in range(num_items)]
+  (directory / 'tiny.item').write_text('\n'.join(items) + '\n')
+
+
+def test_retrieve_cli_writes_candidates_and_results(tmp_path):
+  data, workdir = tmp_path / 'data', tmp_path / 'work'
+  data.mkdir()
+  write_tiny_recbole(data)
+  overrides = dict(factors=4, iterations=2, folds=2, num_candidates=3, max_train_positions=2)
+  cmd = [sys.executable, '-m', 'palr_jax.retrieve', '--config', os.path.join(REPO, 'configs/ml100k.py'),
+         '--workdir', str(workdir), f'--config.data.path={data}', '--config.data.name=tiny',
+         '--config.eval.ks=(1,3)', '--config.retriever.search.reg=(0.1,1.0)']
+  cmd += [f'--config.retriever.{k}={v}' for k, v in overrides.items()]
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'test HR@10' in proc.stderr
+
+  data_config = common.get_config().data
+  data_config.path, data_config.name = str(data), 'tiny'
+  inter = interactions.load(data_config)
+  split = interactions.leave_one_out(inter)
+  rows = {}
+  for name in ('train', 'valid', 'test'):
+    with open(workdir / 'candidates' / f'{name}.jsonl') as f:
+      rows[name] = [json.loads(line) for line in f]
+  keys = {'user', 'user_index', 'target', 'target_id', 'items', 'item_ids', 'scores', 'target_rank'}
+  assert len(rows['valid']) == len(rows['test']) == 12
+  assert len(rows['train']) == 12 * 2  # 5 train items each: positions 3 and 4
+  for name, expected in (('train', keys | {'position'}), ('valid', keys), ('test', keys)):
+    for row in rows[name]:
+      assert set(row) == expected
+      assert len(row['items']) == len(row['scores']) == 3
+      u = row['user_index']
+      assert row['user'] == inter.user_ids[u] and row['target_id'] == inter.item_ids[row['target']]
+      assert row['item_ids'] == [inter.item_ids[i] for i in row['items']]
+      assert row['scores'] == sorted(row['scores'], reverse=True)
+      rank = row['target_rank']
+      if row['target'] in row['items']:
+        assert row['items'].index(row['target']) >= rank  # later only when tied
+      elif rank < 3:
+        assert row['scores'][rank] == row['scores'][-1]   # a tie pushed it out of the top 3
+  for row in rows['valid']:
+    u = row['user_index']
+    assert row['target'] == split.valid[u] and not set(row['items']) & set(split.train[u].tolist())
+  for row in rows['test']:
+    u = row['user_index']
+    seen = set(split.train[u].tolist()) | {int(split.valid[u])}
+    assert row['target'] == split.test[u] and not set(row['items']) & seen
+  for row in rows['train']:
+    u, p = row['user_index'], row['position']
+    assert row['target'] == split.train[u][p] and not set(row['items']) & set(split.train[u][:p].tolist())
+
+  results = json.loads((workdir / 'retriever_results.json').read_text())
+  assert [p['reg'] for p in results['search']] == [0.1, 1.0]
+  assert results['hyperparameters']['reg'] in (0.1, 1.0)
+  for split in ('valid', 'test', 'train'):
+    assert {'HR@1', 'NDCG@3', 'Recall@3', 'MRR'} <= set(results[split])
+  ranks = np.array([r['target_rank'] for r in rows['test']])
+  assert results['test']['HR@3'] == pytest.approx((ranks < 3).mean())
+  assert json.loads((workdir / 'retriever.fingerprint.json').read_text())['stage'] == 'retriever'
+
+
+def test_search_grid():
+  from palr_jax import retrieve
+  config = common.get_config().retriever
+  assert retrieve.search_grid(config) == [{}]
+  config.search.factors, config.search.reg = (8, 16), (0.1,)
+  assert retrieve.search_grid(config) == [{'factors': 8, 'reg': 0.1}, {'factors': 16, 'reg': 0.1}]
+  config.search.bogus = (1,)
+  with pytest.raises(ValueError, match="'bogus'"):
+    retrieve.search_grid(config)
