@@ -1,0 +1,155 @@
+"""LoRA adapters for `palr_jax.model.llama.Llama`: wrap, filter, merge, and PEFT naming.
+
+`apply_lora` swaps each targeted `llama.Linear` for a `LoRALinear` that keeps the same `kernel` variable
+(so base paths and checkpoints are unchanged) and adds `lora_a` [in, r] / `lora_b` [r, out] as
+`nnx.LoRAParam`. y = x W + (alpha / r) * dropout(x) A B, with B = 0 at init so step 0 is the base model
+(PEFT's LoRA, whose adapter files `peft_state_dict` / `load_peft_state_dict` read and write).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+import re
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from palr_jax.model import llama
+
+TRAINABLE = nnx.LoRAParam
+FROZEN = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+
+
+class LoRALinear(llama.Linear):
+  """A `Linear` plus a scaled low-rank update; the base kernel is the wrapped module's own variable."""
+
+  def __init__(self, base: llama.Linear, *, rank: int, alpha: float, dropout: float, dtype: str,
+               rngs: nnx.Rngs):
+    self.in_features, self.out_features = base.in_features, base.out_features
+    self.dtype, self.out_dtype = base.dtype, base.out_dtype
+    self.kernel = base.kernel
+    in_axis, out_axis = base.kernel.get_metadata()['logical_axes']
+    # PEFT's default A init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)).
+    init_a = nnx.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+    self.lora_a = nnx.LoRAParam(init_a(rngs.params(), (self.in_features, rank), dtype),
+                                logical_axes=(in_axis, 'lora_rank'))
+    self.lora_b = nnx.LoRAParam(jnp.zeros((rank, self.out_features), dtype),
+                                logical_axes=('lora_rank', out_axis))
+    self.scale = alpha / rank
+    self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    y = jnp.dot(x, self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
+    h = x if self.dropout is None else self.dropout(x)
+    h = jnp.dot(h, self.lora_a[...].astype(self.dtype), preferred_element_type=jnp.float32)
+    h = jnp.dot(h.astype(self.dtype), self.lora_b[...].astype(self.dtype),
+                preferred_element_type=jnp.float32)
+    return (y + self.scale * h).astype(self.out_dtype)
+
+
+def _modules(model: nnx.Module, kind: type) -> dict[str, nnx.Module]:
+  return {'.'.join(map(str, path)): node for path, node in nnx.iter_graph(model)
+          if isinstance(node, kind)}
+
+
+def _set_module(model: nnx.Module, path: str, module: nnx.Module) -> None:
+  *parents, name = [int(p) if p.isdigit() else p for p in path.split('.')]
+  parent = model
+  for p in parents:
+    parent = parent[p] if isinstance(p, int) else getattr(parent, p)
+  if isinstance(name, int):
+    parent[name] = module
+  else:
+    setattr(parent, name, module)
+
+
+def apply_lora(model: llama.Llama, lora_config, rngs: nnx.Rngs) -> llama.Llama:
+  """Wraps (in place, and returns) every Linear whose dotted path fully matches a `lora_config.targets`
+  regex (like PEFT's string `target_modules`), e.g. `layers.3.self_attn.q_proj`.
+
+  `rngs` provides `params` (A init) and `dropout` streams. Dropout is active until the model is put in
+  eval mode (`model.eval()` or `nnx.view(model, deterministic=True)`).
+  """
+  if _modules(model, LoRALinear):
+    raise ValueError('apply_lora: the model already has LoRA adapters')
+  if lora_config.rank < 1:
+    raise ValueError(f'config.lora.rank must be >= 1, got {lora_config.rank}')
+  linears = _modules(model, llama.Linear)
+  patterns = [re.compile(t) for t in lora_config.targets]
+  for pattern in patterns:
+    if not any(pattern.fullmatch(path) for path in linears):
+      raise ValueError(f'config.lora.targets: {pattern.pattern!r} matches no Linear module '
+                       f'(paths look like {sorted(linears)[:4]} ...)')
+  for path, base in linears.items():
+    if any(p.fullmatch(path) for p in patterns):
+      _set_module(model, path, LoRALinear(base, rank=lora_config.rank, alpha=lora_config.alpha,
+                                          dropout=lora_config.dropout, dtype=lora_config.dtype,
+                                          rngs=rngs))
+  return model
+
+
+def lora_state(model: nnx.Module) -> nnx.State:
+  """The trainable adapter weights (what a LoRA checkpoint needs)."""
+  return nnx.state(model, TRAINABLE)
+
+
+@jax.jit
+def _merged_kernel(kernel, a, b, scale):
+  delta = jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32), precision='highest')
+  return (kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype)
+
+
+def merge_lora(model: llama.Llama) -> llama.Llama:
+  """A plain Llama (no adapters, no dropout) whose kernels are W + (alpha/r) A B.
+
+  Unadapted parameters are shared with `model`, not copied.
+  """
+  params = {path: var.value for path, var in llama.named_params(model, FROZEN).items()}
+  for path, module in _modules(model, LoRALinear).items():
+    params[f'{path}.kernel'] = _merged_kernel(module.kernel.value, module.lora_a.value,
+                                              module.lora_b.value, module.scale)
+  merged = nnx.eval_shape(lambda: llama.Llama(model.config))
+  llama.assign_params(merged, params)
+  return merged
+
+
+def hf_module_path(path: str) -> str:
+  """Our module path -> HF LlamaForCausalLM module name (`layers.0.mlp.up_proj` -> `model.layers...`)."""
+  return path if path == 'lm_head' else f'model.{path}'
+
+
+def peft_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+  """Adapter tensors under PEFT's names and layouts (`adapter_model.safetensors`).
+
+  `base_model.model.<hf module>.lora_A.weight` is A^T [r, in], `lora_B.weight` is B^T [out, r]; the
+  scale is not folded in (PEFT applies lora_alpha / r from adapter_config.json).
+  """
+  out = {}
+  for path, module in _modules(model, LoRALinear).items():
+    prefix = f'base_model.model.{hf_module_path(path)}'
+    out[f'{prefix}.lora_A.weight'] = np.asarray(module.lora_a.value).T
+    out[f'{prefix}.lora_B.weight'] = np.asarray(module.lora_b.value).T
+  return out
+
+
+def load_peft_state_dict(model: nnx.Module, tensors: Mapping[str, np.ndarray]) -> None:
+  """Sets the adapters of a LoRA-wrapped model from PEFT tensors (the inverse of `peft_state_dict`).
+
+  The model must have been wrapped with the adapter's targets and rank; every adapter tensor must be
+  present and no other.
+  """
+  expected = peft_state_dict(model)
+  missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+  if missing or unknown:
+    raise ValueError(f'PEFT adapter: missing tensor(s) {missing[:4]}, unexpected tensor(s) {unknown[:4]}'
+                     ' (do config.lora.targets match the adapter target_modules?)')
+  for path, module in _modules(model, LoRALinear).items():
+    prefix = f'base_model.model.{hf_module_path(path)}'
+    for var, key in ((module.lora_a, f'{prefix}.lora_A.weight'), (module.lora_b, f'{prefix}.lora_B.weight')):
+      value = np.asarray(tensors[key]).T
+      if value.shape != var.value.shape:
+        raise ValueError(f'PEFT adapter: {key} has shape {np.shape(tensors[key])}, '
+                         f'expected {var.value.shape[::-1]} (is config.lora.rank right?)')
+      var.value = jnp.asarray(value, var.value.dtype)
