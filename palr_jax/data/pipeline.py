@@ -1,0 +1,280 @@
+"""Tokenized PALR examples -> TFRecords -> tf.data batches in the trainer's format.
+
+Examples are built and tokenized once per config fingerprint (`examples_fingerprint`) and written to
+`W/examples/<fingerprint>/{train,valid}.tfrecord` (int32 token ids and loss masks as raw little-endian
+bytes; each file written to a temporary name, then renamed; `meta.json` last). Then, per epoch:
+
+  read -> seeded shuffle (train) -> pack into rows of `max_length` (segment_ids 1, 2, ... and positions
+  restarting per example) or pad the global batch to the smallest length bucket that holds it -> batch
+  to the *global* batch (`config.train.batch_size` rows) -> keep this process's rows -> prefetch.
+
+Every process runs the same pipeline over the whole split and keeps only its rows
+(`sharding.process_rows`), so the row layout and the padding bucket are decided for the global batch and
+all processes build the same shapes; the trainer assembles the global `jax.Array`
+(`sharding.global_batch_array`, i.e. `jax.make_array_from_process_local_data`).
+
+Resume: the order of epoch e is a pure function of (config.seed, e), so the iterator state is just
+`{'epoch': e, 'batch': k}` (JSON, saved with the checkpoint) and `set_state` rebuilds epoch e and skips
+its first k batches: a resumed run sees exactly the batches it would have seen.
+
+TensorFlow only ever runs on the CPU: accelerators are hidden from it when this module is imported,
+before any TF op.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from etils import epath
+import numpy as np
+
+from palr_jax import stages
+
+tf = stages.hide_accelerators_from_tf()
+
+FEATURES = ('input_ids', 'loss_mask')
+BATCH_KEYS = ('input_ids', 'positions', 'segment_ids', 'loss_mask')
+WRITTEN_SPLITS = ('train', 'valid')
+
+
+# ------------------------------------------------------------------------------------ TFRecords
+
+
+def examples_fingerprint(config) -> str:
+  """Hash of everything the tokenized examples depend on (not the batching settings)."""
+  prompt_keys = [f'prompts.{k}' for k in config.prompts if k != 'batches']
+  return stages.fingerprint(config, ['seed', 'data', 'retriever', 'profiles', 'model.spec', *prompt_keys])
+
+
+def _serialize(input_ids: np.ndarray, loss_mask: np.ndarray) -> bytes:
+  feature = {k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[np.asarray(v, '<i4').tobytes()]))
+             for k, v in (('input_ids', input_ids), ('loss_mask', loss_mask))}
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def write_tfrecord(path, examples: Sequence) -> int:
+  """Writes examples (objects with int32 `input_ids`, `loss_mask`) to `path` atomically; returns tokens."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (path.name + '.tmp')
+  tokens = 0
+  with tf.io.TFRecordWriter(str(tmp)) as writer:
+    for ex in examples:
+      if len(ex.input_ids) != len(ex.loss_mask) or not len(ex.input_ids):
+        raise ValueError(f'{path}: an example has {len(ex.input_ids)} ids and {len(ex.loss_mask)} mask '
+                         'entries; expected the same positive length')
+      writer.write(_serialize(ex.input_ids, ex.loss_mask))
+      tokens += len(ex.input_ids)
+  tmp.replace(path)
+  return tokens
+
+
+def read_tfrecord(path) -> tf.data.Dataset:
+  """Examples as {'input_ids', 'loss_mask'}: int32 [L], in file order."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f'{path}: not found; build the examples first (pipeline.write_examples)')
+  spec = {k: tf.io.FixedLenFeature([], tf.string) for k in FEATURES}
+
+  def parse(record):
+    raw = tf.io.parse_single_example(record, spec)
+    return {k: tf.io.decode_raw(raw[k], tf.int32, little_endian=True) for k in FEATURES}
+
+  return tf.data.TFRecordDataset(str(path)).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
+                                                deterministic=True)
+
+
+def write_examples(config, workdir, examples_by_split: Mapping[str, Sequence]) -> epath.Path:
+  """Writes `W/examples/<fingerprint>/{split}.tfrecord` + `meta.json` (last); returns the folder."""
+  out = epath.Path(workdir) / 'examples' / examples_fingerprint(config)
+  meta = {'fingerprint': out.name, 'max_length': int(config.prompts.max_length), 'splits': {}}
+  for split, examples in examples_by_split.items():
+    tokens = write_tfrecord(out / f'{split}.tfrecord', examples)
+    lengths = [len(e.input_ids) for e in examples]
+    meta['splits'][split] = {
+        'examples': len(examples), 'tokens': tokens, 'max_length': max(lengths, default=0),
+        'loss_tokens': int(sum(int(np.sum(e.loss_mask)) for e in examples)),
+        'tasks': {t: sum(e.task == t for e in examples) for t in sorted({e.task for e in examples})}}
+  stages.atomic_write_json(out / 'meta.json', meta)
+  return out
+
+
+def count_records(path) -> int:
+  return int(tf.data.TFRecordDataset(str(path)).reduce(np.int64(0), lambda n, _: n + 1).numpy())
+
+
+def examples_dir(config, workdir) -> epath.Path | None:
+  """The folder of this config's examples if they were written completely, else None."""
+  out = epath.Path(workdir) / 'examples' / examples_fingerprint(config)
+  return out if (out / 'meta.json').exists() else None
+
+
+# ------------------------------------------------------------------------------------- batching
+
+
+def _pack(ds: tf.data.Dataset, length: int, max_loss_tokens: int) -> tf.data.Dataset:
+  """Greedy in-order packing into rows of `length`: a row is closed when the next example would not
+  fit (or would push its loss tokens past `max_loss_tokens`, 0 = no cap)."""
+  cap = max_loss_tokens if max_loss_tokens > 0 else np.iinfo(np.int32).max
+
+  def tagged(ex):
+    n = tf.size(ex['input_ids'])
+    tf.debugging.assert_less_equal(n, length, 'an example is longer than config.prompts.max_length')
+    tf.debugging.assert_less_equal(tf.reduce_sum(ex['loss_mask']), cap,
+                                   'an example has more answer tokens than config.train.max_loss_tokens')
+    return ex['input_ids'], ex['loss_mask'], False
+
+  end = tf.data.Dataset.from_tensors((tf.zeros([0], tf.int32), tf.zeros([0], tf.int32), True))
+  ds = ds.map(tagged).concatenate(end)
+  empty = tf.zeros([0], tf.int32)
+  state0 = (empty, empty, empty, empty, tf.constant(0))   # ids, mask, segments, positions, #segments
+
+  def step(state, elem):
+    ids, mask, seg, pos, count = state
+    x, m, last = elem
+    n = tf.size(x)
+    full = tf.logical_or(tf.size(ids) + n > length,
+                         tf.reduce_sum(mask) + tf.reduce_sum(m) > cap)
+    flush = tf.logical_or(last, full)
+    pad = [[0, length - tf.size(ids)]]
+    row = {'input_ids': tf.pad(ids, pad), 'positions': tf.pad(pos, pad),
+           'segment_ids': tf.pad(seg, pad), 'loss_mask': tf.pad(mask, pad)}
+    emit = tf.logical_and(flush, tf.size(ids) > 0)
+    new = tf.cond(
+        flush,
+        lambda: (x, m, tf.fill([n], 1), tf.range(n), tf.constant(1)),
+        lambda: (tf.concat([ids, x], 0), tf.concat([mask, m], 0),
+                 tf.concat([seg, tf.fill([n], count + 1)], 0), tf.concat([pos, tf.range(n)], 0),
+                 count + 1))
+    return new, (emit, row)
+
+  def emitted(emit, row):
+    del row
+    return emit
+
+  def fixed(emit, row):
+    del emit
+    return {k: tf.ensure_shape(v, [length]) for k, v in row.items()}
+
+  return ds.scan(state0, step).filter(emitted).map(fixed)
+
+
+def _with_layout(ex):
+  n = tf.size(ex['input_ids'])
+  return {'input_ids': ex['input_ids'], 'positions': tf.range(n), 'segment_ids': tf.ones([n], tf.int32),
+          'loss_mask': ex['loss_mask']}
+
+
+def _pad_to_bucket(batch, buckets: Sequence[int]):
+  """Pads a [B, L] batch to the smallest bucket >= L (chosen for the whole global batch)."""
+  table = tf.constant(sorted(buckets), tf.int32)
+  length = tf.shape(batch['input_ids'])[1]
+  tf.debugging.assert_less_equal(length, table[-1], 'an example is longer than the largest length bucket')
+  bucket = tf.gather(table, tf.argmax(tf.cast(table >= length, tf.int32)))
+  return {k: tf.pad(v, [[0, 0], [0, bucket - length]]) for k, v in batch.items()}
+
+
+def _fill_batch(batch, batch_size: int):
+  """Pads a short last batch with rows of segment_ids 0 (no tokens, no loss)."""
+  missing = batch_size - tf.shape(batch['input_ids'])[0]
+  return {k: tf.pad(v, [[0, missing], [0, 0]]) for k, v in batch.items()}
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+  return int(np.random.SeedSequence((seed, epoch)).generate_state(1)[0])
+
+
+def global_batches(ds: tf.data.Dataset, batches_config, *, batch_size: int, max_length: int,
+                   max_loss_tokens: int = 0, shuffle: tuple[int, int] | None = None,
+                   drop_remainder: bool) -> tf.data.Dataset:
+  """Examples -> global batches {BATCH_KEYS: int32 [batch_size, T]}.
+
+  `shuffle` = (seed, buffer size) or None to keep file order. Without `drop_remainder`, a short last
+  batch is filled with padding rows so every batch has `batch_size` rows.
+  """
+  if shuffle is not None:
+    seed, buffer = shuffle
+    ds = ds.shuffle(max(int(buffer), 1), seed=seed, reshuffle_each_iteration=False)
+  if batches_config.pack:
+    ds = _pack(ds, max_length, max_loss_tokens).batch(batch_size, drop_remainder=drop_remainder)
+  else:
+    buckets = tuple(int(b) for b in batches_config.length_buckets)
+    if max(buckets) < max_length:
+      raise ValueError(f'config.prompts.batches.length_buckets = {buckets}: the largest must be >= '
+                       f'config.prompts.max_length = {max_length}')
+    ds = ds.map(_with_layout).padded_batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.map(lambda b: _pad_to_bucket(b, buckets))
+  if not drop_remainder:
+    ds = ds.map(lambda b: _fill_batch(b, batch_size))
+  return ds
+
+
+def _local(ds: tf.data.Dataset, rows: np.ndarray, prefetch: int) -> tf.data.Dataset:
+  """This process's rows of each global batch."""
+  idx = tf.constant(np.asarray(rows, np.int32))
+  return ds.map(lambda b: {k: tf.gather(b[k], idx) for k in BATCH_KEYS}).prefetch(prefetch)
+
+
+class TrainBatches:
+  """This process's rows of the training batches: endless epochs, each in a new seeded order.
+
+  `next()` -> {BATCH_KEYS: np.int32 [len(rows), T]}; `get_state()` / `set_state()` give and take the
+  JSON-able position {'epoch', 'batch'}. The last incomplete global batch of an epoch is dropped.
+  """
+
+  def __init__(self, path, config, rows: Sequence[int]):
+    self._path, self._config = epath.Path(path), config
+    self._rows = np.asarray(rows, np.int32)
+    self._buffer = config.prompts.batches.shuffle_buffer or count_records(path)
+    self.epoch, self.batch = 0, 0
+    self._it: Iterator | None = None
+
+  def _start(self) -> None:
+    c = self._config
+    ds = global_batches(read_tfrecord(self._path), c.prompts.batches, batch_size=c.train.batch_size,
+                        max_length=c.prompts.max_length, max_loss_tokens=c.train.max_loss_tokens,
+                        shuffle=(epoch_seed(c.seed, self.epoch), self._buffer), drop_remainder=True)
+    self._it = _local(ds.skip(self.batch), self._rows, c.prompts.batches.prefetch).as_numpy_iterator()
+
+  def __iter__(self) -> TrainBatches:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    for _ in range(2):
+      if self._it is None:
+        self._start()
+      try:
+        out = next(self._it)
+      except StopIteration:
+        if self.batch == 0:
+          break
+        self.epoch, self.batch, self._it = self.epoch + 1, 0, None
+        continue
+      self.batch += 1
+      return out
+    raise ValueError(f'{self._path}: an epoch holds no complete global batch of '
+                     f'config.train.batch_size = {self._config.train.batch_size} rows')
+
+  def get_state(self) -> dict[str, Any]:
+    return {'epoch': self.epoch, 'batch': self.batch}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    if set(state) != {'epoch', 'batch'} or any(int(state[k]) < 0 for k in ('epoch', 'batch')):
+      raise ValueError(f'TrainBatches.set_state: got {dict(state)}; expected {{"epoch": e, "batch": k}} '
+                       'with e, k >= 0')
+    self.epoch, self.batch, self._it = int(state['epoch']), int(state['batch']), None
+
+
+class EvalBatches:
+  """This process's rows of every example of a split, in file order, once per `iter()` (re-iterable);
+  the last global batch is filled with padding rows."""
+
+  def __init__(self, path, config, rows: Sequence[int]):
+    c = config
+    ds = global_batches(read_tfrecord(path), c.prompts.batches, batch_size=c.train.batch_size,
+                        max_length=c.prompts.max_length, max_loss_tokens=c.train.max_loss_tokens,
+                        drop_remainder=False)
+    self._ds = _local(ds, np.asarray(rows, np.int32), c.prompts.batches.prefetch)
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self._ds.as_numpy_iterator()

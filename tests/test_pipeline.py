@@ -1,0 +1,302 @@
+"""tf.data prompt pipeline: TFRecords, packing vs padding (same per-example loss), process slices, resume."""
+import json
+
+from flax import nnx
+import jax
+import numpy as np
+import pytest
+
+from palr_jax import sharding
+from palr_jax.data import interactions, pipeline, prompts
+from palr_jax.data.pipeline import tf
+from palr_jax.model import llama
+from prompt_fixtures import tiny_config, tiny_interactions, tiny_tokenizer, write_candidates
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  """Tokenized training examples of the fixture data (both tasks, three copies) in a TFRecord."""
+  tmp = tmp_path_factory.mktemp('pipeline')
+  inter = tiny_interactions()
+  split = interactions.leave_one_out(inter)
+  write_candidates(tmp / 'candidates', inter, split, count=4)
+  config = tiny_config()
+  tok = tiny_tokenizer()
+  builder = prompts.PromptBuilder(config, inter, tok)
+  examples = prompts.build_examples(builder, split, 'train', ['likes comedy'] * 4,
+                                    prompts.read_candidates(tmp / 'candidates/train.jsonl', split, 'train'))
+  examples = examples * 3
+  path = tmp / 'train.tfrecord'
+  pipeline.write_tfrecord(path, examples)
+  return tok, examples, path
+
+
+def _batches(config, path, *, pack, batch_size=4, max_loss_tokens=0, buckets=(64, 128, 256)):
+  config.prompts.batches.pack = pack
+  config.prompts.batches.length_buckets = buckets
+  ds = pipeline.global_batches(pipeline.read_tfrecord(path), config.prompts.batches, batch_size=batch_size,
+                               max_length=config.prompts.max_length, max_loss_tokens=max_loss_tokens,
+                               drop_remainder=False)
+  return list(ds.as_numpy_iterator())
+
+
+def _segments(batches):
+  """(ids, mask) of every segment, row by row, in order."""
+  out = []
+  for b in batches:
+    for r in range(b['input_ids'].shape[0]):
+      seg = b['segment_ids'][r]
+      for s in range(1, seg.max(initial=0) + 1):
+        at = seg == s
+        out.append((b['input_ids'][r, at], b['loss_mask'][r, at]))
+  return out
+
+
+def test_tfrecord_roundtrip(setup, tmp_path):
+  _, examples, path = setup
+  back = list(pipeline.read_tfrecord(path).as_numpy_iterator())
+  assert len(back) == len(examples)
+  for ex, rec in zip(examples, back):
+    np.testing.assert_array_equal(rec['input_ids'], ex.input_ids)
+    np.testing.assert_array_equal(rec['loss_mask'], ex.loss_mask)
+    assert rec['input_ids'].dtype == np.int32
+  assert not list(path.parent.glob('*.tmp'))
+  bad = examples[0].__class__(**{**examples[0].__dict__, 'loss_mask': examples[0].loss_mask[:-1]})
+  with pytest.raises(ValueError, match='same positive length'):
+    pipeline.write_tfrecord(tmp_path / 'bad.tfrecord', [bad])
+  with pytest.raises(FileNotFoundError, match='missing.tfrecord: not found'):
+    pipeline.read_tfrecord(tmp_path / 'missing.tfrecord')
+
+
+def test_packing_layout_and_greedy_rows(setup):
+  _, examples, path = setup
+  config = tiny_config()
+  batches = _batches(config, path, pack=True)
+  length = config.prompts.max_length
+  lengths = [len(e.input_ids) for e in examples]
+  used = []
+  for b in batches:
+    assert set(b) == set(pipeline.BATCH_KEYS) and b['input_ids'].shape == (4, length)
+    assert all(v.dtype == np.int32 for v in b.values())
+    for r in range(4):
+      seg, pos = b['segment_ids'][r], b['positions'][r]
+      n = int((seg > 0).sum())
+      assert (seg[n:] == 0).all() and (b['input_ids'][r, n:] == 0).all() and (b['loss_mask'][r, n:] == 0).all()
+      if n:
+        used.append(n)
+        assert (np.diff(seg[:n]) >= 0).all() and seg[0] == 1
+        for s in range(1, seg.max() + 1):
+          np.testing.assert_array_equal(pos[seg == s], np.arange((seg == s).sum()))
+  # Every example exactly once, in order; a row closes only when the next example does not fit.
+  segs = _segments(batches)
+  assert len(segs) == len(examples)
+  for (ids, mask), ex in zip(segs, examples):
+    np.testing.assert_array_equal(ids, ex.input_ids)
+    np.testing.assert_array_equal(mask, ex.loss_mask)
+  k = 0
+  for n in used[:-1]:
+    row = []
+    while sum(row) < n:
+      row.append(lengths[k])
+      k += 1
+    assert sum(row) == n and n + lengths[k] > length
+  # Batches of 4 rows; the last one filled with empty rows.
+  assert len(batches) == -(-len(used) // 4)
+  assert sum((b['segment_ids'].sum(axis=1) == 0).sum() for b in batches) == 4 * len(batches) - len(used)
+
+
+def test_packing_respects_loss_token_cap(setup):
+  _, examples, path = setup
+  config = tiny_config()
+  cap = max(int(e.loss_mask.sum()) for e in examples) + 2
+  batches = _batches(config, path, pack=True, max_loss_tokens=cap)
+  for b in batches:
+    assert b['loss_mask'].sum(axis=1).max() <= cap
+  assert len(_segments(batches)) == len(examples)
+  assert len(batches) > len(_batches(config, path, pack=True))
+  with pytest.raises(tf.errors.InvalidArgumentError, match='config.train.max_loss_tokens'):
+    _batches(config, path, pack=True, max_loss_tokens=cap - 3)
+
+
+def test_padding_bucket_chosen_for_global_batch(setup):
+  _, examples, path = setup
+  config = tiny_config()
+  buckets = (64, 128, 136, 144, 152, 160, 256)
+  batches = _batches(config, path, pack=False, buckets=buckets)
+  assert len(batches) == -(-len(examples) // 4)
+  for j, b in enumerate(batches):
+    longest = max(len(e.input_ids) for e in examples[4 * j:4 * j + 4])
+    assert b['input_ids'].shape[1] == min(x for x in buckets if x >= longest)
+    for r, ex in enumerate(examples[4 * j:4 * j + 4]):
+      n = len(ex.input_ids)
+      np.testing.assert_array_equal(b['input_ids'][r, :n], ex.input_ids)
+      np.testing.assert_array_equal(b['segment_ids'][r], np.arange(b['input_ids'].shape[1]) < n)
+      np.testing.assert_array_equal(b['positions'][r, :n], np.arange(n))
+  assert len({b['input_ids'].shape[1] for b in batches}) > 1
+  # A process holding only the short (recommend) rows still gets the global batch's bucket.
+  assert all(examples[j].task == 'recommend' and len(examples[j].input_ids) <= 128 for j in range(0, 8, 2))
+  short = list(pipeline.EvalBatches(path, config, [0, 2]))
+  assert [x['input_ids'].shape for x in short] == [(2, b['input_ids'].shape[1]) for b in batches]
+  assert short[0]['input_ids'].shape[1] > 128
+  with pytest.raises(ValueError, match='length_buckets'):
+    _batches(config, path, pack=False, buckets=(64, 128))
+
+
+@nnx.jit
+def _forward(model, ids, positions, segments):
+  return model(ids, positions, segments)
+
+
+def _loss_per_example(model, batch):
+  """{token ids of a segment: summed next-token CE over its loss tokens}."""
+  logits = _forward(model, batch['input_ids'], batch['positions'], batch['segment_ids'])
+  logp = np.asarray(jax.nn.log_softmax(logits, axis=-1), np.float64)
+  ids, seg, mask = batch['input_ids'], batch['segment_ids'], batch['loss_mask']
+  out = {}
+  for r in range(ids.shape[0]):
+    for s in range(1, seg[r].max(initial=0) + 1):
+      t = np.nonzero((seg[r] == s) & (mask[r] == 1))[0]
+      assert t.size and (seg[r, t - 1] == s).all()
+      key = tuple(ids[r, seg[r] == s])
+      out.setdefault(key, -logp[r, t - 1, ids[r, t]].sum())
+  return out
+
+
+def test_packed_and_unpacked_batches_give_the_same_per_example_loss(setup):
+  tok, examples, path = setup
+  config = tiny_config()
+  model = llama.Llama(llama.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_layers=2,
+                                        num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0,
+                                        max_position_embeddings=512), rngs=nnx.Rngs(3))
+  packed = {}
+  packed_batches = _batches(config, path, pack=True, batch_size=8)
+  assert all(b['segment_ids'].max() > 1 for b in packed_batches)           # really packed
+  for b in packed_batches:
+    packed.update(_loss_per_example(model, b))
+  # Reference: each example alone in its own row, right-padded (8 rows per call: one compiled shape).
+  unique = list({tuple(e.input_ids): e for e in examples}.values())
+  alone = {}
+  for start in range(0, len(unique), 8):
+    rows = {k: np.zeros((8, 256), np.int32) for k in pipeline.BATCH_KEYS}
+    for r, e in enumerate(unique[start:start + 8]):
+      n = len(e.input_ids)
+      rows['input_ids'][r, :n], rows['loss_mask'][r, :n] = e.input_ids, e.loss_mask
+      rows['positions'][r, :n], rows['segment_ids'][r, :n] = np.arange(n), 1
+    alone.update(_loss_per_example(model, rows))
+  padded = {}
+  for b in _batches(config, path, pack=False, batch_size=8, buckets=(256,)):
+    padded.update(_loss_per_example(model, b))
+  assert set(packed) == set(alone) == set(padded) and len(alone) == len(unique)
+  for key, value in alone.items():
+    assert value > 1.0
+    np.testing.assert_allclose(packed[key], value, rtol=1e-5)
+    np.testing.assert_allclose(padded[key], value, rtol=1e-5)
+
+
+def _epoch_length(config, path, epoch):
+  """Full global batches in one shuffled epoch (packing makes it depend on the order)."""
+  ds = pipeline.global_batches(
+      pipeline.read_tfrecord(path), config.prompts.batches, batch_size=config.train.batch_size,
+      max_length=config.prompts.max_length, shuffle=(pipeline.epoch_seed(config.seed, epoch), 10_000),
+      drop_remainder=True)
+  return sum(1 for _ in ds)
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _assert_same(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    for k in pipeline.BATCH_KEYS:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_resume_gives_identical_batches(setup):
+  _, _, path = setup
+  config = tiny_config()
+  config.prompts.batches.pack = True
+  rows = np.arange(4)
+  it = pipeline.TrainBatches(path, config, rows)
+  per_epoch = _epoch_length(config, path, epoch=0)
+  assert per_epoch >= 3
+  first = _take(it, per_epoch + 3)                           # crosses into epoch 1
+  assert it.get_state() == {'epoch': 1, 'batch': 3}
+  _assert_same(first, _take(pipeline.TrainBatches(path, config, rows), per_epoch + 3))   # deterministic
+  for stop in (2, per_epoch, per_epoch + 1):
+    it = pipeline.TrainBatches(path, config, rows)
+    _take(it, stop)
+    state = json.loads(json.dumps(it.get_state()))
+    resumed = pipeline.TrainBatches(path, config, rows)
+    resumed.set_state(state)
+    _assert_same(_take(resumed, per_epoch + 3 - stop), first[stop:])
+  # A new epoch is a new order of the same rows.
+  epoch0, epoch1 = first[:per_epoch], first[per_epoch:]
+  assert any(not np.array_equal(a['input_ids'], b['input_ids']) for a, b in zip(epoch0, epoch1))
+  with pytest.raises(ValueError, match='set_state'):
+    it.set_state({'epoch': 0})
+  config.train.batch_size = 1000
+  with pytest.raises(ValueError, match='no complete global batch'):
+    next(pipeline.TrainBatches(path, config, np.arange(1000)))
+
+
+@pytest.mark.parametrize('axes', [dict(data=2, fsdp=4, tensor=1), dict(data=1, fsdp=4, tensor=2)])
+def test_process_slices_are_disjoint_and_cover_the_global_batch(setup, axes):
+  _, _, path = setup
+  config = tiny_config()
+  config.prompts.batches.pack = False          # padding mode: each process must pick the global bucket
+  config.train.batch_size = 8
+  config.mesh.dcn_data, config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, axes['data'], axes['fsdp'], axes['tensor']
+  mesh = sharding.make_mesh(config.mesh)
+  rules = config.mesh.rules
+  index = sharding.batch_sharding(mesh, rules, ndim=1).devices_indices_map((8,))
+  # Pretend each pair of devices is one host: 4 processes.
+  rows = [sorted({r for d, (s,) in index.items() if d.id // 2 == p for r in range(8)[s]}) for p in range(4)]
+  flat = [r for rs in rows for r in rs]
+  shards = sharding.batch_shards(mesh, rules)
+  assert sorted(flat) == list(range(8)) and len(flat) == 8 and all(len(r) == 8 // 4 for r in rows)
+  np.testing.assert_array_equal(sharding.process_rows(mesh, rules, 8), np.arange(8))  # one real process
+  full = _take(pipeline.TrainBatches(path, config, np.arange(8)), 3)
+  parts = [_take(pipeline.TrainBatches(path, config, r), 3) for r in rows]
+  for step, batch in enumerate(full):
+    for k in pipeline.BATCH_KEYS:
+      glued = np.zeros_like(batch[k])
+      for r, part in zip(rows, parts):
+        assert part[step][k].shape == (len(r), batch[k].shape[1])       # same bucket everywhere
+        glued[r] = part[step][k]
+      np.testing.assert_array_equal(glued, batch[k])
+    arr = sharding.global_batch_array(batch['input_ids'], mesh, rules, 8)
+    np.testing.assert_array_equal(np.asarray(arr), batch['input_ids'])
+    assert len(arr.sharding.device_set) == 8 and shards == 8 // axes['tensor']
+
+
+def test_eval_batches_reiterable_and_complete(setup):
+  _, examples, path = setup
+  config = tiny_config()
+  config.prompts.batches.pack = True
+  ev = pipeline.EvalBatches(path, config, np.arange(4))
+  a, b = list(ev), list(ev)
+  _assert_same(a, b)
+  assert len(_segments(a)) == len(examples)
+  assert sum(int(x['loss_mask'].sum()) for x in a) == sum(int(e.loss_mask.sum()) for e in examples)
+  halves = [list(pipeline.EvalBatches(path, config, r)) for r in (np.arange(2), np.arange(2, 4))]
+  for whole, lo, hi in zip(a, *halves):
+    np.testing.assert_array_equal(np.concatenate([lo['input_ids'], hi['input_ids']]), whole['input_ids'])
+
+
+def test_write_examples_and_fingerprint(setup, tmp_path):
+  _, examples, _ = setup
+  config = tiny_config()
+  out = pipeline.write_examples(config, tmp_path, {'train': examples, 'valid': examples[:3]})
+  assert pipeline.examples_dir(config, tmp_path) == out
+  meta = json.loads((out / 'meta.json').read_text())
+  assert meta['splits']['valid']['examples'] == 3
+  assert meta['splits']['train']['tokens'] == sum(len(e.input_ids) for e in examples)
+  assert meta['splits']['train']['tasks'] == {'recommend': len(examples) // 2, 'recommend_retrieval': len(examples) // 2}
+  assert len(list(pipeline.read_tfrecord(out / 'valid.tfrecord'))) == 3
+  before = pipeline.examples_fingerprint(config)
+  config.prompts.batches.pack = not config.prompts.batches.pack    # batching: same examples
+  assert pipeline.examples_fingerprint(config) == before
+  config.prompts.max_history += 1
+  assert pipeline.examples_fingerprint(config) != before and pipeline.examples_dir(config, tmp_path) is None
