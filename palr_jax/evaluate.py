@@ -85,3 +85,102 @@ def paired_bootstrap(a, b, samples: int, seed: int) -> BootstrapResult:
   means = np.array([diff[rng.integers(0, diff.size, diff.size)].mean() for _ in range(samples)])
   low, high = np.percentile(means, [2.5, 97.5])
   return BootstrapResult(float(diff.mean()), float(low), float(high))
+
+
+# ------------------------------------------------------------------------------------------------
+# The report of the end-to-end job: results.json, results.md, plots.
+
+BASELINE = 'retriever'
+
+
+def compare(per_user: dict[str, dict[str, np.ndarray]], ks: Sequence[int], samples: int,
+            seed: int) -> dict:
+  """Means per method and paired-bootstrap intervals of each method's difference from the retriever.
+
+  `per_user[method]` comes from `per_user_metrics` over the same users in the same order.
+  """
+  out = {'metrics': {}, 'vs_retriever': {}}
+  names = [f'{m}@{k}' for k in ks for m in ('HR', 'NDCG')]
+  for method, values in per_user.items():
+    out['metrics'][method] = {n: float(values[n].mean()) for n in names}
+    if method != BASELINE and BASELINE in per_user:
+      out['vs_retriever'][method] = {
+          n: paired_bootstrap(values[n], per_user[BASELINE][n], samples, seed)._asdict()
+          for n in names}
+  return out
+
+
+def markdown_report(results: dict, ks: Sequence[int]) -> str:
+  """results.md: one table per split, then each method's difference from the retriever with its
+  95% paired-bootstrap interval (an interval that excludes 0 is a difference beyond sampling noise)."""
+  lines = ['# PALR results', '']
+  if results.get('users_note'):
+    lines += [results['users_note'], '']
+  names = [f'{m}@{k}' for k in ks for m in ('HR', 'NDCG')]
+  for split in ('valid', 'test'):
+    if split not in results:
+      continue
+    block = results[split]
+    lines += [f'## {split} ({block["num_users"]} users)', '',
+              '| method | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 1) + '|']
+    for method, metrics in block['metrics'].items():
+      lines.append(f'| {method} | ' + ' | '.join(f'{metrics[n]:.4f}' for n in names) + ' |')
+    if block['vs_retriever']:
+      lines += ['', f'Difference from the retriever, mean [95% paired-bootstrap interval]:', '',
+                '| method | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 1) + '|']
+      for method, diffs in block['vs_retriever'].items():
+        cells = [f'{d["mean_diff"]:+.4f} [{d["low"]:+.4f}, {d["high"]:+.4f}]'
+                 for d in (diffs[n] for n in names)]
+        lines.append(f'| {method} | ' + ' | '.join(cells) + ' |')
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def plot_hr_at_k(results: dict, ks: Sequence[int], path, split: str = 'test') -> None:
+  """HR@K against K, one line per method."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for method, metrics in results[split]['metrics'].items():
+    ax.plot(list(ks), [metrics[f'HR@{k}'] for k in ks], marker='o', label=method)
+  ax.set_xlabel('K')
+  ax.set_ylabel(f'HR@K ({split})')
+  ax.set_xscale('log')
+  ax.set_xticks(list(ks), [str(k) for k in ks])
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  _save_figure(fig, path)
+
+
+def plot_losses(curves: dict[str, dict[str, list]], path) -> None:
+  """Training and validation loss per fine-tuned model: curves[name] = {'train': [(step, loss)],
+  'valid': [(step, loss)]}."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for name, curve in curves.items():
+    for kind, style in (('train', '-'), ('valid', 'o--')):
+      points = curve.get(kind) or []
+      if points:
+        steps, losses = zip(*points)
+        ax.plot(steps, losses, style, label=f'{name} {kind}')
+  ax.set_xlabel('step')
+  ax.set_ylabel('loss (response tokens)')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  _save_figure(fig, path)
+
+
+def _save_figure(fig, path) -> None:
+  import os
+  import matplotlib.pyplot as plt
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  tmp = path + '.tmp.png'
+  fig.savefig(tmp, dpi=120)
+  plt.close(fig)
+  os.replace(tmp, path)
