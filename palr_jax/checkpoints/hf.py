@@ -1,14 +1,18 @@
 """Hugging Face Llama folders (config.json + safetensors) <-> sharded NNX parameters.
 
-Loading reads, per parameter, only the slices this process's devices hold
-(`jax.make_array_from_callback` over `safe_open(...).get_slice`), one safetensors file open at a time, so
-a 7B checkpoint never sits whole in host memory. Writing goes shard by shard for the same reason.
+Loading maps one stored tensor at a time (offsets from the safetensors header, `np.memmap`) and hands
+each addressable device only its slice (`jax.make_array_from_callback`), so a process reads just what
+its devices hold and a 7B checkpoint never sits whole in host memory (bench/load_memory.py measures it).
+Writing goes shard by shard for the same reason.
 Parameter paths and the HF name table come from `palr_jax.model.llama` (`hf_param_names`).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import json
+import math
 import os
 import shutil
 import struct
@@ -18,11 +22,11 @@ from typing import Any, NamedTuple
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from etils import epath
-from jax.sharding import Mesh, SingleDeviceSharding
-from safetensors import safe_open
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 from safetensors.numpy import save_file
 
 from palr_jax import sharding as sharding_lib
@@ -47,6 +51,7 @@ class StoredTensor(NamedTuple):
   file: str          # file name inside the folder
   shape: tuple[int, ...]
   dtype: np.dtype
+  offset: int        # byte offset of the data in the file
 
 
 # --------------------------------------------------------------------------------------- config
@@ -93,8 +98,9 @@ def generation_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- reading
 
 
-def _header(path: epath.Path) -> dict[str, Any]:
-  """A safetensors file's JSON header (8-byte little-endian length, then JSON); no tensor data read."""
+def _header(path: epath.Path) -> tuple[dict[str, Any], int]:
+  """(JSON header, where the data starts) of a safetensors file: an 8-byte little-endian length, the
+  JSON, then the tensors' bytes at the header's `data_offsets`. No tensor data is read."""
   with path.open('rb') as f:
     raw = f.read(8)
     if len(raw) != 8:
@@ -105,7 +111,7 @@ def _header(path: epath.Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError):
       raise ValueError(f'{path}: not a safetensors file (unreadable header)') from None
   header.pop('__metadata__', None)
-  return header
+  return header, 8 + n
 
 
 def stored_tensors(folder) -> dict[str, StoredTensor]:
@@ -122,36 +128,52 @@ def stored_tensors(folder) -> dict[str, StoredTensor]:
     raise FileNotFoundError(f'{folder}: neither {SINGLE_FILE} nor {INDEX_FILE} found')
   out = {}
   for file in files:
-    for name, info in _header(folder / file).items():
+    header, start = _header(folder / file)
+    for name, info in header.items():
       if info['dtype'] not in _DTYPES:
         raise ValueError(f'{folder / file}: tensor {name!r} is {info["dtype"]}; expected one of '
                          f'{sorted(_DTYPES)}')
-      out[name] = StoredTensor(file, tuple(info['shape']), _DTYPES[info['dtype']])
+      begin, end = info['data_offsets']
+      t = StoredTensor(file, tuple(info['shape']), _DTYPES[info['dtype']], start + begin)
+      if end - begin != t.dtype.itemsize * math.prod(t.shape):
+        raise ValueError(f'{folder / file}: tensor {name!r} has {end - begin} bytes for shape {t.shape}')
+      out[name] = t
   if index is not None:
     for name, file in index['weight_map'].items():
-      if out.get(name, StoredTensor(None, (), None)).file != file:
+      if name not in out or out[name].file != file:
         raise ValueError(f'{folder / INDEX_FILE}: {name!r} is mapped to {file}, which does not hold it')
   return out
 
 
-def _slice_key(index: tuple[slice, ...]) -> tuple:
-  return tuple((s.start, s.stop, s.step) for s in index)
+def stored_dtype(folder) -> str:
+  """The dtype most of the folder's tensors are stored in ('bfloat16', 'float32', ...)."""
+  counts = collections.Counter(str(t.dtype) for t in stored_tensors(folder).values())
+  return counts.most_common(1)[0][0]
 
 
-def _read_array(handle, name: str, shape, transpose: bool, dtype, sharding) -> jax.Array:
-  """One parameter as a global jax.Array; each addressable device's slice is read on its own (an HF
-  [out, in] weight is our [in, out]: our index (rows, cols) is the stored (cols, rows), transposed)."""
-  stored = handle.get_slice(name)
-  read: dict[tuple, np.ndarray] = {}  # replicas of one slice are read once
+def _source_sharding(sharding, transpose: bool):
+  """Where the stored [out, in] layout of a transposed param goes: the same devices, axes swapped."""
+  if not transpose or not isinstance(sharding, NamedSharding):
+    return sharding
+  spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
+  return NamedSharding(sharding.mesh, P(*spec[::-1]))
 
-  def callback(index: tuple[slice, ...]) -> np.ndarray:
-    key = _slice_key(index)
-    if key not in read:
-      value = stored[index[::-1] if transpose else index]
-      read[key] = np.ascontiguousarray(value.T if transpose else value).astype(dtype, copy=False)
-    return read[key]
 
-  return jax.make_array_from_callback(shape, sharding, callback)
+@functools.lru_cache(maxsize=None)
+def _to_param(transpose: bool, dtype: str, sharding):
+  """Jitted transpose / cast / copy on the devices (fast there; a host transpose of 7B weights takes
+  minutes). Always a new buffer: on CPU the source may alias the mapped file."""
+  return jax.jit(lambda x: jnp.array(x.T if transpose else x, dtype=dtype, copy=True),
+                 out_shardings=sharding)
+
+
+def _read_array(stored: np.ndarray, shape, transpose: bool, dtype: str, sharding) -> jax.Array:
+  """One parameter as a global jax.Array from a memory-mapped stored tensor: each addressable device's
+  slice goes straight from the mapped file to the device in the stored layout (on CPU, JAX may even
+  alias the mapping), then is transposed / cast on device to our [in, out] and dtype."""
+  source = jax.make_array_from_callback(shape[::-1] if transpose else shape,
+                                        _source_sharding(sharding, transpose), lambda index: stored[index])
+  return _to_param(transpose, dtype, sharding)(source)
 
 
 def load_params(folder, config: llama.LlamaConfig, mesh: Mesh | None = None, rules=None
@@ -170,7 +192,6 @@ def load_params(folder, config: llama.LlamaConfig, mesh: Mesh | None = None, rul
   if unexpected:
     raise ValueError(f'{folder}: tensor(s) the Llama config does not describe: {unexpected[:8]} '
                      f'(in {stored[unexpected[0]].file})')
-  plan: dict[str, list[str]] = {}
   for path, (hf_name, transpose) in table.items():
     if hf_name not in stored:
       raise ValueError(f'{folder}: missing tensor {hf_name!r}')
@@ -179,20 +200,18 @@ def load_params(folder, config: llama.LlamaConfig, mesh: Mesh | None = None, rul
     if got != want:
       raise ValueError(f'{folder / stored[hf_name].file}: {hf_name!r} has shape {stored[hf_name].shape}, '
                        f'expected {want[::-1] if transpose else want} from config.json')
-    plan.setdefault(stored[hf_name].file, []).append(path)
-  dtype = np.dtype(config.param_dtype)
   params = {}
-  for file, paths in sorted(plan.items()):  # one open file at a time bounds the mapped memory
-    with safe_open(os.fspath(folder / file), framework='numpy') as handle:
-      for path in paths:
-        hf_name, transpose = table[path]
-        var = abstract[path]
-        if mesh is None:
-          sharding = SingleDeviceSharding(jax.devices()[0])
-        else:
-          sharding = sharding_lib.named_sharding(mesh, var.get_metadata().get('logical_axes'),
-                                                 var.shape, rules)
-        params[path] = _read_array(handle, hf_name, tuple(var.shape), transpose, dtype, sharding)
+  for path in sorted(table, key=lambda p: (stored[table[p][0]].file, stored[table[p][0]].offset)):
+    hf_name, transpose = table[path]
+    t, var = stored[hf_name], abstract[path]
+    # One mapping per tensor: only its pages become resident, and only until it is on the devices.
+    view = np.memmap(folder / t.file, t.dtype, mode='r', offset=t.offset, shape=t.shape)
+    if mesh is None:
+      sharding = SingleDeviceSharding(jax.devices()[0])
+    else:
+      sharding = sharding_lib.named_sharding(mesh, var.get_metadata().get('logical_axes'), var.shape, rules)
+    params[path] = _read_array(view, tuple(var.shape), transpose, config.param_dtype, sharding)
+    params[path].block_until_ready()  # frees the source (and with it the mapping) before the next read
   return params
 
 
