@@ -1,0 +1,279 @@
+"""palr_jax.rank against plain references: unpadded full forwards, brute-force constrained greedy decoding
+without a KV cache, hand-summed log-probabilities and hand-computed catalog ranks."""
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import configs.common
+from palr_jax import rank
+from palr_jax import sharding as sharding_lib
+from palr_jax.model.llama import Llama, LlamaConfig
+
+VOCAB = 64
+BUCKETS = (8, 16, 32)
+
+
+def tiny_llama():
+  config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=8)
+  model = Llama(config, nnx.Rngs(0))
+  kernel = model.lm_head.kernel  # Logits spread over a few units: greedy choices are far from ties.
+  kernel.value = jax.random.normal(jax.random.key(1), kernel.value.shape) * 0.5
+  return model
+
+
+@nnx.jit
+def _forward(model, ids, positions, segments):
+  return jax.nn.log_softmax(model(ids, positions, segments), axis=-1)
+
+
+def forward_logprobs(model, tokens, width=None):
+  """log-softmax [T, V] of one sequence by a plain full forward (no cache), unpadded unless `width`
+  asks for right padding (which causal attention keeps away from the T real positions)."""
+  length = len(tokens)
+  width = width or length
+  ids, segments = np.zeros((1, width), np.int32), np.zeros((1, width), np.int32)
+  ids[0, :length], segments[0, :length] = tokens, 1
+  positions = np.arange(width, dtype=np.int32)[None]
+  return np.asarray(_forward(model, ids, positions, segments))[0, :length]
+
+
+def random_prompts(rng, lengths):
+  return [rng.integers(3, VOCAB, n) for n in lengths]
+
+
+@pytest.fixture(scope='module')
+def model():
+  return tiny_llama()
+
+
+# ------------------------------------------------------------------------------------- score mode
+
+
+@pytest.mark.parametrize('batch_size,buckets', [(2, BUCKETS), (3, (32,)), (8, (20, 24))])
+def test_score_tags_equals_unpadded_forward(model, batch_size, buckets):
+  rng = np.random.default_rng(0)
+  prompts = random_prompts(rng, (3, 9, 17, 5, 1, 20, 12))
+  tags = rng.integers(0, VOCAB, (len(prompts), 5))
+  scores = rank.score_tags(model, prompts, tags, batch_size=batch_size, buckets=buckets)
+  expected = np.stack([forward_logprobs(model, p)[-1, t] for p, t in zip(prompts, tags)])
+  assert scores.shape == (7, 5) and scores.dtype == np.float32
+  np.testing.assert_allclose(scores, expected, atol=2e-5)
+
+
+def test_score_tags_ragged_candidates(model):
+  rng = np.random.default_rng(1)
+  prompts = random_prompts(rng, (4, 6))
+  scores = rank.score_tags(model, prompts, [[5, 6, 7], [8]], batch_size=2, buckets=BUCKETS)
+  assert np.isneginf(scores[1, 1:]).all() and np.isfinite(scores[0]).all()
+  np.testing.assert_allclose(scores[1, 0], forward_logprobs(model, prompts[1])[-1, 8], atol=2e-5)
+  orders = rank.order_from_scores(scores)
+  assert sorted(orders[0].tolist()) == [0, 1, 2] and orders[1].tolist() == [0]
+
+
+def test_score_tags_rejects_bad_input(model):
+  with pytest.raises(ValueError, match=r'config.rank.buckets'):
+    rank.score_tags(model, [np.arange(40) % VOCAB], [[1, 2]], batch_size=1, buckets=BUCKETS)
+  with pytest.raises(ValueError, match=r'prompts\[1\] has token ids outside'):
+    rank.score_tags(model, [[1, 2], [3, VOCAB]], [[1], [2]], batch_size=1, buckets=BUCKETS)
+  with pytest.raises(ValueError, match=r'prompts\[0\] must be a non-empty'):
+    rank.score_tags(model, [[]], [[1]], batch_size=1, buckets=BUCKETS)
+  with pytest.raises(ValueError, match='2 prompts but 1 rows'):
+    rank.score_tags(model, [[1], [2]], [[1]], batch_size=1, buckets=BUCKETS)
+  with pytest.raises(ValueError, match='tag_token_ids must lie'):
+    rank.score_tags(model, [[1]], [[VOCAB]], batch_size=1, buckets=BUCKETS)
+
+
+def test_order_from_scores_ties_keep_retriever_order():
+  scores = np.array([[1.0, 3.0, 1.0, 3.0], [0.0, -np.inf, 2.0, -np.inf]])
+  orders = rank.order_from_scores(scores)
+  assert orders[0].tolist() == [1, 3, 0, 2]
+  assert orders[1].tolist() == [2, 0]
+
+
+# ---------------------------------------------------------------------------------- generate mode
+
+
+def reference_generate(model, prompt, candidates, separator, max_items):
+  """Greedy decoding under the candidate constraint, by full forwards over the whole text each step."""
+  candidates = [list(c) for c in candidates]
+  text, order, partial = list(prompt), [], []
+  limit = min(max_items, len(candidates))
+
+  def finish(k, separator_left):
+    order.append(k)
+    partial.clear()
+    if len(order) < limit:
+      text.extend(separator_left)
+
+  while len(order) < limit:
+    match = [k for k, c in enumerate(candidates) if k not in order and c[:len(partial)] == partial]
+    following = sorted({candidates[k][len(partial)] for k in match if len(candidates[k]) > len(partial)})
+    ends = [k for k in match if len(candidates[k]) == len(partial)]
+    if ends and not following:
+      finish(ends[0], separator)
+      continue
+    options = following + ([separator[0]] if ends and separator[0] not in following else [])
+    logp = forward_logprobs(model, text, width=64)[-1]
+    token = options[int(np.argmax(logp[options]))]
+    text.append(token)
+    if token in following:
+      partial.append(token)
+    else:
+      finish(ends[0], separator[1:])
+  return order
+
+
+def tagged_candidates(rng, num, tag_base=40):
+  return [np.concatenate([[tag_base + k], rng.integers(3, 30, rng.integers(1, 5))]) for k in range(num)]
+
+
+def title_candidates():
+  """Titles only: shared prefixes, one title a prefix of another, two identical titles."""
+  return [np.array(t) for t in ([5, 6], [5, 6, 7], [5, 8, 9], [10, 11], [10, 11], [12], [5, 6, 7, 13])]
+
+
+@pytest.mark.parametrize('style', ['tagged', 'titles'])
+def test_generate_equals_bruteforce_greedy(model, style):
+  rng = np.random.default_rng(2)
+  prompts = random_prompts(rng, (7, 3, 15, 10, 4))
+  if style == 'tagged':
+    candidates = [tagged_candidates(rng, 6) for _ in prompts]
+    separator, max_items = [1, 2], 4
+  else:
+    candidates = [title_candidates() for _ in prompts]
+    separator, max_items = [1], 10
+  orders = rank.generate_ranking(model, prompts, candidates, separator=separator, max_items=max_items,
+                                 batch_size=2, buckets=BUCKETS)
+  for prompt, cands, order in zip(prompts, candidates, orders):
+    assert len(order) == min(max_items, len(cands)) and len(set(order)) == len(order)
+    assert order == reference_generate(model, prompt, cands, separator, max_items)
+  if style == 'titles':  # Both identical titles are written, the shorter of the prefix pair too.
+    assert all({3, 4, 0} <= set(order) for order in orders)
+
+
+def test_generate_always_valid_distinct_candidates(model):
+  rng = np.random.default_rng(3)
+  prompts = random_prompts(rng, rng.integers(1, 30, 9))
+  candidates = [[rng.integers(3, 12, rng.integers(1, 4)) for _ in range(rng.integers(0, 8))]
+                for _ in prompts]
+  orders = rank.generate_ranking(model, prompts, candidates, separator=[1], max_items=5, batch_size=4,
+                                 buckets=BUCKETS)
+  for cands, order in zip(candidates, orders):
+    assert len(order) == min(5, len(cands)) and len(set(order)) == len(order)
+    assert all(0 <= k < len(cands) for k in order)
+
+
+def test_generate_rejects_bad_input(model):
+  with pytest.raises(ValueError, match='separator must be non-empty'):
+    rank.generate_ranking(model, [[1]], [[[2]]], separator=[], max_items=1, batch_size=1, buckets=BUCKETS)
+  with pytest.raises(ValueError, match=r'candidates\[0\]\[1\] must be a non-empty'):
+    rank.generate_ranking(model, [[1]], [[[2], []]], separator=[1], max_items=1, batch_size=1,
+                          buckets=BUCKETS)
+  with pytest.raises(ValueError, match='max_items'):
+    rank.generate_ranking(model, [[1]], [[[2]]], separator=[1], max_items=0, batch_size=1, buckets=BUCKETS)
+
+
+# -------------------------------------------------------------------------------- likelihood mode
+
+
+@pytest.mark.parametrize('reduce', ['sum', 'mean'])
+def test_score_continuations_equals_manual_sum(model, reduce):
+  rng = np.random.default_rng(4)
+  prompts = random_prompts(rng, (6, 2, 11))
+  continuations = [[rng.integers(3, VOCAB, rng.integers(1, 6)) for _ in range(n)] for n in (4, 2, 3)]
+  scores = rank.score_continuations(model, prompts, continuations, reduce=reduce, batch_size=2,
+                                    buckets=BUCKETS)
+  assert scores.shape == (3, 4) and np.isneginf(scores[1, 2:]).all() and np.isneginf(scores[2, 3])
+  for n, (prompt, conts) in enumerate(zip(prompts, continuations)):
+    for k, cont in enumerate(conts):
+      logp = forward_logprobs(model, np.concatenate([prompt, cont]), width=32)
+      token_logp = logp[np.arange(len(prompt) - 1, len(prompt) + len(cont) - 1), cont]
+      expected = token_logp.sum() if reduce == 'sum' else token_logp.mean()
+      np.testing.assert_allclose(scores[n, k], expected, atol=5e-5, err_msg=f'user {n} candidate {k}')
+
+
+def test_score_continuations_rejects_bad_reduce(model):
+  with pytest.raises(ValueError, match='config.rank.reduce'):
+    rank.score_continuations(model, [[1]], [[[2]]], reduce='max', batch_size=1, buckets=BUCKETS)
+
+
+# ------------------------------------------------------------------------- a preferred candidate
+
+
+def test_model_preferring_a_candidate_ranks_it_first():
+  """A large constant direction in every embedding survives to the final norm; the head turns it into a
+  large logit for token 20, so every mode must put the candidate written with token 20 first."""
+  model = tiny_llama()
+  emb = np.array(model.embed_tokens.embedding.value)
+  emb[:, 0] = 1.0
+  model.embed_tokens.embedding.value = emb
+  kernel = np.array(model.lm_head.kernel.value)
+  kernel[0] = 0.0
+  kernel[0, 20] = 8.0
+  model.lm_head.kernel.value = kernel
+  rng = np.random.default_rng(6)
+  prompts = random_prompts(rng, (5, 9, 13))
+  tags = np.array([[41, 42, 20, 43], [20, 41, 42, 43], [41, 42, 43, 20]])
+  best = np.argmax(tags == 20, axis=1)
+  scores = rank.score_tags(model, prompts, tags, batch_size=2, buckets=BUCKETS)
+  assert [o[0] for o in rank.order_from_scores(scores)] == best.tolist()
+  candidates = [[np.array([t, 30 + k, 35]) for k, t in enumerate(row)] for row in tags]
+  orders = rank.generate_ranking(model, prompts, candidates, separator=[1], max_items=2, batch_size=2,
+                                 buckets=BUCKETS)
+  assert [o[0] for o in orders] == best.tolist()
+  titles = [[np.array([20, 20]) if t == 20 else np.array([t, 30 + k]) for k, t in enumerate(row)]
+            for row in tags]
+  scores = rank.score_continuations(model, prompts, titles, reduce='mean', batch_size=2, buckets=BUCKETS)
+  assert np.argmax(scores, axis=1).tolist() == best.tolist()
+
+
+# ------------------------------------------------------------------------------------- on a mesh
+
+
+def test_sharded_equals_single_device(model):
+  config = configs.common.get_config()
+  config.mesh.fsdp, config.mesh.tensor = 4, 2
+  mesh = sharding_lib.make_mesh(config.mesh)
+  rules = config.mesh.rules
+  sharded = tiny_llama()
+  state = nnx.state(sharded)
+  nnx.update(sharded, jax.device_put(state, sharding_lib.state_shardings(state, mesh, rules)))
+  rng = np.random.default_rng(7)
+  prompts = random_prompts(rng, (3, 9, 14, 5))
+  tags = rng.integers(0, VOCAB, (4, 4))
+  candidates = [tagged_candidates(rng, 4) for _ in prompts]
+  kw = dict(batch_size=4, buckets=BUCKETS)
+  np.testing.assert_allclose(rank.score_tags(sharded, prompts, tags, mesh=mesh, rules=rules, **kw),
+                             rank.score_tags(model, prompts, tags, **kw), atol=2e-5)
+  assert (rank.generate_ranking(sharded, prompts, candidates, separator=[1], max_items=3, mesh=mesh,
+                                rules=rules, **kw)
+          == rank.generate_ranking(model, prompts, candidates, separator=[1], max_items=3, **kw))
+  np.testing.assert_allclose(
+      rank.score_continuations(sharded, prompts, candidates, reduce='sum', mesh=mesh, rules=rules, **kw),
+      rank.score_continuations(model, prompts, candidates, reduce='sum', **kw), atol=5e-5)
+  with pytest.raises(ValueError, match=r'batch_size=3 must be a multiple of the 4 batch shards'):
+    rank.score_tags(sharded, prompts, tags, batch_size=3, buckets=BUCKETS, mesh=mesh, rules=rules)
+
+
+# ------------------------------------------------------------------------ ranks over the catalog
+
+
+def test_full_ranking_and_target_rank():
+  candidates = np.array([7, 3, 9, 4])  # retriever order
+  retriever = np.array([7, 3, 9, 4, 11, 2, 5])
+  order = [2, 0]  # the LLM wrote 9 then 7 (generate mode stops early)
+  np.testing.assert_array_equal(rank.full_ranking(candidates, order, retriever), [9, 7, 3, 4, 11, 2, 5])
+  assert rank.target_rank(candidates, order, 9, retriever_rank=2) == 0
+  assert rank.target_rank(candidates, order, 4, retriever_rank=3) == 3
+  assert rank.target_rank(candidates, order, 2, retriever_rank=5) == 5  # missed by the retriever
+  np.testing.assert_array_equal(rank.full_ranking(candidates, [1, 3, 0, 2], candidates), [3, 4, 7, 9])
+  with pytest.raises(ValueError, match='not among the candidates'):
+    rank.target_rank(candidates, order, 2, retriever_rank=1)
+  with pytest.raises(ValueError, match='must be distinct indices'):
+    rank.full_ranking(candidates, [0, 0], retriever)
+  with pytest.raises(ValueError, match='must be distinct indices'):
+    rank.full_ranking(candidates, [4], retriever)
+  with pytest.raises(ValueError, match='not distinct'):
+    rank.full_ranking([1, 1], [0], retriever)
