@@ -175,7 +175,7 @@ def test_fit_rejects_bad_input():
 def test_fit_bpr_learns_groups():
   histories = block_histories()
   config = retriever_config(model='bpr', factors=4, learning_rate=0.05, epochs=40, batch_size=32,
-                            reg=1e-4)
+                            bpr_reg=1e-4)
   users, items = mf.fit(histories, 20, config, jax.random.key(0))
   scores = np.asarray(users @ items.T)
   assert unseen_own_group_auc(scores, histories) > 0.95

@@ -177,7 +177,7 @@ def _train_bpr(params, users, items, key, learning_rate, reg, *, num_items, epoc
 def fit_bpr(histories: Sequence[np.ndarray], num_items: int, config, key) -> tuple[jax.Array, jax.Array]:
   """Fits BPR on the distinct (user, item) pairs; `config` is the retriever section.
 
-  Reads factors, reg, learning_rate, epochs, batch_size, init_scale. Negatives are uniform over the
+  Reads factors, bpr_reg, learning_rate, epochs, batch_size, init_scale. Negatives are uniform over the
   catalog (a sampled negative may be a positive, as in the original BPR).
   """
   rows, cols, _ = interaction_counts(histories, num_items)
@@ -188,7 +188,7 @@ def fit_bpr(histories: Sequence[np.ndarray], num_items: int, config, key) -> tup
   params = {'users': _init(user_key, (len(histories), f), config.init_scale),
             'items': _init(item_key, (num_items, f), config.init_scale)}
   params, _ = _train_bpr(params, jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32), train_key,
-                         float(config.learning_rate), float(config.reg), num_items=num_items,
+                         float(config.learning_rate), float(config.bpr_reg), num_items=num_items,
                          epochs=int(config.epochs), batch_size=int(min(config.batch_size, rows.size)))
   return params['users'], params['items']
 

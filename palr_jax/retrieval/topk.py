@@ -4,8 +4,9 @@ Scores are `U @ V.T` for a batch of users; the items a user already has are mask
 index array [B, H] (-1 = padding), never a dense [U, I] mask, so memory is O(B * I + B * H) per batch.
 A target's rank is the number of unmasked items that score strictly higher (0-based; ties favour the
 target). With a mesh, V's item axis is split over every device: each shard scores and masks its own
-slice, keeps its local top-K, and the shards' candidates are all-gathered and merged into the global
-top-K, so the catalog only has to fit in the memory of all devices together.
+slice, keeps its local top-K (indices made global), and the shards' [B, K] candidate lists, laid side by
+side, are merged by one more top-K; so the catalog only has to fit in the memory of all devices together
+and only B * K * devices candidates cross between them.
 """
 from __future__ import annotations
 
