@@ -1,4 +1,5 @@
 """Generation and scoring against transformers' generate / log-likelihoods, and sampling semantics."""
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,8 +7,9 @@ import pytest
 import torch
 
 from palr_jax.model import generate as gen
-from palr_jax.model import llama
-from test_llama import dense_inputs, forward, jax_model, left_padded, make_config, torch_model
+from palr_jax.model import llama, lora
+from test_lora import lora_config, randomize_adapters
+from test_llama import forward, jax_model, left_padded, make_config, torch_model
 
 PAD = 0
 
@@ -100,6 +102,15 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy(models, prompts):
     gen.generate(model, prompts, max_new_tokens=2, eos_ids=(), pad_id=PAD, temperature=1.0)
   with pytest.raises(ValueError, match=r'prompt_ids\[1\] is empty'):
     gen.generate(model, [[3], []], max_new_tokens=2, eos_ids=(), pad_id=PAD)
+
+
+def test_lora_model_in_train_mode_generates_deterministically(prompts):
+  config = make_config('gqa_4to1')
+  model = lora.apply_lora(llama.Llama(config), lora_config(dropout=0.5), nnx.Rngs(params=0, dropout=1))
+  randomize_adapters(model)
+  got = gen.generate(model, prompts, max_new_tokens=6, eos_ids=(), pad_id=PAD)
+  assert model.layers[0].self_attn.q_proj.dropout.deterministic is False  # caller's mode untouched
+  assert got == gen.generate(lora.merge_lora(model), prompts, max_new_tokens=6, eos_ids=(), pad_id=PAD)
 
 
 def test_sample_token_distribution():

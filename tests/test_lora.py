@@ -1,5 +1,4 @@
 """LoRA: identity at init, W + (alpha/r) A B semantics, merge, targets, dropout, PEFT parity."""
-import dataclasses
 
 from flax import nnx
 import jax

@@ -363,7 +363,7 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVC
 class Llama(nnx.Module):
   """LlamaForCausalLM. `model(input_ids, positions, segment_ids, *, cache=None, logits_at=None)`."""
 
-  def __init__(self, config: LlamaConfig, rngs: nnx.Rngs = None):
+  def __init__(self, config: LlamaConfig, rngs: nnx.Rngs | None = None):
     rngs = nnx.Rngs(0) if rngs is None else rngs
     self.config = config
     self.embed_tokens = Embed(config, rngs)
