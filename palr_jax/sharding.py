@@ -100,7 +100,7 @@ def state_shardings(state, mesh: Mesh, rules):
   def one(v):
     if isinstance(v, nnx.Variable):
       axes = v.get_metadata().get('logical_axes')
-      return v.replace(named_sharding(mesh, axes, v.value.shape, rules))
+      return v.replace(named_sharding(mesh, axes, v.get_value().shape, rules))
     return NamedSharding(mesh, P())
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -139,3 +139,10 @@ def global_batch_array(local: np.ndarray, mesh: Mesh, rules, global_batch: int) 
   """A global [B, ...] jax.Array from this process's rows (`process_rows`) of it."""
   sharding = batch_sharding(mesh, rules, ndim=local.ndim)
   return jax.make_array_from_process_local_data(sharding, local, (global_batch,) + local.shape[1:])
+
+
+def batch_shards(mesh: Mesh, rules) -> int:
+  """How many ways the batch dimension is split (the product of its mesh axes)."""
+  spec = batch_sharding(mesh, rules, ndim=1).spec[0]
+  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  return math.prod(mesh.shape[a] for a in axes)

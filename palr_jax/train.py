@@ -1,0 +1,496 @@
+"""LoRA fine-tuning of the Llama on a device mesh: loss, optimizer, jitted step, checkpoints, the loop.
+
+Read top to bottom. The model arrives with LoRA adapters (palr_jax/model/lora.py). It is split into the
+frozen base, sharded by its `logical_axes` and never written, and the adapters, which with their optimizer
+state and the step form the train state: the only thing that is updated, donated and checkpointed.
+
+Batches follow docs/ARCHITECTURE.md: int32 [B, T] `input_ids`, `positions`, `segment_ids` (0 = padding),
+`loss_mask`. Each process yields only its rows of the global batch (`sharding.process_rows`) and the
+trainer assembles the global array. The loss is the mean next-token cross-entropy over every loss token
+of the global batch: token losses are summed (over devices and micro-batches) and divided once by the
+global count, so neither the mesh nor gradient accumulation changes it.
+
+Checkpoints (orbax, under WORKDIR/checkpoints) hold the train state, every process's data-iterator state
+and the config, not the base weights; `train` resumes from the latest one, on whatever mesh the config
+now asks for.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+import json
+import os
+import socket
+import time
+import zlib
+from typing import Any, Protocol
+
+from absl import logging
+from etils import epath
+from flax import nnx
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer import record_writer
+import tqdm
+
+from palr_jax import sharding
+
+BATCH_KEYS = ('input_ids', 'positions', 'segment_ids', 'loss_mask')
+
+
+class DataIterator(Protocol):
+  """A batch source the trainer can checkpoint: `next` gives this process's rows of the next global
+  batch (numpy, BATCH_KEYS); `get_state` is JSON-able and `set_state` resumes exactly there."""
+
+  def __next__(self) -> Mapping[str, np.ndarray]: ...
+  def get_state(self) -> dict[str, Any]: ...
+  def set_state(self, state: dict[str, Any]) -> None: ...
+
+
+# ------------------------------------------------------------------------------------------- loss
+
+
+def loss_weights(batch: Mapping[str, jax.Array]) -> jax.Array:
+  """[B, T] float32: 1 where token t is a loss token predicted from t-1 of its own segment."""
+  seg = batch['segment_ids']
+  keep = (batch['loss_mask'][:, 1:] != 0) & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
+  return jnp.pad(keep, ((0, 0), (1, 0))).astype(jnp.float32)
+
+
+def loss_sum(model, batch: Mapping[str, jax.Array], max_loss_tokens: int, rules) -> jax.Array:
+  """Sum of the token losses of `batch`, with logits only at its loss tokens.
+
+  Each row's loss tokens are moved to the front (in order) and the first `max_loss_tokens` of them are
+  scored (0 = all T-1 positions): the LM head, the largest matmul at PALR's short responses, runs on
+  [B, max_loss_tokens] positions instead of [B, T]. Callers check that no row has more.
+  """
+  weights = loss_weights(batch)
+  length = weights.shape[1]
+  n = length - 1 if max_loss_tokens <= 0 else min(max_loss_tokens, length - 1)
+  idx = jnp.argsort((weights == 0).astype(jnp.int32), axis=1, stable=True)[:, :n]
+  logits = model(batch['input_ids'], batch['positions'], batch['segment_ids'],
+                 logits_at=jnp.maximum(idx - 1, 0))
+  logits = sharding.constrain(logits, ('batch', None, 'vocab'), rules)
+  targets = jnp.take_along_axis(batch['input_ids'], idx, axis=1)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  return jnp.sum(losses * jnp.take_along_axis(weights, idx, axis=1))
+
+
+def split_microbatches(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:
+  """[B, ...] -> [n, B/n, ...], micro-batch j = rows j, j+n, j+2n, ...
+
+  Strided, not contiguous: every micro-batch draws rows from every device's shard of the batch, so each
+  one stays spread over the whole data-parallel mesh.
+  """
+  return {k: v.reshape(v.shape[0] // n, n, *v.shape[1:]).swapaxes(0, 1) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------- adapters
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """(graphdef, adapters, everything else): only `nnx.LoRAParam`s are trained."""
+  graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+  if not jax.tree.leaves(lora):
+    raise ValueError('train: the model has no nnx.LoRAParam; apply palr_jax.model.lora.apply_lora first')
+  return graphdef, lora, frozen
+
+
+def lora_values(lora: nnx.State) -> dict[str, Any]:
+  """{dotted path: leaf}: the flat form in which adapters are optimized and checkpointed."""
+  return {'.'.join(map(str, path)): var.get_value() for path, var in nnx.to_flat_state(lora)}
+
+
+def with_lora_values(lora: nnx.State, values: Mapping[str, Any]) -> nnx.State:
+  """The adapter State `lora` (paths, variable types, metadata) holding `values` instead."""
+  return nnx.from_flat_state([(path, var.replace(values['.'.join(map(str, path))]))
+                              for path, var in nnx.to_flat_state(lora)])
+
+
+def reseed(model: nnx.Module, key: jax.Array) -> None:
+  """Re-keys every RNG stream of `model` (LoRA dropout) from `key`, whatever its stream name.
+
+  Keys derive from the seed and the step, so masks need no state in the checkpoint and a resumed run
+  draws the same ones.
+  """
+  tags = {node.key.tag for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)}
+  if tags:
+    nnx.reseed(model, **{tag: jax.random.fold_in(key, zlib.crc32(tag.encode())) for tag in tags})
+
+
+def loss_and_grad(graphdef: nnx.GraphDef, lora: nnx.State, values: Mapping[str, jax.Array],
+                  frozen: nnx.State, batch: Mapping[str, jax.Array], dropout_key: jax.Array, *,
+                  microbatches: int, max_loss_tokens: int, rules) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+  """(global-token-mean loss, its gradient wrt the adapter `values` in fp32, loss-token count).
+
+  With micro-batches, summed token losses / the count of the whole batch are accumulated, so the
+  result equals one pass over the whole batch.
+  """
+  count = jnp.sum(loss_weights(batch))
+
+  def micro_loss(values, micro, index):
+    model = nnx.merge(graphdef, with_lora_values(lora, values), frozen)
+    reseed(model, jax.random.fold_in(dropout_key, index))
+    return loss_sum(model, micro, max_loss_tokens, rules) / jnp.maximum(count, 1.0)
+
+  grad_fn = jax.value_and_grad(micro_loss)
+  if microbatches == 1:
+    loss, grads = grad_fn(values, batch, 0)
+    return loss, jax.tree.map(lambda g: g.astype(jnp.float32), grads), count
+
+  def accumulate(carry, micro_and_index):
+    micro, index = micro_and_index
+    micro = {k: sharding.constrain(v, ('batch', 'length'), rules) for k, v in micro.items()}
+    loss, grads = grad_fn(values, micro, index)
+    return (carry[0] + loss, jax.tree.map(lambda a, g: a + g.astype(jnp.float32), carry[1], grads)), None
+
+  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda v: jnp.zeros(v.shape, jnp.float32), values))
+  micros = (split_microbatches(batch, microbatches), jnp.arange(microbatches))
+  (loss, grads), _ = jax.lax.scan(accumulate, zeros, micros)
+  return loss, grads, count
+
+
+# ---------------------------------------------------------------------------------- optimizer
+
+
+def learning_rate_schedule(train_config) -> optax.Schedule:
+  """Linear warmup from 0 to the peak, then cosine / linear decay to peak * final_lr_fraction, or flat."""
+  c = train_config
+  peak, warmup = c.learning_rate, c.warmup_steps
+  decay_steps = max(c.num_steps - warmup, 1)
+  if c.lr_decay == 'cosine':
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=c.final_lr_fraction)
+  elif c.lr_decay == 'linear':
+    decay = optax.linear_schedule(peak, peak * c.final_lr_fraction, decay_steps)
+  elif c.lr_decay == 'constant':
+    decay = optax.constant_schedule(peak)
+  else:
+    raise ValueError(f"config.train.lr_decay: expected 'cosine', 'linear' or 'constant', got {c.lr_decay!r}")
+  if warmup <= 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW with weight decay on matrices only."""
+  c = train_config
+  clip = optax.clip_by_global_norm(c.grad_clip_norm) if c.grad_clip_norm > 0 else optax.identity()
+  adamw = optax.adamw(learning_rate_schedule(c), b1=c.adam_b1, b2=c.adam_b2, eps=c.adam_eps,
+                      weight_decay=c.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
+  return optax.chain(clip, adamw)
+
+
+# -------------------------------------------------------------------------------- train state
+
+
+def init_state(values: Mapping[str, jax.Array], optimizer: optax.GradientTransformation) -> dict[str, Any]:
+  """The train state: step, adapter values, optimizer state (of the adapters only)."""
+  return {'step': jnp.zeros((), jnp.int32), 'lora': dict(values), 'opt_state': optimizer.init(dict(values))}
+
+
+def state_shardings(abstract_state, lora: nnx.State, optimizer: optax.GradientTransformation, mesh, rules):
+  """Shardings of the train state: adapters by their logical axes, Adam moments like their parameter."""
+  replicated = NamedSharding(mesh, P())
+  lora_shardings = lora_values(sharding.state_shardings(lora, mesh, rules))
+  opt_shardings = optax.tree_utils.tree_map_params(
+      optimizer, lambda _, s: s, abstract_state['opt_state'], lora_shardings,
+      transform_non_params=lambda _: replicated)
+  return {'step': replicated, 'lora': lora_shardings, 'opt_state': opt_shardings}
+
+
+def with_shardings(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+# ------------------------------------------------------------------------------- jitted steps
+
+
+def make_train_step(graphdef, lora, optimizer, train_config, rules, shardings, frozen_shardings, seed: int):
+  """jit(step)(state, frozen, batch) -> (state, metrics); the state is donated."""
+  schedule = learning_rate_schedule(train_config)
+
+  def step(state, frozen, batch):
+    dropout_key = jax.random.fold_in(jax.random.key(seed), state['step'])
+    loss, grads, count = loss_and_grad(graphdef, lora, state['lora'], frozen, batch, dropout_key,
+                                       microbatches=train_config.microbatches,
+                                       max_loss_tokens=train_config.max_loss_tokens, rules=rules)
+    updates, opt_state = optimizer.update(grads, state['opt_state'], state['lora'])
+    new_state = {'step': state['step'] + 1, 'lora': optax.apply_updates(state['lora'], updates),
+                 'opt_state': opt_state}
+    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'learning_rate': schedule(state['step']),
+               'loss_tokens': count, 'tokens': jnp.sum(batch['segment_ids'] != 0)}
+    return new_state, metrics
+
+  return jax.jit(step, in_shardings=(shardings, frozen_shardings, None), out_shardings=(shardings, None),
+                 donate_argnums=0)
+
+
+def make_eval_step(graphdef, lora, train_config, rules):
+  """jit(eval)(adapter values, frozen, batch) -> (sum of token losses, loss-token count)."""
+
+  def evaluate(values, frozen, batch):
+    model = nnx.merge(graphdef, with_lora_values(lora, values), frozen)
+    model.eval()  # No dropout.
+    return loss_sum(model, batch, train_config.max_loss_tokens, rules), jnp.sum(loss_weights(batch))
+
+  return jax.jit(evaluate)
+
+
+# -------------------------------------------------------------------------------------- batches
+
+
+def device_batch(local: Mapping[str, Any], mesh, rules, train_config) -> dict[str, jax.Array]:
+  """This process's rows -> the global batch as jax.Arrays sharded over the batch axes.
+
+  Checks here, on the host, what the jitted step cannot: keys, shapes, and that no row has more loss
+  tokens than `max_loss_tokens` (their logits would not be computed).
+  """
+  missing = [k for k in BATCH_KEYS if k not in local]
+  if missing:
+    raise ValueError(f'train batch: missing key(s) {missing}; expected {list(BATCH_KEYS)}')
+  arrays = {k: np.asarray(local[k]) for k in BATCH_KEYS}
+  rows = len(sharding.process_rows(mesh, rules, train_config.batch_size))
+  for k, a in arrays.items():
+    if a.shape != arrays['input_ids'].shape or a.ndim != 2 or a.shape[0] != rows:
+      raise ValueError(f'train batch: {k} has shape {a.shape}; expected [{rows}, T] like input_ids '
+                       f'(this process\'s rows of config.train.batch_size={train_config.batch_size})')
+    if not np.issubdtype(a.dtype, np.integer):
+      raise ValueError(f'train batch: {k} has dtype {a.dtype}; expected int32')
+  most = int(np.count_nonzero(arrays['loss_mask'], axis=1).max(initial=0))
+  if 0 < train_config.max_loss_tokens < most:
+    raise ValueError(f'train batch: a row has {most} loss tokens, more than '
+                     f'config.train.max_loss_tokens={train_config.max_loss_tokens}')
+  return {k: sharding.global_batch_array(a.astype(np.int32), mesh, rules, train_config.batch_size)
+          for k, a in arrays.items()}
+
+
+def check_batch_layout(train_config, mesh, rules) -> None:
+  """The global batch must split into micro-batches that each divide over the batch mesh axes."""
+  c = train_config
+  shards = sharding.batch_shards(mesh, rules)
+  if c.microbatches < 1 or c.batch_size % (c.microbatches * shards):
+    raise ValueError(f'config.train: batch_size={c.batch_size} must be a multiple of microbatches='
+                     f'{c.microbatches} x {shards} batch shards of the mesh {dict(mesh.shape)}')
+
+
+def evaluate(eval_step, values, frozen, valid_batches: Iterable, mesh, rules, train_config) -> float:
+  """Global-token-mean loss over every batch of `valid_batches`."""
+  parts = [eval_step(values, frozen, device_batch(local, mesh, rules, train_config)) for local in valid_batches]
+  total, count = np.sum(np.asarray(jax.device_get(parts), np.float64), axis=0) if parts else (0.0, 0.0)
+  if count == 0:
+    raise ValueError('train: the validation batches hold no loss tokens')
+  return float(total / count)
+
+
+# -------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_manager(directory: epath.PathLike, train_config) -> ocp.CheckpointManager:
+  """Async orbax manager keeping the last `keep_latest` checkpoints and the `keep_best` by valid loss.
+
+  Leftovers of a save that a crash interrupted are removed on start; only finalized steps count.
+  """
+  c = train_config
+  policies = ocp.checkpoint_managers
+  keep = policies.AnyPreservationPolicy([
+      policies.LatestN(c.keep_latest),
+      policies.BestN(get_metric_fn=lambda m: m['valid_loss'], reverse=True, n=c.keep_best,
+                     keep_checkpoints_without_metrics=False)])
+  options = ocp.CheckpointManagerOptions(preservation_policy=keep, enable_async_checkpointing=c.async_checkpoints,
+                                         cleanup_tmp_directories=True, create=True)
+  return ocp.CheckpointManager(epath.Path(directory), item_names=('state', 'data', 'config'), options=options)
+
+
+def gather_json(obj: Any) -> list[Any]:
+  """Every process's JSON-able `obj`, in process order, on every process."""
+  if jax.process_count() == 1:
+    return [obj]
+  blob = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([blob.size], np.int64))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:blob.size] = blob
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(row[:size])) for row, size in zip(rows, sizes)]
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, data_state: dict, config,
+                    valid_loss: float | None) -> None:
+  """Starts an async save of the train state, every process's iterator state and the config."""
+  args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave({'processes': gather_json(data_state)}),
+      config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
+  manager.save(step, args=args, metrics=None if valid_loss is None else {'valid_loss': valid_loss}, force=True)
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[Any, dict]:
+  """(train state laid out as `abstract_state`'s shardings, this process's data-iterator state).
+
+  The shardings are the current mesh's, whatever mesh wrote the checkpoint.
+  """
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                           data=ocp.args.JsonRestore()))
+  states = restored.data['processes']
+  if len(states) == jax.process_count():
+    return restored.state, states[jax.process_index()]
+  if all(s == states[0] for s in states):
+    return restored.state, states[0]
+  raise ValueError(f'checkpoint step {step}: {len(states)} processes saved different data-iterator states; '
+                   f'they cannot be spread over {jax.process_count()} processes')
+
+
+# ------------------------------------------------------------------------------- observability
+
+
+def step_flops(model_config, lora_params: int, batch: int, length: int, logit_positions: int) -> float:
+  """Model FLOPs of one LoRA step (forward + backward, remat recompute not counted).
+
+  Frozen matmuls need the forward and the input gradient only: 4 FLOPs per weight per token, not the
+  6 of full fine-tuning; adapters add 6 per weight per token; attention adds 12 L T heads head_dim per
+  token (PaLM's count); the LM head runs at `logit_positions` per row, not at every token.
+  """
+  m = model_config
+  d, h = m.hidden_size, m.head_dim
+  per_layer = d * h * (2 * m.num_heads + 2 * m.num_kv_heads) + 3 * d * m.intermediate_size
+  tokens = batch * length
+  return float(tokens * (4 * m.num_layers * per_layer + 6 * lora_params + 12 * m.num_layers * length * m.num_heads * h)
+               + 4 * d * m.vocab_size * batch * logit_positions)
+
+
+class MetricWriter:
+  """TensorBoard scalars and a tqdm bar, from process 0 only (elsewhere every call is a no-op).
+
+  Events are framed by tensorboard's own RecordWriter into an etils.epath file (local or gs://), so the
+  trainer needs no TensorFlow.
+  """
+
+  def __init__(self, logdir: epath.Path, num_steps: int, start_step: int):
+    self.active = jax.process_index() == 0
+    self.bar = tqdm.tqdm(total=num_steps, initial=start_step, unit='step', disable=not self.active)
+    if self.active:
+      logdir.mkdir(parents=True, exist_ok=True)
+      name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.v2'
+      self.records = record_writer.RecordWriter((logdir / name).open('wb'))
+      self._write(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
+
+  def _write(self, event) -> None:
+    self.records.write(event.SerializeToString())
+    self.records.flush()
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self.active:
+      return
+    values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
+    self._write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values)))
+    self.bar.set_postfix({k.split('/')[-1]: f'{v:.4g}' for k, v in scalars.items()}, refresh=False)
+
+  def advance(self) -> None:
+    self.bar.update(1)
+
+  def close(self) -> None:
+    self.bar.close()
+    if self.active:
+      self.records.close()
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+
+def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIterator,
+          valid_batches: Iterable[Mapping[str, np.ndarray]] | None = None) -> dict[str, float]:
+  """Trains `model`'s LoRA adapters per `config.train` on the mesh `config.mesh`; resumes from `workdir`.
+
+  Writes WORKDIR/checkpoints and WORKDIR/tensorboard. On return the model holds the trained adapters
+  and the result is the last logged scalars (plus `step`). `valid_batches` is iterated afresh at every
+  evaluation (a list or a tf.data.Dataset, not a one-shot iterator) and yields batches like `train_iter`;
+  pad a short last batch with rows of segment_ids 0. Run under `distributed.initialize()` on a pod: every
+  process calls `train` with its own `train_iter`.
+  """
+  c = config.train
+  rules = config.mesh.rules
+  mesh = sharding.make_mesh(config.mesh)
+  check_batch_layout(c, mesh, rules)
+  if c.checkpoint_every < 1 or c.log_every < 1:
+    raise ValueError(f'config.train: checkpoint_every={c.checkpoint_every} and log_every={c.log_every} '
+                     'must be >= 1')
+  if valid_batches is not None and iter(valid_batches) is valid_batches:
+    raise TypeError('train: valid_batches must be re-iterable (a list or a tf.data.Dataset), not an iterator')
+  workdir = epath.Path(workdir)
+
+  # Abstract state -> shardings -> state created in place on the mesh; the base is only laid out.
+  graphdef, lora, frozen = split_model(model)
+  optimizer = make_optimizer(c)
+  init = lambda values: init_state(values, optimizer)  # noqa: E731
+  abstract = jax.eval_shape(init, lora_values(lora))
+  shardings = state_shardings(abstract, lora, optimizer, mesh, rules)
+  frozen_shardings = sharding.state_shardings(frozen, mesh, rules)
+  frozen = jax.device_put(frozen, frozen_shardings)
+
+  manager = checkpoint_manager(workdir / 'checkpoints', c)
+  start = manager.latest_step() or 0
+  if start:
+    state, data_state = restore_checkpoint(manager, start, with_shardings(abstract, shardings))
+    train_iter.set_state(data_state)
+    logging.info('train: resumed from step %d', start)
+  else:
+    state = jax.jit(init, out_shardings=shardings)(lora_values(lora))
+
+  train_step = make_train_step(graphdef, lora, optimizer, c, rules, shardings, frozen_shardings, config.seed)
+  eval_step = make_eval_step(graphdef, lora, c, rules)
+  lora_params = sum(v.size for v in abstract['lora'].values())
+  writer = MetricWriter(workdir / 'tensorboard', c.num_steps, start)
+  pending, timed_flops, timed_steps, clock = [], 0.0, 0, time.perf_counter()
+  last = {'step': start}
+  with jax.set_mesh(mesh):
+    for step in range(start + 1, c.num_steps + 1):
+      batch = device_batch(next(train_iter), mesh, rules, c)
+      state, metrics = train_step(state, frozen, batch)
+      pending.append(metrics)
+      if step == start + 1:  # Compilation stays out of the throughput.
+        jax.block_until_ready(metrics)
+        clock = time.perf_counter()
+      else:
+        b, t = batch['input_ids'].shape
+        logit_positions = t - 1 if c.max_loss_tokens <= 0 else min(c.max_loss_tokens, t - 1)
+        timed_flops += step_flops(model.config, lora_params, b, t, logit_positions)
+        timed_steps += 1
+
+      if step % c.log_every == 0 or step == c.num_steps:
+        got = jax.device_get(pending)
+        now = time.perf_counter()
+        scalars = {'train/loss': np.mean([m['loss'] for m in got]),
+                   'train/grad_norm': np.mean([m['grad_norm'] for m in got]),
+                   'train/learning_rate': got[-1]['learning_rate']}
+        if timed_steps:
+          scalars['train/tokens_per_s'] = sum(m['tokens'] for m in got[-timed_steps:]) / (now - clock)
+          if c.peak_tflops_per_device > 0:
+            peak = c.peak_tflops_per_device * 1e12 * jax.device_count()
+            scalars['train/mfu'] = timed_flops / (now - clock) / peak
+        writer.write(step, scalars)
+        last = {'step': step, **{k: float(v) for k, v in scalars.items()}}
+        pending, timed_flops, timed_steps, clock = [], 0.0, 0, now
+
+      valid_loss = None
+      if valid_batches is not None and (step == c.num_steps or (c.eval_every and step % c.eval_every == 0)):
+        valid_loss = evaluate(eval_step, state['lora'], frozen, valid_batches, mesh, rules, c)
+        writer.write(step, {'valid/loss': valid_loss})
+        last['valid/loss'] = valid_loss
+
+      preempted = manager.reached_preemption(step)  # Every process must ask at every step.
+      if step % c.checkpoint_every == 0 or step == c.num_steps or preempted:
+        save_checkpoint(manager, step, state, train_iter.get_state(), config, valid_loss)
+      writer.advance()
+      if preempted:
+        logging.warning('train: preempted at step %d; checkpoint saved, exiting', step)
+        break
+
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  nnx.update(model, with_lora_values(lora, state['lora']))
+  return last
