@@ -13,8 +13,9 @@ from flax import nnx
 
 from configs.common import get_config
 from palr_jax import sharding
+from palr_jax import checkpoints
 from palr_jax.checkpoints import gguf, hf, load_model
-from palr_jax.model import llama
+from palr_jax.model import llama, lora
 
 VOCAB_EXTRA = ['<|endoftext|>', '<|im_start|>', '<|im_end|>']
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -393,3 +394,134 @@ def test_gguf_metadata_errors(tmp_path):
     gguf.build_tokenizer({'tokenizer.ggml.model': 'gpt2', 'tokenizer.ggml.pre': 'qwen2'}, 'x.gguf')
   with pytest.raises(FileNotFoundError, match='nope.gguf: GGUF file not found'):
     gguf.cached_hf_dir(tmp_path / 'nope.gguf', os.fspath(tmp_path))
+
+
+# ------------------------------------------------------------------------------- LoRA export / adapters
+
+
+def lora_section(targets=(r'.*self_attn\.(q_proj|v_proj)',), rank=4):
+  c = get_config().lora
+  c.targets, c.rank, c.alpha = targets, rank, 8.0
+  return c
+
+
+def tuned_model(folder, lora_config, seed=0):
+  """Our model of `folder` with LoRA adapters set to random non-zero values (B = 0 would hide bugs)."""
+  model, tokenizer, cfg = load_model(model_config(f'hf:{folder}'), lora_config)
+  rng = np.random.RandomState(seed)
+  for var in llama.named_params(model, nnx.LoRAParam).values():
+    var.value = jax.numpy.asarray(rng.randn(*var.value.shape).astype(np.float32) * 0.3)
+  return model, tokenizer, cfg
+
+
+def eval_logits(model, ids, pos, seg):
+  return np.asarray(nnx.view(model, deterministic=True, raise_if_not_found=False)(ids, pos, seg))
+
+
+@pytest.fixture(scope='module')
+def base_folder(tmp_path_factory):
+  folder = tmp_path_factory.mktemp('base')
+  tiny_hf_model(seed=3).save_pretrained(folder)
+  save_tokenizer(folder)
+  return folder
+
+
+@pytest.mark.parametrize('targets, written', [
+    ((r'.*self_attn\.(q_proj|v_proj)',), ['q_proj', 'v_proj']),
+    ((r'layers\.0\.self_attn\.q_proj', r'.*mlp\.down_proj'),
+     r'model\.layers\.0\.mlp\.down_proj|model\.layers\.0\.self_attn\.q_proj|model\.layers\.1\.mlp\.down_proj'),
+])
+def test_peft_folder_loads_in_peft_with_same_logits(base_folder, tmp_path, targets, written):
+  import peft as hf_peft
+  from palr_jax.checkpoints import peft
+  model, _, cfg = tuned_model(base_folder, lora_section(targets))
+  peft.save_adapter(tmp_path / 'adapter', model, lora_section(targets), str(base_folder))
+  adapter_config = json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())
+  assert adapter_config['target_modules'] == written
+  assert (adapter_config['r'], adapter_config['lora_alpha'], adapter_config['peft_type'],
+          adapter_config['task_type']) == (4, 8.0, 'LORA', 'CAUSAL_LM')
+  base = transformers.AutoModelForCausalLM.from_pretrained(base_folder)
+  tuned = hf_peft.PeftModel.from_pretrained(base, tmp_path / 'adapter').eval()
+  wrapped = {n.removeprefix('base_model.model.') for n, m in tuned.named_modules() if hasattr(m, 'lora_A')}
+  assert wrapped == {lora.hf_module_path(p.removesuffix('.lora_a'))
+                     for p in llama.named_params(model, nnx.LoRAParam) if p.endswith('lora_a')}
+  ids, pos, seg = batch(cfg.vocab_size)
+  np.testing.assert_allclose(eval_logits(model, ids, pos, seg), torch_logits(tuned, ids), atol=1e-4, rtol=0)
+  # ... and reads back into a fresh model as the same function.
+  fresh, _, _ = load_model(model_config(f'hf:{base_folder}'))
+  peft.apply_adapter(fresh, tmp_path / 'adapter')
+  np.testing.assert_allclose(eval_logits(fresh, ids, pos, seg), eval_logits(model, ids, pos, seg), atol=1e-6)
+
+
+def save_like_trainer(workdir, model, lora_config, step=7):
+  """An orbax checkpoint laid out as palr_jax/train.py writes it: items state (step, lora values by
+  dotted path, optimizer state), data, config (the whole config as JSON)."""
+  import optax
+  import orbax.checkpoint as ocp
+  values = {'.'.join(map(str, p)): v.value for p, v in nnx.to_flat_state(lora.lora_state(model))}
+  state = {'step': jax.numpy.int32(step), 'lora': values, 'opt_state': optax.adamw(1e-3).init(values)}
+  config = get_config()
+  config.lora = lora_config
+  manager = ocp.CheckpointManager(workdir / 'checkpoints', item_names=('state', 'data', 'config'),
+                                  options=ocp.CheckpointManagerOptions(create=True))
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({'processes': [{}]}),
+      config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))))
+  manager.wait_until_finished()
+  manager.close()
+
+
+def test_export_cli_merged_and_peft_from_trainer_checkpoint(base_folder, tmp_path):
+  import peft as hf_peft
+  from palr_jax import export
+  lora_config = lora_section((r'.*self_attn\.(q_proj|k_proj|v_proj|o_proj)', r'.*mlp\.up_proj'), rank=2)
+  model, _, cfg = tuned_model(base_folder, lora_config, seed=5)
+  save_like_trainer(tmp_path / 'run', model, lora_config)
+  ids, pos, seg = batch(cfg.vocab_size, seed=1)
+  ours = eval_logits(model, ids, pos, seg)
+
+  export.main(['--model', f'hf:{base_folder}', '--workdir', str(tmp_path / 'run'),
+               '--out', str(tmp_path / 'merged'), '--max-shard-size', '30KB'])
+  merged = tmp_path / 'merged'
+  assert {'config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json',
+          hf.INDEX_FILE} <= {p.name for p in merged.iterdir()}
+  assert len(set(json.loads((merged / hf.INDEX_FILE).read_text())['weight_map'].values())) > 2
+  assert json.loads((merged / 'generation_config.json').read_text()) == {
+      'bos_token_id': 1, 'eos_token_id': 2, 'pad_token_id': 2}
+  theirs = transformers.AutoModelForCausalLM.from_pretrained(merged)
+  np.testing.assert_allclose(torch_logits(theirs, ids), ours, atol=1e-4, rtol=0)
+  tok = transformers.AutoTokenizer.from_pretrained(merged)
+  assert tok.convert_ids_to_tokens(tok('the movie')['input_ids']) == ['t', 'he', 'Ġmovie']
+
+  export.main(['--model', f'hf:{base_folder}', '--workdir', str(tmp_path / 'run'),
+               '--out', str(tmp_path / 'run' / 'export' / 'peft'), '--format', 'peft'])
+  base = transformers.AutoModelForCausalLM.from_pretrained(base_folder)
+  tuned = hf_peft.PeftModel.from_pretrained(base, tmp_path / 'run' / 'export' / 'peft').eval()
+  np.testing.assert_allclose(torch_logits(tuned, ids), ours, atol=1e-4, rtol=0)
+
+  # Without the orbax checkpoints the run's PEFT folder is found instead: same adapters.
+  import shutil
+  shutil.rmtree(tmp_path / 'run' / 'checkpoints')
+  fresh, _, _ = load_model(model_config(f'hf:{base_folder}'))
+  source, section = checkpoints.apply_trained_adapter(fresh, tmp_path / 'run')
+  assert source.endswith('export/peft (PEFT)') and section.rank == 2
+  np.testing.assert_allclose(eval_logits(fresh, ids, pos, seg), ours, atol=1e-5, rtol=0)
+
+
+def test_export_bf16_and_errors(base_folder, tmp_path):
+  from palr_jax import export
+  export.main(['--model', f'hf:{base_folder}', '--out', str(tmp_path / 'bf16'), '--dtype', 'bfloat16'])
+  assert json.loads((tmp_path / 'bf16' / 'config.json').read_text())['torch_dtype'] == 'bfloat16'
+  assert {str(t.dtype) for t in hf.stored_tensors(tmp_path / 'bf16').values()} == {'bfloat16'}
+  # The fp32 base, rounded to bf16 (round-to-nearest-even, as torch does), read by transformers.
+  ref = transformers.AutoModelForCausalLM.from_pretrained(base_folder).state_dict()
+  bf16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'bf16').state_dict()
+  assert set(bf16) == set(ref)
+  for name, value in ref.items():
+    torch.testing.assert_close(bf16[name], value.to(torch.bfloat16), rtol=0, atol=0)
+  assert export.parse_size('5GB') == 5 * 10**9 and export.parse_size('30KB') == 30000
+  with pytest.raises(ValueError, match='--format peft needs --workdir'):
+    export.main(['--model', f'hf:{base_folder}', '--out', str(tmp_path / 'x'), '--format', 'peft'])
+  with pytest.raises(FileNotFoundError, match='no trained adapter'):
+    export.main(['--model', f'hf:{base_folder}', '--out', str(tmp_path / 'x'), '--workdir', str(tmp_path)])
+  assert not (tmp_path / 'x').exists()

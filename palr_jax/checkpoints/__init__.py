@@ -10,11 +10,17 @@ import os
 
 from etils import epath
 from flax import nnx
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
 
-from palr_jax.checkpoints import gguf, hf
-from palr_jax.model import llama
+from palr_jax import sharding
+from palr_jax.checkpoints import gguf, hf, peft
+from palr_jax.model import llama, lora
 
 SMOLLM2_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'
+# Where a run folder keeps a trained adapter in PEFT layout, in order of preference.
+ADAPTER_DIRS = ('export/peft', 'adapter')
 
 
 def smollm2_gguf() -> epath.Path:
@@ -44,12 +50,58 @@ def hf_folder(model_config) -> epath.Path:
   raise ValueError(f"config.model.spec: expected 'smollm2', 'hf:DIR' or 'gguf:FILE', got {spec!r}")
 
 
-def load_model(model_config, lora_config=None, mesh=None, rules=None):
+def find_adapter(workdir) -> epath.Path | None:
+  """The PEFT adapter folder of a run (`W/export/peft` or `W/adapter`), or None."""
+  for name in ADAPTER_DIRS:
+    folder = epath.Path(workdir) / name
+    if (folder / peft.CONFIG_FILE).exists():
+      return folder
+  return None
+
+
+def apply_trained_adapter(model: llama.Llama, workdir) -> tuple[str, ml_collections.ConfigDict]:
+  """Adds the adapters trained in `workdir` to `model` (in place): from the trainer's latest orbax
+  checkpoint (`W/checkpoints`, LoRA settings from the config saved with it), else from a PEFT folder
+  (`find_adapter`). Returns (where they came from, the lora config section they were built with)."""
+  directory = epath.Path(workdir) / 'checkpoints'
+  step = None
+  if directory.exists():
+    manager = ocp.CheckpointManager(directory, item_names=('state', 'data', 'config'))
+    step = manager.latest_step()
+  if step is not None:
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+    if 'lora' not in saved:
+      raise ValueError(f'{directory}/{step}: the saved config has no lora section')
+    lora_config = ml_collections.ConfigDict(saved['lora'])
+    lora.apply_lora(model, lora_config, nnx.Rngs(0))
+    flat = nnx.to_flat_state(lora.lora_state(model))  # the trainer's keys: dotted module paths
+    key = lambda path: '.'.join(map(str, path))  # noqa: E731
+    target = {key(path): jax.ShapeDtypeStruct(var.value.shape, var.value.dtype, sharding=var.value.sharding)
+              for path, var in flat}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={'lora': target}, restore_args=ocp.checkpoint_utils.construct_restore_args({'lora': target}),
+        partial_restore=True)))['state']['lora']
+    nnx.update(model, nnx.from_flat_state([(path, var.replace(restored[key(path)])) for path, var in flat]))
+    return f'{directory}/{step} (orbax)', lora_config
+  folder = find_adapter(workdir)
+  if folder is None:
+    raise FileNotFoundError(f'{workdir}: no trained adapter (no checkpoint under checkpoints/, no PEFT '
+                            f'folder at {" or ".join(ADAPTER_DIRS)})')
+  return f'{folder} (PEFT)', peft.apply_adapter(model, folder)
+
+
+def load_model(model_config, lora_config=None, mesh=None, rules=None, *, rngs: nnx.Rngs | None = None):
   """(Llama, tokenizer, LlamaConfig) for `model_config.spec`, parameters sharded on `mesh` by `rules`
-  (or on the default device). With `lora_config`, LoRA adapters are added (B = 0: same outputs)."""
+  (or on the default device). With `lora_config`, LoRA adapters are added (B = 0: the same function),
+  A initialized from `rngs` (default `nnx.Rngs(0)`) and laid out by the same rules."""
   folder = hf_folder(model_config)
   config = hf.llama_config(folder, model_config)
   params = hf.load_params(folder, config, mesh, rules)
   model = nnx.eval_shape(lambda: llama.Llama(config))
   llama.assign_params(model, params)
+  if lora_config is not None:
+    lora.apply_lora(model, lora_config, nnx.Rngs(0) if rngs is None else rngs)
+    if mesh is not None:
+      adapters = lora.lora_state(model)
+      nnx.update(model, jax.device_put(adapters, sharding.state_shardings(adapters, mesh, rules)))
   return model, hf.load_tokenizer(folder), config

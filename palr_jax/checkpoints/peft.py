@@ -1,0 +1,107 @@
+"""PEFT LoRA adapter folders (`adapter_config.json` + `adapter_model.safetensors`) <-> our adapters.
+
+The folder is what `peft.PeftModel.from_pretrained(base, DIR)` loads over the HF base model; tensor
+names and layouts come from `palr_jax.model.lora.peft_state_dict`. `target_modules` is written as PEFT's
+suffix list when that names exactly the adapted modules (the usual `q_proj`/`v_proj` case), else as a
+regex matching exactly them, so PEFT wraps the same modules we trained.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import ml_collections
+import numpy as np
+from etils import epath
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from palr_jax.checkpoints import hf
+from palr_jax.model import llama, lora
+
+CONFIG_FILE = 'adapter_config.json'
+WEIGHTS_FILE = 'adapter_model.safetensors'
+
+
+def _linear_paths(model) -> list[str]:
+  """Module paths of every Linear (`layers.0.self_attn.q_proj`, `lm_head`)."""
+  return sorted(p.removesuffix('.kernel') for p in llama.named_params(model) if p.endswith('.kernel'))
+
+
+def _adapted_paths(model) -> list[str]:
+  return sorted(p.removesuffix('.lora_a') for p in llama.named_params(model, nnx.LoRAParam)
+                if p.endswith('.lora_a'))
+
+
+def target_modules(model) -> list[str] | str:
+  """PEFT `target_modules` naming exactly the model's adapted modules (HF module names)."""
+  adapted = _adapted_paths(model)
+  if not adapted:
+    raise ValueError('PEFT export: the model has no LoRA adapters')
+  suffixes = sorted({p.rsplit('.', 1)[-1] for p in adapted})
+  if sorted(p for p in _linear_paths(model) if p.rsplit('.', 1)[-1] in suffixes) == adapted:
+    return suffixes
+  return '|'.join(re.escape(lora.hf_module_path(p)) for p in adapted)
+
+
+def save_adapter(out_dir, model, lora_config, base_model_name_or_path: str) -> None:
+  """Writes the PEFT folder for `model`'s adapters (atomically)."""
+  tensors = lora.peft_state_dict(model)
+  ranks = {v.shape[0] for k, v in tensors.items() if k.endswith('lora_A.weight')}
+  if ranks != {lora_config.rank}:
+    raise ValueError(f'PEFT export: adapters have rank(s) {sorted(ranks)}, config.lora.rank is '
+                     f'{lora_config.rank}')
+  adapter_config = {
+      'peft_type': 'LORA', 'task_type': 'CAUSAL_LM',
+      'base_model_name_or_path': base_model_name_or_path,
+      'r': int(lora_config.rank), 'lora_alpha': float(lora_config.alpha),
+      'lora_dropout': float(lora_config.dropout), 'target_modules': target_modules(model),
+      'bias': 'none', 'fan_in_fan_out': False, 'use_rslora': False, 'inference_mode': True,
+  }
+  with hf.atomic_dir(out_dir) as tmp:
+    hf.write_json(tmp / CONFIG_FILE, adapter_config)
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+              os.fspath(tmp / WEIGHTS_FILE), metadata={'format': 'pt'})
+
+
+def lora_config_for(folder, model, dtype: str) -> ml_collections.ConfigDict:
+  """A `config.lora`-shaped section that `lora.apply_lora` turns into the adapter's modules: rank,
+  alpha and dropout from adapter_config.json, targets as exact regexes of our matching module paths."""
+  path = epath.Path(folder) / CONFIG_FILE
+  cfg = hf.read_json(path)
+  for key in ('r', 'lora_alpha', 'target_modules'):
+    if key not in cfg:
+      raise ValueError(f'{path}: no {key!r}')
+  if cfg.get('peft_type', 'LORA') != 'LORA' or cfg.get('use_rslora') or cfg.get('use_dora'):
+    raise ValueError(f'{path}: only plain LoRA adapters are supported (peft_type LORA, no rslora/dora)')
+  wanted = cfg['target_modules']
+  if isinstance(wanted, str):
+    match = lambda name: re.fullmatch(wanted, name) is not None  # noqa: E731
+  else:
+    match = lambda name: any(name == t or name.endswith('.' + t) for t in wanted)  # noqa: E731
+  paths = [p for p in _linear_paths(model) if match(lora.hf_module_path(p))]
+  if not paths:
+    raise ValueError(f'{path}: target_modules {wanted!r} matches no module of this model')
+  return ml_collections.ConfigDict({
+      'rank': int(cfg['r']), 'alpha': float(cfg['lora_alpha']), 'dropout': 0.0,
+      'targets': tuple(re.escape(p) for p in paths), 'dtype': dtype})
+
+
+def apply_adapter(model, folder, dtype: str = 'float32') -> ml_collections.ConfigDict:
+  """Wraps `model` with the PEFT folder's LoRA modules (`dtype` adapters) and loads its weights;
+  returns the lora config section it built."""
+  lora_config = lora_config_for(folder, model, dtype)
+  lora.apply_lora(model, lora_config, nnx.Rngs(0))
+  load_adapter(model, folder)
+  return lora_config
+
+
+def load_adapter(model, folder) -> None:
+  """Sets a LoRA-wrapped model's adapters from a PEFT folder (see `lora_config_for` for the wrapping)."""
+  path = epath.Path(folder) / WEIGHTS_FILE
+  if not path.exists():
+    raise FileNotFoundError(f'{path}: not found')
+  try:
+    lora.load_peft_state_dict(model, load_file(os.fspath(path)))
+  except ValueError as e:
+    raise ValueError(f'{path}: {e}') from None
