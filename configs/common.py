@@ -121,20 +121,19 @@ def get_config():
   # precedes every training target (see the module docstring for the no-leakage rule).
   c.profiles = ml_collections.ConfigDict()
   c.profiles.kind = 'llm'          # llm (the model writes it) | stats (genre/keyword counts, fast)
-  c.profiles.max_history = 20      # most recent items of the profile's source shown to the LLM
+  c.profiles.max_history = 10      # most recent titles of the profile's source shown to the LLM
+  c.profiles.top_genres = 5        # genre shares over the whole source (LLM prompt and stats profile)
+  c.profiles.top_keywords = 3      # stats profile: frequent title words
   c.profiles.user_features = ('age', 'gender', 'occupation')  # attributes shown when the data has them
   c.profiles.system = ''           # system message; '' = the chat template's default
   c.profiles.template = (
-      'Here are movies a user watched, oldest first, with their genres:\n{history}\n{user}'
+      'A user watched these movies, oldest first:\n{history}\nGenres they watched most: {genres}.\n{user}'
       'In two sentences, describe this user\'s taste in movies: favourite genres, themes and eras. '
       'Do not list titles.')
-  c.profiles.history_line = '- {title} ({genres})'
+  c.profiles.history_line = '- {title}'
   c.profiles.user_line = 'About the user: {features}.\n'
   c.profiles.max_new_tokens = 64
-  c.profiles.batch_size = 16
-  c.profiles.length_buckets = (128, 256, 384, 512, 768, 1024)  # prompt lengths padded to one of these
-  c.profiles.top_genres = 3        # stats profile
-  c.profiles.top_keywords = 3      # stats profile: frequent title words
+  c.profiles.batch_size = 16       # users per generate call (prompt lengths bucketed by generate.py)
 
   # PALR instruction examples (palr_jax/data/prompts.py). Templates are str.format strings.
   c.prompts = ml_collections.ConfigDict()
