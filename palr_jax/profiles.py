@@ -253,6 +253,19 @@ def make_profiles(config, workdir, inter, split, load_model=None) -> list[str]:
   return [r['profile'] for r in rows]
 
 
+def current_profiles(config, workdir, inter, split) -> list[str]:
+  """The profiles for `config`: `W/profiles.jsonl` if written for this config, else stats profiles
+  computed in memory (kind 'stats'); kind 'llm' without a current file is an error."""
+  workdir = epath.Path(workdir)
+  if stages.is_current(workdir, 'profiles', profiles_fingerprint(config), ['profiles.jsonl']):
+    return read_profiles(workdir / 'profiles.jsonl', inter)
+  if config.profiles.kind == 'stats':
+    return [stats_profile(inter, profile_items(split, u, config.prompts.max_examples_per_user), config.profiles)
+            for u in range(len(inter.user_ids))]
+  raise FileNotFoundError(f'{workdir / "profiles.jsonl"}: missing or written for another config; run '
+                          f'python -m palr_jax.profiles --config ... --workdir {workdir}')
+
+
 # ------------------------------------------------------------------------------------------ CLI
 
 

@@ -1,5 +1,6 @@
 """tf.data prompt pipeline: TFRecords, packing vs padding (same per-example loss), process slices, resume."""
 import json
+import os
 
 from flax import nnx
 import jax
@@ -300,3 +301,20 @@ def test_write_examples_and_fingerprint(setup, tmp_path):
   assert pipeline.examples_fingerprint(config) == before
   config.prompts.max_history += 1
   assert pipeline.examples_fingerprint(config) != before and pipeline.examples_dir(config, tmp_path) is None
+
+
+def test_build_and_write_once_per_fingerprint(tmp_path):
+  inter = tiny_interactions()
+  split = interactions.leave_one_out(inter)
+  write_candidates(tmp_path / 'candidates', inter, split, count=4)
+  config = tiny_config()
+  out = pipeline.build_and_write(config, tmp_path, inter, split, tiny_tokenizer(), ['p'] * 4)
+  meta = json.loads((out / 'meta.json').read_text())
+  assert set(meta['splits']) == {'train', 'valid'}
+  assert meta['splits']['valid']['tasks'] == {'recommend': 4, 'recommend_retrieval': 4}
+  stamp = os.stat(out / 'train.tfrecord').st_mtime_ns
+  assert pipeline.build_and_write(config, tmp_path, inter, split, None, None) == out     # not rebuilt
+  assert os.stat(out / 'train.tfrecord').st_mtime_ns == stamp
+  config.prompts.tasks = ('recommend',)
+  other = pipeline.build_and_write(config, tmp_path, inter, split, tiny_tokenizer(), None)
+  assert other != out and json.loads((other / 'meta.json').read_text())['splits']['valid']['examples'] == 4

@@ -271,3 +271,18 @@ def test_config_and_template_errors(tok, data):
   no_end.chat_template = CHATML.replace("'<|im_end|>' + '\n'", "'\n'")
   with pytest.raises(ValueError, match='no special end-of-turn token'):
     prompts.PromptBuilder(tiny_config(), inter, no_end)
+
+
+def test_cli_marks_exactly_the_trained_tokens(tok, data, cand_dir):
+  from palr_jax import prompts as cli
+  inter, split = data
+  config = tiny_config()
+  builder = prompts.PromptBuilder(config, inter, tok)
+  cands = prompts.read_candidates(cand_dir / 'train.jsonl', split, 'train')
+  for ex in prompts.build_examples(builder, split, 'train', ['p'] * 4, cands, users=[1]):
+    assert cli.marked_text(tok, ex.input_ids, ex.loss_mask) == f'{ex.prompt}[[{ex.answer}]]'
+  assert cli.marked_text(tok, [35, 36, 37], [1, 0, 1], '<', '>') == '<A>B<C>'
+  shown = cli.show_examples(config, inter, split, tok, ['p'] * 4, cands, 'train', show=2)
+  heads = [line for line in shown.splitlines() if line.startswith('──')]
+  assert [h.split(' · ')[0] for h in heads] == ['── recommend'] * 2 + ['── recommend_retrieval'] * 2
+  assert "user u1 · target 1 'Toy Story'" in heads[1] and shown.count(']]') == 4

@@ -29,6 +29,7 @@ from etils import epath
 import numpy as np
 
 from palr_jax import stages
+from palr_jax.data import prompts
 
 tf = stages.hide_accelerators_from_tf()
 
@@ -107,6 +108,25 @@ def examples_dir(config, workdir) -> epath.Path | None:
   """The folder of this config's examples if they were written completely, else None."""
   out = epath.Path(workdir) / 'examples' / examples_fingerprint(config)
   return out if (out / 'meta.json').exists() else None
+
+
+def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence[str] | None) -> epath.Path:
+  """Builds and writes the train and valid examples unless this fingerprint's are on disk; the folder.
+
+  `profiles[u]` per user (`palr_jax.profiles`), None without profiles. recommend_retrieval reads
+  `W/candidates/{train,valid}.jsonl`.
+  """
+  done = examples_dir(config, workdir)
+  if done is not None:
+    return done
+  builder = prompts.PromptBuilder(config, inter, tokenizer)
+  retrieval = 'recommend_retrieval' in config.prompts.tasks
+  by_split = {}
+  for which in WRITTEN_SPLITS:
+    cands = (prompts.read_candidates(epath.Path(workdir) / 'candidates' / f'{which}.jsonl', split, which)
+             if retrieval else None)
+    by_split[which] = prompts.build_examples(builder, split, which, profiles, cands)
+  return write_examples(config, workdir, by_split)
 
 
 # ------------------------------------------------------------------------------------- batching
