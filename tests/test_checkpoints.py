@@ -301,7 +301,7 @@ def write_gguf(path, ref, qtype=gguf_lib.GGMLQuantizationType.F32, pre='smollm')
   w.add_eos_token_id(2)
   w.add_pad_token_id(2)
   w.add_chat_template(CHAT_TEMPLATE)
-  names = {v: k for k, v in gguf._GLOBAL_TENSORS.items()}
+  names = {v: k for k, v in gguf.GLOBAL_TENSORS.items()}
   for name, p in ref.state_dict().items():
     if name == 'lm_head.weight' and c.tie_word_embeddings:
       continue
@@ -310,7 +310,7 @@ def write_gguf(path, ref, qtype=gguf_lib.GGMLQuantizationType.F32, pre='smollm')
       gname = names[name]
     else:
       i, rest = name.removeprefix('model.layers.').split('.', 1)
-      short = {v: k for k, v in gguf._LAYER_TENSORS.items()}[rest.removesuffix('.weight')]
+      short = {v: k for k, v in gguf.LAYER_TENSORS.items()}[rest.removesuffix('.weight')]
       gname = f'blk.{i}.{short}.weight'
       if short == 'attn_q':
         value = llama_cpp_permute(value, c.num_attention_heads)
@@ -379,6 +379,19 @@ def test_gguf_tokenizer_matches_transformers(tiny_gguf, tmp_path):
           == '<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n')
   # SmolLM2's pre-tokenizer: every digit on its own.
   assert ours.convert_ids_to_tokens(ours('in 1994')['input_ids']) == ['in', 'Ġ', '1', '9', '9', '4']
+
+
+@pytest.mark.parametrize('pre, pieces', [
+    ('gpt2', ['Toy', 'ĠStory', 'Ġ1995', ',', 'Ġ12345']),
+    ('smollm', ['Toy', 'ĠStory', 'Ġ', '1', '9', '9', '5', ',', 'Ġ', '1', '2', '3', '4', '5']),
+    ('llama-bpe', ['Toy', 'ĠStory', 'Ġ', '199', '5', ',', 'Ġ', '123', '45']),
+])
+def test_gguf_pre_tokenizer_follows_ggml_pre(pre, pieces):
+  tokens, merges = byte_level_vocab()
+  meta = {'tokenizer.ggml.model': 'gpt2', 'tokenizer.ggml.pre': pre, 'tokenizer.ggml.tokens': tokens,
+          'tokenizer.ggml.merges': merges}
+  split = gguf.build_tokenizer(meta, 'x.gguf').backend_tokenizer.pre_tokenizer.pre_tokenize_str
+  assert [p for p, _ in split('Toy Story 1995, 12345')] == pieces
 
 
 def test_gguf_metadata_errors(tmp_path):

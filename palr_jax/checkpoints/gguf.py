@@ -21,7 +21,8 @@ from palr_jax.checkpoints import hf
 # Bump when the conversion's output changes, so stale cache folders are not reused.
 CONVERTER_VERSION = 1
 
-_LAYER_TENSORS = {
+# llama.cpp tensor name -> HF LlamaForCausalLM name (per layer `blk.{i}.<key>.weight`, and global).
+LAYER_TENSORS = {
     'attn_norm': 'input_layernorm',
     'ffn_norm': 'post_attention_layernorm',
     'attn_q': 'self_attn.q_proj',
@@ -32,7 +33,7 @@ _LAYER_TENSORS = {
     'ffn_up': 'mlp.up_proj',
     'ffn_down': 'mlp.down_proj',
 }
-_GLOBAL_TENSORS = {
+GLOBAL_TENSORS = {
     'token_embd.weight': 'model.embed_tokens.weight',
     'output_norm.weight': 'model.norm.weight',
     'output.weight': 'lm_head.weight',
@@ -138,13 +139,13 @@ def hf_tensor_specs(reader: gguf.GGUFReader, config: dict, path) -> list[hf.Tens
   the shard holding it is written, so a big GGUF never sits dequantized in memory whole."""
   specs = []
   for t in reader.tensors:
-    if t.name in _GLOBAL_TENSORS:
-      name, heads = _GLOBAL_TENSORS[t.name], None
+    if t.name in GLOBAL_TENSORS:
+      name, heads = GLOBAL_TENSORS[t.name], None
     else:
       m = _LAYER_RE.fullmatch(t.name)
-      if not m or m.group(2) not in _LAYER_TENSORS:
+      if not m or m.group(2) not in LAYER_TENSORS:
         raise ValueError(f'{path}: unexpected tensor {t.name!r} (only plain Llama tensors are supported)')
-      name = f'model.layers.{m.group(1)}.{_LAYER_TENSORS[m.group(2)]}.weight'
+      name = f'model.layers.{m.group(1)}.{LAYER_TENSORS[m.group(2)]}.weight'
       heads = {'attn_q': config['num_attention_heads'],
                'attn_k': config['num_key_value_heads']}.get(m.group(2))
     shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first

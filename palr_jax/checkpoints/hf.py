@@ -256,7 +256,7 @@ def shard_plan(specs: Sequence[TensorSpec], max_shard_bytes: int | None) -> list
   shards: list[list[TensorSpec]] = [[]]
   size = 0
   for spec in specs:
-    nbytes = int(np.prod(spec.shape)) * spec.dtype.itemsize
+    nbytes = math.prod(spec.shape) * spec.dtype.itemsize
     if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
       shards.append([])
       size = 0
@@ -289,19 +289,24 @@ def save_safetensors(folder, specs: Sequence[TensorSpec], max_shard_bytes: int |
     write_json(folder / INDEX_FILE, {'metadata': {'total_size': total}, 'weight_map': weight_map})
 
 
-def export_specs(config: llama.LlamaConfig, params: Mapping[str, jax.Array], dtype) -> list[TensorSpec]:
-  """HF tensors (transposed back to [out, in], cast to `dtype`) for {our path: array} base params."""
-  dtype = np.dtype(dtype)
+@functools.lru_cache(maxsize=None)
+def _to_stored(transpose: bool, dtype: str):
+  """Jitted inverse of `_to_param`: our layout back to HF's [out, in], cast, on the devices."""
+  return jax.jit(lambda x: (x.T if transpose else x).astype(dtype))
+
+
+def export_specs(config: llama.LlamaConfig, params: Mapping[str, jax.Array], dtype: str) -> list[TensorSpec]:
+  """HF tensors (transposed back to [out, in], cast to `dtype`) for {our path: array} base params;
+  each is converted on its devices and fetched to the host only when its shard is written."""
   specs = []
   for path, (hf_name, transpose) in llama.hf_param_names(config).items():
     array = params[path]
     shape = tuple(array.shape)[::-1] if transpose else tuple(array.shape)
 
     def load(array=array, transpose=transpose):
-      value = np.asarray(jax.device_get(array))
-      return np.ascontiguousarray(value.T if transpose else value).astype(dtype, copy=False)
+      return np.asarray(jax.device_get(_to_stored(transpose, dtype)(array)))
 
-    specs.append(TensorSpec(hf_name, shape, dtype, load))
+    specs.append(TensorSpec(hf_name, shape, np.dtype(dtype), load))
   return specs
 
 
