@@ -46,6 +46,9 @@ def stream_key(seed: int, name: str):
 
 def search_grid(retriever_config) -> list[dict]:
   """Every combination of the non-empty `retriever.search` axes ([{}] when there are none)."""
+  for name, values in retriever_config.search.items():
+    if not isinstance(values, (tuple, list)):
+      raise ValueError(f'config.retriever.search.{name}={values!r}: expected a tuple of values')
   axes = {k: tuple(v) for k, v in retriever_config.search.items() if len(v)}
   unknown = sorted(a for a in axes if a == 'search' or a not in retriever_config)
   if unknown:

@@ -329,3 +329,7 @@ def test_search_grid():
   config.search.bogus = (1,)
   with pytest.raises(ValueError, match="'bogus'"):
     retrieve.search_grid(config)
+  del config.search['bogus'], config.search['alpha']
+  config.search.alpha = 5.0
+  with pytest.raises(ValueError, match='search.alpha=5.0: expected a tuple'):
+    retrieve.search_grid(config)
