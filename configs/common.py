@@ -55,8 +55,8 @@ def get_config():
   c.rank.mode = 'score'            # PALR v2 / zero-shot: score (tag logits, one forward) | generate
   c.rank.v1_mode = 'generate'      # PALR v1 (never saw tags): generate (titles) | likelihood
   c.rank.batch_size = 8            # prompts per jitted call; a multiple of the mesh's batch shards
-  c.rank.buckets = (128, 256, 384, 512, 768, 1024, 1536, 2048)  # padded prompt lengths (one compile each)
-  c.rank.max_items = 10            # generate: distinct candidates written per user (the rest keep retriever order)
+  c.rank.buckets = (128, 256, 384, 512, 640, 768, 896, 1024, 1536, 2048)  # padded prompt lengths
+  c.rank.max_items = 10            # generate: distinct items written per user (the rest: retriever order)
   c.rank.separator = '\n'          # generate: text between two written items
   c.rank.reduce = 'sum'            # likelihood: sum | mean of the title's token log-probs
 
