@@ -17,6 +17,7 @@ now asks for.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+import dataclasses
 import json
 import os
 import socket
@@ -93,12 +94,37 @@ def split_microbatches(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.
 # ----------------------------------------------------------------------------------- adapters
 
 
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-  """(graphdef, adapters, everything else): only `nnx.LoRAParam`s are trained."""
-  graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+@dataclasses.dataclass(frozen=True)
+class LoraModel:
+  """A LoRA model taken apart for training: its graph and the layouts (paths, variable types, metadata,
+  abstract values) of its adapters and RNG streams. Values are supplied per call, so jitted functions
+  take the adapters as a flat {path: array} dict and the frozen base as an nnx.State."""
+  graphdef: nnx.GraphDef
+  lora: nnx.State
+  rngs: nnx.State
+
+  def merge(self, values: Mapping[str, jax.Array], frozen: nnx.State, key: jax.Array) -> nnx.Module:
+    """The model with adapter `values` and RNG streams (LoRA dropout) restarted from `key`.
+
+    Each stream is keyed by `key` and its path, so dropout masks are a pure function of the seed and
+    the step: a checkpoint needs no RNG state and a resumed run draws the same masks.
+    """
+    def fresh(path, var):
+      if isinstance(var, nnx.RngKey):
+        return var.replace(jax.random.fold_in(key, zlib.crc32('.'.join(map(str, path)).encode())))
+      return var.replace(jnp.zeros(var.get_value().shape, var.get_value().dtype))
+
+    rngs = nnx.from_flat_state([(path, fresh(path, var)) for path, var in nnx.to_flat_state(self.rngs)])
+    return nnx.merge(self.graphdef, with_lora_values(self.lora, values), rngs, frozen)
+
+
+def split_model(model: nnx.Module) -> tuple[LoraModel, dict[str, jax.Array], nnx.State]:
+  """(layouts, adapter values, frozen base): only `nnx.LoRAParam`s are trained."""
+  graphdef, lora, rngs, frozen = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
   if not jax.tree.leaves(lora):
     raise ValueError('train: the model has no nnx.LoRAParam; apply palr_jax.model.lora.apply_lora first')
-  return graphdef, lora, frozen
+  abstract = lambda state: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)  # noqa: E731
+  return LoraModel(graphdef, abstract(lora), abstract(rngs)), lora_values(lora), frozen
 
 
 def lora_values(lora: nnx.State) -> dict[str, Any]:
@@ -112,20 +138,9 @@ def with_lora_values(lora: nnx.State, values: Mapping[str, Any]) -> nnx.State:
                               for path, var in nnx.to_flat_state(lora)])
 
 
-def reseed(model: nnx.Module, key: jax.Array) -> None:
-  """Re-keys every RNG stream of `model` (LoRA dropout) from `key`, whatever its stream name.
-
-  Keys derive from the seed and the step, so masks need no state in the checkpoint and a resumed run
-  draws the same ones.
-  """
-  tags = {node.key.tag for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)}
-  if tags:
-    nnx.reseed(model, **{tag: jax.random.fold_in(key, zlib.crc32(tag.encode())) for tag in tags})
-
-
-def loss_and_grad(graphdef: nnx.GraphDef, lora: nnx.State, values: Mapping[str, jax.Array],
-                  frozen: nnx.State, batch: Mapping[str, jax.Array], dropout_key: jax.Array, *,
-                  microbatches: int, max_loss_tokens: int, rules) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+def loss_and_grad(parts: LoraModel, values: Mapping[str, jax.Array], frozen: nnx.State,
+                  batch: Mapping[str, jax.Array], dropout_key: jax.Array, *, microbatches: int,
+                  max_loss_tokens: int, rules) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
   """(global-token-mean loss, its gradient wrt the adapter `values` in fp32, loss-token count).
 
   With micro-batches, summed token losses / the count of the whole batch are accumulated, so the
@@ -134,8 +149,7 @@ def loss_and_grad(graphdef: nnx.GraphDef, lora: nnx.State, values: Mapping[str, 
   count = jnp.sum(loss_weights(batch))
 
   def micro_loss(values, micro, index):
-    model = nnx.merge(graphdef, with_lora_values(lora, values), frozen)
-    reseed(model, jax.random.fold_in(dropout_key, index))
+    model = parts.merge(values, frozen, jax.random.fold_in(dropout_key, index))
     return loss_sum(model, micro, max_loss_tokens, rules) / jnp.maximum(count, 1.0)
 
   grad_fn = jax.value_and_grad(micro_loss)
@@ -193,10 +207,10 @@ def init_state(values: Mapping[str, jax.Array], optimizer: optax.GradientTransfo
   return {'step': jnp.zeros((), jnp.int32), 'lora': dict(values), 'opt_state': optimizer.init(dict(values))}
 
 
-def state_shardings(abstract_state, lora: nnx.State, optimizer: optax.GradientTransformation, mesh, rules):
+def state_shardings(abstract_state, parts: LoraModel, optimizer: optax.GradientTransformation, mesh, rules):
   """Shardings of the train state: adapters by their logical axes, Adam moments like their parameter."""
   replicated = NamedSharding(mesh, P())
-  lora_shardings = lora_values(sharding.state_shardings(lora, mesh, rules))
+  lora_shardings = lora_values(sharding.state_shardings(parts.lora, mesh, rules))
   opt_shardings = optax.tree_utils.tree_map_params(
       optimizer, lambda _, s: s, abstract_state['opt_state'], lora_shardings,
       transform_non_params=lambda _: replicated)
@@ -210,13 +224,13 @@ def with_shardings(abstract, shardings):
 # ------------------------------------------------------------------------------- jitted steps
 
 
-def make_train_step(graphdef, lora, optimizer, train_config, rules, shardings, frozen_shardings, seed: int):
+def make_train_step(parts: LoraModel, optimizer, train_config, rules, shardings, frozen_shardings, seed: int):
   """jit(step)(state, frozen, batch) -> (state, metrics); the state is donated."""
   schedule = learning_rate_schedule(train_config)
 
   def step(state, frozen, batch):
     dropout_key = jax.random.fold_in(jax.random.key(seed), state['step'])
-    loss, grads, count = loss_and_grad(graphdef, lora, state['lora'], frozen, batch, dropout_key,
+    loss, grads, count = loss_and_grad(parts, state['lora'], frozen, batch, dropout_key,
                                        microbatches=train_config.microbatches,
                                        max_loss_tokens=train_config.max_loss_tokens, rules=rules)
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['lora'])
@@ -230,11 +244,11 @@ def make_train_step(graphdef, lora, optimizer, train_config, rules, shardings, f
                  donate_argnums=0)
 
 
-def make_eval_step(graphdef, lora, train_config, rules):
+def make_eval_step(parts: LoraModel, train_config, rules):
   """jit(eval)(adapter values, frozen, batch) -> (sum of token losses, loss-token count)."""
 
   def evaluate(values, frozen, batch):
-    model = nnx.merge(graphdef, with_lora_values(lora, values), frozen)
+    model = parts.merge(values, frozen, jax.random.key(0))
     model.eval()  # No dropout.
     return loss_sum(model, batch, train_config.max_loss_tokens, rules), jnp.sum(loss_weights(batch))
 
@@ -423,11 +437,11 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
   workdir = epath.Path(workdir)
 
   # Abstract state -> shardings -> state created in place on the mesh; the base is only laid out.
-  graphdef, lora, frozen = split_model(model)
+  parts, values, frozen = split_model(model)
   optimizer = make_optimizer(c)
   init = lambda values: init_state(values, optimizer)  # noqa: E731
-  abstract = jax.eval_shape(init, lora_values(lora))
-  shardings = state_shardings(abstract, lora, optimizer, mesh, rules)
+  abstract = jax.eval_shape(init, values)
+  shardings = state_shardings(abstract, parts, optimizer, mesh, rules)
   frozen_shardings = sharding.state_shardings(frozen, mesh, rules)
   frozen = jax.device_put(frozen, frozen_shardings)
 
@@ -438,10 +452,10 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
     train_iter.set_state(data_state)
     logging.info('train: resumed from step %d', start)
   else:
-    state = jax.jit(init, out_shardings=shardings)(lora_values(lora))
+    state = jax.jit(init, out_shardings=shardings)(values)
 
-  train_step = make_train_step(graphdef, lora, optimizer, c, rules, shardings, frozen_shardings, config.seed)
-  eval_step = make_eval_step(graphdef, lora, c, rules)
+  train_step = make_train_step(parts, optimizer, c, rules, shardings, frozen_shardings, config.seed)
+  eval_step = make_eval_step(parts, c, rules)
   lora_params = sum(v.size for v in abstract['lora'].values())
   writer = MetricWriter(workdir / 'tensorboard', c.num_steps, start)
   pending, timed_flops, timed_steps, clock = [], 0.0, 0, time.perf_counter()
@@ -492,5 +506,5 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
   manager.wait_until_finished()
   manager.close()
   writer.close()
-  nnx.update(model, with_lora_values(lora, state['lora']))
+  nnx.update(model, with_lora_values(parts.lora, state['lora']))
   return last

@@ -1,7 +1,6 @@
 """palr_jax/train.py: the global-token-mean loss, mesh-independent gradients, accumulation, the optimizer,
 checkpoint policy, restore onto another mesh, exact resume after kill -9, and overfitting a tiny model."""
 import os
-import struct
 import subprocess
 import sys
 
@@ -11,8 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from tensorboard.compat.proto import event_pb2
-from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
 from palr_jax import sharding, train
 import train_child as tc
@@ -86,6 +83,16 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(single_device):
     np.testing.assert_allclose(grads[k], want_grads[k], rtol=1e-5, atol=1e-7, err_msg=k)
 
 
+def test_dropout_masks_are_a_function_of_the_key():
+  config = tc.tiny_config((1, 1, 1))
+  config.lora.dropout = 0.5
+  parts, values, frozen = train.split_model(tc.tiny_model(config))
+  batch = {k: jnp.asarray(v) for k, v in tc.synthetic_examples(8, 16).items()}
+  loss = jax.jit(lambda key: train.loss_and_grad(parts, values, frozen, batch, key, microbatches=1,
+                                                 max_loss_tokens=8, rules=config.mesh.rules)[0])
+  assert loss(jax.random.key(0)) == loss(jax.random.key(0)) != loss(jax.random.key(1))
+
+
 def test_batch_checks():
   config = tc.tiny_config((2, 4, 1))
   mesh = sharding.make_mesh(config.mesh)
@@ -145,12 +152,12 @@ def test_flop_count_matches_xla(single_device):
   """The analytic step FLOPs agree with XLA's count of the compiled loss-and-gradient (1 device)."""
   model, examples, _ = single_device
   config = tc.tiny_config((1, 1, 1))
-  graphdef, lora, frozen = train.split_model(model)
+  parts, values, frozen = train.split_model(model)
   batch = {k: jnp.asarray(v) for k, v in examples.items()}
-  step = jax.jit(lambda v, f, b: train.loss_and_grad(graphdef, lora, v, f, b, jax.random.key(0), microbatches=1,
+  step = jax.jit(lambda v, f, b: train.loss_and_grad(parts, v, f, b, jax.random.key(0), microbatches=1,
                                                       max_loss_tokens=8, rules=config.mesh.rules))
-  xla = step.lower(train.lora_values(lora), frozen, batch).compile().cost_analysis()['flops']
-  lora_params = sum(v.size for v in train.lora_values(lora).values())
+  xla = step.lower(values, frozen, batch).compile().cost_analysis()['flops']
+  lora_params = sum(v.size for v in values.values())
   ours = train.step_flops(model.config, lora_params, batch=8, length=16, logit_positions=8)
   assert 0.8 < ours / xla < 1.1, (ours, xla)
 
@@ -164,10 +171,10 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
 
   config = tc.tiny_config((2, 4, 1), num_steps=4)
   mesh = sharding.make_mesh(config.mesh)
-  _, lora, _ = train.split_model(tc.tiny_model(config, nonzero_b=False))
+  parts, values, _ = train.split_model(tc.tiny_model(config, nonzero_b=False))
   optimizer = train.make_optimizer(config.train)
-  abstract = jax.eval_shape(lambda v: train.init_state(v, optimizer), train.lora_values(lora))
-  shardings = train.state_shardings(abstract, lora, optimizer, mesh, config.mesh.rules)
+  abstract = jax.eval_shape(lambda v: train.init_state(v, optimizer), values)
+  shardings = train.state_shardings(abstract, parts, optimizer, mesh, config.mesh.rules)
   manager = train.checkpoint_manager(tmp_path / 'checkpoints', config.train)
   state, data_state = train.restore_checkpoint(manager, 2, train.with_shardings(abstract, shardings))
   manager.close()
@@ -186,25 +193,6 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
                          tc.tiny_model(config, nonzero_b=False), tc.ArrayIterator(examples, 8))
   assert resumed['step'] == straight['step'] == 4
   np.testing.assert_allclose(resumed['train/loss'], straight['train/loss'], rtol=1e-5)
-
-
-def read_events(path):
-  """TensorBoard event records of one file, checking the TFRecord framing and CRCs."""
-  data, events, at = path.read_bytes(), [], 0
-  while at < len(data):
-    header = data[at:at + 8]
-    (length,), (header_crc,) = struct.unpack('<Q', header), struct.unpack('<I', data[at + 8:at + 12])
-    body = data[at + 12:at + 12 + length]
-    (body_crc,) = struct.unpack('<I', data[at + 12 + length:at + 16 + length])
-    assert header_crc == masked_crc32c(header) and body_crc == masked_crc32c(body), path
-    events.append(event_pb2.Event.FromString(body))
-    at += 16 + length
-  return events
-
-
-def scalars(paths, tag='train/loss'):
-  """{step: value of `tag`} over event files (later files win)."""
-  return {e.step: v.simple_value for p in paths for e in read_events(p) for v in e.summary.value if v.tag == tag}
 
 
 @pytest.fixture(scope='module')
@@ -229,8 +217,8 @@ def killed_runs(tmp_path_factory):
   for name, p in zip(('inflight', 'after'), resumes):
     assert p.wait(timeout=600) == 0, p.stdout.read()[-3000:]
     logdir = root / name / 'tensorboard'
-    runs[name]['resumed'] = scalars(sorted(set(logdir.iterdir()) - runs[name]['before']))
-  straight = scalars(sorted((root / 'straight' / 'tensorboard').iterdir()))
+    runs[name]['resumed'] = tc.scalars(sorted(set(logdir.iterdir()) - runs[name]['before']))
+  straight = tc.scalars(sorted((root / 'straight' / 'tensorboard').iterdir()))
   return straight, runs
 
 
@@ -260,7 +248,7 @@ def test_overfits_eight_pairs_and_leaves_the_base_untouched(tmp_path):
   assert result['step'] == 150
   assert result['valid/loss'] < 1e-2, result  # From log(64) = 4.16.
   (events,) = (tmp_path / 'tensorboard').iterdir()
-  logged = {tag: scalars([events], tag) for tag in ('train/loss', 'train/grad_norm', 'train/learning_rate',
+  logged = {tag: tc.scalars([events], tag) for tag in ('train/loss', 'train/grad_norm', 'train/learning_rate',
                                                    'train/tokens_per_s', 'train/mfu', 'valid/loss')}
   assert sorted(logged['train/loss']) == list(range(10, 151, 10)) and logged['valid/loss'].keys() == {150}
   assert logged['train/loss'][10] > 1.0 > 0.01 > logged['train/loss'][150] == pytest.approx(result['train/loss'])

@@ -2,13 +2,15 @@
 batches, an in-memory checkpointable iterator, and a child-process entry for runs that a test launches
 as separate processes (several jax.distributed processes, or a run it kills with SIGKILL).
 
-  python tests/train_child.py grads --out F.npz --mesh 8,1,1 [--coordinator H:P --num_processes N --process_id I]
-  python tests/train_child.py train --workdir W --steps N [--mesh 8,1,1]
+  python tests/train_child.py grads --out F.npz --meshes '8,1,1;2,4,1' [--coordinator H:P --num_processes N
+      --process_id I --cpu_devices 4]
+  python tests/train_child.py train --workdir W --steps N [--meshes 8,1,1] [distributed flags as above]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import struct
 import sys
 
 import numpy as np
@@ -96,17 +98,38 @@ def grads_on_mesh(config, model, examples, microbatches: int = 1):
   rules = config.mesh.rules
   size = config.mesh.dcn_data * config.mesh.data * config.mesh.fsdp * config.mesh.tensor
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:size])
-  graphdef, lora, frozen = train.split_model(model)
+  parts, values, frozen = train.split_model(model)
   frozen = jax.device_put(frozen, sharding.state_shardings(frozen, mesh, rules))
-  values = jax.device_put(train.lora_values(lora), train.lora_values(sharding.state_shardings(lora, mesh, rules)))
+  values = jax.device_put(values, train.lora_values(sharding.state_shardings(parts.lora, mesh, rules)))
   rows = sharding.process_rows(mesh, rules, config.train.batch_size)
   batch = train.device_batch({k: v[rows] for k, v in examples.items()}, mesh, rules, config.train)
   with jax.set_mesh(mesh):
     step = jax.jit(lambda v, f, b: train.loss_and_grad(
-        graphdef, lora, v, f, b, jax.random.key(0), microbatches=microbatches, max_loss_tokens=config.train.max_loss_tokens,
+        parts, v, f, b, jax.random.key(0), microbatches=microbatches, max_loss_tokens=config.train.max_loss_tokens,
         rules=rules)[:2], out_shardings=jax.sharding.NamedSharding(mesh, jax.P()))
     loss, grads = step(values, frozen, batch)
   return float(loss.addressable_data(0)), {k: np.asarray(v.addressable_data(0)) for k, v in grads.items()}
+
+
+def read_events(path):
+  """TensorBoard event records of one file, checking the TFRecord framing and CRCs."""
+  from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c  # pylint: disable=g-import-not-at-top
+  data, events, at = path.read_bytes(), [], 0
+  while at < len(data):
+    header = data[at:at + 8]
+    (length,), (header_crc,) = struct.unpack('<Q', header), struct.unpack('<I', data[at + 8:at + 12])
+    body = data[at + 12:at + 12 + length]
+    (body_crc,) = struct.unpack('<I', data[at + 12 + length:at + 16 + length])
+    assert header_crc == masked_crc32c(header) and body_crc == masked_crc32c(body), path
+    events.append(event_pb2.Event.FromString(body))
+    at += 16 + length
+  return events
+
+
+def scalars(paths, tag='train/loss'):
+  """{step: value of `tag`} over event files (later files win)."""
+  return {e.step: v.simple_value for p in paths for e in read_events(p) for v in e.summary.value if v.tag == tag}
 
 
 def arm_kill(spec: str) -> None:
@@ -125,6 +148,28 @@ def arm_kill(spec: str) -> None:
       os.kill(os.getpid(), signal.SIGKILL)
 
   atomicity.AtomicRenameTemporaryPath.finalize = finalize
+
+
+def run_config(mesh, steps: int):
+  """Config of the runs tests launch as processes (and replay in process): a constant rate after the
+  warmup, so a run preempted at step S follows an S-step run's curve; dropout on, so a resumed run must
+  replay its masks."""
+  config = tiny_config(mesh, num_steps=steps, lr_decay='constant')
+  config.lora.dropout = 0.1
+  return config
+
+
+class AnnouncingIterator(ArrayIterator):
+  """Creates the file `started` once 3 batches were drawn: a test that preempts the run waits for it."""
+
+  def __init__(self, *args, started: str):
+    super().__init__(*args)
+    self.started = started
+
+  def __next__(self):
+    if self.position == 3:
+      open(self.started, 'w').close()
+    return super().__next__()
 
 
 def main(argv):
@@ -159,11 +204,11 @@ def main(argv):
     else:
       if os.environ.get('PALR_TEST_KILL'):
         arm_kill(os.environ['PALR_TEST_KILL'])
-      config = tiny_config(meshes[0], num_steps=args.steps)
-      config.lora.dropout = 0.1  # Resuming must replay the dropout masks too.
+      config = run_config(meshes[0], args.steps)
       rows = sharding.process_rows(sharding.make_mesh(config.mesh), config.mesh.rules, config.train.batch_size)
-      train.train(config, args.workdir, tiny_model(config, nonzero_b=False),
-                  ArrayIterator(synthetic_examples(24, 16), config.train.batch_size, rows))
+      batches = AnnouncingIterator(synthetic_examples(24, 16), config.train.batch_size, rows,
+                                   started=os.path.join(args.workdir, f'started.{jax.process_index()}'))
+      train.train(config, args.workdir, tiny_model(config, nonzero_b=False), batches)
   if args.coordinator:
     jax.distributed.shutdown()
 

@@ -1,0 +1,106 @@
+"""2 processes x 4 CPU devices (jax.distributed on 127.0.0.1, gloo collectives) against 1 process x 8:
+the same loss and LoRA gradients on every mesh, the same training curve, a checkpoint holding both
+processes' iterator states, and a clean, agreed stop when one process gets SIGTERM (preemption)."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from palr_jax import distributed, train
+import train_child as tc
+
+CHILD = os.path.join(os.path.dirname(__file__), 'train_child.py')
+MESHES = [(8, 1, 1), (2, 4, 1), (1, 2, 4)]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def launch(mode: str, *args: str) -> list[subprocess.Popen]:
+  """Both processes of a 2 x 4-device job running `train_child.py mode args`."""
+  port = free_port()
+  return [subprocess.Popen([sys.executable, CHILD, mode, *args, '--coordinator', f'127.0.0.1:{port}',
+                            '--num_processes', '2', '--process_id', str(i), '--cpu_devices', '4'],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
+def wait(procs, timeout=600):
+  for p in procs:
+    out = p.communicate(timeout=timeout)[0]
+    assert p.returncode == 0, out[-4000:]
+
+
+@pytest.fixture(scope='module')
+def two_process_grads(tmp_path_factory):
+  out = tmp_path_factory.mktemp('grads') / 'grads.npz'
+  wait(launch('grads', '--meshes', ';'.join(','.join(map(str, m)) for m in MESHES), '--out', str(out)))
+  with np.load(out) as f:
+    return dict(f)
+
+
+@pytest.mark.parametrize('mesh', MESHES)
+def test_two_processes_give_the_loss_and_grads_of_one(two_process_grads, mesh):
+  config = tc.tiny_config(mesh)
+  loss, grads = tc.grads_on_mesh(config, tc.tiny_model(config), tc.synthetic_examples(8, 16))
+  tag = '_'.join(map(str, mesh))
+  np.testing.assert_allclose(two_process_grads[f'{tag}/loss'], loss, rtol=1e-5, atol=1e-7)
+  assert {k for k in two_process_grads if k.startswith(f'{tag}/')} == {f'{tag}/{k}' for k in grads} | {f'{tag}/loss'}
+  for k, g in grads.items():
+    assert np.abs(g).max() > 1e-5
+    np.testing.assert_allclose(two_process_grads[f'{tag}/{k}'], g, rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_preempted_two_process_run_stops_together_and_matches_one_process(tmp_path):
+  workdir = tmp_path / 'pod'
+  workdir.mkdir()
+  procs = launch('train', '--workdir', str(workdir), '--steps', '100000', '--meshes', '2,4,1')
+  deadline = time.time() + 600
+  while not all((workdir / f'started.{i}').exists() for i in range(2)):
+    assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate()[0][-4000:] for p in procs]
+    time.sleep(0.2)
+  procs[0].send_signal(signal.SIGTERM)  # One host is told it will be preempted.
+  wait(procs)
+
+  (events,) = (workdir / 'tensorboard').iterdir()  # Process 0 writes, process 1 does not.
+  pod_curve = tc.scalars([events])
+  stop = max(pod_curve)
+  assert 3 <= stop < 100000 and sorted(pod_curve) == list(range(1, stop + 1))
+  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert steps[-1] == stop  # The preemption save, at the step where both processes stopped.
+  data = json.loads((workdir / 'checkpoints' / str(stop) / 'data' / 'metadata').read_text())
+  assert data == {'processes': [{'position': stop}, {'position': stop}]}
+
+  config = tc.run_config((2, 4, 1), stop)
+  result = train.train(config, tmp_path / 'one', tc.tiny_model(config, nonzero_b=False),
+                       tc.ArrayIterator(tc.synthetic_examples(24, 16), 8))
+  assert result['step'] == stop
+  one_curve = tc.scalars(list((tmp_path / 'one' / 'tensorboard').iterdir()))
+  np.testing.assert_allclose([pod_curve[s] for s in sorted(pod_curve)], [one_curve[s] for s in sorted(pod_curve)],
+                             rtol=1e-5)
+
+
+def test_cluster_detection_and_flag_errors(monkeypatch):
+  assert distributed.cluster_kind({'SLURM_NTASKS': '4', 'SLURM_STEP_NODELIST': 'n[1-4]'}) == 'slurm'
+  assert distributed.cluster_kind({'SLURM_NTASKS': '1', 'SLURM_STEP_NODELIST': 'n1'}) is None
+  assert distributed.cluster_kind({}) is None
+  with pytest.raises(ValueError, match='--num_processes/--process_id need --coordinator_address'):
+    distributed.initialize(num_processes=2, env={})
+  with pytest.raises(ValueError, match=r"\$JAX_PROCESS_ID must be an integer, got 'x'"):
+    distributed.initialize(env={'JAX_COORDINATOR_ADDRESS': '127.0.0.1:1', 'JAX_NUM_PROCESSES': '2',
+                                'JAX_PROCESS_ID': 'x'})
+  called = []
+  monkeypatch.setattr(distributed.jax.distributed, 'initialize', lambda *a: called.append(a))
+  distributed.initialize(env={})  # A single process: nothing to join.
+  assert not called
+  distributed.initialize(env={'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234', 'JAX_NUM_PROCESSES': '4',
+                              'JAX_PROCESS_ID': '3'})
+  assert called == [('10.0.0.1:1234', 4, 3)]
