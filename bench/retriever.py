@@ -1,7 +1,7 @@
 """Retriever speed and quality against named peers, on ML-100K (leave-one-out, test protocol).
 
 1. Fit: our jitted iALS (exact Cholesky solves) vs `implicit` 0.7.3 ALS (CPU, conjugate gradient, all
-   threads), same train+valid data, same factors / reg / iterations and the same confidences
+   cores as its own threads, BLAS single-threaded as implicit asks), same train+valid data, same factors / reg / iterations and the same confidences
    (implicit weighs a positive by alpha_implicit * r, ours by 1 + alpha * r, so alpha_implicit = 1 + alpha).
    Both are scored with the same ranking code: test HR@10 / NDCG@10 / HR@50 over the catalog minus history.
    Our seed s uses the key `palr_jax.retrieve` gives its test model, so these are the numbers of
@@ -84,13 +84,15 @@ def fit_ours(histories, num_items, rconfig, seed):
 def fit_implicit(histories, num_items, rconfig, seed):
   import implicit
   import scipy.sparse
+  import threadpoolctl
   rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
   matrix = scipy.sparse.csr_matrix((np.ones(len(rows), np.float32), (rows, np.concatenate(histories))),
                                    shape=(len(histories), num_items))  # duplicates sum, as our counts
   model = implicit.cpu.als.AlternatingLeastSquares(
       factors=int(rconfig.factors), regularization=float(rconfig.reg), alpha=1.0 + float(rconfig.alpha),
       iterations=int(rconfig.iterations), random_state=seed, num_threads=0)
-  model.fit(matrix, show_progress=False)
+  with threadpoolctl.threadpool_limits(1, 'blas'):  # implicit's own advice: its threads, not BLAS's
+    model.fit(matrix, show_progress=False)
   return model.user_factors, model.item_factors
 
 

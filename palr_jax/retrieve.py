@@ -9,6 +9,7 @@ user folds (palr_jax/retrieval/candidates.py says why). Writes, under the workdi
   candidates/{train,valid,test}.jsonl   rows per docs/ARCHITECTURE.md
   retriever_results.json                HR/NDCG/Recall@config.eval.ks and MRR for valid, test and the
                                         cross-fitted train rows; chosen hyperparameters; fit seconds
+                                        (the first fit of a process includes XLA compilation)
   retriever.fingerprint.json            so an unchanged config skips the stage
 """
 from __future__ import annotations
