@@ -466,6 +466,24 @@ def test_peft_folder_loads_in_peft_with_same_logits(base_folder, tmp_path, targe
   np.testing.assert_allclose(eval_logits(fresh, ids, pos, seg), eval_logits(model, ids, pos, seg), atol=1e-6)
 
 
+@pytest.mark.parametrize('change, message', [
+    ({'use_dora': True}, r"\['use_dora'\] set"),
+    ({'rank_pattern': {'q_proj': 8}}, r"\['rank_pattern'\] set"),
+    ({'bias': 'all'}, r"\['bias'\] set"),
+    ({'peft_type': 'IA3'}, "peft_type is 'IA3'"),
+    ({'target_modules': ['gate']}, r"target_modules \['gate'\] matches no module"),
+])
+def test_peft_adapter_config_errors(base_folder, tmp_path, change, message):
+  from palr_jax.checkpoints import peft
+  model, _, _ = load_model(model_config(f'hf:{base_folder}'), lora_section())
+  peft.save_adapter(tmp_path / 'a', model, lora_section(), 'base')
+  cfg = json.loads((tmp_path / 'a' / peft.CONFIG_FILE).read_text())
+  (tmp_path / 'a' / peft.CONFIG_FILE).write_text(json.dumps(dict(cfg, **change)))
+  fresh, _, _ = load_model(model_config(f'hf:{base_folder}'))
+  with pytest.raises(ValueError, match=f'adapter_config.json: {message}'):
+    peft.apply_adapter(fresh, tmp_path / 'a')
+
+
 def save_like_trainer(workdir, model, lora_config, step=7):
   """An orbax checkpoint laid out as palr_jax/train.py writes it: items state (step, lora values by
   dotted path, optimizer state), data, config (the whole config as JSON)."""

@@ -48,9 +48,11 @@ def save_adapter(out_dir, model, lora_config, base_model_name_or_path: str) -> N
   """Writes the PEFT folder for `model`'s adapters (atomically)."""
   tensors = lora.peft_state_dict(model)
   ranks = {v.shape[0] for k, v in tensors.items() if k.endswith('lora_A.weight')}
-  if ranks != {lora_config.rank}:
-    raise ValueError(f'PEFT export: adapters have rank(s) {sorted(ranks)}, config.lora.rank is '
-                     f'{lora_config.rank}')
+  scales = {node.scale for _, node in nnx.iter_graph(model) if isinstance(node, lora.LoRALinear)}
+  if ranks != {lora_config.rank} or scales != {lora_config.alpha / lora_config.rank}:
+    raise ValueError(f'PEFT export: the adapters have rank(s) {sorted(ranks)} and scale(s) {sorted(scales)}; '
+                     f'the lora config says rank {lora_config.rank}, alpha/rank '
+                     f'{lora_config.alpha / lora_config.rank}')
   adapter_config = {
       'peft_type': 'LORA', 'task_type': 'CAUSAL_LM',
       'base_model_name_or_path': base_model_name_or_path,
@@ -66,14 +68,20 @@ def save_adapter(out_dir, model, lora_config, base_model_name_or_path: str) -> N
 
 def lora_config_for(folder, model, dtype: str) -> ml_collections.ConfigDict:
   """A `config.lora`-shaped section that `lora.apply_lora` turns into the adapter's modules: rank,
-  alpha and dropout from adapter_config.json, targets as exact regexes of our matching module paths."""
+  alpha and dropout from adapter_config.json, targets as exact regexes of our matching module paths.
+  Options that would change the function (rslora, DoRA, per-module ranks, biases ...) are errors."""
   path = epath.Path(folder) / CONFIG_FILE
   cfg = hf.read_json(path)
   for key in ('r', 'lora_alpha', 'target_modules'):
     if key not in cfg:
       raise ValueError(f'{path}: no {key!r}')
-  if cfg.get('peft_type', 'LORA') != 'LORA' or cfg.get('use_rslora') or cfg.get('use_dora'):
-    raise ValueError(f'{path}: only plain LoRA adapters are supported (peft_type LORA, no rslora/dora)')
+  if cfg.get('peft_type', 'LORA') != 'LORA':
+    raise ValueError(f"{path}: peft_type is {cfg['peft_type']!r}; only LORA adapters are supported")
+  changes_maths = [k for k in ('use_rslora', 'use_dora', 'rank_pattern', 'alpha_pattern', 'layers_to_transform',
+                               'modules_to_save', 'exclude_modules') if cfg.get(k)]
+  if changes_maths or cfg.get('bias', 'none') != 'none':
+    raise ValueError(f'{path}: {changes_maths or ["bias"]} set; only plain LoRA (one rank and alpha, no '
+                     'biases or extra modules) is supported')
   wanted = cfg['target_modules']
   if isinstance(wanted, str):
     match = lambda name: re.fullmatch(wanted, name) is not None  # noqa: E731
@@ -83,7 +91,7 @@ def lora_config_for(folder, model, dtype: str) -> ml_collections.ConfigDict:
   if not paths:
     raise ValueError(f'{path}: target_modules {wanted!r} matches no module of this model')
   return ml_collections.ConfigDict({
-      'rank': int(cfg['r']), 'alpha': float(cfg['lora_alpha']), 'dropout': 0.0,
+      'rank': int(cfg['r']), 'alpha': float(cfg['lora_alpha']), 'dropout': float(cfg.get('lora_dropout', 0.0)),
       'targets': tuple(re.escape(p) for p in paths), 'dtype': dtype})
 
 
