@@ -34,6 +34,7 @@ from palr_jax import sharding as sharding_lib
 from palr_jax.model.llama import init_cache
 
 _CACHE_AXES = ('batch', 'length', 'kv_heads', 'head_dim')
+_CACHE_ROUND = 64  # generation cache slots come in multiples of this: few distinct shapes, few compiles
 
 
 # ------------------------------------------------------------------------------------ batching
@@ -127,6 +128,10 @@ def _batches(prompts: list[np.ndarray], batch_size: int, buckets: Sequence[int])
     yield rows, ids, positions, segments
 
 
+def _round_up(n: int, multiple: int) -> int:
+  return -(-max(n, 1) // multiple) * multiple
+
+
 def _last_column(ids: jax.Array) -> jax.Array:
   return jnp.full((ids.shape[0], 1), ids.shape[1] - 1, jnp.int32)
 
@@ -181,7 +186,7 @@ def score_tags(model: nnx.Module, prompts: Sequence[Sequence[int]], tag_token_id
 
 
 def order_from_scores(scores: np.ndarray) -> list[np.ndarray]:
-  """Candidate indices by descending score per user; ties keep the retriever's order, -inf (absent) dropped."""
+  """Candidate indices by descending score per user; ties keep retriever order, -inf (absent) dropped."""
   scores = np.asarray(scores)
   return [row_order[np.isfinite(row[row_order])]
           for row, row_order in zip(scores, np.argsort(-scores, axis=-1, kind='stable'))]
@@ -262,6 +267,16 @@ class _Decoder:
     if not self._live_children(child):
       self._complete(self.separator)
 
+  def feed(self, token: int) -> list[int]:
+    """Takes the model's pick, then every token that has no alternative (the rest of a tagged item, the
+    separator); returns those tokens, which the model must read before its next pick ([] once done)."""
+    chunk = [token]
+    self.advance(token)
+    while not self.done and len(allowed := self.allowed()) == 1:
+      chunk.append(allowed[0])
+      self.advance(allowed[0])
+    return [] if self.done else chunk
+
   def _complete(self, separator_left: list[int]) -> None:
     self.order.append(self._unwritten(self.trie.ending[self.node])[0])
     self.node = 0
@@ -288,10 +303,19 @@ def _prefill(graphdef, layout, cache_len, state, ids, positions, segments, allow
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _decode_step(graphdef, state, cache, token, position, segment, allowed):
+def _decode_chunk(graphdef, state, cache, tokens, positions, segments, last, allowed):
+  """Writes each row's chunk [B, C] (right-padded with segment 0) to the cache; picks after its last token."""
   model = nnx.merge(graphdef, state)
-  logits, cache = model(token[:, None], position[:, None], segment[:, None], cache=cache)
+  logits, cache = model(tokens, positions, segments, cache=cache, logits_at=last[:, None])
   return _pick(logits[:, 0], allowed), cache
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _grow_cache(cache, extra: int):
+  """The cache with `extra` more (empty) slots."""
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
+  return dataclasses.replace(cache, k=tuple(map(pad, cache.k)), v=tuple(map(pad, cache.v)),
+                             segment_ids=pad(cache.segment_ids))
 
 
 def _allowed_array(decoders: list[_Decoder], width: int) -> np.ndarray:
@@ -311,8 +335,10 @@ def generate_ranking(model: nnx.Module, prompts: Sequence[Sequence[int]],
 
   `candidates[n][k]` are the token ids user n's candidate k is written as (tag + title for PALR v2,
   title alone for v1), tokenized as they appear in a response; `separator` (non-empty) is written between
-  items. Greedy: each token is the argmax over the tokens the trie of unwritten candidates allows, run
-  with the KV cache, one token per step for the whole batch.
+  items. Greedy: at every token with alternatives the model picks the argmax among the tokens the trie
+  of unwritten candidates allows; tokens without alternatives (the rest of a tagged item, the separator)
+  are fed to the KV cache in one chunk with the pick, so a batch takes one model call per choice, not
+  per token.
   """
   vocab = model.config.vocab_size
   prompts = _token_rows(prompts, vocab, 'prompts')
@@ -331,26 +357,30 @@ def generate_ranking(model: nnx.Module, prompts: Sequence[Sequence[int]],
   for rows, ids, positions, segments in _batches(prompts, batch_size, buckets):
     decoders = [_Decoder(candidates[n], separator, max_items) for n in rows]
     decoders += [_Decoder([], separator, max_items) for _ in range(batch_size - len(rows))]
-    steps = max(d.max_tokens for d in decoders) - 1  # tokens fed after the prompt
-    cache_len = ids.shape[1] + -(-max(steps, 1) // 64) * 64
-    next_position = segments.sum(axis=1).astype(np.int32)
+    cache_len = ids.shape[1] + _round_up(max(d.max_tokens for d in decoders), _CACHE_ROUND)
+    end, next_position = ids.shape[1], segments.sum(axis=1).astype(np.int32)
     token, cache = _prefill(graphdef, layout, cache_len, state,
                             *map(layout.put, (ids, positions, segments,
                                               _allowed_array(decoders, width))))
-    active = np.array([not d.done for d in decoders])
-    for step in range(steps + 1):
+    while True:
       token = _to_host(token)
-      for b in np.flatnonzero(active):
-        decoders[b].advance(int(token[b]))
-      active = np.array([not d.done for d in decoders])
-      if not active.any():
+      chunks = [[] if d.done else d.feed(int(t)) for d, t in zip(decoders, token)]
+      lengths = np.array([len(c) for c in chunks], np.int32)
+      if not lengths.any():
         break
-      if step == steps:
-        raise RuntimeError('rank: constrained decoding ran past its token budget')
-      token, cache = _decode_step(
+      size = 1 << int(lengths.max() - 1).bit_length()  # power-of-two chunk widths: few compiles
+      if end + size > cache_len:  # chunks padded to a common width can outgrow the token budget
+        extra = _round_up(max(size, cache_len - ids.shape[1]), _CACHE_ROUND)
+        cache, cache_len = _grow_cache(cache, extra), cache_len + extra
+      tokens, chunk_segments = np.zeros((2, batch_size, size), np.int32)
+      for b, chunk in enumerate(chunks):
+        tokens[b, :len(chunk)], chunk_segments[b, :len(chunk)] = chunk, 1
+      chunk_positions = next_position[:, None] + np.arange(size, dtype=np.int32)
+      token, cache = _decode_chunk(
           graphdef, state, cache,
-          *map(layout.put, (np.where(active, token, 0).astype(np.int32), next_position + step,
-                            active.astype(np.int32), _allowed_array(decoders, width))))
+          *map(layout.put, (tokens, chunk_positions, chunk_segments, np.maximum(lengths - 1, 0),
+                            _allowed_array(decoders, width))))
+      end, next_position = end + size, next_position + lengths
     for b, n in enumerate(rows):
       out[n] = decoders[b].order
   return out
@@ -407,7 +437,7 @@ def score_continuations(model: nnx.Module, prompts: Sequence[Sequence[int]],
     raise ValueError(f'rank: {len(prompts)} prompts but {len(continuations)} continuation lists')
   continuations = [_token_rows(c, vocab, f'continuations[{n}]') for n, c in enumerate(continuations)]
   num = max((len(c) for c in continuations), default=0)
-  cont_len = -(-max((len(t) for c in continuations for t in c), default=1) // 8) * 8
+  cont_len = _round_up(max((len(t) for c in continuations for t in c), default=1), 8)
   layout = _layout(mesh, rules, batch_size)
   graphdef, state = _split(model)
   out = np.full((len(prompts), num), -np.inf, np.float32)

@@ -8,7 +8,7 @@ from flax import nnx
 import configs.common
 from palr_jax import rank
 from palr_jax import sharding as sharding_lib
-from palr_jax.model.llama import Llama, LlamaConfig
+from palr_jax.model.llama import Llama, LlamaConfig, init_cache
 
 VOCAB = 64
 BUCKETS = (8, 16, 32)
@@ -151,6 +151,36 @@ def test_generate_equals_bruteforce_greedy(model, style):
     assert order == reference_generate(model, prompt, cands, separator, max_items)
   if style == 'titles':  # Both identical titles are written, the shorter of the prefix pair too.
     assert all({3, 4, 0} <= set(order) for order in orders)
+
+
+def test_generate_grows_the_cache_when_padded_chunks_outgrow_it(model, monkeypatch):
+  """With slots allocated exactly to the token budget, chunks padded to powers of two overflow it."""
+  grown = []
+  grow = rank._grow_cache
+  monkeypatch.setattr(rank, '_CACHE_ROUND', 1)
+  monkeypatch.setattr(rank, '_grow_cache', lambda cache, extra: grown.append(extra) or grow(cache, extra))
+  rng = np.random.default_rng(5)
+  prompts = random_prompts(rng, (7, 3, 15))
+  candidates = [tagged_candidates(rng, 6) for _ in prompts]
+  orders = rank.generate_ranking(model, prompts, candidates, separator=[1, 2], max_items=5, batch_size=4,
+                                 buckets=BUCKETS)
+  assert grown
+  for prompt, cands, order in zip(prompts, candidates, orders):
+    assert order == reference_generate(model, prompt, cands, [1, 2], 5)
+
+
+def test_grown_cache_continues_like_a_full_forward(model):
+  rng = np.random.default_rng(8)
+  prompt, more = rng.integers(3, VOCAB, 6), rng.integers(3, VOCAB, 5)
+  ids = prompt[None].astype(np.int32)
+  cache = init_cache(model.config, 1, len(prompt))
+  _, cache = model(ids, np.arange(6, dtype=np.int32)[None], np.ones_like(ids), cache=cache)
+  cache = rank._grow_cache(cache, 5)
+  logits, cache = model(more[None].astype(np.int32), np.arange(6, 11, dtype=np.int32)[None],
+                        np.ones((1, 5), np.int32), cache=cache)
+  assert cache.max_len == 11
+  logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
+  np.testing.assert_allclose(logp, forward_logprobs(model, np.concatenate([prompt, more]))[6:], atol=2e-5)
 
 
 def test_generate_always_valid_distinct_candidates(model):
