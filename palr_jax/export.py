@@ -34,8 +34,9 @@ def parse_size(text: str) -> int:
 
 
 def export(model_config, out: str, fmt: str, workdir: str = '', max_shard_bytes: int = 5 * 10**9,
-           dtype: str = '') -> None:
-  """Loads the base (+ the workdir's adapter) and writes `out` in `fmt` ('merged' | 'peft')."""
+           dtype: str = '', step: int | None = None) -> None:
+  """Loads the base (+ the workdir's adapter, from checkpoint `step`, default the latest) and writes
+  `out` in `fmt` ('merged' | 'peft')."""
   if jax.process_count() > 1:
     raise RuntimeError('export: run on a single process (it gathers every tensor to this host)')
   if fmt not in ('merged', 'peft'):
@@ -43,7 +44,7 @@ def export(model_config, out: str, fmt: str, workdir: str = '', max_shard_bytes:
   model, tokenizer, config = checkpoints.load_model(model_config)
   trained = bool(workdir)
   if trained:
-    source, lora_config = checkpoints.apply_trained_adapter(model, workdir)
+    source, lora_config = checkpoints.apply_trained_adapter(model, workdir, step)
     print(f'adapter: {source}')
   elif fmt == 'peft':
     raise ValueError('export: --format peft needs --workdir (the run that trained the adapter)')

@@ -460,9 +460,10 @@ def test_peft_folder_loads_in_peft_with_same_logits(base_folder, tmp_path, targe
                      for p in llama.named_params(model, nnx.LoRAParam) if p.endswith('lora_a')}
   ids, pos, seg = batch(cfg.vocab_size)
   np.testing.assert_allclose(eval_logits(model, ids, pos, seg), torch_logits(tuned, ids), atol=1e-4, rtol=0)
-  # ... and reads back into a fresh model as the same function.
+  # ... and reads back (a run's `adapter/` folder) into a fresh model as the same function.
   fresh, _, _ = load_model(model_config(f'hf:{base_folder}'))
-  peft.apply_adapter(fresh, tmp_path / 'adapter')
+  source, section = checkpoints.apply_trained_adapter(fresh, tmp_path)
+  assert source == f'{tmp_path / "adapter"} (PEFT)' and (section.rank, section.alpha) == (4, 8.0)
   np.testing.assert_allclose(eval_logits(fresh, ids, pos, seg), eval_logits(model, ids, pos, seg), atol=1e-6)
 
 
@@ -476,12 +477,12 @@ def test_peft_folder_loads_in_peft_with_same_logits(base_folder, tmp_path, targe
 def test_peft_adapter_config_errors(base_folder, tmp_path, change, message):
   from palr_jax.checkpoints import peft
   model, _, _ = load_model(model_config(f'hf:{base_folder}'), lora_section())
-  peft.save_adapter(tmp_path / 'a', model, lora_section(), 'base')
-  cfg = json.loads((tmp_path / 'a' / peft.CONFIG_FILE).read_text())
-  (tmp_path / 'a' / peft.CONFIG_FILE).write_text(json.dumps(dict(cfg, **change)))
+  peft.save_adapter(tmp_path / 'adapter', model, lora_section(), 'base')
+  cfg = json.loads((tmp_path / 'adapter' / peft.CONFIG_FILE).read_text())
+  (tmp_path / 'adapter' / peft.CONFIG_FILE).write_text(json.dumps(dict(cfg, **change)))
   fresh, _, _ = load_model(model_config(f'hf:{base_folder}'))
   with pytest.raises(ValueError, match=f'adapter_config.json: {message}'):
-    peft.apply_adapter(fresh, tmp_path / 'a')
+    checkpoints.apply_trained_adapter(fresh, tmp_path)
 
 
 def save_like_trainer(workdir, model, lora_config, step=7):
@@ -556,3 +557,25 @@ def test_export_bf16_and_errors(base_folder, tmp_path):
   with pytest.raises(FileNotFoundError, match='no trained adapter'):
     export.main(['--model', f'hf:{base_folder}', '--out', str(tmp_path / 'x'), '--workdir', str(tmp_path)])
   assert not (tmp_path / 'x').exists()
+
+
+def test_trained_adapter_restores_onto_mesh(base_folder, tmp_path):
+  lora_config = lora_section(rank=2)
+  model, _, cfg = tuned_model(base_folder, lora_config, seed=9)
+  save_like_trainer(tmp_path, model, lora_config)
+  c = get_config()
+  c.mesh.fsdp, c.mesh.tensor = 4, 2
+  mesh = sharding.make_mesh(c.mesh)
+  sharded, _, _ = load_model(model_config(f'hf:{base_folder}'), mesh=mesh, rules=c.mesh.rules)
+  source, _ = checkpoints.apply_trained_adapter(sharded, tmp_path, mesh=mesh, rules=c.mesh.rules)
+  assert source == f'{tmp_path / "checkpoints"}/7 (orbax)'
+  a = llama.named_params(sharded, nnx.LoRAParam)['layers.1.self_attn.v_proj.lora_a'].value
+  assert a.sharding.spec == jax.sharding.PartitionSpec('fsdp', None)  # ('embed', 'lora_rank')
+  ids, pos, seg = batch(cfg.vocab_size)
+  np.testing.assert_allclose(eval_logits(sharded, ids, pos, seg), eval_logits(model, ids, pos, seg),
+                             atol=1e-5, rtol=0)
+  # A model that already has (other) adapters gets the checkpoint's values.
+  other, _, _ = tuned_model(base_folder, lora_config, seed=10)
+  checkpoints.apply_trained_adapter(other, tmp_path)
+  np.testing.assert_allclose(eval_logits(other, ids, pos, seg), eval_logits(model, ids, pos, seg),
+                             atol=1e-6, rtol=0)

