@@ -4,7 +4,7 @@ import os
 
 import gguf as gguf_lib
 import jax
-import ml_collections
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -12,11 +12,11 @@ import transformers
 from flax import nnx
 
 from configs.common import get_config
-from palr_jax import sharding
-from palr_jax import checkpoints
+from palr_jax import checkpoints, sharding
 from palr_jax.checkpoints import gguf, hf, load_model
 from palr_jax.model import llama, lora
 
+BF16 = np.dtype(ml_dtypes.bfloat16)
 VOCAB_EXTRA = ['<|endoftext|>', '<|im_start|>', '<|im_end|>']
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -220,8 +220,7 @@ def test_import_rejects_checkpoint_that_disagrees_with_config(tmp_path):
 def test_save_safetensors_shards_and_reads_back(tmp_path):
   rng = np.random.RandomState(0)
   values = {f't{i}': rng.randn(16, 8).astype(np.float32) for i in range(5)}
-  specs = [hf.TensorSpec(k, v.shape, np.dtype(ml_dtypes_bf16()), lambda v=v: v.astype(ml_dtypes_bf16()))
-           for k, v in values.items()]
+  specs = [hf.TensorSpec(k, v.shape, BF16, lambda v=v: v.astype(BF16)) for k, v in values.items()]
   hf.save_safetensors(tmp_path, specs, max_shard_bytes=16 * 8 * 2 * 2)  # two tensors per shard
   files = sorted(p.name for p in tmp_path.iterdir())
   assert files == ['model-00001-of-00003.safetensors', 'model-00002-of-00003.safetensors',
@@ -230,19 +229,13 @@ def test_save_safetensors_shards_and_reads_back(tmp_path):
   assert index['metadata']['total_size'] == 5 * 16 * 8 * 2
   assert index['weight_map']['t4'] == 'model-00003-of-00003.safetensors'
   stored = hf.stored_tensors(tmp_path)
-  assert {k: (s.shape, s.dtype) for k, s in stored.items()} == {k: ((16, 8), np.dtype(ml_dtypes_bf16()))
-                                                               for k in values}
+  assert {k: (s.shape, s.dtype) for k, s in stored.items()} == {k: ((16, 8), BF16) for k in values}
   from safetensors import safe_open
   with safe_open(os.fspath(tmp_path / index['weight_map']['t2']), 'numpy') as f:
-    np.testing.assert_array_equal(f.get_tensor('t2'), values['t2'].astype(ml_dtypes_bf16()))
+    np.testing.assert_array_equal(f.get_tensor('t2'), values['t2'].astype(BF16))
   bad = [hf.TensorSpec('x', (2, 2), np.dtype(np.float32), lambda: np.zeros((2, 3), np.float32))]
   with pytest.raises(ValueError, match=r'x: produced float32\[2, 3\], declared float32\[2, 2\]'):
     hf.save_safetensors(tmp_path / 'bad', bad)
-
-
-def ml_dtypes_bf16():
-  import ml_dtypes
-  return ml_dtypes.bfloat16
 
 
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
