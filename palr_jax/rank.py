@@ -132,6 +132,15 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-max(n, 1) // multiple) * multiple
 
 
+def _empty_cache(model, layout: _Layout, batch: int, length: int):
+  """A KV cache (inside jit) whose rows are split like the batch and whose kv heads like the weights."""
+  cache = init_cache(model.config, batch, length)
+  return dataclasses.replace(
+      cache, k=tuple(layout.constrain(k, _CACHE_AXES) for k in cache.k),
+      v=tuple(layout.constrain(v, _CACHE_AXES) for v in cache.v),
+      segment_ids=layout.constrain(cache.segment_ids, ('batch', 'length')))
+
+
 def _last_column(ids: jax.Array) -> jax.Array:
   return jnp.full((ids.shape[0], 1), ids.shape[1] - 1, jnp.int32)
 
@@ -222,7 +231,8 @@ class _Decoder:
   """One user's constrained greedy decoding: which tokens may come next, and the items written so far.
 
   An item ends when its last token is written and nothing unwritten continues it; where a longer
-  candidate does continue it, the separator's first token is the "ends here" choice. Identical token
+  candidate does continue it, the separator's first token is the "ends here" choice (unless a
+  continuation starts with that token: then the longer one is written). Identical token
   sequences (duplicate titles) are written once per candidate, first by candidate order. Between items
   the separator is written, after the last one nothing.
   """
@@ -293,18 +303,14 @@ def _pick(logits: jax.Array, allowed: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _prefill(graphdef, layout, cache_len, state, ids, positions, segments, allowed):
   model = nnx.merge(graphdef, state)
-  cache = init_cache(model.config, ids.shape[0], cache_len)
-  cache = dataclasses.replace(
-      cache, k=tuple(layout.constrain(k, _CACHE_AXES) for k in cache.k),
-      v=tuple(layout.constrain(v, _CACHE_AXES) for v in cache.v),
-      segment_ids=layout.constrain(cache.segment_ids, ('batch', 'length')))
+  cache = _empty_cache(model, layout, ids.shape[0], cache_len)
   logits, cache = model(ids, positions, segments, cache=cache, logits_at=_last_column(ids))
   return _pick(logits[:, 0], allowed), cache
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
 def _decode_chunk(graphdef, state, cache, tokens, positions, segments, last, allowed):
-  """Writes each row's chunk [B, C] (right-padded with segment 0) to the cache; picks after its last token."""
+  """Writes each row's chunk [B, C] (right-padded, segment 0) to the cache; picks after its last token."""
   model = nnx.merge(graphdef, state)
   logits, cache = model(tokens, positions, segments, cache=cache, logits_at=last[:, None])
   return _pick(logits[:, 0], allowed), cache
@@ -396,11 +402,7 @@ def _continuation_logprobs(graphdef, layout, mean, state, ids, positions, segmen
   model = nnx.merge(graphdef, state)
   batch, width = ids.shape
   num, cont_len = continuations.shape[1:]
-  cache = init_cache(model.config, batch, width + cont_len)
-  cache = dataclasses.replace(
-      cache, k=tuple(layout.constrain(k, _CACHE_AXES) for k in cache.k),
-      v=tuple(layout.constrain(v, _CACHE_AXES) for v in cache.v),
-      segment_ids=layout.constrain(cache.segment_ids, ('batch', 'length')))
+  cache = _empty_cache(model, layout, batch, width + cont_len)
   logits, cache = model(ids, positions, segments, cache=cache, logits_at=_last_column(ids))
   first = jnp.take_along_axis(jax.nn.log_softmax(logits[:, 0], axis=-1), continuations[:, :, 0], axis=-1)
   prompt_len = segments.sum(axis=1)
