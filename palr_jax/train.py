@@ -230,14 +230,14 @@ def make_train_step(parts: LoraModel, optimizer, train_config, rules, shardings,
 
   def step(state, frozen, batch):
     dropout_key = jax.random.fold_in(jax.random.key(seed), state['step'])
-    loss, grads, count = loss_and_grad(parts, state['lora'], frozen, batch, dropout_key,
-                                       microbatches=train_config.microbatches,
-                                       max_loss_tokens=train_config.max_loss_tokens, rules=rules)
+    loss, grads, _ = loss_and_grad(parts, state['lora'], frozen, batch, dropout_key,
+                                   microbatches=train_config.microbatches,
+                                   max_loss_tokens=train_config.max_loss_tokens, rules=rules)
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['lora'])
     new_state = {'step': state['step'] + 1, 'lora': optax.apply_updates(state['lora'], updates),
                  'opt_state': opt_state}
     metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'learning_rate': schedule(state['step']),
-               'loss_tokens': count, 'tokens': jnp.sum(batch['segment_ids'] != 0)}
+               'tokens': jnp.sum(batch['segment_ids'] != 0)}
     return new_state, metrics
 
   return jax.jit(step, in_shardings=(shardings, frozen_shardings, None), out_shardings=(shardings, None),
@@ -247,12 +247,12 @@ def make_train_step(parts: LoraModel, optimizer, train_config, rules, shardings,
 def make_eval_step(parts: LoraModel, train_config, rules):
   """jit(eval)(adapter values, frozen, batch) -> (sum of token losses, loss-token count)."""
 
-  def evaluate(values, frozen, batch):
+  def eval_loss(values, frozen, batch):
     model = parts.merge(values, frozen, jax.random.key(0))
     model.eval()  # No dropout.
     return loss_sum(model, batch, train_config.max_loss_tokens, rules), jnp.sum(loss_weights(batch))
 
-  return jax.jit(evaluate)
+  return jax.jit(eval_loss)
 
 
 # -------------------------------------------------------------------------------------- batches
@@ -294,8 +294,8 @@ def check_batch_layout(train_config, mesh, rules) -> None:
 
 def evaluate(eval_step, values, frozen, valid_batches: Iterable, mesh, rules, train_config) -> float:
   """Global-token-mean loss over every batch of `valid_batches`."""
-  parts = [eval_step(values, frozen, device_batch(local, mesh, rules, train_config)) for local in valid_batches]
-  total, count = np.sum(np.asarray(jax.device_get(parts), np.float64), axis=0) if parts else (0.0, 0.0)
+  sums = [eval_step(values, frozen, device_batch(local, mesh, rules, train_config)) for local in valid_batches]
+  total, count = np.sum(np.asarray(jax.device_get(sums), np.float64), axis=0) if sums else (0.0, 0.0)
   if count == 0:
     raise ValueError('train: the validation batches hold no loss tokens')
   return float(total / count)
