@@ -207,7 +207,7 @@ def load_params(folder, config: llama.LlamaConfig, mesh: Mesh | None = None, rul
     # One mapping per tensor: only its pages become resident, and only until it is on the devices.
     view = np.memmap(folder / t.file, t.dtype, mode='r', offset=t.offset, shape=t.shape)
     if mesh is None:
-      sharding = SingleDeviceSharding(jax.devices()[0])
+      sharding = SingleDeviceSharding(jax.local_devices()[0])
     else:
       sharding = sharding_lib.named_sharding(mesh, var.get_metadata().get('logical_axes'), var.shape, rules)
     params[path] = _read_array(view, tuple(var.shape), transpose, config.param_dtype, sharding)
