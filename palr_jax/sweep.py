@@ -42,6 +42,7 @@ from etils import epath
 import ml_collections
 from ml_collections import config_flags
 
+from palr_jax import distributed
 from palr_jax import stages
 
 Point = dict[str, Any]
@@ -219,7 +220,8 @@ def _is_writer() -> bool:
 
 
 def collect(points: Sequence[Point], workdir) -> list[dict[str, Any]]:
-  """One row per finished point: {'point', 'overrides', 'results'} (results as in results.json)."""
+  """One row per finished point: {'point', 'overrides', 'results'}; results as main.run writes them,
+  `{split: {'metrics': {method: {metric: value}}, ...}}`."""
   workdir = epath.Path(workdir)
   rows = []
   for point in points:
@@ -231,8 +233,10 @@ def collect(points: Sequence[Point], workdir) -> list[dict[str, Any]]:
       results = json.loads(path.read_text())
     except json.JSONDecodeError as e:
       raise SweepError(f'{path}: not JSON ({e.msg} at line {e.lineno})') from None
-    if not isinstance(results, dict) or not all(isinstance(results.get(s, {}), dict) for s in SPLITS):
-      raise SweepError(f'{path}: expected {{"valid"|"test": {{method: {{metric: value}}}}}}')
+    if not (isinstance(results, dict) and all(isinstance(results.get(split, {}).get('metrics'), dict)
+                                              for split in SPLITS)):
+      raise SweepError(f'{path}: expected {{"valid"|"test": {{"metrics": {{method: {{metric: value}}}}}}}} '
+                       '(palr_jax.main results)')
     rows.append({'point': name, 'overrides': point, 'results': results})
   return rows
 
@@ -247,14 +251,14 @@ def _metric_columns(rows) -> list[tuple[str, str, str]]:
   cols = {}
   for row in rows:
     for split in SPLITS:
-      for method, metrics in row['results'].get(split, {}).items():
+      for method, metrics in row['results'][split]['metrics'].items():
         for metric in metrics:
           cols[(split, method, metric)] = None
   return list(cols)
 
 
 def _value(row, split, method, metric) -> float:
-  return float(row['results'].get(split, {}).get(method, {}).get(metric, math.nan))
+  return float(row['results'][split]['metrics'].get(method, {}).get(metric, math.nan))
 
 
 def sweep_csv(points: Sequence[Point], rows) -> str:
@@ -429,6 +433,7 @@ def main(argv):
       print(line)
     return
   if not FLAGS.collect:
+    distributed.initialize_from_flags()  # On a pod: one job across the hosts before any device is used.
     run_sweep(config, points, workdir, only=FLAGS.only, where=where)
   if _is_writer():
     rows = write_reports(points, workdir)

@@ -36,8 +36,9 @@ class FakeRunner:
     if config.lora.rank == self.fail_on:
       raise KeyboardInterrupt  # A kill in the middle of a point: no results.json.
     r, s = config.lora.rank, config.seed
-    results = {split: {'retriever': {'HR@10': 0.1, 'NDCG@10': 0.05},
-                       'palr_v2': {'HR@10': r / 100 + s / 1000 + off, 'NDCG@10': r / 200 + off}}
+    results = {split: {'num_users': 10, 'metrics': {
+        'retriever': {'HR@10': 0.1, 'NDCG@10': 0.05},
+        'palr_v2': {'HR@10': r / 100 + s / 1000 + off, 'NDCG@10': r / 200 + off}}}
                for split, off in (('valid', 0.01), ('test', 0.0))}
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / 'results.json').write_text(json.dumps(results))
@@ -138,6 +139,9 @@ def test_unfinished_points_are_listed_not_reported(tmp_path):
   (tmp_path / 'lora.rank=4' / 'results.json').write_text('{"test": ')
   with pytest.raises(sweep.SweepError, match=r'lora.rank=4/results.json: not JSON'):
     sweep.collect(points, tmp_path)
+  (tmp_path / 'lora.rank=4' / 'results.json').write_text('{"test": {"retriever": {"HR@10": 0.1}}}')
+  with pytest.raises(sweep.SweepError, match=r'lora.rank=4/results.json: expected .*"metrics"'):
+    sweep.collect(points, tmp_path)
 
 
 def test_launch_commands_exact():
@@ -188,3 +192,41 @@ def test_cli_emits_unfinished_points_and_collects(tmp_path):
   assert (work / 'sweep.csv').read_text().splitlines()[1].startswith('lora.rank=4,4,')
   out = subprocess.run(cmd + ['--emit-launch=pbs'], capture_output=True, text=True, env=env, cwd=ROOT)
   assert out.returncode != 0 and 'emit-launch' in out.stderr
+
+
+def test_two_point_sweep_of_the_whole_pipeline(tmp_path, monkeypatch):
+  """Acceptance: two points of palr_jax.main.run on the tiny model; the points differ in a ranking
+  option, so data, retriever, profiles and both fine-tunes run once and the second point reuses them
+  from W/_shared."""
+  from palr_jax import main as palr_main
+  from tests import test_main as fixtures
+  fixtures._write_dataset(tmp_path / 'data')
+  fixtures._write_model(tmp_path / 'model')
+  config = fixtures._config(tmp_path)
+  config.eval.ks = (1, 5, 10)
+  trained = []
+  real_train = palr_main.train_lib.train
+  monkeypatch.setattr(palr_main.train_lib, 'train',
+                      lambda c, w, *a, **k: trained.append(w) or real_train(c, w, *a, **k))
+  points = axis('rank.max_items', [1, 3])
+  names = ['rank.max_items=1', 'rank.max_items=3']
+  work = tmp_path / 'sweep'
+
+  assert sweep.run_sweep(config, points, work) == names
+  assert trained == [work / names[0] / 'palr_v1', work / names[0] / 'palr_v2']
+  assert sweep.run_sweep(config, points, work) == []  # Finished points are skipped.
+
+  rows = sweep.write_reports(points, work)
+  assert [r['point'] for r in rows] == names
+  with open(work / 'sweep.csv') as f:
+    table = list(csv.DictReader(f))
+  for name, row in zip(names, table):
+    results = json.loads((work / name / 'results.json').read_text())
+    for method in palr_main.METHODS:
+      for metric in ('HR@10', 'NDCG@10'):
+        assert float(row[f'test/{method}/{metric}']) == results['test']['metrics'][method][metric]
+  # Only palr_v1 ranks by generation, where max_items matters; the other methods agree across points.
+  for method in ('retriever', 'zero_shot', 'palr_v2'):
+    assert table[0][f'test/{method}/HR@10'] == table[1][f'test/{method}/HR@10'], method
+  assert '| rank.max_items | retriever HR@10 |' in (work / 'sweep.md').read_text()
+  assert matplotlib.image.imread(work / 'sweep.png').ndim == 3
