@@ -29,4 +29,41 @@ def get_config(arg: str = ''):
   c.data.source = 'recbole'
   c.data.path = ''
   c.data.name = 'ml-100k'
+  c.model.spec = 'smollm2'
+  if arg == 'quick':
+    # Smoke run of the whole pipeline on a 2-core CPU: stats profiles, 10 candidates, short prompts,
+    # a few hundred training prompts per variant, a seeded subset of users for the LLM evaluation.
+    c.retriever.num_candidates = 10
+    c.profiles.kind = 'stats'
+    c.prompts.max_history = 8
+    c.prompts.max_examples_per_user = 1
+    c.prompts.max_title_tokens = 16
+    c.prompts.max_length = 512
+    c.prompts.batches.pack = False
+    c.prompts.batches.length_buckets = (128, 192, 256, 384, 512)
+    c.train.batch_size = 8
+    c.train.num_steps = 40
+    c.train.warmup_steps = 4
+    c.train.learning_rate = 1e-3
+    c.train.max_loss_tokens = 32
+    c.train.log_every = 5
+    c.train.eval_every = 20
+    c.train.checkpoint_every = 20
+    c.train.keep_latest = 1
+    c.train.keep_best = 1
+    c.train.valid_batches = 8
+    c.eval.max_users = 64
+    c.eval.bootstrap_samples = 1000
+    c.rank.batch_size = 8
+    c.rank.v1_mode = 'likelihood'
+  elif arg == 'full':
+    # All users, LLM-written profiles, the paper's setup at SmolLM2 scale (hours on a 2-core CPU).
+    c.profiles.kind = 'llm'
+    c.prompts.max_examples_per_user = 3
+    c.train.batch_size = 16
+    c.train.num_steps = 1500
+    c.train.learning_rate = 5e-4
+    c.train.eval_every = 250
+    c.train.checkpoint_every = 250
+    c.eval.max_users = 0
   return c

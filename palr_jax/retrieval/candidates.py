@@ -57,7 +57,12 @@ def train_positions(train: Sequence[np.ndarray], max_positions: int) -> tuple[np
 
 def rank(user_factors, item_factors, histories: Sequence[np.ndarray], users: np.ndarray,
          targets: np.ndarray, config, mesh=None, positions: np.ndarray | None = None) -> Ranking:
-  """Top-`config.num_candidates` and target ranks for query rows `users` (config: retriever section)."""
+  """Top-`config.num_candidates` and target ranks for query rows `users` (config: retriever section).
+
+  A target the user already has (a repeat, e.g. Amazon re-purchases) is not masked: it is ranked, and
+  can be a candidate, like any unseen item, so its rank and the candidate list agree.
+  """
+  histories = [h[h != t] for h, t in zip(histories, np.asarray(targets))]
   scores, items, ranks = topk.top_k(user_factors, item_factors, histories, config.num_candidates,
                                     user_batch=config.user_batch, targets=targets, mesh=mesh)
   if not np.isfinite(scores).all():

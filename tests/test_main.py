@@ -1,0 +1,135 @@
+"""The whole PALR pipeline on a tiny model and a small fixture dataset: outputs, skip-when-current, and
+reruns limited to the stages downstream of a changed option."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from palr_jax import main as palr_main
+from tests import prompt_fixtures
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+NUM_USERS, NUM_ITEMS = 24, 16
+
+
+def _write_dataset(folder) -> None:
+  """RecBole atomic files: users drift through the fixture's titles so MF has signal to learn."""
+  rng = np.random.default_rng(0)
+  rows = ['user_id:token\titem_id:token\trating:float\ttimestamp:float']
+  for u in range(NUM_USERS):
+    start = int(rng.integers(NUM_ITEMS))
+    length = int(rng.integers(6, 10))
+    for t in range(length):
+      item = (start + t + int(rng.integers(0, 2))) % NUM_ITEMS
+      rows.append(f'u{u}\t{item + 1}\t{int(rng.integers(1, 6))}\t{1000 * u + 10 * t}')
+  items = ['item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq']
+  for i, (title, genres) in enumerate(zip(prompt_fixtures.TITLES, prompt_fixtures.GENRES)):
+    items.append(f'{i + 1}\t{title}\t{1990 + i}\t{" ".join(genres)}')
+  folder.mkdir(parents=True)
+  (folder / 'tiny.inter').write_text('\n'.join(rows) + '\n')
+  (folder / 'tiny.item').write_text('\n'.join(items) + '\n')
+
+
+def _write_model(folder) -> None:
+  tokenizer = prompt_fixtures.tiny_tokenizer()
+  config = transformers.LlamaConfig(
+      vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+      bos_token_id=tokenizer.convert_tokens_to_ids('<|im_start|>'),
+      eos_token_id=tokenizer.convert_tokens_to_ids('<|im_end|>'),
+      pad_token_id=tokenizer.pad_token_id)
+  torch.manual_seed(0)
+  transformers.LlamaForCausalLM(config).save_pretrained(folder)
+  tokenizer.save_pretrained(folder)
+
+
+def _config(tmp_path):
+  c = prompt_fixtures.tiny_config(num_candidates=4)
+  c.data.source, c.data.path, c.data.name = 'recbole', str(tmp_path / 'data'), 'tiny'
+  c.model.spec = f'hf:{tmp_path / "model"}'
+  c.retriever.factors, c.retriever.iterations, c.retriever.folds = 8, 3, 2
+  c.retriever.reg = 1.0
+  c.prompts.max_examples_per_user = 2
+  c.prompts.batches.pack = False
+  c.train.batch_size = 8
+  c.train.num_steps = 4
+  c.train.warmup_steps = 1
+  c.train.eval_every = 2
+  c.train.checkpoint_every = 2
+  c.train.log_every = 1
+  c.train.valid_batches = 1
+  c.train.async_checkpoints = False
+  c.rank.batch_size = 8
+  c.rank.buckets = (64, 128, 256)
+  c.rank.max_items = 3
+  c.eval.ks = (1, 3, 5)
+  c.eval.bootstrap_samples = 50
+  return c
+
+
+def _mtimes(workdir, names):
+  return {n: os.stat(workdir / n).st_mtime_ns for n in names}
+
+
+def test_pipeline_end_to_end_then_skips_then_reruns_ranking_only(tmp_path):
+  _write_dataset(tmp_path / 'data')
+  _write_model(tmp_path / 'model')
+  workdir = tmp_path / 'run'
+  config = _config(tmp_path)
+
+  results = palr_main.run(config, workdir)
+
+  for split in ('valid', 'test'):
+    assert set(results[split]['metrics']) == set(palr_main.METHODS)
+    for method, metrics in results[split]['metrics'].items():
+      assert set(metrics) == {f'{m}@{k}' for k in (1, 3, 5) for m in ('HR', 'NDCG')}
+      assert all(0.0 <= v <= 1.0 for v in metrics.values()), (method, metrics)
+    assert set(results[split]['vs_retriever']) == {'zero_shot', 'palr_v1', 'palr_v2'}
+  assert results['test']['num_users'] == NUM_USERS
+  # The retriever's row equals the metrics of its own candidate file.
+  test_rows = [json.loads(line) for line in (workdir / 'candidates' / 'test.jsonl').read_text().splitlines()]
+  ranks = np.array([r['target_rank'] for r in test_rows], np.float64)
+  assert results['test']['metrics']['retriever']['HR@3'] == pytest.approx(np.mean(ranks < 3))
+  predictions = [json.loads(line) for line in (workdir / 'predictions' / 'test.jsonl').read_text().splitlines()]
+  assert len(predictions) == NUM_USERS
+  raw = {i: r for row in test_rows for i, r in zip(row['items'], row['item_ids'])}
+  by_user = {row['user']: row for row in test_rows}
+  for p in predictions:
+    row = by_user[p['user']]
+    assert sorted(p['ranked_items']) == sorted(row['items'])  # a reordering of the candidates
+    assert p['ranked_item_ids'] == [raw[i] for i in p['ranked_items']]
+    assert p['target'] == row['target']
+    expected = p['ranked_items'].index(p['target']) if p['target'] in p['ranked_items'] else row['target_rank']
+    assert p['rank'] == expected
+  assert '| palr_v2 |' in (workdir / 'results.md').read_text()
+  for name in ('plots/hr_at_k.png', 'plots/loss.png', 'export/merged/config.json',
+               'export/peft/adapter_config.json'):
+    assert (workdir / name).exists(), name
+  steps = json.loads((workdir / 'rankings.json').read_text())['methods']['palr_v2']['checkpoint_step']
+  assert steps in (2, 4)
+
+  # The exported merged model gives the same logits in transformers as the tuned model in palr-jax.
+  merged = transformers.LlamaForCausalLM.from_pretrained(workdir / 'export' / 'merged')
+  assert merged.config.vocab_size == len(prompt_fixtures.tiny_tokenizer())
+
+  # Same command again: every stage is current, nothing is rewritten.
+  watched = ['candidates/train.jsonl', 'profiles.jsonl', 'rankings.json', 'results.json',
+             'train_palr_v2.fingerprint.json', 'export/merged/config.json']
+  before = _mtimes(workdir, watched)
+  again = palr_main.run(config, workdir)
+  assert _mtimes(workdir, watched) == before
+  assert again == results
+
+  # A ranking option changes: only ranking, evaluation and export rerun.
+  config.rank.mode = 'generate'
+  palr_main.run(config, workdir)
+  after = _mtimes(workdir, watched)
+  for name in ('candidates/train.jsonl', 'profiles.jsonl', 'train_palr_v2.fingerprint.json'):
+    assert after[name] == before[name], name
+  for name in ('rankings.json', 'results.json'):
+    assert after[name] != before[name], name
