@@ -3,6 +3,7 @@
 import os
 import pathlib
 import shlex
+import socket
 import subprocess
 
 import pytest
@@ -121,11 +122,17 @@ def test_local_dry_run():
       'JAX_PLATFORMS=cpu', 'JAX_NUM_CPU_DEVICES=4', *TRAIN]) for i in (0, 1)]
 
 
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
 def test_local_two_processes_form_one_job():
   """The variables local.sh sets are the ones palr_jax.distributed reads: 2 x 4 CPU devices = 8."""
   code = ('import jax; from palr_jax import distributed; distributed.initialize(); '
           'print("job", jax.process_index(), jax.process_count(), jax.device_count())')
-  out = launch('local.sh', '--processes', '2', '--cpu-devices', '4', '--port', '23456', '--',
+  out = launch('local.sh', '--processes', '2', '--cpu-devices', '4', '--port', str(free_port()), '--',
                'python', '-c', code)
   assert out.returncode == 0, out.stdout + out.stderr
   assert sorted(l for l in out.stdout.splitlines() if 'job' in l) == ['[0] job 0 2 8', '[1] job 1 2 8']
