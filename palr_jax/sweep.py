@@ -39,6 +39,7 @@ from absl import app
 from absl import flags
 from absl import logging
 from etils import epath
+import jax
 import ml_collections
 from ml_collections import config_flags
 
@@ -212,7 +213,7 @@ def run_sweep(config: ml_collections.ConfigDict, points: Sequence[Point], workdi
 
 
 def _is_writer() -> bool:
-  import jax  # After the runner, so multi-process runs have initialized jax.distributed.
+  """Process 0 of the job (every process runs the sweep on a pod; one writes its files)."""
   return jax.process_index() == 0
 
 
