@@ -270,7 +270,12 @@ def run(config, workdir, shared_dir=None) -> dict:
 
   # 7. Export PALR v2 (best checkpoint): merged HF folder and PEFT adapter.
   fp_export = stages.fingerprint(config, ('model.spec',), upstream=(fp_rank,))
-  runner('export', fp_export, lambda: _export(config, workdir), ['export/merged', 'export/peft'])
+  if jax.process_count() == 1:
+    runner('export', fp_export, lambda: _export(config, workdir), ['export/merged', 'export/peft'])
+  elif runner.writer:  # export gathers every tensor to one host: run it there, after the job
+    logging.warning('export skipped on a %d-process job; on one host run: python -m palr_jax.export '
+                    '--model %s --workdir %s --out %s --format merged|peft', jax.process_count(),
+                    config.model.spec, workdir / 'palr_v2', workdir / 'export' / 'merged')
   _barrier('main-done')
   return json.loads((workdir / 'results.json').read_text())
 

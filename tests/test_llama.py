@@ -200,6 +200,17 @@ def test_remat_keeps_loss_and_gradients(remat):
   for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(other)):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
+  # As the trainer calls it: only part of the state is differentiated, the rest (the frozen base) is
+  # a separate argument of the outer jit.
+  def split_grads(cfg):
+    graphdef, head, rest = nnx.split(llama.Llama(cfg, rngs=nnx.Rngs(3)), lambda path, _: 'norm' in path, ...)
+    loss = lambda head, rest: jnp.mean(nnx.merge(graphdef, head, rest)(*dense_inputs(ids)) ** 2)
+    return jax.jit(jax.grad(loss))(head, rest)
+
+  base, other = split_grads(config), split_grads(dataclasses.replace(config, remat=remat))
+  for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(other)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
 
 def test_bfloat16_compute_with_float32_params_is_close():
   config = make_config('gqa_4to1')

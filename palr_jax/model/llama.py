@@ -384,10 +384,17 @@ class Llama(nnx.Module):
     x = self.embed_tokens(input_ids)
 
     def run_layer(layer, x, positions, segment_ids, layer_cache):
-      return layer(x, positions, segment_ids, inv_freq, layer_cache)
+      if config.remat == 'none':
+        return layer(x, positions, segment_ids, inv_freq, layer_cache)
+      # jax.checkpoint over a pure function of the layer's state: unlike nnx.remat this also works when
+      # part of the state (the frozen base) enters the outer jit as a separate argument.
+      graphdef, state = nnx.split(layer)
 
-    if config.remat != 'none':
-      run_layer = nnx.remat(run_layer, policy=REMAT_POLICIES[config.remat])
+      def pure(state, x, positions, segment_ids, layer_cache):
+        return nnx.merge(graphdef, state)(x, positions, segment_ids, inv_freq, layer_cache)
+
+      return jax.checkpoint(pure, policy=REMAT_POLICIES[config.remat])(
+          state, x, positions, segment_ids, layer_cache)
     if cache is not None:
       kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                  (0, cache.end))
