@@ -161,6 +161,7 @@ def get_config():
   # Batching (palr_jax/data/pipeline.py); not part of the examples' fingerprint.
   c.prompts.batches = ml_collections.ConfigDict()
   c.prompts.batches.pack = True    # pack examples into rows of max_length; else pad to a length bucket
+  c.prompts.batches.pack_window = 256  # packing: first-fit decreasing over this many examples
   c.prompts.batches.length_buckets = (256, 512, 1024)  # padding mode: global batch padded to one of these
   c.prompts.batches.shuffle_buffer = 0  # 0 = the whole split
   c.prompts.batches.prefetch = 2

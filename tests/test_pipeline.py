@@ -69,41 +69,55 @@ def test_tfrecord_roundtrip(setup, tmp_path):
     pipeline.read_tfrecord(tmp_path / 'missing.tfrecord')
 
 
-def test_packing_layout_and_greedy_rows(setup):
+def pack_rows(lengths, loss_tokens, length, cap):
+  """Reference first-fit decreasing: example indices per row, rows in the order they were opened."""
+  rows, room, loss = [], [], []
+  for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+    r = next((r for r in range(len(rows)) if room[r] >= lengths[i] and loss[r] + loss_tokens[i] <= cap), None)
+    if r is None:
+      rows, room, loss, r = rows + [[]], room + [length], loss + [0], len(rows)
+    rows[r].append(i)
+    room[r] -= lengths[i]
+    loss[r] += loss_tokens[i]
+  return rows
+
+
+def test_reference_first_fit_decreasing():
+  assert pack_rows([5, 3, 7, 2, 4], [1] * 5, 10, 100) == [[2, 1], [0, 4], [3]]
+  assert pack_rows([5, 3, 7, 2, 4], [1, 1, 2, 1, 1], 10, 2) == [[2], [0, 4], [1, 3]]
+
+
+def test_packing_layout_matches_reference(setup):
   _, examples, path = setup
   config = tiny_config()
+  config.prompts.batches.pack_window = 16
   batches = _batches(config, path, pack=True)
   length = config.prompts.max_length
-  lengths = [len(e.input_ids) for e in examples]
-  used = []
-  for b in batches:
-    assert set(b) == set(pipeline.BATCH_KEYS) and b['input_ids'].shape == (4, length)
-    assert all(v.dtype == np.int32 for v in b.values())
-    for r in range(4):
-      seg, pos = b['segment_ids'][r], b['positions'][r]
-      n = int((seg > 0).sum())
-      assert (seg[n:] == 0).all() and (b['input_ids'][r, n:] == 0).all() and (b['loss_mask'][r, n:] == 0).all()
-      if n:
-        used.append(n)
-        assert (np.diff(seg[:n]) >= 0).all() and seg[0] == 1
-        for s in range(1, seg.max() + 1):
-          np.testing.assert_array_equal(pos[seg == s], np.arange((seg == s).sum()))
-  # Every example exactly once, in order; a row closes only when the next example does not fit.
-  segs = _segments(batches)
-  assert len(segs) == len(examples)
-  for (ids, mask), ex in zip(segs, examples):
-    np.testing.assert_array_equal(ids, ex.input_ids)
-    np.testing.assert_array_equal(mask, ex.loss_mask)
-  k = 0
-  for n in used[:-1]:
-    row = []
-    while sum(row) < n:
-      row.append(lengths[k])
-      k += 1
-    assert sum(row) == n and n + lengths[k] > length
-  # Batches of 4 rows; the last one filled with empty rows.
-  assert len(batches) == -(-len(used) // 4)
-  assert sum((b['segment_ids'].sum(axis=1) == 0).sum() for b in batches) == 4 * len(batches) - len(used)
+  rows = [{k: b[k][r] for k in pipeline.BATCH_KEYS} for b in batches for r in range(4)]
+  expected = []
+  for w in range(0, len(examples), 16):
+    window = examples[w:w + 16]
+    for members in pack_rows([len(e.input_ids) for e in window], [int(e.loss_mask.sum()) for e in window],
+                             length, np.iinfo(np.int32).max):
+      expected.append([window[i] for i in members])
+  assert len(batches) == -(-len(expected) // 4)
+  for row, members in zip(rows, expected):
+    assert all(v.dtype == np.int32 and v.shape == (length,) for v in row.values())
+    at = 0
+    for segment, ex in enumerate(members, 1):
+      n = len(ex.input_ids)
+      np.testing.assert_array_equal(row['input_ids'][at:at + n], ex.input_ids)
+      np.testing.assert_array_equal(row['loss_mask'][at:at + n], ex.loss_mask)
+      np.testing.assert_array_equal(row['positions'][at:at + n], np.arange(n))
+      assert (row['segment_ids'][at:at + n] == segment).all()
+      at += n
+    for k in pipeline.BATCH_KEYS:
+      assert (row[k][at:] == 0).all()                   # padding: segment 0, no tokens, no loss
+  # The rows after the last packed one fill the last batch with padding.
+  assert all(not row['segment_ids'].any() for row in rows[len(expected):])
+  assert len(_segments(batches)) == len(examples)
+  fill = sum(len(e.input_ids) for e in examples) / (len(expected) * length)
+  assert fill > 0.85
 
 
 def test_packing_respects_loss_token_cap(setup):
@@ -114,6 +128,10 @@ def test_packing_respects_loss_token_cap(setup):
   for b in batches:
     assert b['loss_mask'].sum(axis=1).max() <= cap
   assert len(_segments(batches)) == len(examples)
+  window = examples[:config.prompts.batches.pack_window]
+  reference = pack_rows([len(e.input_ids) for e in window], [int(e.loss_mask.sum()) for e in window],
+                        config.prompts.max_length, cap)
+  assert sum(int(b['segment_ids'].any(axis=1).sum()) for b in batches) == len(reference)
   assert len(batches) > len(_batches(config, path, pack=True))
   with pytest.raises(tf.errors.InvalidArgumentError, match='config.train.max_loss_tokens'):
     _batches(config, path, pack=True, max_loss_tokens=cap - 3)

@@ -4,9 +4,11 @@ Examples are built and tokenized once per config fingerprint (`examples_fingerpr
 `W/examples/<fingerprint>/{train,valid}.tfrecord` (int32 token ids and loss masks as raw little-endian
 bytes; each file written to a temporary name, then renamed; `meta.json` last). Then, per epoch:
 
-  read -> seeded shuffle (train) -> pack into rows of `max_length` (segment_ids 1, 2, ... and positions
-  restarting per example) or pad the global batch to the smallest length bucket that holds it -> batch
-  to the *global* batch (`config.train.batch_size` rows) -> keep this process's rows -> prefetch.
+  read -> seeded shuffle (train) -> pack into rows of `max_length` (first-fit decreasing over windows of
+  `pack_window` examples, rows then in seeded order; segment_ids 1, 2, ... and positions restarting per
+  example; at most `config.train.max_loss_tokens` answer tokens per row) or pad the global batch to the
+  smallest length bucket that holds it -> batch to the *global* batch (`config.train.batch_size` rows:
+  packed rows, or examples when padding) -> keep this process's rows -> prefetch.
 
 Every process runs the same pipeline over the whole split and keeps only its rows
 (`sharding.process_rows`), so the row layout and the padding bucket are decided for the global batch and
@@ -132,51 +134,57 @@ def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence
 # ------------------------------------------------------------------------------------- batching
 
 
-def _pack(ds: tf.data.Dataset, length: int, max_loss_tokens: int) -> tf.data.Dataset:
-  """Greedy in-order packing into rows of `length`: a row is closed when the next example would not
-  fit (or would push its loss tokens past `max_loss_tokens`, 0 = no cap)."""
+def _pack_window(ids: tf.RaggedTensor, mask: tf.RaggedTensor, length: int, cap: int, seed, index):
+  """One window of examples -> packed rows {BATCH_KEYS: [R, length]}, in TF ops only (no Python
+  callbacks, which would deadlock tf.data's threads at interpreter exit).
+
+  First-fit decreasing: examples longest first (ties in window order) go into the first row with room
+  for their tokens and answer tokens (<= `cap`); a row's segments are in that order. With a `seed` the
+  rows come in a seeded random order (FFD opens rows longest first), else in the order they were opened.
+  """
+  lengths = tf.cast(ids.row_lengths(), tf.int32)
+  loss = tf.reduce_sum(mask, axis=1)
+  tf.debugging.assert_less_equal(lengths, length, 'an example is longer than config.prompts.max_length')
+  tf.debugging.assert_less_equal(loss, cap, 'an example has more answer tokens than config.train.max_loss_tokens')
+  w = tf.shape(lengths)[0]
+  order = tf.argsort(-lengths, stable=True)
+
+  def place(i, room, used, assign, rows):
+    e = order[i]
+    fits = (tf.range(w) < rows) & (room >= lengths[e]) & (used + loss[e] <= cap)
+    r = tf.where(tf.reduce_any(fits), tf.cast(tf.argmax(tf.cast(fits, tf.int32)), tf.int32), rows)
+    return (i + 1, tf.tensor_scatter_nd_sub(room, [[r]], [lengths[e]]),
+            tf.tensor_scatter_nd_add(used, [[r]], [loss[e]]), tf.tensor_scatter_nd_update(assign, [[e]], [r]),
+            tf.maximum(rows, r + 1))
+
+  zeros = tf.zeros([w], tf.int32)
+  _, _, _, assign, rows = tf.while_loop(lambda i, *_: i < w, place,
+                                        (tf.constant(0), tf.fill([w], length), zeros, zeros, tf.constant(0)))
+  rank = tf.math.invert_permutation(order)
+  earlier = (assign[:, None] == assign[None, :]) & (rank[None, :] < rank[:, None])   # [e, e']: e' first
+  offset = tf.reduce_sum(tf.where(earlier, lengths[None, :], 0), axis=1)
+  segment = tf.reduce_sum(tf.cast(earlier, tf.int32), axis=1) + 1
+  if seed is not None:
+    assign = tf.gather(tf.random.experimental.stateless_shuffle(
+        tf.range(rows), seed=tf.stack([tf.constant(seed, tf.int64), index])), assign)
+  example = tf.cast(ids.value_rowids(), tf.int32)
+  t = tf.range(tf.size(ids.values)) - tf.gather(tf.cast(ids.row_starts(), tf.int32), example)
+  at = tf.stack([tf.gather(assign, example), tf.gather(offset, example) + t], axis=1)
+  shape = tf.stack([rows, length])
+  values = {'input_ids': ids.values, 'positions': t, 'segment_ids': tf.gather(segment, example),
+            'loss_mask': mask.values}
+  return {k: tf.ensure_shape(tf.scatter_nd(at, values[k], shape), [None, length]) for k in BATCH_KEYS}
+
+
+def _pack(ds: tf.data.Dataset, length: int, max_loss_tokens: int, window: int,
+          seed: int | None) -> tf.data.Dataset:
+  """Packs each window of `window` consecutive examples into rows (`_pack_window`), deterministically."""
   cap = max_loss_tokens if max_loss_tokens > 0 else np.iinfo(np.int32).max
 
-  def tagged(ex):
-    n = tf.size(ex['input_ids'])
-    tf.debugging.assert_less_equal(n, length, 'an example is longer than config.prompts.max_length')
-    tf.debugging.assert_less_equal(tf.reduce_sum(ex['loss_mask']), cap,
-                                   'an example has more answer tokens than config.train.max_loss_tokens')
-    return ex['input_ids'], ex['loss_mask'], False
+  def pack(index, batch):
+    return _pack_window(batch['input_ids'], batch['loss_mask'], length, cap, seed, index)
 
-  end = tf.data.Dataset.from_tensors((tf.zeros([0], tf.int32), tf.zeros([0], tf.int32), True))
-  ds = ds.map(tagged).concatenate(end)
-  empty = tf.zeros([0], tf.int32)
-  state0 = (empty, empty, empty, empty, tf.constant(0))   # ids, mask, segments, positions, #segments
-
-  def step(state, elem):
-    ids, mask, seg, pos, count = state
-    x, m, last = elem
-    n = tf.size(x)
-    full = tf.logical_or(tf.size(ids) + n > length,
-                         tf.reduce_sum(mask) + tf.reduce_sum(m) > cap)
-    flush = tf.logical_or(last, full)
-    pad = [[0, length - tf.size(ids)]]
-    row = {'input_ids': tf.pad(ids, pad), 'positions': tf.pad(pos, pad),
-           'segment_ids': tf.pad(seg, pad), 'loss_mask': tf.pad(mask, pad)}
-    emit = tf.logical_and(flush, tf.size(ids) > 0)
-    new = tf.cond(
-        flush,
-        lambda: (x, m, tf.fill([n], 1), tf.range(n), tf.constant(1)),
-        lambda: (tf.concat([ids, x], 0), tf.concat([mask, m], 0),
-                 tf.concat([seg, tf.fill([n], count + 1)], 0), tf.concat([pos, tf.range(n)], 0),
-                 count + 1))
-    return new, (emit, row)
-
-  def emitted(emit, row):
-    del row
-    return emit
-
-  def fixed(emit, row):
-    del emit
-    return {k: tf.ensure_shape(v, [length]) for k, v in row.items()}
-
-  return ds.scan(state0, step).filter(emitted).map(fixed)
+  return ds.ragged_batch(window).enumerate().map(pack).unbatch()
 
 
 def _with_layout(ex):
@@ -216,7 +224,9 @@ def global_batches(ds: tf.data.Dataset, batches_config, *, batch_size: int, max_
     seed, buffer = shuffle
     ds = ds.shuffle(max(int(buffer), 1), seed=seed, reshuffle_each_iteration=False)
   if batches_config.pack:
-    ds = _pack(ds, max_length, max_loss_tokens).batch(batch_size, drop_remainder=drop_remainder)
+    ds = _pack(ds, max_length, max_loss_tokens, batches_config.pack_window,
+               None if shuffle is None else shuffle[0])
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   else:
     buckets = tuple(int(b) for b in batches_config.length_buckets)
     if max(buckets) < max_length:

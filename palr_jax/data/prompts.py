@@ -185,13 +185,18 @@ class PromptBuilder:
   def __init__(self, config, inter, tokenizer):
     cfg = config.prompts
     _check_config(cfg)
-    self.cfg, self.tokenizer, self.inter, self.seed = cfg, tokenizer, inter, int(config.seed)
+    self.cfg, self.tokenizer, self.seed = cfg, tokenizer, int(config.seed)
     self.num_candidates = int(config.retriever.num_candidates)
     self.titles = [cut_title(t or f'item {i}', tokenizer, cfg.max_title_tokens)
                    for t, i in zip(inter.titles, inter.item_ids)]
     self._answer_prefix, self._answer_suffix = self._probe_answer_framing()
     self.tags = list(cfg.tags)
     self.tag_ids = self._check_tags() if 'recommend_retrieval' in cfg.tasks else None
+
+  @property
+  def answer_prefix(self) -> str:
+    """What the chat template writes between the generation prompt and the answer's content."""
+    return self._answer_prefix
 
   # Rendering.
 
@@ -243,7 +248,8 @@ class PromptBuilder:
                                                              title=self.titles[target])
     return self._answer_prefix + content + self._answer_suffix
 
-  def _encode(self, text: str) -> list[int]:
+  def encode(self, text: str) -> list[int]:
+    """Token ids of rendered text (the chat template already holds any special tokens)."""
     return self.tokenizer(text, add_special_tokens=False)['input_ids'] if text else []
 
   def _encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -306,7 +312,7 @@ class PromptBuilder:
     while lo <= hi:
       mid = (lo + hi) // 2
       prompt = self._prompt(spec, mid)
-      ids = self._encode(prompt)
+      ids = self.encode(prompt)
       if len(ids) <= budget:
         found, lo = (mid, prompt, ids), mid + 1
       else:
@@ -315,7 +321,7 @@ class PromptBuilder:
       n = min(len(spec.history), 1)
       raise ValueError(
           f'{spec.task} example of user {spec.user} (position {spec.position}) takes '
-          f'{len(self._encode(self._prompt(spec, n))) + answer_len} tokens with {n} history title(s) > '
+          f'{len(self.encode(self._prompt(spec, n))) + answer_len} tokens with {n} history title(s) > '
           f'config.prompts.max_length = {self.cfg.max_length}; instruction, profile and candidates are '
           'never cut: raise max_length or lower max_title_tokens / profiles.max_new_tokens')
     return found
@@ -374,7 +380,9 @@ def build_examples(builder: PromptBuilder, split, which: str, profiles: Sequence
     if which == 'train':
       steps = [(p, train[p], [i for i in train[:p] if i not in heldout], heldout, (u, p))
                for p in training_positions(len(train), builder.cfg.max_examples_per_user)
-               if train[p] not in heldout]
+               # Repeats are skipped: the history is masked from the candidates, so a repeated
+               # item can never be a candidate (the retriever writes no train row for it either).
+               if train[p] not in heldout and train[p] not in train[:p]]
     elif which == 'valid':
       steps = [(len(train), int(split.valid[u]), train, frozenset(), u)]
     else:
