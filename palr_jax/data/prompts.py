@@ -177,9 +177,11 @@ def _special_tokens(tokenizer) -> list[str]:
 class PromptBuilder:
   """Renders and tokenizes examples for one config and tokenizer.
 
-  Titles are cut once, the chat template's answer framing is probed once, and (for recommend_retrieval)
-  every tag is checked to be one token where it appears: `tag_ids[j]` is the token of tag j at the start
-  of an answer, the token whose logit rank.py reads.
+  Titles are cut once, the chat template's answer framing is probed once (`answer_prefix`, what the
+  template puts before an assistant message's content after the generation prompt, usually ''; and
+  `answer_suffix`, its end-of-turn token), and (for recommend_retrieval) every tag is checked to be one
+  token where it appears: `tag_ids[j]` is the token of tag j at the start of an answer, the token whose
+  logit rank.py reads.
   """
 
   def __init__(self, config, inter, tokenizer):
@@ -189,14 +191,9 @@ class PromptBuilder:
     self.num_candidates = int(config.retriever.num_candidates)
     self.titles = [cut_title(t or f'item {i}', tokenizer, cfg.max_title_tokens)
                    for t, i in zip(inter.titles, inter.item_ids)]
-    self._answer_prefix, self._answer_suffix = self._probe_answer_framing()
+    self.answer_prefix, self.answer_suffix = self._probe_answer_framing()
     self.tags = list(cfg.tags)
     self.tag_ids = self._check_tags() if 'recommend_retrieval' in cfg.tasks else None
-
-  @property
-  def answer_prefix(self) -> str:
-    """What the chat template writes between the generation prompt and the answer's content."""
-    return self._answer_prefix
 
   # Rendering.
 
@@ -246,7 +243,7 @@ class PromptBuilder:
         return ''
       content = self.cfg.recommend_retrieval_response.format(tag=self.tags[hits[0]],
                                                              title=self.titles[target])
-    return self._answer_prefix + content + self._answer_suffix
+    return self.answer_prefix + content + self.answer_suffix
 
   def encode(self, text: str) -> list[int]:
     """Token ids of rendered text (the chat template already holds any special tokens)."""
@@ -293,8 +290,8 @@ class PromptBuilder:
     resp = self.cfg.recommend_retrieval_response
     ids = []
     for t in tags[:k]:
-      answer = self._answer_prefix + resp.format(tag=t, title=_PROBE_TITLE) + self._answer_suffix
-      at = len(self._answer_prefix) + resp.format(tag='\0', title=_PROBE_TITLE).index('\0')
+      answer = self.answer_prefix + resp.format(tag=t, title=_PROBE_TITLE) + self.answer_suffix
+      at = len(self.answer_prefix) + resp.format(tag='\0', title=_PROBE_TITLE).index('\0')
       ids += self._single_token(answer, [at], [len(t)], 'in the answer')
     return np.asarray(ids, np.int32)
 
