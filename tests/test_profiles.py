@@ -77,9 +77,10 @@ def test_profile_precedes_every_training_target_and_holds_no_heldout_item(tok, t
   for u in range(len(REPEATS)):
     heldout = {int(split.valid[u]), int(split.test[u])}
     source = profiles.profile_items(split, u, 5)
-    first = min(e.position for e in train if e.user == u)
-    # The source is train[u][:first] minus the held-out items: before every training target.
-    assert source.tolist() == [int(i) for i in split.train[u][:first] if int(i) not in heldout]
+    start = prompts.training_positions(len(split.train[u]), 5).start
+    assert all(e.position >= start for e in train if e.user == u)
+    # The source is train[u][:start] minus the held-out items: before every training target.
+    assert source.tolist() == [int(i) for i in split.train[u][:start] if int(i) not in heldout]
     assert not heldout & set(source.tolist())
     # And it is the profile the prompts carry (stats of exactly those items).
     expected = profiles.stats_profile(inter, source, config.profiles)

@@ -184,7 +184,8 @@ def test_no_heldout_item_in_training_prompts(tok, tmp_path):
     heldout = {int(split.valid[u]), int(split.test[u])}
     mine = [e for e in train if e.user == u]
     n = len(split.train[u])
-    expected = [p for p in range(max(1, n - 5), n) if split.train[u][p] not in heldout]
+    expected = [p for p in range(max(1, n - 5), n)
+                if split.train[u][p] not in heldout and split.train[u][p] not in split.train[u][:p]]
     assert sorted({e.position for e in mine}) == expected
     for e in mine:
       assert e.target == split.train[u][e.position] and e.target not in heldout
@@ -193,6 +194,7 @@ def test_no_heldout_item_in_training_prompts(tok, tmp_path):
       for item in heldout:
         assert f'- {inter.titles[item]}\n' not in e.prompt and f'. {inter.titles[item]}\n' not in e.prompt
   assert {1, 3} & set(int(i) for i in split.train[0])     # the fixture really has the repeats
+  assert 7 not in {e.position for e in train if e.user == 0}   # train[0][7] = 2 repeats train[0][2]
 
 
 def test_missed_target_inserted_at_seeded_position(tok, data, cand_dir):

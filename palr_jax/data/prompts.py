@@ -12,7 +12,9 @@ Targets and the no-leakage rule. H(u) = {valid[u], test[u]} are the user's held-
   train  targets slide over the last `max_examples_per_user` positions p >= 1 of train[u], history
          train[u][:p]. Positions whose item is in H(u) are skipped and items of H(u) are removed from the
          history and from the candidate list (both only happen with repeat events), so no training prompt
-         of u asks for, shows or offers a held-out item of u.
+         of u asks for, shows or offers a held-out item of u. Repeat targets (already in train[u][:p])
+         are skipped too: the retriever masks the history, so at test time a repeat is never a
+         candidate (and candidates/train.jsonl has no row for it).
   valid  history train[u], target valid[u].    test  history train[u] + [valid[u]], target test[u].
   The profile is one text per user, written from train[u] before its first training target
   (`palr_jax/profiles.py`), so it never contains a prompt's target or anything after it.
@@ -377,9 +379,7 @@ def build_examples(builder: PromptBuilder, split, which: str, profiles: Sequence
     if which == 'train':
       steps = [(p, train[p], [i for i in train[:p] if i not in heldout], heldout, (u, p))
                for p in training_positions(len(train), builder.cfg.max_examples_per_user)
-               # Repeats are skipped: the history is masked from the candidates, so a repeated
-               # item can never be a candidate (the retriever writes no train row for it either).
-               if train[p] not in heldout and train[p] not in train[:p]]
+               if train[p] not in heldout and train[p] not in train[:p]]   # see "Targets" above
     elif which == 'valid':
       steps = [(len(train), int(split.valid[u]), train, frozenset(), u)]
     else:
