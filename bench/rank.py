@@ -1,0 +1,154 @@
+"""LLM ranking speed and quality: score mode (tag logits, one forward pass) vs generate mode (greedy
+decoding constrained to the candidates by a prefix trie), in one run on the same prompts.
+
+A seeded sample of ML-100K test users; candidates are the retriever's top K (iALS fitted on train +
+valid, as in `palr_jax.retrieve`), in retriever order, no target inserted; prompts are Recommend_Retrieval
+with the fast statistics profile. The model is `config.model.spec` (SmolLM2-135M-Instruct by default),
+zero-shot unless `--adapter W` applies the adapter trained in W. Each mode first runs once on one prompt
+per length bucket (compiles, reported apart), then on all sampled users (users/s). HR@10 / NDCG@10 are
+over the catalog: candidates the LLM did not rank keep retriever order, targets the retriever missed keep
+their retriever rank.
+
+  python bench/rank.py [--config configs/common.py] [--users 32] [--adapter W] [--write bench/RESULTS.md]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import os
+import platform
+import re
+import time
+
+import jax
+import numpy as np
+
+from palr_jax import checkpoints
+from palr_jax import evaluate
+from palr_jax import profiles
+from palr_jax import rank
+from palr_jax.data import interactions
+from palr_jax.data import prompts
+from palr_jax.retrieval import candidates as candidates_lib
+from palr_jax.retrieval import mf
+
+
+def load_config(spec: str):
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('bench_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def retriever_top_k(config, inter, split, users):
+  """(top-K items [N, K], 0-based target ranks [N]) on test for `users`, fitted on train + valid."""
+  seen = [np.append(t, v) for t, v in zip(split.train, split.valid)]
+  user_factors, item_factors = mf.fit(seen, len(inter.item_ids), config.retriever,
+                                      jax.random.key(config.seed))
+  ranking = candidates_lib.rank(user_factors, item_factors, seen, np.arange(len(seen)), split.test,
+                                config.retriever)
+  return ranking.items[users], ranking.ranks[users]
+
+
+def timed(fn, warm_rows, rows):
+  """(result on rows, compile seconds of a first call on warm_rows, seconds on rows)."""
+  start = time.perf_counter()
+  fn(warm_rows)
+  compile_seconds = time.perf_counter() - start
+  start = time.perf_counter()
+  out = fn(rows)
+  return out, compile_seconds, time.perf_counter() - start
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--config', default='configs/common.py')
+  parser.add_argument('--users', type=int, default=32, help='seeded sample of test users')
+  parser.add_argument('--adapter', default='', help='a run folder whose trained LoRA adapter to apply')
+  parser.add_argument('--write', default='', help='update the "## Ranking" section of this file')
+  args = parser.parse_args()
+  config = load_config(args.config)
+  rc = config.rank
+
+  inter = interactions.load(config.data)
+  split = interactions.leave_one_out(inter)
+  users = np.sort(np.random.default_rng(config.seed).choice(len(split.train), args.users, replace=False))
+  top_k, retriever_ranks = retriever_top_k(config, inter, split, users)
+  targets = split.test[users]
+
+  model, tokenizer, _ = checkpoints.load_model(config.model)
+  source = 'zero-shot'
+  if args.adapter:
+    source, _ = checkpoints.apply_trained_adapter(model, args.adapter)
+
+  config.prompts.tasks = ('recommend_retrieval',)
+  config.prompts.candidate_order = 'retriever'
+  builder = prompts.PromptBuilder(config, inter, tokenizer)
+  user_profiles = [''] * len(split.train)
+  for u in users:
+    items = profiles.profile_items(split, u, config.prompts.max_examples_per_user)
+    user_profiles[u] = profiles.stats_profile(inter, items, config.profiles)
+  table = prompts.Candidates('(bench)', 'test', {int(u): top_k[n] for n, u in enumerate(users)})
+  examples = prompts.build_examples(builder, split, 'test', user_profiles, table, users=users,
+                                    insert_target=False)
+  prompt_ids = [list(ex.input_ids[ex.loss_mask == 0]) + builder.encode(builder.answer_prefix)
+                for ex in examples]
+  cands = [list(ex.candidates) for ex in examples]
+  lengths = np.array([len(p) for p in prompt_ids])
+  buckets = sorted(rc.buckets)
+  bucket_of = np.array([min(b for b in buckets if b >= n) for n in lengths])
+  warm = [int(np.flatnonzero(bucket_of == b)[0]) for b in np.unique(bucket_of)]
+  kw = dict(batch_size=rc.batch_size, buckets=rc.buckets)
+
+  def score(rows):
+    tags = [builder.tag_ids[:len(cands[n])] for n in rows]
+    return rank.order_from_scores(rank.score_tags(model, [prompt_ids[n] for n in rows], tags, **kw))
+
+  written = [[builder.encode(config.prompts.recommend_retrieval_response.format(tag=builder.tags[j],
+                                                                                title=builder.titles[i]))
+              for j, i in enumerate(c)] for c in cands]
+
+  def generate(rows):
+    return rank.generate_ranking(model, [prompt_ids[n] for n in rows], [written[n] for n in rows],
+                                 separator=builder.encode(rc.separator), max_items=rc.max_items, **kw)
+
+  rows = list(range(len(users)))
+  results = {'retriever': ([list(range(len(c))) for c in cands], 0.0, 0.0)}
+  results['score'] = timed(score, warm, rows)
+  results['generate'] = timed(generate, warm, rows)
+
+  lines = [
+      f'{datetime.date.today()}, {platform.node() or "host"}: {jax.devices()[0].platform} '
+      f'({jax.device_count()} device(s), {os.cpu_count()} CPU cores), model `{config.model.spec}` '
+      f'({source}), dtype {config.model.dtype}; {len(users)} seeded ML-100K test users, '
+      f'K = {config.retriever.num_candidates} iALS candidates in retriever order (the retriever\'s own '
+      f'recall@K on them: {np.mean(retriever_ranks < top_k.shape[1]):.3f}), stats profiles; prompts '
+      f'{lengths.min()}-{lengths.max()} tokens (mean {lengths.mean():.0f}), batch {rc.batch_size}, '
+      f'generate writes up to {rc.max_items} items separated by {rc.separator!r}.',
+      '',
+      '| mode | users/s | s total | first call (compile) s | HR@10 | NDCG@10 | items ranked per user |',
+      '|---|---|---|---|---|---|---|',
+  ]
+  for mode, (orders, compile_seconds, seconds) in results.items():
+    ranks = [rank.target_rank(c, o, t, r) for c, o, t, r in zip(cands, orders, targets, retriever_ranks)]
+    metrics = evaluate.metrics_from_ranks(ranks, (10,))
+    speed = f'{len(users) / seconds:.3f} | {seconds:.1f} | {compile_seconds:.1f}' if seconds else '- | - | -'
+    lines.append(f'| {mode} | {speed} | {metrics["HR@10"]:.4f} | '
+                 f'{metrics["NDCG@10"]:.4f} | {np.mean([len(o) for o in orders]):.1f} |')
+  print('\n'.join(lines))
+  if args.write:
+    section = '## Ranking\n\n`python bench/rank.py`\n\n' + '\n'.join(lines) + '\n'
+    text = open(args.write).read() if os.path.exists(args.write) else '# Benchmarks\n'
+    pattern = re.compile(r'^## Ranking\n.*?(?=^## |\Z)', re.S | re.M)
+    text = pattern.sub(lambda _: section + '\n', text) if pattern.search(text) else (
+        text.rstrip('\n') + '\n\n' + section)
+    tmp = args.write + '.tmp'
+    with open(tmp, 'w') as f:
+      f.write(text)
+    os.replace(tmp, args.write)
+
+
+if __name__ == '__main__':
+  main()
