@@ -92,6 +92,7 @@ def get_config():
   c.train.weight_decay = 0.0       # AdamW, on matrices only
   c.train.grad_clip_norm = 1.0     # global norm; 0 = off
   c.train.log_every = 10           # steps between TensorBoard points
+  c.train.valid_batches = 0        # validation loss over the first this many global batches (0 = all)
   c.train.eval_every = 200         # validation loss every this many steps and at the end (0 = only at the end)
   c.train.checkpoint_every = 200   # async save every this many steps, and at the end
   c.train.keep_latest = 2          # checkpoints kept: the last keep_latest ...
