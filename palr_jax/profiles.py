@@ -112,10 +112,10 @@ def check_template(cfg) -> None:
 def llm_request(inter, items: Sequence[int], user: int, cfg) -> str:
   """The user message asking for a profile: the source's last `max_history` titles, its genre shares
   (over the whole source) and the user's attributes."""
-  lines = '\n'.join(cfg.history_line.format(title=' '.join(inter.titles[i].split()) or f'item {inter.item_ids[i]}')
-                    for i in list(items)[-cfg.max_history:])
+  titles = [' '.join(inter.titles[i].split()) or f'item {inter.item_ids[i]}' for i in list(items)[-cfg.max_history:]]
+  genres = _shares_text(genre_shares(inter, items, cfg.top_genres)) or 'unknown'
   features = user_features_text(inter, user, cfg.user_features)
-  return cfg.template.format(history=lines, genres=_shares_text(genre_shares(inter, items, cfg.top_genres)) or 'unknown',
+  return cfg.template.format(history='\n'.join(cfg.history_line.format(title=t) for t in titles), genres=genres,
                              user=cfg.user_line.format(features=features) if features else '')
 
 

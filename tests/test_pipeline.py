@@ -266,7 +266,7 @@ def test_process_slices_are_disjoint_and_cover_the_global_batch(setup, axes):
   config = tiny_config()
   config.prompts.batches.pack = False          # padding mode: each process must pick the global bucket
   config.train.batch_size = 8
-  config.mesh.dcn_data, config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, axes['data'], axes['fsdp'], axes['tensor']
+  config.mesh.update(dcn_data=1, **axes)
   mesh = sharding.make_mesh(config.mesh)
   rules = config.mesh.rules
   index = sharding.batch_sharding(mesh, rules, ndim=1).devices_indices_map((8,))
@@ -312,7 +312,8 @@ def test_write_examples_and_fingerprint(setup, tmp_path):
   meta = json.loads((out / 'meta.json').read_text())
   assert meta['splits']['valid']['examples'] == 3
   assert meta['splits']['train']['tokens'] == sum(len(e.input_ids) for e in examples)
-  assert meta['splits']['train']['tasks'] == {'recommend': len(examples) // 2, 'recommend_retrieval': len(examples) // 2}
+  half = len(examples) // 2
+  assert meta['splits']['train']['tasks'] == {'recommend': half, 'recommend_retrieval': half}
   assert len(list(pipeline.read_tfrecord(out / 'valid.tfrecord'))) == 3
   before = pipeline.examples_fingerprint(config)
   config.prompts.batches.pack = not config.prompts.batches.pack    # batching: same examples

@@ -74,8 +74,9 @@ def test_loss_mask_covers_exactly_the_answer_tokens(tok, data, cand_dir):
   assert len(examples) > 20
   eot = tok.convert_tokens_to_ids('<|im_end|>')
   for ex in examples:
-    start = len(tok(ex.prompt, add_special_tokens=False)['input_ids'])
-    expected = tok(ex.prompt, add_special_tokens=False)['input_ids'] + tok(ex.answer, add_special_tokens=False)['input_ids']
+    prompt_ids = tok(ex.prompt, add_special_tokens=False)['input_ids']
+    start = len(prompt_ids)
+    expected = prompt_ids + tok(ex.answer, add_special_tokens=False)['input_ids']
     np.testing.assert_array_equal(ex.input_ids, expected)
     np.testing.assert_array_equal(ex.loss_mask, np.arange(len(expected)) >= start)
     assert ex.input_ids.dtype == ex.loss_mask.dtype == np.int32
@@ -162,7 +163,8 @@ def test_duplicate_titles_resolve_through_tags(tok, data):
   assert inter.titles[2] == inter.titles[4] == 'Sabrina'
   builder = prompts.PromptBuilder(tiny_config(), inter, tok)
   for target, tag in ((4, 'C'), (2, 'A')):
-    [ex] = builder.examples([prompts.Spec('recommend_retrieval', 'test', 0, 9, target, (0, 1), '', (2, 11, 4, 10))])
+    spec = prompts.Spec('recommend_retrieval', 'test', 0, 9, target, (0, 1), '', (2, 11, 4, 10))
+    [ex] = builder.examples([spec])
     assert ex.prompt.count('. Sabrina\n') == 2
     assert ex.answer == f'{tag}. Sabrina<|im_end|>'
     first = ex.input_ids[ex.loss_mask == 1][0]             # the ranker reads this token's logit
@@ -202,8 +204,10 @@ def test_missed_target_inserted_at_seeded_position(tok, data, cand_dir):
   config = tiny_config()
   config.prompts.candidate_order = 'retriever'
   cands = prompts.read_candidates(cand_dir / 'train.jsonl', split, 'train')
-  build = lambda: [e for e in prompts.build_examples(prompts.PromptBuilder(config, inter, tok), split,  # noqa: E731
-                                                     'train', None, cands) if e.task == 'recommend_retrieval']
+  def build():
+    builder = prompts.PromptBuilder(config, inter, tok)
+    return [e for e in prompts.build_examples(builder, split, 'train', None, cands) if e.task == 'recommend_retrieval']
+
   first = build()
   missed = [e for e in first if e.target not in cands.rows[(e.user, e.position)][:4]]
   assert len(missed) >= 3
