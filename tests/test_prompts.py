@@ -204,6 +204,7 @@ def test_missed_target_inserted_at_seeded_position(tok, data, cand_dir):
   config = tiny_config()
   config.prompts.candidate_order = 'retriever'
   cands = prompts.read_candidates(cand_dir / 'train.jsonl', split, 'train')
+
   def build():
     builder = prompts.PromptBuilder(config, inter, tok)
     return [e for e in prompts.build_examples(builder, split, 'train', None, cands) if e.task == 'recommend_retrieval']
