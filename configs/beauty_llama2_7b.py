@@ -23,4 +23,14 @@ def get_config(arg: str = '8xH100'):
   c.data.name = 'Beauty'
   c.data.k_core = 5
   c.retriever.num_candidates = 20
+  # Templates speak of products, not movies.
+  c.profiles.template = (
+      'A customer bought these beauty products, oldest first:\n{history}\nCategories they bought most: '
+      '{genres}.\n{user}In two sentences, describe this customer\'s preferences: product types, brands '
+      'and needs. Do not list products.')
+  intro = 'A customer bought these products, oldest first:\n{history}\n{profile}'
+  c.prompts.recommend = intro + 'Recommend the product the customer will buy next. Answer with its title.'
+  c.prompts.recommend_retrieval = (intro + 'Candidates:\n{candidates}\n'
+                                   'Which candidate will the customer buy next? Answer with its letter and title.')
+  c.prompts.max_title_tokens = 32
   return llama2_7b_common.apply_pod(c, arg or '8xH100')
