@@ -188,7 +188,10 @@ def _rank_split(config, model, builder, split, which: str, users: np.ndarray, ta
                 for j, i in enumerate(s)] for s in shown]
     else:
       texts = [[config.prompts.recommend_response.format(title=builder.titles[i]) for i in s] for s in shown]
-    conts = [[builder.encode(t) for t in ts] for ts in texts]
+    # Likelihood scores whole answers (end-of-turn included), so a title that is a prefix of another
+    # gets no advantage; generation stops items by the trie, so it needs only the content.
+    end = builder.answer_suffix if mode == 'likelihood' else ''
+    conts = [[builder.encode(t + end) for t in ts] for ts in texts]
     if mode == 'generate':
       orders = rank.generate_ranking(model, prompt_ids, conts, separator=builder.encode(c.separator),
                                      max_items=int(c.max_items), **common)
@@ -197,10 +200,15 @@ def _rank_split(config, model, builder, split, which: str, users: np.ndarray, ta
                                                                **common))
   else:
     raise ValueError(f"config.rank.mode: expected 'score', 'generate' or 'likelihood', got {mode!r}")
-  ranks = np.array([rank.target_rank(s, o, e.target, r['target_rank'])
-                    for s, o, e, r in zip(shown, orders, examples, rows)], np.float64)
-  return {'users': users, 'targets': np.array([e.target for e in examples]), 'items': shown,
-          'orders': [np.asarray(o) for o in orders], 'ranks': ranks}
+  # Orders index the candidates as shown (tag order may be shuffled); re-index them into the retriever's
+  # order so candidates the model leaves unranked (generate mode) keep the retriever's order.
+  retrieved = [np.asarray(r['items'], np.int64) for r in rows]
+  orders = [np.asarray([int(np.flatnonzero(ret == s[j])[0]) for j in o], np.int64)
+            for o, s, ret in zip(orders, shown, retrieved)]
+  ranks = np.array([rank.target_rank(ret, o, e.target, r['target_rank'])
+                    for ret, o, e, r in zip(retrieved, orders, examples, rows)], np.float64)
+  return {'users': users, 'targets': np.array([e.target for e in examples]), 'items': retrieved,
+          'orders': orders, 'ranks': ranks}
 
 
 def _load(config, mesh, lora_config=None, seed_name='lora'):
