@@ -5,7 +5,9 @@ both sides load), same batch (B=4 rows of T=512 tokens, a PALR prompt followed b
 loss on the response only, mean over its tokens), same LoRA (r=8, alpha=16, dropout 0.05 on q_proj and
 v_proj), AdamW and global-norm clipping, same thread count. Each configuration runs in a fresh process:
 one step to compile / warm up, then `--steps` timed steps; the peak RSS of the timed steps is read from
-VmHWM after resetting it (/proc/self/clear_refs), the whole-process peak (loading included) too.
+VmHWM after returning freed heap to the OS (malloc_trim) and resetting it (/proc/self/clear_refs), the
+whole-process peak (loading and compiling included) too, and for JAX the step's temporary buffers as
+XLA plans them.
 
 Sides, each in its best idiomatic form:
   jax             `palr_jax.train.make_train_step`: jit, donated state, logits at the <= 64 loss positions
@@ -13,8 +15,10 @@ Sides, each in its best idiomatic form:
   torch_labels    transformers' own loss: `model(input_ids, labels=...)` (-100 off the response), all logits
   torch_selected  hidden states from the decoder, LM head and cross-entropy at the response positions only
 bf16 = bf16 base weights and compute with fp32 adapters on both sides (peft keeps adapters in fp32).
-The machine's matmul peak is the best of jnp.dot and torch.mm on 2048^2 matrices; each side's fraction of
+The machine's matmul peak is the best of jnp.dot and torch.mm on 1024^2 matrices; each side's fraction of
 it counts the model FLOPs of `palr_jax.train.step_flops` (needed work only, the same for every side).
+A configuration still running after `--cap-s` seconds is stopped; its row then gives what was measured
+(with a single step, that warm-up step: no compilation on the torch side; with none, s / step is inf).
 
   python bench/train_step.py [--steps 3] [--precisions fp32,bf16] [--results bench/RESULTS.md]
 The last line printed is `speedup_vs_torch_peft=<x>`: tokens/s of the faster JAX precision whose first
@@ -23,6 +27,7 @@ loss is within 1% of fp32's, over the best torch configuration under the same ru
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
@@ -48,6 +53,8 @@ def make_batch(vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def reset_peak_rss() -> None:
+  """Returns freed heap to the OS (compilation / loading transients), then restarts the VmHWM peak."""
+  ctypes.CDLL('libc.so.6').malloc_trim(0)
   with open('/proc/self/clear_refs', 'w') as f:
     f.write('5')
 
@@ -55,6 +62,20 @@ def reset_peak_rss() -> None:
 def peak_rss_mib() -> float:
   with open('/proc/self/status') as f:
     return next(int(line.split()[1]) for line in f if line.startswith('VmHWM')) / 1024
+
+
+def time_steps(step, steps: int) -> None:
+  """Runs `step` (synchronous, returns the loss) 1 + `steps` times and prints a STEP line after each:
+  seconds, loss, and the peak RSS since the end of the first step (which compiles / warms up), so a
+  parent that stops a slow run still has what was measured."""
+  for i in range(steps + 1):
+    start = time.perf_counter()
+    loss = step()
+    seconds = time.perf_counter() - start
+    if i == 0:
+      reset_peak_rss()
+    print('STEP ' + json.dumps({'i': i, 'seconds': seconds, 'loss': loss, 'rss_mib': peak_rss_mib()}),
+          flush=True)
 
 
 def config_for(precision: str):
@@ -88,18 +109,20 @@ def run_jax(precision: str, steps: int, remat: str) -> dict:
   del model, values
   step = train.make_train_step(parts, optimizer, config.train, rules, shardings, frozen_shardings, config.seed)
   batch = train.device_batch(make_batch(llama_config.vocab_size), mesh, rules, config.train)
-  with jax.set_mesh(mesh):
-    state, metrics = step(state, frozen, batch)
-    first_loss = float(metrics['loss'])
-    reset_peak_rss()
-    start = time.perf_counter()
-    for _ in range(steps):
-      state, metrics = step(state, frozen, batch)
-    jax.block_until_ready((state, metrics))
   lora_params = sum(v.size for v in state['lora'].values())
-  return {'seconds': (time.perf_counter() - start) / steps, 'first_loss': first_loss,
-          'flops': train.step_flops(llama_config, lora_params, BATCH, LENGTH, MAX_LOSS_TOKENS),
-          'threads': os.cpu_count()}
+  held = {'state': state}
+
+  with jax.set_mesh(mesh):
+    compiled = step.lower(state, frozen, batch).compile()
+
+  def one_step():
+    held['state'], metrics = compiled(held['state'], frozen, batch)
+    return float(metrics['loss'])  # Waits for the step.
+
+  time_steps(one_step, steps)
+  memory = compiled.memory_analysis()
+  return {'flops': train.step_flops(llama_config, lora_params, BATCH, LENGTH, MAX_LOSS_TOKENS),
+          'threads': os.cpu_count(), 'xla_temp_mib': memory.temp_size_in_bytes / 2**20}
 
 
 def run_torch(side: str, precision: str, steps: int) -> dict:
@@ -136,21 +159,16 @@ def run_torch(side: str, precision: str, steps: int) -> dict:
     logits = lm_head(hidden).float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, targets_at].reshape(-1))
 
-  def step():
+  def one_step():
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(trainable, c.grad_clip_norm)
     optimizer.step()
-    return loss
+    return float(loss)
 
-  first_loss = float(step())
-  reset_peak_rss()
-  start = time.perf_counter()
-  for _ in range(steps):
-    step()
-  return {'seconds': (time.perf_counter() - start) / steps, 'first_loss': first_loss,
-          'threads': torch.get_num_threads()}
+  time_steps(one_step, steps)
+  return {'threads': torch.get_num_threads()}
 
 
 def run_peak() -> dict:
@@ -159,7 +177,7 @@ def run_peak() -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count())
-  n, out = 2048, {}
+  n, out = 1024, {}
   for precision, jdt, tdt in (('fp32', jnp.float32, torch.float32), ('bf16', jnp.bfloat16, torch.bfloat16)):
     a = jnp.ones((n, n), jdt)
     dot = jax.jit(lambda x, y: x @ y)
@@ -168,7 +186,7 @@ def run_peak() -> dict:
     for name, fn in (('jax', lambda: dot(a, a).block_until_ready()), ('torch', lambda: torch.mm(ta, ta))):
       fn()
       times = []
-      for _ in range(5):
+      for _ in range(3):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -183,25 +201,32 @@ def child(args) -> None:
   else:
     result = (run_jax(args.precision, args.steps, 'dots' if args.side == 'jax_remat' else 'none')
               if args.side.startswith('jax') else run_torch(args.side, args.precision, args.steps))
-    result.update(side=args.side, precision=args.precision, peak_rss_step_mib=peak_rss_mib())
     import resource  # pylint: disable=g-import-not-at-top
     result['peak_rss_process_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print('RESULT ' + json.dumps(result), flush=True)
 
 
-def spawn(*argv: str) -> dict:
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--child', *argv], capture_output=True,
-                        text=True, env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'})
-  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
-  if proc.returncode or not lines:
-    raise RuntimeError(f'{argv} failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
-  return json.loads(lines[-1][len('RESULT '):])
+def spawn(*argv: str, cap_s: float | None = None) -> tuple[dict, list[dict]]:
+  """(the child's RESULT, its STEP records); a child stopped at `cap_s` gives its STEPs only."""
+  proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--child', *argv], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'})
+  try:
+    out, err = proc.communicate(timeout=cap_s)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    out, err = proc.communicate()
+  records = {tag: [json.loads(l[len(tag) + 1:]) for l in out.splitlines() if l.startswith(tag + ' ')]
+             for tag in ('RESULT', 'STEP')}
+  if not records['RESULT'] and not records['STEP']:
+    raise RuntimeError(f'{argv} failed ({proc.returncode}):\n{err[-4000:]}')
+  return (records['RESULT'] or [{}])[-1], records['STEP']
 
 
 def main(argv) -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--precisions', default='fp32,bf16')
+  parser.add_argument('--cap-s', type=float, default=900, help='stop a configuration after this long')
   parser.add_argument('--results', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'RESULTS.md'))
   parser.add_argument('--child', action='store_true')
   parser.add_argument('--side', choices=SIDES + ('peak',))
@@ -212,11 +237,16 @@ def main(argv) -> None:
     return
 
   load_before = os.getloadavg()[0]
-  peak = spawn('--side', 'peak')
+  peak, _ = spawn('--side', 'peak')
   rows = []
   for precision in args.precisions.split(','):
     for side in SIDES:
-      rows.append(spawn('--side', side, '--precision', precision, '--steps', str(args.steps)))
+      result, steps = spawn('--side', side, '--precision', precision, '--steps', str(args.steps), cap_s=args.cap_s)
+      timed = steps[1:] or steps
+      rows.append({**result, 'side': side, 'precision': precision, 'timed_steps': max(len(steps) - 1, 0),
+                   'first_loss': steps[0]['loss'] if steps else float('nan'),
+                   'seconds': float(np.mean([r['seconds'] for r in timed])) if steps else float('inf'),
+                   'peak_rss_step_mib': max(r['rss_mib'] for r in steps[1:]) if steps[1:] else float('nan')})
       print(json.dumps(rows[-1]), flush=True)
   flops = next(r['flops'] for r in rows if 'flops' in r)
   tokens = BATCH * LENGTH
@@ -240,16 +270,21 @@ def main(argv) -> None:
            f'{RESPONSE} tokens of each row. {platform.machine()} CPU, {os.cpu_count()} cores, every side on '
            f'{os.cpu_count()} threads; load average {load_before:.1f} before / {load_after:.1f} after '
            '(other jobs share the cores: compare ratios within this run). Model FLOPs per step '
-           f'{flops / 1e12:.3f} T (`train.step_flops`). Matmul peak (2048^2, best of jnp.dot / torch.mm): '
+           f'{flops / 1e12:.3f} T (`train.step_flops`). Matmul peak (1024^2, best of jnp.dot / torch.mm): '
            + ', '.join(f'{p} {max(v.values()) / 1e9:.1f} GFLOP/s (jax {v["jax"] / 1e9:.1f}, torch '
                        f'{v["torch"] / 1e9:.1f})' for p, v in peak.items()) + '.', '',
-           '| side | precision | s / step | tokens/s | fraction of matmul peak | first loss | within 1% of fp32 '
-           '| peak RSS during steps MiB | process peak RSS MiB |',
-           '|---|---|---|---|---|---|---|---|---|']
+           '| side | precision | timed steps | s / step | tokens/s | fraction of matmul peak | first loss '
+           '| within 1% of fp32 | peak RSS during steps MiB | process peak RSS MiB | XLA temp MiB |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
-    lines.append(f'| {r["side"]} | {r["precision"]} | {r["seconds"]:.2f} | {r["tokens_per_s"]:.0f} | '
-                 f'{r["peak_fraction"]:.2f} | {r["first_loss"]:.4f} | {"yes" if r["loss_ok"] else "NO"} | '
-                 f'{r["peak_rss_step_mib"]:.0f} | {r["peak_rss_process_mib"]:.0f} |')
+    xla_temp = f'{r["xla_temp_mib"]:.0f}' if 'xla_temp_mib' in r else '-'
+    step_rss = '-' if np.isnan(r['peak_rss_step_mib']) else f'{r["peak_rss_step_mib"]:.0f}'
+    process_peak = f'{r["peak_rss_process_mib"]:.0f}' if 'peak_rss_process_mib' in r else f'stopped at {args.cap_s:.0f} s'
+    timed = r['timed_steps'] or ('0 (warm-up step)' if np.isfinite(r['seconds']) else f'none in {args.cap_s:.0f} s')
+    lines.append(f'| {r["side"]} | {r["precision"]} | {timed} | '
+                 f'{r["seconds"]:.2f} | {r["tokens_per_s"]:.0f} | {r["peak_fraction"]:.3f} | {r["first_loss"]:.4f} | '
+                 f'{"?" if np.isnan(r["first_loss"]) else "yes" if r["loss_ok"] else "NO"} | '
+                 f'{step_rss} | {process_peak} | {xla_temp} |')
   lines += ['', f'Best JAX: {ours["side"]} {ours["precision"]} ({ours["tokens_per_s"]:.0f} tokens/s); best torch: '
             f'{theirs["side"]} {theirs["precision"]} ({theirs["tokens_per_s"]:.0f} tokens/s). '
             f'Run {datetime.date.today().isoformat()}.', '', f'speedup_vs_torch_peft={speedup:.2f}']
