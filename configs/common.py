@@ -143,6 +143,7 @@ def get_config():
   c.prompts.max_examples_per_user = 10  # training targets per user and task: the last N of train[u]
   c.prompts.tags = tuple('ABCDEFGHIJKLMNOPQRSTUVWXYZ')  # single-token tags, >= retriever.num_candidates
   c.prompts.candidate_order = 'shuffle'  # shuffle | retriever
+  c.prompts.missed_target = 'insert'     # training target not retrieved: insert (paper) | skip the example
   c.prompts.use_profile = True
   c.prompts.max_title_tokens = 24  # longer titles are cut
   c.prompts.max_length = 1024      # tokens per example (and per packed row); oldest history dropped first

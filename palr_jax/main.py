@@ -222,9 +222,9 @@ def _load(config, mesh, lora_config=None, seed_name='lora'):
 
 def run(config, workdir, shared_dir=None) -> dict:
   """Runs every stage that is not current; returns the results dict (also in W/results.json)."""
-  workdir = epath.Path(workdir)
+  workdir = checkpoints.local_absolute(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  shared_dir = epath.Path(shared_dir) if shared_dir else None
+  shared_dir = checkpoints.local_absolute(shared_dir) if shared_dir else None
   runner = Runner(workdir, shared_dir)
   mesh = sharding.make_mesh(config.mesh)
   ks = [int(k) for k in config.eval.ks]

@@ -39,6 +39,7 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer import record_writer
 import tqdm
 
+from palr_jax import checkpoints
 from palr_jax import sharding
 
 BATCH_KEYS = ('input_ids', 'positions', 'segment_ids', 'loss_mask')
@@ -317,7 +318,7 @@ def checkpoint_manager(directory: epath.PathLike, train_config) -> ocp.Checkpoin
                      keep_checkpoints_without_metrics=False)])
   options = ocp.CheckpointManagerOptions(preservation_policy=keep, enable_async_checkpointing=c.async_checkpoints,
                                          cleanup_tmp_directories=True, create=True)
-  return ocp.CheckpointManager(epath.Path(directory), item_names=('state', 'data', 'config'), options=options)
+  return ocp.CheckpointManager(checkpoints.local_absolute(directory), item_names=('state', 'data', 'config'), options=options)
 
 
 def gather_json(obj: Any) -> list[Any]:

@@ -228,6 +228,41 @@ def test_missed_target_inserted_at_seeded_position(tok, data, cand_dir):
   assert [e.candidates for e in build()] != [e.candidates for e in shuffled]
 
 
+def test_missed_target_skip_leaves_out_exactly_the_missed_retrieval_examples(tok, data, cand_dir):
+  inter, split = data
+  config = tiny_config()
+  config.prompts.candidate_order = 'retriever'
+  cands = prompts.read_candidates(cand_dir / 'train.jsonl', split, 'train')
+
+  def build():
+    return prompts.build_examples(prompts.PromptBuilder(config, inter, tok), split, 'train', None, cands)
+
+  inserted = build()
+  config.prompts.missed_target = 'skip'
+  skipped = build()
+  missed = {(e.user, e.position) for e in inserted
+            if e.task == 'recommend_retrieval' and e.target not in cands.rows[(e.user, e.position)][:4]}
+  assert missed
+  # Recommend examples are untouched; Recommend_Retrieval loses exactly the missed positions, and the
+  # kept ones show the retriever's list unchanged (target where the retriever put it).
+  assert [e.position for e in skipped if e.task == 'recommend'] == [
+      e.position for e in inserted if e.task == 'recommend']
+  kept = [e for e in skipped if e.task == 'recommend_retrieval']
+  assert {(e.user, e.position) for e in kept} == {
+      (e.user, e.position) for e in inserted if e.task == 'recommend_retrieval'} - missed
+  for e in kept:
+    heldout = {int(split.valid[e.user]), int(split.test[e.user])}
+    assert list(e.candidates) == [int(i) for i in cands.rows[(e.user, e.position)] if i not in heldout][:4]
+  # Ranking builds with insert_target=False: every user keeps its example.
+  test = prompts.read_candidates(cand_dir / 'test.jsonl', split, 'test')
+  raw = prompts.build_examples(prompts.PromptBuilder(config, inter, tok), split, 'test', None, test,
+                               insert_target=False)
+  assert len([e for e in raw if e.task == 'recommend_retrieval']) == len(split.test)
+  config.prompts.missed_target = 'drop'
+  with pytest.raises(ValueError, match='config.prompts.missed_target'):
+    prompts.PromptBuilder(config, inter, tok)
+
+
 def test_eval_candidates_as_retrieved_without_insertion(tok, data, cand_dir):
   inter, split = data
   config = tiny_config()

@@ -12,7 +12,7 @@ import optax
 import pytest
 import scipy.special
 
-from palr_jax import sharding, train
+from palr_jax import checkpoints, sharding, train
 import train_child as tc
 
 CHILD = os.path.join(os.path.dirname(__file__), 'train_child.py')
@@ -132,9 +132,10 @@ def test_schedule_and_weight_decay_mask():
   np.testing.assert_array_equal(params['v'], 1.0)
 
 
-def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
+def test_checkpoints_keep_the_latest_and_the_best(tmp_path, monkeypatch):
   config = tc.tiny_config(keep_latest=2, keep_best=1)
-  manager = train.checkpoint_manager(tmp_path, config.train)
+  monkeypatch.chdir(tmp_path)  # a relative workdir, as in the README's command (orbax wants absolute)
+  manager = train.checkpoint_manager('run/checkpoints', config.train)
   for step, valid_loss in zip(range(1, 6), (3.0, 1.0, 2.0, None, 5.0)):
     state = {'step': jnp.array(step), 'lora': {'a': jnp.full((2,), step, jnp.float32)}}
     train.save_checkpoint(manager, step, state, {'position': step}, config, valid_loss)
@@ -146,6 +147,7 @@ def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
   np.testing.assert_array_equal(restored['lora']['a'], [2.0, 2.0])
   assert data_state == {'position': 2}
   manager.close()
+  assert checkpoints.checkpoint_steps('run') == [2, 4, 5]
 
 
 def test_flop_count_matches_xla(single_device):

@@ -60,9 +60,15 @@ def find_adapter(workdir) -> epath.Path | None:
   return None
 
 
+def local_absolute(path: epath.PathLike) -> epath.Path:
+  """`path` made absolute when it is local (orbax refuses relative directories); URLs are left as is."""
+  path = epath.Path(path)
+  return path if '://' in str(path) else epath.Path(os.path.abspath(path))
+
+
 def checkpoint_steps(workdir) -> list[int]:
   """The finalized orbax checkpoint steps of a training run (`W/checkpoints`), oldest first."""
-  directory = epath.Path(workdir) / 'checkpoints'
+  directory = local_absolute(workdir) / 'checkpoints'
   if not directory.exists():
     return []
   return sorted(ocp.CheckpointManager(directory, item_names=('state', 'data', 'config')).all_steps())
@@ -82,7 +88,7 @@ def apply_trained_adapter(model: llama.Llama, workdir, step: int | None = None, 
   the trainer's orbax checkpoint `step` (default the latest; `W/checkpoints`, LoRA settings from the
   config saved with it), else from a PEFT folder (`find_adapter`). A model that has adapters already
   gets their values replaced. Returns (where they came from, the lora config section)."""
-  directory = epath.Path(workdir) / 'checkpoints'
+  directory = local_absolute(workdir) / 'checkpoints'
   if directory.exists():
     manager = ocp.CheckpointManager(directory, item_names=('state', 'data', 'config'))
     if step is None:

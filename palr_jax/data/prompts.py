@@ -21,8 +21,11 @@ Targets and the no-leakage rule. H(u) = {valid[u], test[u]} are the user's held-
 
 Candidates: train prompts take row (u, p) of `candidates/train.jsonl`, valid/test prompts the user's row
 of `candidates/{valid,test}.jsonl`. With `insert_target`, a target the retriever missed replaces the last
-candidate and moves to a seeded random position (rank.py turns it off to see the retriever's list as is);
-then the order is the retriever's or a seeded shuffle (`candidate_order`).
+candidate and moves to a seeded random position (`missed_target = 'insert'`, the paper's way), or the
+Recommend_Retrieval example is left out (`'skip'`: the model then learns only the situations where its
+answer can matter at test time, with the target where the retriever really put it). rank.py turns
+`insert_target` off to see the retriever's list as is. Then the order is the retriever's or a seeded
+shuffle (`candidate_order`).
 
 Tokens: the tokenizer's own chat template renders [system] + user prompt with the generation prompt, and
 the answer is what the template appends for the assistant message up to its end-of-turn token. The two
@@ -45,6 +48,7 @@ import numpy as np
 TASKS = ('recommend', 'recommend_retrieval')
 SPLITS = ('train', 'valid', 'test')
 CANDIDATE_ORDERS = ('shuffle', 'retriever')
+MISSED_TARGETS = ('insert', 'skip')
 _PROBE_TITLE = 'title'
 
 
@@ -170,6 +174,8 @@ def _check_config(cfg) -> None:
   if cfg.candidate_order not in CANDIDATE_ORDERS:
     raise ValueError(f'config.prompts.candidate_order = {cfg.candidate_order!r}: expected one of '
                      f'{CANDIDATE_ORDERS}')
+  if cfg.missed_target not in MISSED_TARGETS:
+    raise ValueError(f'config.prompts.missed_target = {cfg.missed_target!r}: expected one of {MISSED_TARGETS}')
 
 
 def _special_tokens(tokenizer) -> list[str]:
@@ -345,6 +351,10 @@ class PromptBuilder:
                          s.candidates, prompt, answer, ids, mask))
     return out
 
+  def retrieved(self, retrieved: np.ndarray, target: int, exclude: frozenset[int]) -> bool:
+    """Whether `target` is among the K candidates shown (the retriever's list minus `exclude`)."""
+    return target in [int(i) for i in retrieved if int(i) not in exclude][:self.num_candidates]
+
   def arrange_candidates(self, retrieved: np.ndarray, target: int, exclude: frozenset[int],
                          rng: np.random.Generator, insert_target: bool) -> list[int]:
     """K candidates in tag order: retriever's list minus `exclude`, target inserted if missed, ordered."""
@@ -393,6 +403,9 @@ def build_examples(builder: PromptBuilder, split, which: str, profiles: Sequence
                              (f' position {p}' if which == 'train' else '') +
                              '; candidates/train.jsonl must cover the last config.prompts.'
                              'max_examples_per_user positions (see config.retriever.max_train_positions)')
+          if insert_target and builder.cfg.missed_target == 'skip' and not builder.retrieved(
+              candidates.rows[key], target, exclude):
+            continue
           rng = np.random.default_rng((builder.seed, SPLITS.index(which), u, p))
           cands = builder.arrange_candidates(candidates.rows[key], target, exclude, rng, insert_target)
         specs.append(Spec(task, which, u, p, target, tuple(history), profile or '', tuple(cands)))
