@@ -84,7 +84,7 @@ def get_config(arg: str = ''):
     c.train.max_loss_tokens = 32
     c.train.log_every = 5
     c.train.eval_every = 50
-    c.train.checkpoint_every = 150
+    c.train.checkpoint_every = 50  # a run killed mid-training loses <= 50 steps (ranking sees latest + best)
     c.train.keep_latest = 1
     c.train.keep_best = 1
     c.train.valid_batches = 8
