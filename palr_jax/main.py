@@ -5,7 +5,8 @@
 
 Every stage writes its outputs under the workdir and then `<stage>.fingerprint.json` with the hash of
 the config sections it reads (palr_jax/stages.py): the same command again skips every finished stage, a
-killed run resumes at the stage it was in (training resumes from its last orbax checkpoint), and
+killed run resumes at the stage it was in (training from its last orbax checkpoint, ranking from its
+last finished method/split/checkpoint in `W/rank_parts/`), and
 changing, say, `--config.rank.mode` reruns only ranking and evaluation. With `shared_dir` (sweeps),
 finished stage outputs are also kept there by fingerprint, so sweep points that share upstream settings
 copy them instead of recomputing.
@@ -268,8 +269,8 @@ def run(config, workdir, shared_dir=None) -> dict:
   # 5. Ranking of the valid and test users by every method.
   fp_rank = stages.fingerprint(config, ('rank', 'eval.max_users', 'seed'),
                                upstream=(fp_retriever, fp_profiles, *fp_train.values()))
-  runner('rank', fp_rank, lambda: _rank_all(config, workdir, inter, split, user_profiles, tokenizer, mesh),
-         ['rankings.json'])
+  runner('rank', fp_rank, lambda: _rank_all(config, workdir, inter, split, user_profiles, tokenizer, mesh,
+                                            parts=workdir / 'rank_parts' / fp_rank), ['rankings.json'])
 
   # 6. Evaluation: results.json, results.md, predictions/test.jsonl, plots.
   fp_eval = stages.fingerprint(config, ('eval',), upstream=(fp_rank,))
@@ -288,7 +289,25 @@ def run(config, workdir, shared_dir=None) -> dict:
   return json.loads((workdir / 'results.json').read_text())
 
 
-def _rank_all(config, workdir, inter, split, user_profiles, tokenizer, mesh) -> None:
+def _rank_part(parts: epath.Path, name: str, fn: Callable[[], dict]) -> dict:
+  """`fn()` (a `_rank_split` result), kept in `parts/name.json` so that a ranking stage killed part-way
+  (hours on all users of a CPU run) resumes at the first (method, split, checkpoint) it had not finished."""
+  path = parts / f'{name}.json'
+  if path.exists():
+    d = json.loads(path.read_text())
+    return {'users': np.asarray(d['users'], np.int64), 'targets': np.asarray(d['targets'], np.int64),
+            'items': [np.asarray(x, np.int64) for x in d['items']],
+            'orders': [np.asarray(x, np.int64) for x in d['orders']], 'ranks': np.asarray(d['ranks'], np.float64)}
+  result = fn()
+  stages.atomic_write_json(path, {'users': np.asarray(result['users']).tolist(),
+                                  'targets': np.asarray(result['targets']).tolist(),
+                                  'items': [np.asarray(x).tolist() for x in result['items']],
+                                  'orders': [np.asarray(x).tolist() for x in result['orders']],
+                                  'ranks': np.asarray(result['ranks']).tolist()})
+  return result
+
+
+def _rank_all(config, workdir, inter, split, user_profiles, tokenizer, mesh, parts: epath.Path) -> None:
   builder = prompts.PromptBuilder(variant_config(config, 'palr_v2'), inter, tokenizer)
   v1_builder = prompts.PromptBuilder(variant_config(config, 'palr_v1'), inter, tokenizer)
   users = eval_users(len(inter.user_ids), config)
@@ -311,8 +330,9 @@ def _rank_all(config, workdir, inter, split, user_profiles, tokenizer, mesh) -> 
 
   base, _, _ = _load(config, mesh)
   for which in ('valid', 'test'):
-    record('zero_shot', which, _rank_split(config, base, builder, split, which, users, 'recommend_retrieval',
-                                           config.rank.mode, user_profiles, cands[which], mesh))
+    record('zero_shot', which, _rank_part(parts, f'zero_shot-{which}', lambda which=which: _rank_split(
+        config, base, builder, split, which, users, 'recommend_retrieval', config.rank.mode, user_profiles,
+        cands[which], mesh)))
   del base
 
   for variant, task, mode, b in (('palr_v1', 'recommend', config.rank.v1_mode, v1_builder),
@@ -325,20 +345,26 @@ def _rank_all(config, workdir, inter, split, user_profiles, tokenizer, mesh) -> 
       raise FileNotFoundError(f'{workdir / variant}/checkpoints: no checkpoint to rank with')
     best, by_step = None, {}
     for step in steps:  # the checkpoint with the best valid HR@10
-      checkpoints.apply_trained_adapter(model, workdir / variant, step=step)
-      valid = _rank_split(vconfig, model, b, split, 'valid', users, task, mode, user_profiles,
-                          cands['valid'], mesh)
+      def rank_valid(step=step, vconfig=vconfig, b=b, task=task, mode=mode, model=model, variant=variant):
+        checkpoints.apply_trained_adapter(model, workdir / variant, step=step)
+        return _rank_split(vconfig, model, b, split, 'valid', users, task, mode, user_profiles,
+                           cands['valid'], mesh)
+      valid = _rank_part(parts, f'{variant}-valid-{step}', rank_valid)
       by_step[step] = float(np.mean(valid['ranks'] < 10))
       logging.info('%s step %d: valid HR@10 %.4f', variant, step, by_step[step])
       if best is None or by_step[step] > by_step[best[0]]:
         best = (step, valid)
     step, valid = best
-    checkpoints.apply_trained_adapter(model, workdir / variant, step=step)
-    test = _rank_split(vconfig, model, b, split, 'test', users, task, mode, user_profiles, cands['test'], mesh)
+
+    def rank_test(step=step, vconfig=vconfig, b=b, task=task, mode=mode, model=model, variant=variant):
+      checkpoints.apply_trained_adapter(model, workdir / variant, step=step)
+      return _rank_split(vconfig, model, b, split, 'test', users, task, mode, user_profiles, cands['test'], mesh)
+    test = _rank_part(parts, f'{variant}-test-{step}', rank_test)
     record(variant, 'valid', valid, {'checkpoint_step': step, 'valid_hr10_by_step': by_step})
     record(variant, 'test', test)
     del model
   stages.atomic_write_json(workdir / 'rankings.json', out)
+  shutil.rmtree(parts.parent, ignore_errors=True)  # rankings.json holds it all now
 
 
 def _evaluate(config, workdir, inter, ks) -> None:

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from palr_jax import checkpoints
 from palr_jax import main as palr_main
 from tests import prompt_fixtures
 
@@ -76,7 +77,7 @@ def _mtimes(workdir, names):
   return {n: os.stat(workdir / n).st_mtime_ns for n in names}
 
 
-def test_pipeline_end_to_end_then_skips_then_reruns_ranking_only(tmp_path):
+def test_pipeline_end_to_end_then_skips_then_reruns_ranking_only(tmp_path, monkeypatch):
   _write_dataset(tmp_path / 'data')
   _write_model(tmp_path / 'model')
   workdir = tmp_path / 'run'
@@ -133,3 +134,28 @@ def test_pipeline_end_to_end_then_skips_then_reruns_ranking_only(tmp_path):
     assert after[name] == before[name], name
   for name in ('rankings.json', 'results.json'):
     assert after[name] != before[name], name
+
+  # Ranking killed part-way resumes at the first part it had not finished.
+  real, calls = palr_main._rank_split, []
+
+  def dying(*args, **kwargs):
+    calls.append(args[4])  # the split
+    if len(calls) == 3:
+      raise RuntimeError('killed')
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(palr_main, '_rank_split', dying)
+  config.rank.max_items = 2
+  with pytest.raises(RuntimeError, match='killed'):
+    palr_main.run(config, workdir)
+  assert len(list((workdir / 'rank_parts').glob('*/*.json'))) == 2
+  calls.clear()
+  monkeypatch.setattr(palr_main, '_rank_split', lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+  resumed = palr_main.run(config, workdir)
+  total = 2 + sum(len(checkpoints.checkpoint_steps(workdir / v)) + 1 for v in ('palr_v1', 'palr_v2'))
+  assert len(calls) == total - 2
+  assert not (workdir / 'rank_parts').exists()
+  calls.clear()
+  (workdir / 'rank.fingerprint.json').unlink()  # the same ranking again, from scratch, without a kill
+  assert palr_main.run(config, workdir) == resumed
+  assert len(calls) == total
