@@ -223,9 +223,9 @@ def _load(config, mesh, lora_config=None, seed_name='lora'):
 
 def run(config, workdir, shared_dir=None) -> dict:
   """Runs every stage that is not current; returns the results dict (also in W/results.json)."""
-  workdir = checkpoints.local_absolute(workdir)
+  workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  shared_dir = checkpoints.local_absolute(shared_dir) if shared_dir else None
+  shared_dir = epath.Path(shared_dir) if shared_dir else None
   runner = Runner(workdir, shared_dir)
   mesh = sharding.make_mesh(config.mesh)
   ks = [int(k) for k in config.eval.ks]
@@ -330,7 +330,7 @@ def _rank_all(config, workdir, inter, split, user_profiles, tokenizer, mesh, par
 
   base, _, _ = _load(config, mesh)
   for which in ('valid', 'test'):
-    record('zero_shot', which, _rank_part(parts, f'zero_shot-{which}', lambda which=which: _rank_split(
+    record('zero_shot', which, _rank_part(parts, f'zero_shot-{which}', lambda: _rank_split(
         config, base, builder, split, which, users, 'recommend_retrieval', config.rank.mode, user_profiles,
         cands[which], mesh)))
   del base
@@ -344,22 +344,21 @@ def _rank_all(config, workdir, inter, split, user_profiles, tokenizer, mesh, par
     if not steps:
       raise FileNotFoundError(f'{workdir / variant}/checkpoints: no checkpoint to rank with')
     best, by_step = None, {}
-    for step in steps:  # the checkpoint with the best valid HR@10
-      def rank_valid(step=step, vconfig=vconfig, b=b, task=task, mode=mode, model=model, variant=variant):
+
+    def ranked(which, step):
+      def compute():
         checkpoints.apply_trained_adapter(model, workdir / variant, step=step)
-        return _rank_split(vconfig, model, b, split, 'valid', users, task, mode, user_profiles,
-                           cands['valid'], mesh)
-      valid = _rank_part(parts, f'{variant}-valid-{step}', rank_valid)
+        return _rank_split(vconfig, model, b, split, which, users, task, mode, user_profiles, cands[which], mesh)
+      return _rank_part(parts, f'{variant}-{which}-{step}', compute)
+
+    for step in steps:  # the checkpoint with the best valid HR@10
+      valid = ranked('valid', step)
       by_step[step] = float(np.mean(valid['ranks'] < 10))
       logging.info('%s step %d: valid HR@10 %.4f', variant, step, by_step[step])
       if best is None or by_step[step] > by_step[best[0]]:
         best = (step, valid)
     step, valid = best
-
-    def rank_test(step=step, vconfig=vconfig, b=b, task=task, mode=mode, model=model, variant=variant):
-      checkpoints.apply_trained_adapter(model, workdir / variant, step=step)
-      return _rank_split(vconfig, model, b, split, 'test', users, task, mode, user_profiles, cands['test'], mesh)
-    test = _rank_part(parts, f'{variant}-test-{step}', rank_test)
+    test = ranked('test', step)
     record(variant, 'valid', valid, {'checkpoint_step': step, 'valid_hr10_by_step': by_step})
     record(variant, 'test', test)
     del model

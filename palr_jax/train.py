@@ -318,7 +318,7 @@ def checkpoint_manager(directory: epath.PathLike, train_config) -> ocp.Checkpoin
                      keep_checkpoints_without_metrics=False)])
   options = ocp.CheckpointManagerOptions(preservation_policy=keep, enable_async_checkpointing=c.async_checkpoints,
                                          cleanup_tmp_directories=True, create=True)
-  return ocp.CheckpointManager(checkpoints.local_absolute(directory), item_names=('state', 'data', 'config'), options=options)
+  return checkpoints.orbax_manager(directory, options)
 
 
 def gather_json(obj: Any) -> list[Any]:

@@ -60,18 +60,25 @@ def find_adapter(workdir) -> epath.Path | None:
   return None
 
 
-def local_absolute(path: epath.PathLike) -> epath.Path:
-  """`path` made absolute when it is local (orbax refuses relative directories); URLs are left as is."""
-  path = epath.Path(path)
-  return path if '://' in str(path) else epath.Path(os.path.abspath(path))
+def orbax_manager(directory: epath.PathLike, options: ocp.CheckpointManagerOptions | None = None
+                  ) -> ocp.CheckpointManager:
+  """The orbax manager of a trainer's `W/checkpoints`, whose steps hold the items state, data and config.
+
+  A local `directory` is made absolute first (orbax refuses relative paths, and the README's workdirs
+  are relative); URLs are left as they are.
+  """
+  directory = epath.Path(directory)
+  if '://' not in str(directory):
+    directory = epath.Path(os.path.abspath(directory))
+  return ocp.CheckpointManager(directory, item_names=('state', 'data', 'config'), options=options)
 
 
 def checkpoint_steps(workdir) -> list[int]:
   """The finalized orbax checkpoint steps of a training run (`W/checkpoints`), oldest first."""
-  directory = local_absolute(workdir) / 'checkpoints'
+  directory = epath.Path(workdir) / 'checkpoints'
   if not directory.exists():
     return []
-  return sorted(ocp.CheckpointManager(directory, item_names=('state', 'data', 'config')).all_steps())
+  return sorted(orbax_manager(directory).all_steps())
 
 
 def add_lora(model: llama.Llama, lora_config, rngs: nnx.Rngs, mesh=None, rules=None) -> None:
@@ -88,9 +95,9 @@ def apply_trained_adapter(model: llama.Llama, workdir, step: int | None = None, 
   the trainer's orbax checkpoint `step` (default the latest; `W/checkpoints`, LoRA settings from the
   config saved with it), else from a PEFT folder (`find_adapter`). A model that has adapters already
   gets their values replaced. Returns (where they came from, the lora config section)."""
-  directory = local_absolute(workdir) / 'checkpoints'
+  directory = epath.Path(workdir) / 'checkpoints'
   if directory.exists():
-    manager = ocp.CheckpointManager(directory, item_names=('state', 'data', 'config'))
+    manager = orbax_manager(directory)
     if step is None:
       step = manager.latest_step()
     elif step not in manager.all_steps():

@@ -351,17 +351,16 @@ class PromptBuilder:
                          s.candidates, prompt, answer, ids, mask))
     return out
 
-  def retrieved(self, retrieved: np.ndarray, target: int, exclude: frozenset[int]) -> bool:
-    """Whether `target` is among the K candidates shown (the retriever's list minus `exclude`)."""
-    return target in [int(i) for i in retrieved if int(i) not in exclude][:self.num_candidates]
+  def visible_candidates(self, retrieved: np.ndarray, exclude: frozenset[int]) -> list[int]:
+    """The K candidates as retrieved: the retriever's list minus `exclude`, cut to K."""
+    return [int(i) for i in retrieved if int(i) not in exclude][:self.num_candidates]
 
   def arrange_candidates(self, retrieved: np.ndarray, target: int, exclude: frozenset[int],
                          rng: np.random.Generator, insert_target: bool) -> list[int]:
     """K candidates in tag order: retriever's list minus `exclude`, target inserted if missed, ordered."""
-    k = self.num_candidates
-    items = [int(i) for i in retrieved if int(i) not in exclude][:k]
+    items = self.visible_candidates(retrieved, exclude)
     if insert_target and target not in items:
-      items = items[:k - 1]
+      items = items[:self.num_candidates - 1]
       items.insert(int(rng.integers(len(items) + 1)), target)
     if self.cfg.candidate_order == 'shuffle':
       items = [items[j] for j in rng.permutation(len(items))]
@@ -403,8 +402,8 @@ def build_examples(builder: PromptBuilder, split, which: str, profiles: Sequence
                              (f' position {p}' if which == 'train' else '') +
                              '; candidates/train.jsonl must cover the last config.prompts.'
                              'max_examples_per_user positions (see config.retriever.max_train_positions)')
-          if insert_target and builder.cfg.missed_target == 'skip' and not builder.retrieved(
-              candidates.rows[key], target, exclude):
+          if (insert_target and builder.cfg.missed_target == 'skip'
+              and target not in builder.visible_candidates(candidates.rows[key], exclude)):
             continue
           rng = np.random.default_rng((builder.seed, SPLITS.index(which), u, p))
           cands = builder.arrange_candidates(candidates.rows[key], target, exclude, rng, insert_target)
