@@ -144,6 +144,8 @@ def get_config():
   c.prompts.tags = tuple('ABCDEFGHIJKLMNOPQRSTUVWXYZ')  # single-token tags, >= retriever.num_candidates
   c.prompts.candidate_order = 'shuffle'  # shuffle | retriever
   c.prompts.missed_target = 'insert'     # training target not retrieved: insert (paper) | skip the example
+  # Copies of each training example per task (train split only; valid keeps one): weights the task mix.
+  c.prompts.task_repeats = ml_collections.ConfigDict({'recommend': 1, 'recommend_retrieval': 1})
   c.prompts.use_profile = True
   c.prompts.max_title_tokens = 24  # longer titles are cut
   c.prompts.max_length = 1024      # tokens per example (and per packed row); oldest history dropped first

@@ -337,3 +337,45 @@ def test_build_and_write_once_per_fingerprint(tmp_path):
   config.prompts.tasks = ('recommend',)
   other = pipeline.build_and_write(config, tmp_path, inter, split, tiny_tokenizer(), None)
   assert other != out and json.loads((other / 'meta.json').read_text())['splits']['valid']['examples'] == 4
+
+
+def test_task_repeats_weight_the_training_mix_only(tmp_path):
+  inter = tiny_interactions()
+  split = interactions.leave_one_out(inter)
+  write_candidates(tmp_path / 'candidates', inter, split, count=4)
+  config = tiny_config()
+  base = pipeline.build_and_write(config, tmp_path, inter, split, tiny_tokenizer(), None)
+  base_meta = json.loads((base / 'meta.json').read_text())['splits']
+  v1 = config.copy_and_resolve_references()
+  v1.prompts.tasks = ('recommend',)
+  v1_before = pipeline.examples_fingerprint(v1)
+
+  config.prompts.task_repeats.recommend_retrieval = 3
+  out = pipeline.build_and_write(config, tmp_path, inter, split, tiny_tokenizer(), None)
+  assert out != base
+  meta = json.loads((out / 'meta.json').read_text())['splits']
+  tasks = base_meta['train']['tasks']
+  assert meta['train']['tasks'] == {'recommend': tasks['recommend'],
+                                    'recommend_retrieval': 3 * tasks['recommend_retrieval']}
+  assert meta['valid'] == base_meta['valid']
+  # In file order, each Recommend_Retrieval example is written three times, each Recommend one once.
+  builder = prompts.PromptBuilder(config, inter, tiny_tokenizer())
+  cands = prompts.read_candidates(tmp_path / 'candidates' / 'train.jsonl', split, 'train')
+  built = prompts.build_examples(builder, split, 'train', None, cands)
+  expected = [e.input_ids for e in built for _ in range(3 if e.task == 'recommend_retrieval' else 1)]
+  records = [r['input_ids'] for r in pipeline.read_tfrecord(out / 'train.tfrecord').as_numpy_iterator()]
+  assert len(records) == len(expected) == len(built) + 2 * tasks['recommend_retrieval']
+  for got, want in zip(records, expected):
+    np.testing.assert_array_equal(got, want)
+  # v1 trains on Recommend only: its examples (and their fingerprint) do not change.
+  v1.prompts.task_repeats.recommend_retrieval = 3
+  assert pipeline.examples_fingerprint(v1) == v1_before
+  v1.prompts.task_repeats.recommend = 2
+  assert pipeline.examples_fingerprint(v1) != v1_before
+  config.prompts.task_repeats.recommend = 0
+  with pytest.raises(ValueError, match='config.prompts.task_repeats'):
+    pipeline.examples_fingerprint(config)
+  config.prompts.task_repeats.recommend = 1
+  config.prompts.task_repeats.ranking = 2
+  with pytest.raises(ValueError, match="config.prompts.task_repeats.*unknown \\['ranking'\\]"):
+    prompts.PromptBuilder(config, inter, tiny_tokenizer())

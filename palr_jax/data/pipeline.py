@@ -44,8 +44,14 @@ WRITTEN_SPLITS = ('train', 'valid')
 
 
 def examples_fingerprint(config) -> str:
-  """Hash of everything the tokenized examples depend on (not the batching settings)."""
-  prompt_keys = [f'prompts.{k}' for k in config.prompts if k != 'batches']
+  """Hash of everything the tokenized examples depend on (not the batching settings).
+
+  Of `task_repeats`, only the factors != 1 of the config's own tasks count: PALR v1's examples (Recommend
+  only) stay the same, and shared, whatever v2's Recommend_Retrieval weight.
+  """
+  prompt_keys = [f'prompts.{k}' for k in config.prompts if k not in ('batches', 'task_repeats')]
+  repeats = prompts.task_repeats(config.prompts)
+  prompt_keys += [f'prompts.task_repeats.{t}' for t in config.prompts.tasks if repeats[t] != 1]
   return stages.fingerprint(config, ['seed', 'data', 'retriever', 'profiles', 'model.spec', *prompt_keys])
 
 
@@ -128,6 +134,8 @@ def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence
     cands = (prompts.read_candidates(epath.Path(workdir) / 'candidates' / f'{which}.jsonl', split, which)
              if retrieval else None)
     by_split[which] = prompts.build_examples(builder, split, which, profiles, cands)
+  repeats = prompts.task_repeats(config.prompts)   # weights the training mix; valid stays one of each
+  by_split['train'] = [e for e in by_split['train'] for _ in range(repeats[e.task])]
   return write_examples(config, workdir, by_split)
 
 

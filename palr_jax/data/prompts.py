@@ -176,6 +176,18 @@ def _check_config(cfg) -> None:
                      f'{CANDIDATE_ORDERS}')
   if cfg.missed_target not in MISSED_TARGETS:
     raise ValueError(f'config.prompts.missed_target = {cfg.missed_target!r}: expected one of {MISSED_TARGETS}')
+  task_repeats(cfg)
+
+
+def task_repeats(cfg) -> dict[str, int]:
+  """`config.prompts.task_repeats` checked: copies of each training example per task (missing = 1)."""
+  given = dict(cfg.get('task_repeats') or {})
+  unknown = set(given) - set(TASKS)
+  bad = {t: n for t, n in given.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
+  if unknown or bad:
+    raise ValueError(f'config.prompts.task_repeats = {given}: expected task -> int >= 1 for tasks in {TASKS}'
+                     + (f'; unknown {sorted(unknown)}' if unknown else '') + (f'; bad {bad}' if bad else ''))
+  return {t: int(given.get(t, 1)) for t in TASKS}
 
 
 def _special_tokens(tokenizer) -> list[str]:
