@@ -110,6 +110,35 @@ def compare(per_user: dict[str, dict[str, np.ndarray]], ks: Sequence[int], sampl
   return out
 
 
+def reordering(items: dict[str, Sequence[Sequence[int]]], targets: Sequence[int], k: int = 10) -> dict:
+  """How each method reorders the retriever's candidate list, per user then averaged.
+
+  `items[method][u]` is the method's order of user u's candidates (`items['retriever']` the retriever's,
+  which bounds every reranker: a target it did not retrieve cannot be found). Returns
+  {'candidates', 'target_in_candidates', 'methods': {m: {'top1_as_retriever', f'top{k}_overlap',
+  f'HR@{k}_when_retrieved'}}}: a reranker that only learned the retriever's position prior has top-1
+  agreement and overlap near 1; `HR@k_when_retrieved` is its skill on the users it could help.
+  """
+  if BASELINE not in items:
+    raise ValueError(f'reordering needs the {BASELINE!r} order, got methods {sorted(items)}')
+  ref = [list(x) for x in items[BASELINE]]
+  targets = [int(t) for t in targets]
+  if any(len(v) != len(ref) for v in items.values()) or len(targets) != len(ref):
+    raise ValueError(f'reordering: {len(targets)} targets and lists per method '
+                     f'{ {m: len(v) for m, v in items.items()} }; expected the same users everywhere')
+  found = np.asarray([t in r for t, r in zip(targets, ref)])
+  out = {'candidates': max((len(r) for r in ref), default=0), 'target_in_candidates': float(found.mean()),
+         'methods': {}}
+  for method, lists in items.items():
+    lists = [list(x) for x in lists]
+    hit = np.asarray([t in x[:k] for t, x in zip(targets, lists)])
+    out['methods'][method] = {
+        'top1_as_retriever': float(np.mean([bool(x) and bool(r) and x[0] == r[0] for x, r in zip(lists, ref)])),
+        f'top{k}_overlap': float(np.mean([len(set(x[:k]) & set(r[:k])) / k for x, r in zip(lists, ref)])),
+        f'HR@{k}_when_retrieved': float(hit[found].mean()) if found.any() else 0.0}
+  return out
+
+
 def markdown_report(results: dict, ks: Sequence[int]) -> str:
   """results.md: one table per split, then each method's difference from the retriever with its
   95% paired-bootstrap interval (an interval that excludes 0 is a difference beyond sampling noise)."""
@@ -132,6 +161,14 @@ def markdown_report(results: dict, ks: Sequence[int]) -> str:
         cells = [f'{d["mean_diff"]:+.4f} [{d["low"]:+.4f}, {d["high"]:+.4f}]'
                  for d in (diffs[n] for n in names)]
         lines.append(f'| {method} | ' + ' | '.join(cells) + ' |')
+    if block.get('reordering'):
+      ro = block['reordering']
+      cols = list(next(iter(ro['methods'].values())))
+      lines += ['', f'How each method orders the retriever\'s {ro["candidates"]} candidates (the target is among '
+                f'them for {ro["target_in_candidates"]:.1%} of users, which caps every reranker):', '',
+                '| method | ' + ' | '.join(cols) + ' |', '|---' * (len(cols) + 1) + '|']
+      for method, vals in ro['methods'].items():
+        lines.append(f'| {method} | ' + ' | '.join(f'{vals[c]:.4f}' for c in cols) + ' |')
     lines.append('')
   return '\n'.join(lines)
 

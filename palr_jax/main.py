@@ -381,7 +381,10 @@ def _evaluate(config, workdir, inter, ks) -> None:
     per_user = {m: evaluate.per_user_metrics(np.asarray(v[which]['ranks']), ks)
                 for m, v in rankings['methods'].items()}
     results[which] = {'num_users': len(users),
-                      **evaluate.compare(per_user, ks, int(config.eval.bootstrap_samples), int(config.seed))}
+                      **evaluate.compare(per_user, ks, int(config.eval.bootstrap_samples), int(config.seed)),
+                      'reordering': evaluate.reordering(
+                          {m: v[which]['items'] for m, v in rankings['methods'].items()},
+                          rankings['methods']['retriever'][which]['targets'])}
   stages.atomic_write_json(workdir / 'results.json', results)
   stages.atomic_write_text(workdir / 'results.md', evaluate.markdown_report(results, ks))
 

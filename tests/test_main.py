@@ -108,6 +108,14 @@ def test_pipeline_end_to_end_then_skips_then_reruns_ranking_only(tmp_path, monke
     expected = p['ranked_items'].index(p['target']) if p['target'] in p['ranked_items'] else row['target_rank']
     assert p['rank'] == expected
   assert '| palr_v2 |' in (workdir / 'results.md').read_text()
+  # Reordering diagnostics: the retriever agrees with itself, and its HR@10 when the target was retrieved
+  # is its HR@10 over those users.
+  ro = results['test']['reordering']
+  retrieved = np.array([r['target'] in r['items'] for r in test_rows])
+  assert ro['target_in_candidates'] == pytest.approx(retrieved.mean())
+  assert ro['methods']['retriever']['top1_as_retriever'] == 1.0
+  assert ro['methods']['retriever']['HR@10_when_retrieved'] == pytest.approx(np.mean(ranks[retrieved] < 10))
+  assert set(ro['methods']) == set(palr_main.METHODS)
   for name in ('plots/hr_at_k.png', 'plots/loss.png', 'export/merged/config.json',
                'export/peft/adapter_config.json'):
     assert (workdir / name).exists(), name

@@ -113,3 +113,24 @@ def test_paired_bootstrap_degenerate_and_errors():
     evaluate.paired_bootstrap(a, a[:3], 10, 0)
   with pytest.raises(ValueError, match='samples'):
     evaluate.paired_bootstrap(a, a, 0, 0)
+
+
+def test_reordering_hand_computed():
+  retriever = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+  llm = [[2, 1, 3], [4, 6, 5], [9, 8, 7]]
+  targets = [2, 6, 99]    # the third user's target was not retrieved
+  out = evaluate.reordering({'retriever': retriever, 'llm': llm}, targets, k=2)
+  assert out['candidates'] == 3
+  assert out['target_in_candidates'] == pytest.approx(2 / 3)
+  assert out['methods']['llm'] == pytest.approx(
+      {'top1_as_retriever': 1 / 3, 'top2_overlap': (1 + 0.5 + 0.5) / 3, 'HR@2_when_retrieved': 1.0})
+  assert out['methods']['retriever'] == pytest.approx(
+      {'top1_as_retriever': 1.0, 'top2_overlap': 1.0, 'HR@2_when_retrieved': 0.5})
+  report = evaluate.markdown_report({'test': {'num_users': 3, 'metrics': {}, 'vs_retriever': {},
+                                              'reordering': out}}, [2])
+  assert "the retriever's 3 candidates (the target is among them for 66.7% of users" in report
+  assert '| llm | 0.3333 | 0.6667 | 1.0000 |' in report
+  with pytest.raises(ValueError, match="needs the 'retriever' order"):
+    evaluate.reordering({'llm': llm}, targets)
+  with pytest.raises(ValueError, match='expected the same users everywhere'):
+    evaluate.reordering({'retriever': retriever, 'llm': llm[:2]}, targets)
