@@ -133,7 +133,8 @@ def reordering(items: dict[str, Sequence[Sequence[int]]], targets: Sequence[int]
     lists = [list(x) for x in lists]
     hit = np.asarray([t in x[:k] for t, x in zip(targets, lists)])
     out['methods'][method] = {
-        'top1_as_retriever': float(np.mean([bool(x) and bool(r) and x[0] == r[0] for x, r in zip(lists, ref)])),
+        'top1_as_retriever': float(np.mean([bool(x) and bool(r) and x[0] == r[0]
+                                            for x, r in zip(lists, ref)])),
         f'top{k}_overlap': float(np.mean([len(set(x[:k]) & set(r[:k])) / k for x, r in zip(lists, ref)])),
         f'HR@{k}_when_retrieved': float(hit[found].mean()) if found.any() else 0.0}
   return out
@@ -164,8 +165,8 @@ def markdown_report(results: dict, ks: Sequence[int]) -> str:
     if block.get('reordering'):
       ro = block['reordering']
       cols = list(next(iter(ro['methods'].values())))
-      lines += ['', f'How each method orders the retriever\'s {ro["candidates"]} candidates (the target is among '
-                f'them for {ro["target_in_candidates"]:.1%} of users, which caps every reranker):', '',
+      lines += ['', f'How each method orders the retriever\'s {ro["candidates"]} candidates (the target is '
+                f'among them for {ro["target_in_candidates"]:.1%} of users, which caps every reranker):', '',
                 '| method | ' + ' | '.join(cols) + ' |', '|---' * (len(cols) + 1) + '|']
       for method, vals in ro['methods'].items():
         lines.append(f'| {method} | ' + ' | '.join(f'{vals[c]:.4f}' for c in cols) + ' |')
