@@ -59,8 +59,8 @@ def get_config(arg: str = ''):
     c.rank.v1_mode = 'likelihood'
   elif arg == 'full':
     # All users, LLM-written profiles, sized for <= 8 hours on a 2-core CPU: profiles ~75 min, LoRA 300
-    # steps of 8 prompts per variant (measured: v1 ~70 min at ~13 s/step, v2 ~2.4 h at ~27 s/step),
-    # ranking every valid/test user by three LLM methods (~1.6-2 h, estimated from 200 users). The
+    # steps of 8 prompts per variant (measured: v1 ~69 min at ~14 s/step, v2 2.4 h at 29 s/step),
+    # ranking every valid/test user by three LLM methods (measured: 107 min); ~6 h 40 min in all. The
     # profiles' source (max_examples_per_user = 10) is the default run's, so both share one
     # profiles.jsonl (see --shared_dir).
     c.profiles.kind = 'llm'
