@@ -33,7 +33,7 @@ def get_config(arg: str = ''):
   c.model.spec = 'smollm2'
   if arg == 'quick':
     # Smoke run of the whole pipeline on a 2-core CPU: stats profiles, 10 candidates, short prompts,
-    # 16 steps of 8 prompts per variant, a seeded subset of 32 users for the LLM evaluation (13-14.5 min).
+    # 16 steps of 8 prompts per variant, a seeded subset of 32 users for the LLM evaluation (13-15 min).
     c.retriever.num_candidates = 10
     c.profiles.kind = 'stats'
     c.prompts.max_history = 6
