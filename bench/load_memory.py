@@ -37,7 +37,7 @@ def hf_config(layers: int) -> dict:
 def write_checkpoint(folder: str, layers: int, shard_bytes: int) -> None:
   """Random bf16 tensors with HF names and [out, in] shapes, generated shard by shard."""
   import ml_dtypes
-  from palr_jax.checkpoints import hf
+  from palr_jax.hub import hf
   head_dim = HIDDEN // HEADS
   shapes = {'model.embed_tokens.weight': (VOCAB, HIDDEN)}
   for i in range(layers):
@@ -67,7 +67,7 @@ def naive_load(folder: str, config) -> dict:
   """The control: every file read whole into host memory (safetensors.numpy), then put on the device."""
   import jax
   from safetensors.numpy import load_file
-  from palr_jax.checkpoints import hf
+  from palr_jax.hub import hf
   from palr_jax.model import llama
   tensors = {}
   for file in sorted({t.file for t in hf.stored_tensors(folder).values()}):
@@ -81,9 +81,9 @@ def child(folder: str, devices: int, loader: str) -> None:
   import jax
   jax.config.update('jax_num_cpu_devices', devices)
   import psutil
-  from configs.common import get_config
+  from palr_jax.defaults import get_config
   from palr_jax import sharding
-  from palr_jax.checkpoints import hf
+  from palr_jax.hub import hf
   proc = psutil.Process()
   c = get_config()
   c.model.param_dtype = 'bfloat16'

@@ -2,14 +2,14 @@
 decoding constrained to the candidates by a prefix trie), in one run on the same prompts.
 
 A seeded sample of ML-100K test users; candidates are the retriever's top K (iALS fitted on train +
-valid, as in `palr_jax.retrieve`), in retriever order, no target inserted; prompts are Recommend_Retrieval
+valid, as in the retriever stage), in retriever order, no target inserted; prompts are Recommend_Retrieval
 with the fast statistics profile. The model is `config.model.spec` (SmolLM2-135M-Instruct by default),
 zero-shot unless `--adapter W` applies the adapter trained in W. Each mode runs twice over all sampled
 users: the first pass compiles every shape it meets (reported apart), the second gives users/s.
 HR@10 / NDCG@10 are over the catalog: candidates the LLM did not rank keep retriever order, targets the
 retriever missed keep their retriever rank.
 
-  python bench/rank.py [--config configs/common.py] [--users 32] [--adapter W] [--write bench/RESULTS.md]
+  python bench/rank.py [--config palr_jax/defaults.py] [--users 32] [--adapter W] [--write bench/RESULTS.md]
 """
 from __future__ import annotations
 
@@ -18,20 +18,21 @@ import datetime
 import importlib.util
 import os
 import platform
-import re
 import time
 
 import jax
 import numpy as np
 
-from palr_jax import checkpoints
-from palr_jax import evaluate
-from palr_jax import profiles
-from palr_jax import rank
+import results as results_md
+from palr_jax import metrics
 from palr_jax.data import interactions
+from palr_jax.data import profiles
 from palr_jax.data import prompts
+from palr_jax.hub import load
 from palr_jax.retrieval import candidates as candidates_lib
 from palr_jax.retrieval import mf
+from palr_jax.stages import rank
+from palr_jax.train import checkpointing
 
 
 def load_config(spec: str):
@@ -64,7 +65,7 @@ def timed(fn, rows):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--config', default='configs/common.py')
+  parser.add_argument('--config', default='palr_jax/defaults.py')
   parser.add_argument('--users', type=int, default=32, help='seeded sample of test users')
   parser.add_argument('--adapter', default='', help='a run folder whose trained LoRA adapter to apply')
   parser.add_argument('--write', default='', help='update the "## Ranking" section of this file')
@@ -78,14 +79,13 @@ def main():
   top_k, retriever_ranks = retriever_top_k(config, inter, split, users)
   targets = split.test[users]
 
-  model, tokenizer, _ = checkpoints.load_model(config.model)
+  model, tokenizer, _ = load.load_model(config.model)
   source = 'zero-shot'
   if args.adapter:
-    source, _ = checkpoints.apply_trained_adapter(model, args.adapter)
+    source, _ = checkpointing.apply_trained_adapter(model, args.adapter)
 
-  config.prompts.tasks = ('recommend_retrieval',)
   config.prompts.candidate_order = 'retriever'
-  builder = prompts.PromptBuilder(config, inter, tokenizer)
+  builder = prompts.PromptBuilder(config, inter, tokenizer, ('recommend_retrieval',))
   user_profiles = [''] * len(split.train)
   for u in users:
     items = profiles.profile_items(split, u, config.prompts.max_examples_per_user)
@@ -93,23 +93,15 @@ def main():
   table = prompts.Candidates('(bench)', 'test', {int(u): top_k[n] for n, u in enumerate(users)})
   examples = prompts.build_examples(builder, split, 'test', user_profiles, table, users=users,
                                     insert_target=False)
-  prompt_ids = [list(ex.input_ids[ex.loss_mask == 0]) + builder.encode(builder.answer_prefix)
-                for ex in examples]
   cands = [list(ex.candidates) for ex in examples]
-  lengths = np.array([len(p) for p in prompt_ids])
-  kw = dict(batch_size=rc.batch_size, buckets=rc.buckets)
+  lengths = np.array([len(builder.ranking_prompt(ex)) for ex in examples])
+  placement = None
 
   def score(rows):
-    tags = [builder.tag_ids[:len(cands[n])] for n in rows]
-    return rank.order_from_scores(rank.score_tags(model, [prompt_ids[n] for n in rows], tags, **kw))
-
-  written = [[builder.encode(config.prompts.recommend_retrieval_response.format(tag=builder.tags[j],
-                                                                                title=builder.titles[i]))
-              for j, i in enumerate(c)] for c in cands]
+    return rank.rank_users(model, builder, [examples[n] for n in rows], 'score', config, placement)
 
   def generate(rows):
-    return rank.generate_ranking(model, [prompt_ids[n] for n in rows], [written[n] for n in rows],
-                                 separator=builder.encode(rc.separator), max_items=rc.max_items, **kw)
+    return rank.rank_users(model, builder, [examples[n] for n in rows], 'generate', config, placement)
 
   rows = list(range(len(users)))
   results = {'retriever': ([list(range(len(c))) for c in cands], 0.0, 0.0)}
@@ -130,22 +122,15 @@ def main():
       '|---|---|---|---|---|---|---|',
   ]
   for mode, (orders, first_seconds, seconds) in results.items():
-    ranks = [rank.target_rank(c, o, t, r) for c, o, t, r in zip(cands, orders, targets, retriever_ranks)]
-    metrics = evaluate.metrics_from_ranks(ranks, (10,))
+    ranks = [rank.catalog_rank([c[j] for j in o] + [i for i in c if i not in {c[j] for j in o}], t, r)
+             for c, o, t, r in zip(cands, orders, targets, retriever_ranks)]
+    scores = metrics.metrics_from_ranks(ranks, (10,))
     speed = f'{len(users) / seconds:.3f} | {seconds:.1f} | {first_seconds:.1f}' if seconds else '- | - | -'
-    lines.append(f'| {mode} | {speed} | {metrics["HR@10"]:.4f} | '
-                 f'{metrics["NDCG@10"]:.4f} | {np.mean([len(o) for o in orders]):.1f} |')
+    lines.append(f'| {mode} | {speed} | {scores["HR@10"]:.4f} | '
+                 f'{scores["NDCG@10"]:.4f} | {np.mean([len(o) for o in orders]):.1f} |')
   print('\n'.join(lines))
   if args.write:
-    section = '## Ranking\n\n`python bench/rank.py`\n\n' + '\n'.join(lines) + '\n'
-    text = open(args.write).read() if os.path.exists(args.write) else '# Benchmarks\n'
-    pattern = re.compile(r'^## Ranking\n.*?(?=^## |\Z)', re.S | re.M)
-    text = pattern.sub(lambda _: section + '\n', text) if pattern.search(text) else (
-        text.rstrip('\n') + '\n\n' + section)
-    tmp = args.write + '.tmp'
-    with open(tmp, 'w') as f:
-      f.write(text)
-    os.replace(tmp, args.write)
+    results_md.write_section('Ranking', '`python bench/rank.py`\n\n' + '\n'.join(lines), args.write)
 
 
 if __name__ == '__main__':

@@ -4,8 +4,8 @@
    cores as its own threads, BLAS single-threaded as implicit asks), same train+valid data, same factors / reg / iterations and the same confidences
    (implicit weighs a positive by alpha_implicit * r, ours by 1 + alpha * r, so alpha_implicit = 1 + alpha).
    Both are scored with the same ranking code: test HR@10 / NDCG@10 / HR@50 over the catalog minus history.
-   Our seed s uses the key `palr_jax.retrieve` gives its test model, so these are the numbers of
-   `python -m palr_jax.retrieve --config.seed=s` (no search grid in the config).
+   Our seed s uses the key the retriever stage gives its test model, so these are the numbers of
+   `python -m palr_jax.main --stages retriever --config.seed=s` (no search grid in the config).
 2. Top-K for all users: our jitted, user-batched, history-masked `topk.top_k` vs numpy (BLAS matmul,
    mask, `argpartition`, sort of the top K), on ML-100K and on a larger synthetic catalog.
 Times are the best of `--repeats` warm runs (the first, compiling, call is reported apart).
@@ -19,15 +19,15 @@ import datetime
 import importlib.util
 import os
 import platform
-import re
 import sys
 import time
 
 import jax
 import numpy as np
 
-from palr_jax import evaluate
-from palr_jax import retrieve
+import results as results_md
+from palr_jax import metrics as evaluate
+from palr_jax import rng
 from palr_jax.data import interactions
 from palr_jax.retrieval import mf
 from palr_jax.retrieval import topk
@@ -77,7 +77,7 @@ def headline(ranks) -> dict[str, float]:
 
 
 def fit_ours(histories, num_items, rconfig, seed):
-  key = retrieve.stream_key(seed, 'test')
+  key = rng.jax_key(seed, 'test')
   return jax.block_until_ready(mf.fit_ials(histories, num_items, rconfig, key))
 
 
@@ -168,15 +168,7 @@ def main():
       f'load average at the end {os.getloadavg()[0]:.1f} (other jobs share the cores).')
 
   if args.write:
-    section = '## Retriever\n\n`python bench/retriever.py`\n\n' + '\n'.join(lines) + '\n'
-    text = open(args.write).read() if os.path.exists(args.write) else '# Benchmarks\n'
-    pattern = re.compile(r'^## Retriever\n.*?(?=^## |\Z)', re.S | re.M)
-    text = pattern.sub(lambda _: section + '\n', text) if pattern.search(text) else (
-        text.rstrip('\n') + '\n\n' + section)
-    tmp = args.write + '.tmp'
-    with open(tmp, 'w') as f:
-      f.write(text)
-    os.replace(tmp, args.write)
+    results_md.write_section('Retriever', '`python bench/retriever.py`\n\n' + '\n'.join(lines), args.write)
 
 
 if __name__ == '__main__':

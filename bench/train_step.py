@@ -79,9 +79,8 @@ def time_steps(step, steps: int) -> None:
 
 
 def config_for(precision: str):
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs'))
-  import common  # pylint: disable=g-import-not-at-top
-  c = common.get_config()
+  from palr_jax import defaults  # pylint: disable=g-import-not-at-top
+  c = defaults.get_config()
   dtype = {'fp32': 'float32', 'bf16': 'bfloat16'}[precision]
   c.model.dtype = c.model.param_dtype = dtype
   c.lora.dtype = 'float32'
@@ -93,12 +92,15 @@ def config_for(precision: str):
 
 def run_jax(precision: str, steps: int, remat: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  from palr_jax import checkpoints, sharding, train  # pylint: disable=g-import-not-at-top
+  from palr_jax import sharding  # pylint: disable=g-import-not-at-top
+  from palr_jax.hub import load  # pylint: disable=g-import-not-at-top
+  from palr_jax.train import progress  # pylint: disable=g-import-not-at-top
+  from palr_jax.train import step as train  # pylint: disable=g-import-not-at-top
   config = config_for(precision)
   config.model.remat = remat
   rules = config.mesh.rules
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  model, _, llama_config = checkpoints.load_model(config.model, config.lora, mesh, rules)
+  model, _, llama_config = load.load_model(config.model, config.lora, mesh, rules)
   parts, values, frozen = train.split_model(model)
   optimizer = train.make_optimizer(config.train)
   init = lambda v: train.init_state(v, optimizer)  # noqa: E731
@@ -121,7 +123,7 @@ def run_jax(precision: str, steps: int, remat: str) -> dict:
 
   time_steps(one_step, steps)
   memory = compiled.memory_analysis()
-  return {'flops': train.step_flops(llama_config, lora_params, BATCH, LENGTH, MAX_LOSS_TOKENS),
+  return {'flops': progress.step_flops(llama_config, lora_params, BATCH, LENGTH, MAX_LOSS_TOKENS),
           'threads': os.cpu_count(), 'xla_temp_mib': memory.temp_size_in_bytes / 2**20}
 
 
@@ -130,11 +132,11 @@ def run_torch(side: str, precision: str, steps: int) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from palr_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from palr_jax.hub import load  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
   config = config_for(precision)
-  folder = str(checkpoints.hf_folder(config.model))
+  folder = str(load.hf_folder(config.model))
   dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16}[precision]
   base = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation='sdpa')
   lora_config = peft.LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha,

@@ -8,16 +8,11 @@ TPU v4-32 (4 hosts):
     python -m palr_jax.main --config configs/beauty_llama2_7b.py:v4-32 \
     --config.model.spec=hf:/data/Llama-2-7b-hf --config.data.path=/data/amazon --workdir gs://BUCKET/palr/beauty
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import common  # noqa: E402
-import llama2_7b_common  # noqa: E402
+from palr_jax import defaults
 
 
 def get_config(arg: str = '8xH100'):
-  c = common.get_config()
+  c = defaults.get_config()
   c.data.source = 'amazon'
   c.data.path = '/path/to/amazon'
   c.data.name = 'Beauty'
@@ -33,4 +28,4 @@ def get_config(arg: str = '8xH100'):
   c.prompts.recommend_retrieval = (intro + 'Candidates:\n{candidates}\n'
                                    'Which candidate will the customer buy next? Answer with its letter and title.')
   c.prompts.max_title_tokens = 32
-  return llama2_7b_common.apply_pod(c, arg or '8xH100')
+  return defaults.with_pod(c, arg or '8xH100')

@@ -2,23 +2,18 @@
 
 Variants (`configs/ml100k.py:ARG`):
   ''      the default run
-  quick   a smoke run of the whole pipeline in minutes on a laptop CPU
+  quick   a smoke run of the whole pipeline on a laptop CPU: stats profiles, 10 candidates, short prompts,
+          16 LoRA steps of 8 prompts per variant, a seeded subset of 32 users for the LLM evaluation
   full    all users, LLM profiles, the paper's two tasks; sized for <= 8 hours on a 2-core CPU
-For now the variants share the retriever settings: iALS from configs/common.py (64 factors, reg 30,
-alpha 10, 15 iterations; chosen on valid Recall@20), test HR@10 0.140, NDCG@10 0.074, HR@50 0.391
-(mean of seeds 0-2; `implicit` ALS 0.138 / 0.070 / 0.356, RecBole BPR 0.124 / 0.067 / 0.353).
+bench/RESULTS.md holds the measured times and the README the results.
 
 Run:
   python -m palr_jax.main --config configs/ml100k.py:quick --workdir runs/ml100k-quick
   python -m palr_jax.main --config configs/ml100k.py:full --workdir runs/ml100k-full --shared_dir runs/shared
-Retriever stage alone:
-  python -m palr_jax.retrieve --config configs/ml100k.py --workdir runs/ml100k
+The retriever stage alone:
+  python -m palr_jax.main --config configs/ml100k.py --workdir runs/ml100k --stages retriever
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import common  # noqa: E402
+from palr_jax import defaults
 
 VARIANTS = ('', 'quick', 'full')
 
@@ -26,22 +21,20 @@ VARIANTS = ('', 'quick', 'full')
 def get_config(arg: str = ''):
   if arg not in VARIANTS:
     raise ValueError(f'configs/ml100k.py: unknown variant {arg!r}; expected one of {VARIANTS}')
-  c = common.get_config()
+  c = defaults.get_config()
   c.data.source = 'recbole'
   c.data.path = ''
   c.data.name = 'ml-100k'
   c.model.spec = 'smollm2'
   if arg == 'quick':
-    # Smoke run of the whole pipeline on a 2-core CPU: stats profiles, 10 candidates, short prompts,
-    # 16 steps of 8 prompts per variant, a seeded subset of 32 users for the LLM evaluation (13-15 min).
     c.retriever.num_candidates = 10
     c.profiles.kind = 'stats'
     c.prompts.max_history = 6
     c.prompts.max_examples_per_user = 1
     c.prompts.max_title_tokens = 16
     c.prompts.max_length = 512
-    c.prompts.batches.pack = False
-    c.prompts.batches.length_buckets = (128, 192, 256, 384, 512)
+    c.batching.pack = False
+    c.batching.length_buckets = (128, 192, 256, 384, 512)
     c.train.batch_size = 8
     c.train.num_steps = 16
     c.train.warmup_steps = 3
@@ -56,13 +49,11 @@ def get_config(arg: str = ''):
     c.eval.max_users = 32
     c.eval.bootstrap_samples = 1000
     c.rank.batch_size = 8
-    c.rank.v1_mode = 'likelihood'
+    c.variants.palr_v1.rank_mode = 'likelihood'
   elif arg == 'full':
-    # All users, LLM-written profiles, sized for <= 8 hours on a 2-core CPU: profiles ~75 min, LoRA 300
-    # steps of 8 prompts per variant (measured: v1 ~69 min at ~14 s/step, v2 2.4 h at 29 s/step),
-    # ranking every valid/test user by three LLM methods (measured: 107 min); ~6 h 40 min in all. The
-    # profiles' source (max_examples_per_user = 10) is the default run's, so both share one
-    # profiles.jsonl (see --shared_dir).
+    # Sizing rule: the profiles' source (max_examples_per_user = 10) is the default run's, so both share
+    # one profiles.jsonl (--shared_dir); 300 LoRA steps of 8 prompts per variant and the ranking of every
+    # valid/test user by three LLM methods fill the rest of the 8 hours.
     c.profiles.kind = 'llm'
     c.prompts.max_examples_per_user = 10
     c.prompts.max_history = 10
@@ -71,14 +62,12 @@ def get_config(arg: str = ''):
     # the target: the model learns to refine the retriever's order, not to find an inserted item.
     c.prompts.candidate_order = 'retriever'
     c.prompts.missed_target = 'skip'
-    # v2 ranks with the Recommend_Retrieval prompt, but only 2,473 of its 11,903 training prompts are of
-    # that task (21%; the 60-step run saw ~100 of them): four copies make it half the mix. Nearly every
-    # batch already pads to the long prompts' bucket, so steps cost about the same.
-    c.prompts.task_repeats.recommend_retrieval = 4
-    # Padded to length buckets, not packed: packed 8 x 1024-token rows ran at a third of the speed on
-    # XLA:CPU (and wanted 53 GB without micro-batches).
-    c.prompts.batches.pack = False
-    c.prompts.batches.length_buckets = (256, 384, 512, 640, 768, 1024)
+    # v2 ranks with the Recommend_Retrieval prompt, but only about a fifth of its training prompts are of
+    # that task: four copies make it half the mix.
+    c.variants.palr_v2.task_repeats.recommend_retrieval = 4
+    # Padded to length buckets, not packed: packed 1024-token rows ran at a third of the speed on XLA:CPU.
+    c.batching.pack = False
+    c.batching.length_buckets = (256, 384, 512, 640, 768, 1024)
     c.lora.rank = 16
     c.lora.alpha = 32.0
     c.train.batch_size = 8

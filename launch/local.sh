@@ -23,17 +23,7 @@ usage: launch/local.sh [options] -- COMMAND...
 EOF
 }
 
-die() { echo "local.sh: $*" >&2; usage >&2; exit 2; }
-
-# Quotes one word exactly like Python's shlex.quote, so printed commands can be pasted into a shell.
-quote() {
-  local LC_ALL=C
-  if [[ -z $1 ]]; then printf "''"
-  elif [[ $1 =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then printf '%s' "$1"
-  else printf "'%s'" "${1//\'/\'\"\'\"\'}"
-  fi
-}
-join() { local out='' w; for w; do out+="${out:+ }$(quote "$w")"; done; printf '%s' "$out"; }
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 processes=1 cpu_devices='' port=12355 venv=$root/.venv dry_run=0

@@ -36,17 +36,7 @@ Without COMMAND: create + install only; with --delete and no COMMAND: delete the
 EOF
 }
 
-die() { echo "tpu_vm.sh: $*" >&2; usage >&2; exit 2; }
-
-# Quotes one word exactly like Python's shlex.quote, so printed commands can be pasted into a shell.
-quote() {
-  local LC_ALL=C
-  if [[ -z $1 ]]; then printf "''"
-  elif [[ $1 =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then printf '%s' "$1"
-  else printf "'%s'" "${1//\'/\'\"\'\"\'}"
-  fi
-}
-join() { local out='' w; for w; do out+="${out:+ }$(quote "$w")"; done; printf '%s' "$out"; }
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Every step is one shell line: printed under --dry-run, else run. What is printed is what runs.
 step() { if ((dry_run)); then printf '%s\n' "$1"; else bash -o pipefail -c "$1"; fi; }

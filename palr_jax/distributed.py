@@ -1,23 +1,53 @@
-"""Multi-process start-up: `jax.distributed.initialize` from flags, the environment or the cluster.
+"""The job: `jax.distributed` start-up, host barriers, preemption, and failing fast on every process.
 
-Must run before anything touches a device. One process per host (TPU VM worker, SLURM task, GPU node);
-afterwards `jax.devices()` lists every device of the job and the mesh spans them all.
+`initialize` must run before anything touches a device. One process per host (TPU VM worker, SLURM task,
+GPU node); afterwards `jax.devices()` lists every device of the job and the global mesh spans them all.
+
+What a multi-process job needs beyond that, and how it is done here:
+- Barriers (`barrier`) are host-level, through the coordination service's `wait_at_barrier`: they need no
+  device and no mesh, so processes that each work on a host-local mesh can meet.
+- Failing fast (`fail_fast`): an exception in any process is published under a key of the coordination
+  service, and every process runs a watchdog thread that ends its process with exit code 1 when the key
+  appears. The failing process itself leaves with `os._exit`, skipping jax's atexit shutdown, whose barrier
+  would wait for peers that are blocked in a collective. A process killed outright stops heartbeating; the
+  service then fails the others after `HEARTBEAT_SECONDS`.
+- Preemption: SIGTERM sets a flag (`preemption_requested`); the trainer asks `any_process` at every step
+  whether any process got one, so all stop at the same step, save, and the job exits with
+  `PREEMPTED_EXIT_CODE`. A SIGTERM outside training, or a second one, ends the process at once.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 import importlib.util
+import itertools
 import os
+import signal
+import sys
+import threading
+import time
+import traceback
 
 from absl import flags
 from absl import logging
 import jax
+import numpy as np
 
 COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0; default $JAX_COORDINATOR_ADDRESS, or '
     'auto-detected on TPU VMs and under SLURM.')
 NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'processes in the job; default $JAX_NUM_PROCESSES.')
 PROCESS_ID = flags.DEFINE_integer('process_id', None, 'this process, 0-based; default $JAX_PROCESS_ID.')
+
+# Exit code of a job that saved a checkpoint on SIGTERM and should be resubmitted (EX_TEMPFAIL).
+PREEMPTED_EXIT_CODE = 75
+HEARTBEAT_SECONDS = 30
+_FAILED_KEY = 'palr_jax/failed'
+_BARRIER_TIMEOUT_MS = 7 * 24 * 3600 * 1000  # a host-only stage can keep the others waiting for hours
+_barriers = itertools.count()
+
+
+class Preempted(Exception):
+  """Training stopped early on SIGTERM after saving; the job should exit with PREEMPTED_EXIT_CODE."""
 
 
 def cluster_kind(env: Mapping[str, str]) -> str | None:
@@ -43,13 +73,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if coordinator_address:
     num_processes = num_processes if num_processes is not None else _env_int(env, 'JAX_NUM_PROCESSES')
     process_id = process_id if process_id is not None else _env_int(env, 'JAX_PROCESS_ID')
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               heartbeat_timeout_seconds=HEARTBEAT_SECONDS)
   elif num_processes is not None or process_id is not None:
     raise ValueError('distributed: --num_processes/--process_id need --coordinator_address '
                      '(or $JAX_COORDINATOR_ADDRESS)')
   elif (kind := cluster_kind(env)) is not None:
     logging.info('distributed: auto-detecting the %s cluster', kind)
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_SECONDS)
   else:
     return
   logging.info('distributed: process %d of %d, %d local / %d global devices', jax.process_index(),
@@ -68,3 +99,128 @@ def _env_int(env: Mapping[str, str], name: str) -> int | None:
     return int(env[name])
   except ValueError:
     raise ValueError(f'distributed: ${name} must be an integer, got {env[name]!r}') from None
+
+
+# ------------------------------------------------------------------------------------------- the job
+
+
+def _client():
+  from jax._src import distributed as jax_distributed  # the coordination service's client
+  return jax_distributed.global_state.client
+
+
+def is_leader() -> bool:
+  """Process 0: the one that writes shared files."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Every process of the job waits here until all have arrived (a no-op on one process)."""
+  if jax.process_count() == 1:
+    return
+  _client().wait_at_barrier(f'palr_jax/{next(_barriers)}/{name}', _BARRIER_TIMEOUT_MS)
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is true on any; a collective: every process must call it."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.asarray(multihost_utils.process_allgather(np.array([int(flag)], np.int32))).any())
+
+
+def share(items: Sequence, index: int | None = None, count: int | None = None) -> list:
+  """This process's share of `items` (every count-th item from its index: similar shares of a sorted list)."""
+  index = jax.process_index() if index is None else index
+  count = jax.process_count() if count is None else count
+  return list(items[index::count])
+
+
+_preemption = {'requested': False, 'training': False}
+
+
+def preemption_requested() -> bool:
+  return _preemption['requested']
+
+
+class training_window:
+  """While inside, a first SIGTERM only asks the trainer to save and stop; outside it ends the process
+  (our handler is installed on entry if it is not yet)."""
+
+  def __enter__(self):
+    if (signal.getsignal(signal.SIGTERM) is not _on_sigterm
+        and threading.current_thread() is threading.main_thread()):
+      install_signal_handlers()
+    _preemption['training'] = True
+    return self
+
+  def __exit__(self, *exc):
+    _preemption['training'] = False
+
+
+def _on_sigterm(signum, frame):
+  del frame
+  if _preemption['training'] and not _preemption['requested']:
+    _preemption['requested'] = True
+    logging.warning('SIGTERM: saving a checkpoint at the next step, then exiting with code %d',
+                    PREEMPTED_EXIT_CODE)
+    return
+  logging.warning('SIGTERM: exiting')
+  _exit(128 + signum)
+
+
+def install_signal_handlers() -> None:
+  """Our SIGTERM handler (replacing the one jax.distributed installs, which never ends the process)."""
+  signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _exit(code: int) -> None:
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except Exception:  # noqa: BLE001 - leaving anyway
+      pass
+  logging.flush()
+  os._exit(code)
+
+
+def _watch(poll_seconds: float) -> None:
+  while True:
+    time.sleep(poll_seconds)
+    try:
+      failed = _client().key_value_try_get(_FAILED_KEY)
+    except Exception:  # noqa: BLE001 - not set (NotFound), or the service is gone
+      failed = None
+      if not jax.distributed.is_initialized():
+        return
+    if failed:
+      logging.error('another process failed (%s); ending this one', failed)
+      print(f'palr_jax: another process failed ({failed}); exiting', file=sys.stderr)
+      _exit(1)
+
+
+def fail_fast(main, *args, poll_seconds: float = 1.0):
+  """Runs `main(*args)`; on a multi-process job an exception in any process ends them all, non-zero.
+
+  Returns main's result (one process, or all succeeded); `Preempted` exits with PREEMPTED_EXIT_CODE.
+  """
+  multi = jax.process_count() > 1
+  if multi:
+    threading.Thread(target=_watch, args=(poll_seconds,), daemon=True, name='palr-watchdog').start()
+  try:
+    return main(*args)
+  except Preempted as e:
+    logging.warning('%s', e)
+    print(f'palr_jax: {e}; rerun the same command to resume (exit code {PREEMPTED_EXIT_CODE})',
+          file=sys.stderr)
+    _exit(PREEMPTED_EXIT_CODE)
+  except BaseException as e:  # noqa: BLE001 - every failure must reach the other processes
+    if not multi or isinstance(e, SystemExit) and not e.code:
+      raise
+    where = f'process {jax.process_index()}: {type(e).__name__}: {e}'[:2000]
+    traceback.print_exc()
+    try:
+      _client().key_value_set(_FAILED_KEY, where)
+    except Exception:  # noqa: BLE001 - another process set it first
+      pass
+    _exit(e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1)

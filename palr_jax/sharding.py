@@ -146,3 +146,67 @@ def batch_shards(mesh: Mesh, rules) -> int:
   spec = batch_sharding(mesh, rules, ndim=1).spec[0]
   axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
   return math.prod(mesh.shape[a] for a in axes)
+
+
+def batch_axes_shards(mesh: Mesh, rules, batch_size: int, what: str) -> int:
+  """`batch_shards`, checking that `batch_size` (named `what` in the error) divides over them."""
+  shards = batch_shards(mesh, rules)
+  if batch_size % shards:
+    raise ValueError(f'{what}={batch_size} must be a multiple of the {shards} batch shards of the mesh '
+                     f'{dict(mesh.shape)}')
+  return shards
+
+
+class Placement:
+  """Where inference batches live: a mesh and its logical-axis rules, or (mesh None) the default device.
+
+  `put` lays a host array [B, ...] out with its rows split over the batch axes (every process holds the
+  whole array); `constrain` pins an array's sharding by logical axes inside jit.
+  """
+
+  def __init__(self, mesh: Mesh | None = None, rules=None):
+    if mesh is not None and rules is None:
+      raise ValueError('a mesh needs its logical-axis rules (config.mesh.rules)')
+    self.mesh = mesh
+    self.rules = () if rules is None else tuple((n, tuple(t) if isinstance(t, list) else t) for n, t in rules)
+
+  def __hash__(self):  # a static jit argument
+    return hash((self.mesh, self.rules))
+
+  def __eq__(self, other):
+    return isinstance(other, Placement) and (self.mesh, self.rules) == (other.mesh, other.rules)
+
+  def check_batch(self, batch_size: int, what: str) -> None:
+    if self.mesh is not None:
+      batch_axes_shards(self.mesh, self.rules, batch_size, what)
+
+  def put(self, x: np.ndarray) -> jax.Array:
+    if self.mesh is None:
+      return jax.numpy.asarray(x)
+    s = batch_sharding(self.mesh, self.rules, ndim=x.ndim)
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+  def constrain(self, x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    if self.mesh is None:
+      return x
+    return jax.lax.with_sharding_constraint(x, named_sharding(self.mesh, logical_axes, x.shape, self.rules))
+
+  def to_host(self, x: jax.Array) -> np.ndarray:
+    """The whole array on this host (an all-gather when other processes hold parts of it)."""
+    from jax.experimental import multihost_utils
+    return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
+
+
+def local_mesh(mesh_config) -> Mesh:
+  """A mesh of this process's own devices, for the work each process does alone (sharded inference).
+
+  One process: the configured mesh. Several: the configured `tensor` size where it divides the local
+  device count, `fsdp` over the rest, so the weights are sharded and the batch split over the host's
+  devices with the same rules as training.
+  """
+  if jax.process_count() == 1:
+    return make_mesh(mesh_config)
+  devices = jax.local_devices()
+  tensor = int(mesh_config['tensor'])
+  tensor = tensor if tensor > 0 and len(devices) % tensor == 0 else 1
+  return make_mesh({'dcn_data': 1, 'data': 1, 'fsdp': len(devices) // tensor, 'tensor': tensor}, devices)

@@ -8,7 +8,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from configs.common import get_config
+from palr_jax.defaults import get_config
 from palr_jax.data import interactions
 
 # SmolLM2-135M-Instruct's template (from its GGUF), verbatim.
@@ -67,7 +67,7 @@ def tiny_config(num_candidates: int = 4):
   c.prompts.max_examples_per_user = 3
   c.prompts.max_history = 5
   c.prompts.max_length = 256
-  c.prompts.batches.length_buckets = (64, 128, 256)
+  c.batching.length_buckets = (64, 128, 256)
   c.profiles.kind = 'stats'
   c.train.batch_size = 4
   c.train.max_loss_tokens = 0

@@ -11,15 +11,14 @@ from flax import nnx
 import jax
 import pytest
 
-from palr_jax import check
+from palr_jax.tools import check
 from palr_jax import sharding
-from palr_jax import train
+from palr_jax.train import step as train_step
 from palr_jax.model import llama
 from palr_jax.model import lora as lora_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'configs'))
-import common  # noqa: E402
+from palr_jax import defaults as common
 
 # Sizes that exercise fit_spec: vocab 99 does not divide by tensor=2 (replicated there), 4 heads do.
 TINY = dict(model_type='llama', architectures=['LlamaForCausalLM'], vocab_size=99, hidden_size=64,
@@ -58,14 +57,14 @@ def allocate(config):
   lora_lib.apply_lora(model, config.lora, rngs=nnx.Rngs(1))
   mesh = sharding.make_mesh(config.mesh)
   rules = config.mesh.rules
-  parts, values, frozen = train.split_model(model)
-  optimizer = train.make_optimizer(config.train)
-  init = lambda v: train.init_state(v, optimizer)  # noqa: E731
-  shardings = train.state_shardings(jax.eval_shape(init, values), parts, optimizer, mesh, rules)
+  parts, values, frozen = train_step.split_model(model)
+  optimizer = train_step.make_optimizer(config.train)
+  init = lambda v: train_step.init_state(v, optimizer)  # noqa: E731
+  shardings = train_step.state_shardings(jax.eval_shape(init, values), parts, optimizer, mesh, rules)
   frozen_shardings = sharding.state_shardings(frozen, mesh, rules)
   frozen = jax.device_put(frozen, frozen_shardings)
   state = jax.jit(init, out_shardings=shardings)(values)
-  step = train.make_train_step(parts, optimizer, config.train, rules, shardings, frozen_shardings, 0)
+  step = train_step.make_train_step(parts, optimizer, config.train, rules, shardings, frozen_shardings, 0)
   return values, frozen, state, step, mesh
 
 
@@ -93,7 +92,7 @@ def test_estimates_near_xla_temp_buffers(tmp_path, mesh):
   report = check.check(config, check.Devices('8 cpu', 8, 1.0, None))
   _, frozen, state, step, mesh = allocate(config)
   batch = {k: jax.ShapeDtypeStruct((8, 128), jax.numpy.int32, sharding=sharding.batch_sharding(
-      mesh, config.mesh.rules)) for k in train.BATCH_KEYS}
+      mesh, config.mesh.rules)) for k in train_step.BATCH_KEYS}
   with jax.set_mesh(mesh):
     temp = step.lower(state, frozen, batch).compile().memory_analysis().temp_size_in_bytes
   estimate = sum(v for k, v in report.rows.items() if 'estimate' in k)
@@ -182,13 +181,13 @@ def test_activation_estimate_scales():
 
 
 def run_cli(*args):
-  return subprocess.run([sys.executable, '-m', 'palr_jax.check', *args], capture_output=True, text=True,
+  return subprocess.run([sys.executable, '-m', 'palr_jax.tools.check', *args], capture_output=True, text=True,
                         cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=300)
 
 
 def test_cli_fits_and_does_not_fit(tmp_path):
   (tmp_path / 'config.json').write_text(json.dumps(TINY))
-  config = ['--config', 'configs/common.py', f'--config.model.spec=hf:{tmp_path}',
+  config = ['--config', 'palr_jax/defaults.py', f'--config.model.spec=hf:{tmp_path}',
             '--config.train.batch_size=8']
   out = run_cli(*config, '--devices', '8', '--device-memory-gib', '1')
   assert out.returncode == 0, out.stderr

@@ -1,6 +1,7 @@
 """HF / GGUF import, safetensors writing, merged and PEFT export, all against transformers / peft."""
 import json
 import os
+import shutil
 
 import gguf as gguf_lib
 import jax
@@ -11,9 +12,11 @@ import torch
 import transformers
 from flax import nnx
 
-from configs.common import get_config
-from palr_jax import checkpoints, sharding
-from palr_jax.checkpoints import gguf, hf, load_model
+from palr_jax.defaults import get_config
+from palr_jax import sharding
+from palr_jax.hub import gguf, hf
+from palr_jax.hub.load import load_model
+from palr_jax.train import checkpointing
 from palr_jax.model import llama, lora
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -204,6 +207,7 @@ def test_sharded_import_onto_mesh(tmp_path):
 def test_import_rejects_checkpoint_that_disagrees_with_config(tmp_path):
   ref = tiny_hf_model()
   ref.save_pretrained(tmp_path)
+  save_tokenizer(tmp_path)
   cfg = json.loads((tmp_path / 'config.json').read_text())
   write_config(tmp_path, dict(cfg, intermediate_size=96))
   with pytest.raises(ValueError, match=r"model.safetensors: 'model.layers.0.mlp.gate_proj.weight' has "
@@ -439,7 +443,7 @@ def base_folder(tmp_path_factory):
 ])
 def test_peft_folder_loads_in_peft_with_same_logits(base_folder, tmp_path, targets, written):
   import peft as hf_peft
-  from palr_jax.checkpoints import peft
+  from palr_jax.hub import peft
   model, _, cfg = tuned_model(base_folder, lora_section(targets))
   peft.save_adapter(tmp_path / 'adapter', model, lora_section(targets), str(base_folder))
   adapter_config = json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())
@@ -455,7 +459,7 @@ def test_peft_folder_loads_in_peft_with_same_logits(base_folder, tmp_path, targe
   np.testing.assert_allclose(eval_logits(model, ids, pos, seg), torch_logits(tuned, ids), atol=1e-4, rtol=0)
   # ... and reads back (a run's `adapter/` folder) into a fresh model as the same function.
   fresh, _, _ = load_model(model_config(f'hf:{base_folder}'))
-  source, section = checkpoints.apply_trained_adapter(fresh, tmp_path)
+  source, section = checkpointing.apply_trained_adapter(fresh, tmp_path)
   assert source == f'{tmp_path / "adapter"} (PEFT)' and (section.rank, section.alpha) == (4, 8.0)
   np.testing.assert_allclose(eval_logits(fresh, ids, pos, seg), eval_logits(model, ids, pos, seg), atol=1e-6)
 
@@ -468,14 +472,14 @@ def test_peft_folder_loads_in_peft_with_same_logits(base_folder, tmp_path, targe
     ({'target_modules': ['gate']}, r"target_modules \['gate'\] matches no module"),
 ])
 def test_peft_adapter_config_errors(base_folder, tmp_path, change, message):
-  from palr_jax.checkpoints import peft
+  from palr_jax.hub import peft
   model, _, _ = load_model(model_config(f'hf:{base_folder}'), lora_section())
   peft.save_adapter(tmp_path / 'adapter', model, lora_section(), 'base')
   cfg = json.loads((tmp_path / 'adapter' / peft.CONFIG_FILE).read_text())
   (tmp_path / 'adapter' / peft.CONFIG_FILE).write_text(json.dumps(dict(cfg, **change)))
   fresh, _, _ = load_model(model_config(f'hf:{base_folder}'))
   with pytest.raises(ValueError, match=f'adapter_config.json: {message}'):
-    checkpoints.apply_trained_adapter(fresh, tmp_path)
+    checkpointing.apply_trained_adapter(fresh, tmp_path)
 
 
 def save_like_trainer(workdir, model, lora_config, step=7):
@@ -498,15 +502,15 @@ def save_like_trainer(workdir, model, lora_config, step=7):
 
 def test_export_cli_merged_and_peft_from_trainer_checkpoint(base_folder, tmp_path):
   import peft as hf_peft
-  from palr_jax import export
+  from palr_jax.stages import export
   lora_config = lora_section((r'.*self_attn\.(q_proj|k_proj|v_proj|o_proj)', r'.*mlp\.up_proj'), rank=2)
   model, _, cfg = tuned_model(base_folder, lora_config, seed=5)
   save_like_trainer(tmp_path / 'run', model, lora_config)
   ids, pos, seg = batch(cfg.vocab_size, seed=1)
   ours = eval_logits(model, ids, pos, seg)
 
-  export.main(['--model', f'hf:{base_folder}', '--workdir', str(tmp_path / 'run'),
-               '--out', str(tmp_path / 'merged'), '--max-shard-size', '30KB'])
+  export.export_model(model_config(f'hf:{base_folder}'), tmp_path / 'merged', 'merged', workdir=tmp_path / 'run',
+                      max_shard_bytes=export.parse_size('30KB'))
   merged = tmp_path / 'merged'
   assert {'config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json',
           hf.INDEX_FILE} <= {p.name for p in merged.iterdir()}
@@ -518,24 +522,25 @@ def test_export_cli_merged_and_peft_from_trainer_checkpoint(base_folder, tmp_pat
   tok = transformers.AutoTokenizer.from_pretrained(merged)
   assert tok.convert_ids_to_tokens(tok('the movie')['input_ids']) == ['t', 'he', 'Ġmovie']
 
-  export.main(['--model', f'hf:{base_folder}', '--workdir', str(tmp_path / 'run'),
-               '--out', str(tmp_path / 'run' / 'export' / 'peft'), '--format', 'peft'])
+  export.export_model(model_config(f'hf:{base_folder}'), tmp_path / 'export' / 'peft', 'peft',
+                      workdir=tmp_path / 'run')
+  (tmp_path / 'run' / 'export').mkdir()
+  shutil.copytree(tmp_path / 'export' / 'peft', tmp_path / 'run' / 'export' / 'peft')
   base = transformers.AutoModelForCausalLM.from_pretrained(base_folder)
   tuned = hf_peft.PeftModel.from_pretrained(base, tmp_path / 'run' / 'export' / 'peft').eval()
   np.testing.assert_allclose(torch_logits(tuned, ids), ours, atol=1e-4, rtol=0)
 
   # Without the orbax checkpoints the run's PEFT folder is found instead: same adapters.
-  import shutil
   shutil.rmtree(tmp_path / 'run' / 'checkpoints')
   fresh, _, _ = load_model(model_config(f'hf:{base_folder}'))
-  source, section = checkpoints.apply_trained_adapter(fresh, tmp_path / 'run')
+  source, section = checkpointing.apply_trained_adapter(fresh, tmp_path / 'run')
   assert source.endswith('export/peft (PEFT)') and section.rank == 2
   np.testing.assert_allclose(eval_logits(fresh, ids, pos, seg), ours, atol=1e-5, rtol=0)
 
 
 def test_export_bf16_and_errors(base_folder, tmp_path):
-  from palr_jax import export
-  export.main(['--model', f'hf:{base_folder}', '--out', str(tmp_path / 'bf16'), '--dtype', 'bfloat16'])
+  from palr_jax.stages import export
+  export.export_model(model_config(f'hf:{base_folder}'), tmp_path / 'bf16', 'merged', dtype='bfloat16')
   assert json.loads((tmp_path / 'bf16' / 'config.json').read_text())['torch_dtype'] == 'bfloat16'
   assert {str(t.dtype) for t in hf.stored_tensors(tmp_path / 'bf16').values()} == {'bfloat16'}
   # The fp32 base, rounded to bf16 (round-to-nearest-even, as torch does), read by transformers.
@@ -546,9 +551,10 @@ def test_export_bf16_and_errors(base_folder, tmp_path):
     torch.testing.assert_close(bf16[name], value.to(torch.bfloat16), rtol=0, atol=0)
   assert export.parse_size('5GB') == 5 * 10**9 and export.parse_size('30KB') == 30000
   with pytest.raises(ValueError, match='--format peft needs --workdir'):
-    export.main(['--model', f'hf:{base_folder}', '--out', str(tmp_path / 'x'), '--format', 'peft'])
+    export.export_model(model_config(f'hf:{base_folder}'), tmp_path / 'x', 'peft')
+  (tmp_path / 'untrained').mkdir()
   with pytest.raises(FileNotFoundError, match='no trained adapter'):
-    export.main(['--model', f'hf:{base_folder}', '--out', str(tmp_path / 'x'), '--workdir', str(tmp_path)])
+    export.export_model(model_config(f'hf:{base_folder}'), tmp_path / 'x', 'merged', workdir=tmp_path / 'untrained')
   assert not (tmp_path / 'x').exists()
 
 
@@ -560,7 +566,7 @@ def test_trained_adapter_restores_onto_mesh(base_folder, tmp_path):
   c.mesh.fsdp, c.mesh.tensor = 4, 2
   mesh = sharding.make_mesh(c.mesh)
   sharded, _, _ = load_model(model_config(f'hf:{base_folder}'), mesh=mesh, rules=c.mesh.rules)
-  source, _ = checkpoints.apply_trained_adapter(sharded, tmp_path, mesh=mesh, rules=c.mesh.rules)
+  source, _ = checkpointing.apply_trained_adapter(sharded, tmp_path, mesh=mesh, rules=c.mesh.rules)
   assert source == f'{tmp_path / "checkpoints"}/7 (orbax)'
   a = llama.named_params(sharded, nnx.LoRAParam)['layers.1.self_attn.v_proj.lora_a'].value
   assert a.sharding.spec == jax.sharding.PartitionSpec('fsdp', None)  # ('embed', 'lora_rank')
@@ -569,6 +575,6 @@ def test_trained_adapter_restores_onto_mesh(base_folder, tmp_path):
                              atol=1e-5, rtol=0)
   # A model that already has (other) adapters gets the checkpoint's values.
   other, _, _ = tuned_model(base_folder, lora_config, seed=10)
-  checkpoints.apply_trained_adapter(other, tmp_path)
+  checkpointing.apply_trained_adapter(other, tmp_path)
   np.testing.assert_allclose(eval_logits(other, ids, pos, seg), eval_logits(model, ids, pos, seg),
                              atol=1e-6, rtol=0)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from configs.common import get_config
+from palr_jax.defaults import get_config
 from palr_jax.data import interactions as I
 
 RECBOLE_INTER = """user_id:token\titem_id:token\trating:float\ttimestamp:float

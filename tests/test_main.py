@@ -8,8 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from palr_jax import checkpoints
 from palr_jax import main as palr_main
+from palr_jax.stages import rank as rank_stage
+from palr_jax.train import checkpointing
 from tests import prompt_fixtures
 
 torch = pytest.importorskip('torch')
@@ -56,7 +57,7 @@ def _config(tmp_path):
   c.retriever.factors, c.retriever.iterations, c.retriever.folds = 8, 3, 2
   c.retriever.reg = 1.0
   c.prompts.max_examples_per_user = 2
-  c.prompts.batches.pack = False
+  c.batching.pack = False
   c.train.batch_size = 8
   c.train.num_steps = 4
   c.train.warmup_steps = 1
@@ -66,7 +67,6 @@ def _config(tmp_path):
   c.train.valid_batches = 1
   c.train.async_checkpoints = False
   c.rank.batch_size = 8
-  c.rank.buckets = (64, 128, 256)
   c.rank.max_items = 3
   c.eval.ks = (1, 3, 5)
   c.eval.bootstrap_samples = 50
@@ -86,7 +86,7 @@ def test_pipeline_end_to_end_then_skips_then_reruns_ranking_only(tmp_path, monke
   results = palr_main.run(config, workdir)
 
   for split in ('valid', 'test'):
-    assert set(results[split]['metrics']) == set(palr_main.METHODS)
+    assert set(results[split]['metrics']) == set(config.eval.methods)
     for method, metrics in results[split]['metrics'].items():
       assert set(metrics) == {f'{m}@{k}' for k in (1, 3, 5) for m in ('HR', 'NDCG')}
       assert all(0.0 <= v <= 1.0 for v in metrics.values()), (method, metrics)
@@ -115,7 +115,7 @@ def test_pipeline_end_to_end_then_skips_then_reruns_ranking_only(tmp_path, monke
   assert ro['target_in_candidates'] == pytest.approx(retrieved.mean())
   assert ro['methods']['retriever']['top1_as_retriever'] == 1.0
   assert ro['methods']['retriever']['HR@10_when_retrieved'] == pytest.approx(np.mean(ranks[retrieved] < 10))
-  assert set(ro['methods']) == set(palr_main.METHODS)
+  assert set(ro['methods']) == set(config.eval.methods)
   for name in ('plots/hr_at_k.png', 'plots/loss.png', 'export/merged/config.json',
                'export/peft/adapter_config.json'):
     assert (workdir / name).exists(), name
@@ -128,39 +128,39 @@ def test_pipeline_end_to_end_then_skips_then_reruns_ranking_only(tmp_path, monke
 
   # Same command again: every stage is current, nothing is rewritten.
   watched = ['candidates/train.jsonl', 'profiles.jsonl', 'rankings.json', 'results.json',
-             'train_palr_v2.fingerprint.json', 'export/merged/config.json']
+             'finetune_palr_v2.fingerprint.json', 'export/merged/config.json']
   before = _mtimes(workdir, watched)
   again = palr_main.run(config, workdir)
   assert _mtimes(workdir, watched) == before
   assert again == results
 
   # A ranking option changes: only ranking, evaluation and export rerun.
-  config.rank.mode = 'generate'
+  config.variants.palr_v2.rank_mode = 'generate'
   palr_main.run(config, workdir)
   after = _mtimes(workdir, watched)
-  for name in ('candidates/train.jsonl', 'profiles.jsonl', 'train_palr_v2.fingerprint.json'):
+  for name in ('candidates/train.jsonl', 'profiles.jsonl', 'finetune_palr_v2.fingerprint.json'):
     assert after[name] == before[name], name
   for name in ('rankings.json', 'results.json'):
     assert after[name] != before[name], name
 
   # Ranking killed part-way resumes at the first part it had not finished.
-  real, calls = palr_main._rank_split, []
+  real, calls = rank_stage.rank_split, []
 
   def dying(*args, **kwargs):
-    calls.append(args[4])  # the split
+    calls.append(args[3])  # the split
     if len(calls) == 3:
       raise RuntimeError('killed')
     return real(*args, **kwargs)
 
-  monkeypatch.setattr(palr_main, '_rank_split', dying)
+  monkeypatch.setattr(rank_stage, 'rank_split', dying)
   config.rank.max_items = 2
   with pytest.raises(RuntimeError, match='killed'):
     palr_main.run(config, workdir)
   assert len(list((workdir / 'rank_parts').glob('*/*.json'))) == 2
   calls.clear()
-  monkeypatch.setattr(palr_main, '_rank_split', lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+  monkeypatch.setattr(rank_stage, 'rank_split', lambda *a, **k: calls.append(a[3]) or real(*a, **k))
   resumed = palr_main.run(config, workdir)
-  total = 2 + sum(len(checkpoints.checkpoint_steps(workdir / v)) + 1 for v in ('palr_v1', 'palr_v2'))
+  total = 2 + sum(len(checkpointing.adapter_steps(workdir / v)) + 1 for v in ('palr_v1', 'palr_v2'))
   assert len(calls) == total - 2
   assert not (workdir / 'rank_parts').exists()
   calls.clear()

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from palr_jax import evaluate
+from palr_jax import metrics as evaluate
+from palr_jax.stages import report
 
 LOG2_3 = math.log2(3)
 
@@ -53,13 +54,9 @@ def test_ndcg_matches_dcg_over_sorted_scores():
   assert 0 < m[f'HR@{k}'] < 1  # the case exercises both hits and misses
 
 
-def test_rank_in_list_and_misses():
-  assert evaluate.rank_in_list([7, 3, 9], 3) == 1
-  assert evaluate.rank_in_list(['a', 'b'], 'a') == 0
-  missing = evaluate.rank_in_list([7, 3, 9], 4)
-  assert missing == math.inf
-  # A target absent from a 3-item list is a miss even at a cutoff larger than the list.
-  m = evaluate.metrics_from_ranks([evaluate.rank_in_list([7, 3, 9], 9), missing], ks=(5,))
+def test_misses():
+  # A target absent from a 3-item list (rank inf) is a miss even at a cutoff larger than the list.
+  m = evaluate.metrics_from_ranks([2, math.inf], ks=(5,))
   assert m['HR@5'] == pytest.approx(0.5)
   assert m['NDCG@5'] == pytest.approx(0.5 / 2)
   assert m['MRR'] == pytest.approx(0.5 / 3)
@@ -126,10 +123,10 @@ def test_reordering_hand_computed():
       {'top1_as_retriever': 1 / 3, 'top2_overlap': (1 + 0.5 + 0.5) / 3, 'HR@2_when_retrieved': 1.0})
   assert out['methods']['retriever'] == pytest.approx(
       {'top1_as_retriever': 1.0, 'top2_overlap': 1.0, 'HR@2_when_retrieved': 0.5})
-  report = evaluate.markdown_report({'test': {'num_users': 3, 'metrics': {}, 'vs_retriever': {},
+  text = report.markdown_report({'test': {'num_users': 3, 'metrics': {}, 'vs_retriever': {},
                                               'reordering': out}}, [2])
-  assert "the retriever's 3 candidates (the target is among them for 66.7% of users" in report
-  assert '| llm | 0.3333 | 0.6667 | 1.0000 |' in report
+  assert "the retriever's 3 candidates (the target is among them for 66.7% of users" in text
+  assert '| llm | 0.3333 | 0.6667 | 1.0000 |' in text
   with pytest.raises(ValueError, match="needs the 'retriever' order"):
     evaluate.reordering({'llm': llm}, targets)
   with pytest.raises(ValueError, match='expected the same users everywhere'):

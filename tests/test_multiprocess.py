@@ -12,7 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from palr_jax import distributed, train
+from palr_jax import distributed
+from palr_jax.train import loop
 import train_child as tc
 
 CHILD = os.path.join(os.path.dirname(__file__), 'train_child.py')
@@ -80,7 +81,7 @@ def test_preempted_two_process_run_stops_together_and_matches_one_process(tmp_pa
   assert data == {'processes': [{'position': stop}, {'position': stop}]}
 
   config = tc.run_config((2, 4, 1), stop)
-  result = train.train(config, tmp_path / 'one', tc.tiny_model(config, nonzero_b=False),
+  result = loop.train(config, tmp_path / 'one', tc.tiny_model(config, nonzero_b=False),
                        tc.ArrayIterator(tc.synthetic_examples(24, 16), 8))
   assert result['step'] == stop
   one_curve = tc.scalars(list((tmp_path / 'one' / 'tensorboard').iterdir()))
@@ -98,7 +99,7 @@ def test_cluster_detection_and_flag_errors(monkeypatch):
     distributed.initialize(env={'JAX_COORDINATOR_ADDRESS': '127.0.0.1:1', 'JAX_NUM_PROCESSES': '2',
                                 'JAX_PROCESS_ID': 'x'})
   called = []
-  monkeypatch.setattr(distributed.jax.distributed, 'initialize', lambda *a: called.append(a))
+  monkeypatch.setattr(distributed.jax.distributed, 'initialize', lambda *a, **k: called.append(a))
   distributed.initialize(env={})  # A single process: nothing to join.
   assert not called
   distributed.initialize(env={'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234', 'JAX_NUM_PROCESSES': '4',

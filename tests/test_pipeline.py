@@ -33,9 +33,9 @@ def setup(tmp_path_factory):
 
 
 def _batches(config, path, *, pack, batch_size=4, max_loss_tokens=0, buckets=(64, 128, 256)):
-  config.prompts.batches.pack = pack
-  config.prompts.batches.length_buckets = buckets
-  ds = pipeline.global_batches(pipeline.read_tfrecord(path), config.prompts.batches, batch_size=batch_size,
+  config.batching.pack = pack
+  config.batching.length_buckets = buckets
+  ds = pipeline.global_batches(pipeline.read_tfrecord(path), config.batching, batch_size=batch_size,
                                max_length=config.prompts.max_length, max_loss_tokens=max_loss_tokens,
                                drop_remainder=False)
   return list(ds.as_numpy_iterator())
@@ -90,7 +90,7 @@ def test_reference_first_fit_decreasing():
 def test_packing_layout_matches_reference(setup):
   _, examples, path = setup
   config = tiny_config()
-  config.prompts.batches.pack_window = 16
+  config.batching.pack_window = 16
   batches = _batches(config, path, pack=True)
   length = config.prompts.max_length
   rows = [{k: b[k][r] for k in pipeline.BATCH_KEYS} for b in batches for r in range(4)]
@@ -128,7 +128,7 @@ def test_packing_respects_loss_token_cap(setup):
   for b in batches:
     assert b['loss_mask'].sum(axis=1).max() <= cap
   assert len(_segments(batches)) == len(examples)
-  window = examples[:config.prompts.batches.pack_window]
+  window = examples[:config.batching.pack_window]
   reference = pack_rows([len(e.input_ids) for e in window], [int(e.loss_mask.sum()) for e in window],
                         config.prompts.max_length, cap)
   assert sum(int(b['segment_ids'].any(axis=1).sum()) for b in batches) == len(reference)
@@ -215,7 +215,7 @@ def test_packed_and_unpacked_batches_give_the_same_per_example_loss(setup):
 def _epoch_length(config, path, epoch):
   """Full global batches in one shuffled epoch (packing makes it depend on the order)."""
   ds = pipeline.global_batches(
-      pipeline.read_tfrecord(path), config.prompts.batches, batch_size=config.train.batch_size,
+      pipeline.read_tfrecord(path), config.batching, batch_size=config.train.batch_size,
       max_length=config.prompts.max_length, shuffle=(pipeline.epoch_seed(config.seed, epoch), 10_000),
       drop_remainder=True)
   return sum(1 for _ in ds)
@@ -235,7 +235,7 @@ def _assert_same(a, b):
 def test_resume_gives_identical_batches(setup):
   _, _, path = setup
   config = tiny_config()
-  config.prompts.batches.pack = True
+  config.batching.pack = True
   rows = np.arange(4)
   it = pipeline.TrainBatches(path, config, rows)
   per_epoch = _epoch_length(config, path, epoch=0)
@@ -264,7 +264,7 @@ def test_resume_gives_identical_batches(setup):
 def test_process_slices_are_disjoint_and_cover_the_global_batch(setup, axes):
   _, _, path = setup
   config = tiny_config()
-  config.prompts.batches.pack = False          # padding mode: each process must pick the global bucket
+  config.batching.pack = False          # padding mode: each process must pick the global bucket
   config.train.batch_size = 8
   config.mesh.update(dcn_data=1, **axes)
   mesh = sharding.make_mesh(config.mesh)
@@ -293,7 +293,7 @@ def test_process_slices_are_disjoint_and_cover_the_global_batch(setup, axes):
 def test_eval_batches_reiterable_and_complete(setup):
   _, examples, path = setup
   config = tiny_config()
-  config.prompts.batches.pack = True
+  config.batching.pack = True
   ev = pipeline.EvalBatches(path, config, np.arange(4))
   a, b = list(ev), list(ev)
   _assert_same(a, b)
@@ -307,19 +307,22 @@ def test_eval_batches_reiterable_and_complete(setup):
 def test_write_examples_and_fingerprint(setup, tmp_path):
   _, examples, _ = setup
   config = tiny_config()
-  out = pipeline.write_examples(config, tmp_path, {'train': examples, 'valid': examples[:3]})
-  assert pipeline.examples_dir(config, tmp_path) == out
+  before = pipeline.examples_fingerprint(config, 'palr_v2')
+  out = pipeline.write_examples(tmp_path / 'examples' / before, config.prompts.max_length,
+                                {'train': examples, 'valid': examples[:3]})
+  assert pipeline.examples_dir(tmp_path, before) == out
   meta = json.loads((out / 'meta.json').read_text())
   assert meta['splits']['valid']['examples'] == 3
   assert meta['splits']['train']['tokens'] == sum(len(e.input_ids) for e in examples)
   half = len(examples) // 2
   assert meta['splits']['train']['tasks'] == {'recommend': half, 'recommend_retrieval': half}
   assert len(list(pipeline.read_tfrecord(out / 'valid.tfrecord'))) == 3
-  before = pipeline.examples_fingerprint(config)
-  config.prompts.batches.pack = not config.prompts.batches.pack    # batching: same examples
-  assert pipeline.examples_fingerprint(config) == before
+  config.batching.pack = not config.batching.pack    # batching: same examples
+  assert pipeline.examples_fingerprint(config, 'palr_v2') == before
   config.prompts.max_history += 1
-  assert pipeline.examples_fingerprint(config) != before and pipeline.examples_dir(config, tmp_path) is None
+  after = pipeline.examples_fingerprint(config, 'palr_v2')
+  assert after != before and pipeline.examples_dir(tmp_path, after) is None
+  assert pipeline.examples_fingerprint(config, 'palr_v2', upstream=['other candidates']) != after
 
 
 def test_build_and_write_once_per_fingerprint(tmp_path):
@@ -327,15 +330,14 @@ def test_build_and_write_once_per_fingerprint(tmp_path):
   split = interactions.leave_one_out(inter)
   write_candidates(tmp_path / 'candidates', inter, split, count=4)
   config = tiny_config()
-  out = pipeline.build_and_write(config, tmp_path, inter, split, tiny_tokenizer(), ['p'] * 4)
+  out = pipeline.build_and_write(config, tmp_path, inter, split, tiny_tokenizer(), ['p'] * 4, 'palr_v2')
   meta = json.loads((out / 'meta.json').read_text())
   assert set(meta['splits']) == {'train', 'valid'}
   assert meta['splits']['valid']['tasks'] == {'recommend': 4, 'recommend_retrieval': 4}
   stamp = os.stat(out / 'train.tfrecord').st_mtime_ns
-  assert pipeline.build_and_write(config, tmp_path, inter, split, None, None) == out     # not rebuilt
+  assert pipeline.build_and_write(config, tmp_path, inter, split, None, None, 'palr_v2') == out  # not rebuilt
   assert os.stat(out / 'train.tfrecord').st_mtime_ns == stamp
-  config.prompts.tasks = ('recommend',)
-  other = pipeline.build_and_write(config, tmp_path, inter, split, tiny_tokenizer(), None)
+  other = pipeline.build_and_write(config, tmp_path, inter, split, tiny_tokenizer(), None, 'palr_v1')
   assert other != out and json.loads((other / 'meta.json').read_text())['splits']['valid']['examples'] == 4
 
 
@@ -344,14 +346,12 @@ def test_task_repeats_weight_the_training_mix_only(tmp_path):
   split = interactions.leave_one_out(inter)
   write_candidates(tmp_path / 'candidates', inter, split, count=4)
   config = tiny_config()
-  base = pipeline.build_and_write(config, tmp_path, inter, split, tiny_tokenizer(), None)
+  base = pipeline.build_and_write(config, tmp_path, inter, split, tiny_tokenizer(), None, 'palr_v2')
   base_meta = json.loads((base / 'meta.json').read_text())['splits']
-  v1 = config.copy_and_resolve_references()
-  v1.prompts.tasks = ('recommend',)
-  v1_before = pipeline.examples_fingerprint(v1)
+  v1_before = pipeline.examples_fingerprint(config, 'palr_v1')
 
-  config.prompts.task_repeats.recommend_retrieval = 3
-  out = pipeline.build_and_write(config, tmp_path, inter, split, tiny_tokenizer(), None)
+  config.variants.palr_v2.task_repeats.recommend_retrieval = 3
+  out = pipeline.build_and_write(config, tmp_path, inter, split, tiny_tokenizer(), None, 'palr_v2')
   assert out != base
   meta = json.loads((out / 'meta.json').read_text())['splits']
   tasks = base_meta['train']['tasks']
@@ -367,15 +367,16 @@ def test_task_repeats_weight_the_training_mix_only(tmp_path):
   assert len(records) == len(expected) == len(built) + 2 * tasks['recommend_retrieval']
   for got, want in zip(records, expected):
     np.testing.assert_array_equal(got, want)
-  # v1 trains on Recommend only: its examples (and their fingerprint) do not change.
-  v1.prompts.task_repeats.recommend_retrieval = 3
-  assert pipeline.examples_fingerprint(v1) == v1_before
-  v1.prompts.task_repeats.recommend = 2
-  assert pipeline.examples_fingerprint(v1) != v1_before
-  config.prompts.task_repeats.recommend = 0
-  with pytest.raises(ValueError, match='config.prompts.task_repeats'):
-    pipeline.examples_fingerprint(config)
-  config.prompts.task_repeats.recommend = 1
-  config.prompts.task_repeats.ranking = 2
-  with pytest.raises(ValueError, match="config.prompts.task_repeats.*unknown \\['ranking'\\]"):
-    prompts.PromptBuilder(config, inter, tiny_tokenizer())
+  # v1 trains on Recommend only: its examples (and their fingerprint) do not change with a weight of a
+  # task it does not train on.
+  config.variants.palr_v1.task_repeats.recommend_retrieval = 3
+  assert pipeline.examples_fingerprint(config, 'palr_v1') == v1_before
+  config.variants.palr_v1.task_repeats.recommend = 2
+  assert pipeline.examples_fingerprint(config, 'palr_v1') != v1_before
+  config.variants.palr_v2.task_repeats.recommend = 0
+  with pytest.raises(ValueError, match='config.variants.palr_v2.task_repeats'):
+    pipeline.examples_fingerprint(config, 'palr_v2')
+  config.variants.palr_v2.task_repeats.recommend = 1
+  config.variants.palr_v2.task_repeats.ranking = 2
+  with pytest.raises(ValueError, match="config.variants.palr_v2.task_repeats.*unknown \\['ranking'\\]"):
+    prompts.task_repeats(config, 'palr_v2')

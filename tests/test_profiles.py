@@ -2,12 +2,14 @@
 import json
 
 from flax import nnx
-import numpy as np
 import pytest
 
-from palr_jax import profiles
+from palr_jax import runner
 from palr_jax.data import interactions, prompts
-from palr_jax.model import generate, llama
+from palr_jax.data import profiles
+from palr_jax.model import decode, llama
+from palr_jax.stages import context
+from palr_jax.stages import profiles as stage
 from prompt_fixtures import tiny_config, tiny_interactions, tiny_tokenizer, write_candidates
 
 REPEATS = [[0, 1, 2, 3, 1, 5, 6, 2, 7, 3, 8, 1, 3], [2, 5, 0, 6, 7, 9, 10, 2, 11], [4, 6, 7, 8, 3, 9],
@@ -17,6 +19,17 @@ REPEATS = [[0, 1, 2, 3, 1, 5, 6, 2, 7, 3, 8, 1, 3], [2, 5, 0, 6, 7, 9, 10, 2, 11
 @pytest.fixture(scope='module')
 def tok():
   return tiny_tokenizer()
+
+
+def make_profiles(config, workdir, inter, split, model=None, tok=None):
+  """The profiles stage on in-memory data (and a given model): writes W/profiles.jsonl, returns its texts."""
+  ctx = context.Context(config, workdir)
+  ctx.inter, ctx.split, ctx.local_mesh = inter, split, None   # one device, no mesh
+  if model is not None:
+    ctx.tokenizer = tok
+    ctx.base_model = lambda mesh: model
+  runner.Runner(workdir).run(stage.declare(config), ctx)
+  return profiles.read_profiles(workdir / 'profiles.jsonl', inter)
 
 
 def test_stats_profile_for_fixture_user():
@@ -68,7 +81,7 @@ def test_profile_precedes_every_training_target_and_holds_no_heldout_item(tok, t
   split = interactions.leave_one_out(inter)
   config = tiny_config()
   config.prompts.max_examples_per_user = 5
-  texts = profiles.make_profiles(config, tmp_path, inter, split)
+  texts = make_profiles(config, tmp_path, inter, split)
   assert texts == profiles.read_profiles(tmp_path / 'profiles.jsonl', inter)
   write_candidates(tmp_path / 'candidates', inter, split, count=6)
   builder = prompts.PromptBuilder(config, inter, tok)
@@ -102,6 +115,7 @@ def _llm_config():
   config.profiles.kind = 'llm'
   config.profiles.batch_size = 3
   config.profiles.max_new_tokens = 6
+  config.batching.length_buckets = (64, 128, 256, 512)   # profile requests run longer than examples
   return config
 
 
@@ -110,18 +124,18 @@ def test_llm_profiles_batched_equal_one_by_one(tok, tmp_path):
   split = interactions.leave_one_out(inter)
   config = _llm_config()
   model = _model(tok)
-  texts = profiles.make_profiles(config, tmp_path, inter, split, lambda: (model, tok))
+  texts = make_profiles(config, tmp_path, inter, split, model, tok)
   rows = [json.loads(line) for line in (tmp_path / 'profiles.jsonl').read_text().splitlines()]
   assert [r['user_index'] for r in rows] == [0, 1, 2, 3] and [r['user'] for r in rows] == ['u0', 'u1', 'u2', 'u3']
-  assert not list(tmp_path.glob('*.partial.jsonl'))
+  assert not (tmp_path / stage.PARTS).exists()
   for u, row in enumerate(rows):
     items = profiles.profile_items(split, u, config.prompts.max_examples_per_user)
     assert row['items'] == len(items)
     request = profiles.llm_request(inter, items, u, config.profiles)
     ids = tok(tok.apply_chat_template([{'role': 'user', 'content': request}], tokenize=False,
                                       add_generation_prompt=True), add_special_tokens=False)['input_ids']
-    [alone] = generate.generate(model, [ids], max_new_tokens=6, eos_ids=[tok.eos_token_id],
-                                pad_id=tok.pad_token_id)
+    [alone] = decode.generate(model, [ids], max_new_tokens=6, eos_ids=[tok.eos_token_id],
+                              pad_id=tok.pad_token_id, buckets=config.batching.length_buckets)
     assert len(alone) <= 6
     assert texts[u] == profiles.clean_profile(tok.decode(alone, skip_special_tokens=True))
   assert any(texts)
@@ -132,36 +146,41 @@ def test_llm_profiles_resume_after_kill(tok, tmp_path, monkeypatch):
   split = interactions.leave_one_out(inter)
   config = _llm_config()
   model = _model(tok)
-  full = profiles.make_profiles(config, tmp_path / 'full', inter, split, lambda: (model, tok))
+  full = make_profiles(config, tmp_path / 'full', inter, split, model, tok)
   rows = (tmp_path / 'full/profiles.jsonl').read_text().splitlines()
-  # A killed run: users 0 and 2 written, a torn line for user 1.
-  partial = tmp_path / f'profiles.{profiles.profiles_fingerprint(config)}.partial.jsonl'
-  partial.write_text(rows[0] + '\n' + rows[2] + '\n' + rows[1][:15])
-  (tmp_path / f'profiles.{"0" * 16}.partial.jsonl').write_text('stale: another config\n')
+  # A killed run: the parts of users 0 and 2 written; parts of another config lie beside them.
+  fingerprint = runner.Runner(tmp_path).fingerprint(stage.declare(config), config)
+  parts = tmp_path / stage.PARTS / fingerprint
+  parts.mkdir(parents=True)
+  (parts / '0.jsonl').write_text(rows[0] + '\n' + rows[2] + '\n')
+  (tmp_path / stage.PARTS / ('0' * 16)).mkdir()
+  (tmp_path / stage.PARTS / ('0' * 16) / '1.jsonl').write_text('stale: another config\n')
   seen = []
-  real = generate.generate
+  real = decode.generate
 
   def counting(model, prompt_ids, **kw):
     seen.append(len(prompt_ids))
     return real(model, prompt_ids, **kw)
 
-  monkeypatch.setattr(generate, 'generate', counting)
-  resumed = profiles.make_profiles(config, tmp_path, inter, split, lambda: (model, tok))
+  monkeypatch.setattr(decode, 'generate', counting)
+  resumed = make_profiles(config, tmp_path, inter, split, model, tok)
   assert resumed == full
-  assert seen == [3]                       # one batch: users 1 and 3 (+ one filler row)
+  assert seen == [2]                       # one batch: users 1 and 3
   assert (tmp_path / 'profiles.jsonl').read_text().splitlines() == rows
-  assert not list(tmp_path.glob('*.partial.jsonl'))
-  # A corrupt line that is not the last one is an error, not silently skipped.
-  partial.write_text(rows[0] + '\n{"user": \n' + rows[2] + '\n')
-  with pytest.raises(ValueError, match=r'partial.jsonl:2: not a JSON object'):
-    profiles.generate_profiles(config, inter, split, model, tok, partial)
+  assert not (tmp_path / stage.PARTS).exists()
+  # A corrupt part is an error naming it, not silently skipped.
+  (tmp_path / 'profiles.fingerprint.json').unlink()
+  parts.mkdir(parents=True)
+  (parts / '0.jsonl').write_text(rows[0] + '\n{"user": \n' + rows[2] + '\n')
+  with pytest.raises(ValueError, match=r'0.jsonl:2: not a JSON object'):
+    make_profiles(config, tmp_path, inter, split, model, tok)
 
 
 def test_profile_file_and_config_errors(tmp_path):
   inter = tiny_interactions()
   split = interactions.leave_one_out(inter)
   config = tiny_config()
-  profiles.make_profiles(config, tmp_path, inter, split)
+  make_profiles(config, tmp_path, inter, split)
   rows = (tmp_path / 'profiles.jsonl').read_text().splitlines()
   (tmp_path / 'short.jsonl').write_text('\n'.join(rows[:3]) + '\n')
   with pytest.raises(ValueError, match=r"no profile for 1 users \(first: \['u3'\]\)"):
@@ -171,12 +190,12 @@ def test_profile_file_and_config_errors(tmp_path):
   (tmp_path / 'bad.jsonl').write_text('\n'.join([rows[0], json.dumps(bad)]) + '\n')
   with pytest.raises(ValueError, match=r'bad.jsonl:2: user_index 1 / user .someone. do not match'):
     profiles.read_profiles(tmp_path / 'bad.jsonl', inter)
-  with pytest.raises(FileNotFoundError, match='run python -m palr_jax.profiles'):
+  with pytest.raises(FileNotFoundError, match='run the profiles stage first'):
     profiles.read_profiles(tmp_path / 'none.jsonl', inter)
   config.profiles.kind = 'bio'
   with pytest.raises(ValueError, match="config.profiles.kind = 'bio'"):
-    profiles.make_profiles(config, tmp_path, inter, split)
+    make_profiles(config, tmp_path / 'bio', inter, split)
   config.profiles.kind = 'llm'
-  with pytest.raises(ValueError, match='needs a model'):
-    profiles.make_profiles(config, tmp_path, inter, split)
-  assert profiles.profiles_fingerprint(config) != profiles.profiles_fingerprint(tiny_config())
+  jobs = runner.Runner(tmp_path)
+  assert jobs.fingerprint(stage.declare(config), config) != jobs.fingerprint(stage.declare(tiny_config()),
+                                                                             tiny_config())

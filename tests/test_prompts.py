@@ -154,8 +154,7 @@ def test_tags_must_be_single_tokens(tok, data):
   assert 'A.' in glued.convert_ids_to_tokens(glued('Candidates:\nA. x', add_special_tokens=False)['input_ids'])
   with pytest.raises(ValueError, match="tag 'A' is not a single token in the candidate list"):
     prompts.PromptBuilder(config, inter, glued)
-  config.prompts.tasks = ('recommend',)                         # no candidates, no tag check
-  assert prompts.PromptBuilder(config, inter, tok).tag_ids is None
+  assert prompts.PromptBuilder(config, inter, tok, ('recommend',)).tag_ids is None  # no candidates, no tag check
 
 
 def test_duplicate_titles_resolve_through_tags(tok, data):
@@ -305,10 +304,8 @@ def test_config_and_template_errors(tok, data):
   config.prompts.recommend = 'History: {history} {candidates}'
   with pytest.raises(ValueError, match='config.prompts.recommend = '):
     prompts.PromptBuilder(config, inter, tok)
-  config = tiny_config()
-  config.prompts.tasks = ('recommend', 'explain')
-  with pytest.raises(ValueError, match='config.prompts.tasks'):
-    prompts.PromptBuilder(config, inter, tok)
+  with pytest.raises(ValueError, match=r"tasks \('recommend', 'explain'\): expected a non-empty subset"):
+    prompts.PromptBuilder(tiny_config(), inter, tok, ('recommend', 'explain'))
   no_end = tiny_tokenizer()
   no_end.chat_template = CHATML.replace("'<|im_end|>' + '\n'", "'\n'")
   with pytest.raises(ValueError, match='no special end-of-turn token'):
@@ -316,7 +313,7 @@ def test_config_and_template_errors(tok, data):
 
 
 def test_cli_marks_exactly_the_trained_tokens(tok, data, cand_dir):
-  from palr_jax import prompts as cli
+  from palr_jax.tools import show_prompts as cli
   inter, split = data
   config = tiny_config()
   builder = prompts.PromptBuilder(config, inter, tok)
@@ -324,7 +321,8 @@ def test_cli_marks_exactly_the_trained_tokens(tok, data, cand_dir):
   for ex in prompts.build_examples(builder, split, 'train', ['p'] * 4, cands, users=[1]):
     assert cli.marked_text(tok, ex.input_ids, ex.loss_mask) == f'{ex.prompt}[[{ex.answer}]]'
   assert cli.marked_text(tok, [35, 36, 37], [1, 0, 1], '<', '>') == '<A>B<C>'
-  shown = cli.show_examples(config, inter, split, tok, ['p'] * 4, cands, 'train', show=2)
+  shown = cli.show_examples(config, inter, split, tok, ['p'] * 4, cands, 'train', show=2,
+                            tasks=prompts.TASKS)
   heads = [line for line in shown.splitlines() if line.startswith('──')]
   assert [h.split(' · ')[0] for h in heads] == ['── recommend'] * 2 + ['── recommend_retrieval'] * 2
   assert "user u1 · target 1 'Toy Story'" in heads[1] and shown.count(']]') == 4

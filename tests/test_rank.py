@@ -1,13 +1,16 @@
-"""palr_jax.rank against plain references: unpadded full forwards, brute-force constrained greedy decoding
+"""palr_jax.model.rerank against plain references: unpadded full forwards, brute-force constrained greedy decoding
 without a KV cache, hand-summed log-probabilities and hand-computed catalog ranks."""
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-import configs.common
-from palr_jax import rank
+from palr_jax import defaults
+from palr_jax.model import decode
+from palr_jax.model import rerank as rank
+from palr_jax.stages import rank as rank_stage
 from palr_jax import sharding as sharding_lib
+from palr_jax.sharding import Placement
 from palr_jax.model.llama import Llama, LlamaConfig, init_cache
 
 VOCAB = 64
@@ -73,7 +76,7 @@ def test_score_tags_ragged_candidates(model):
 
 
 def test_score_tags_rejects_bad_input(model):
-  with pytest.raises(ValueError, match=r'config.rank.buckets'):
+  with pytest.raises(ValueError, match=r'config.batching.length_buckets'):
     rank.score_tags(model, [np.arange(40) % VOCAB], [[1, 2]], batch_size=1, buckets=BUCKETS)
   with pytest.raises(ValueError, match=r'prompts\[1\] has token ids outside'):
     rank.score_tags(model, [[1, 2], [3, VOCAB]], [[1], [2]], batch_size=1, buckets=BUCKETS)
@@ -156,9 +159,9 @@ def test_generate_equals_bruteforce_greedy(model, style):
 def test_generate_grows_the_cache_when_padded_chunks_outgrow_it(model, monkeypatch):
   """With slots allocated exactly to the token budget, chunks padded to powers of two overflow it."""
   grown = []
-  grow = rank._grow_cache
-  monkeypatch.setattr(rank, '_CACHE_ROUND', 1)
-  monkeypatch.setattr(rank, '_grow_cache', lambda cache, extra: grown.append(extra) or grow(cache, extra))
+  grow = decode.grow_cache
+  monkeypatch.setattr(rank, 'CACHE_ROUND', 1)
+  monkeypatch.setattr(decode, 'grow_cache', lambda cache, extra: grown.append(extra) or grow(cache, extra))
   rng = np.random.default_rng(5)
   prompts = random_prompts(rng, (7, 3, 15))
   candidates = [tagged_candidates(rng, 6) for _ in prompts]
@@ -175,7 +178,7 @@ def test_grown_cache_continues_like_a_full_forward(model):
   ids = prompt[None].astype(np.int32)
   cache = init_cache(model.config, 1, len(prompt))
   _, cache = model(ids, np.arange(6, dtype=np.int32)[None], np.ones_like(ids), cache=cache)
-  cache = rank._grow_cache(cache, 5)
+  cache = decode.grow_cache(cache, 5)
   logits, cache = model(more[None].astype(np.int32), np.arange(6, 11, dtype=np.int32)[None],
                         np.ones((1, 5), np.int32), cache=cache)
   assert cache.max_len == 11
@@ -263,7 +266,7 @@ def test_model_preferring_a_candidate_ranks_it_first():
 
 
 def test_sharded_equals_single_device(model):
-  config = configs.common.get_config()
+  config = defaults.get_config()
   config.mesh.fsdp, config.mesh.tensor = 4, 2
   mesh = sharding_lib.make_mesh(config.mesh)
   rules = config.mesh.rules
@@ -275,35 +278,28 @@ def test_sharded_equals_single_device(model):
   tags = rng.integers(0, VOCAB, (4, 4))
   candidates = [tagged_candidates(rng, 4) for _ in prompts]
   kw = dict(batch_size=4, buckets=BUCKETS)
-  np.testing.assert_allclose(rank.score_tags(sharded, prompts, tags, mesh=mesh, rules=rules, **kw),
+  on_mesh = Placement(mesh, rules)
+  np.testing.assert_allclose(rank.score_tags(sharded, prompts, tags, placement=on_mesh, **kw),
                              rank.score_tags(model, prompts, tags, **kw), atol=2e-5)
-  assert (rank.generate_ranking(sharded, prompts, candidates, separator=[1], max_items=3, mesh=mesh,
-                                rules=rules, **kw)
+  assert (rank.generate_ranking(sharded, prompts, candidates, separator=[1], max_items=3, placement=on_mesh,
+                                **kw)
           == rank.generate_ranking(model, prompts, candidates, separator=[1], max_items=3, **kw))
   np.testing.assert_allclose(
-      rank.score_continuations(sharded, prompts, candidates, reduce='sum', mesh=mesh, rules=rules, **kw),
+      rank.score_continuations(sharded, prompts, candidates, reduce='sum', placement=on_mesh, **kw),
       rank.score_continuations(model, prompts, candidates, reduce='sum', **kw), atol=5e-5)
   with pytest.raises(ValueError, match=r'batch_size=3 must be a multiple of the 4 batch shards'):
-    rank.score_tags(sharded, prompts, tags, batch_size=3, buckets=BUCKETS, mesh=mesh, rules=rules)
+    rank.score_tags(sharded, prompts, tags, batch_size=3, buckets=BUCKETS, placement=on_mesh)
 
 
 # ------------------------------------------------------------------------ ranks over the catalog
 
 
-def test_full_ranking_and_target_rank():
-  candidates = np.array([7, 3, 9, 4])  # retriever order
-  retriever = np.array([7, 3, 9, 4, 11, 2, 5])
-  order = [2, 0]  # the LLM wrote 9 then 7 (generate mode stops early)
-  np.testing.assert_array_equal(rank.full_ranking(candidates, order, retriever), [9, 7, 3, 4, 11, 2, 5])
-  assert rank.target_rank(candidates, order, 9, retriever_rank=2) == 0
-  assert rank.target_rank(candidates, order, 4, retriever_rank=3) == 3
-  assert rank.target_rank(candidates, order, 2, retriever_rank=5) == 5  # missed by the retriever
-  np.testing.assert_array_equal(rank.full_ranking(candidates, [1, 3, 0, 2], candidates), [3, 4, 7, 9])
+def test_catalog_rank():
+  candidates = [7, 3, 9, 4]  # retriever order
+  ranked = [9, 7, 3, 4]      # the LLM wrote 9 then 7 (generate mode stops early); the rest keep their order
+  assert rank_stage.catalog_rank(ranked, 9, retriever_rank=2) == 0
+  assert rank_stage.catalog_rank(ranked, 4, retriever_rank=3) == 3
+  assert rank_stage.catalog_rank(ranked, 2, retriever_rank=5) == 5  # missed by the retriever
+  assert rank_stage.catalog_rank(candidates, 3, retriever_rank=1) == 1
   with pytest.raises(ValueError, match='not among the candidates'):
-    rank.target_rank(candidates, order, 2, retriever_rank=1)
-  with pytest.raises(ValueError, match='must be distinct indices'):
-    rank.full_ranking(candidates, [0, 0], retriever)
-  with pytest.raises(ValueError, match='must be distinct indices'):
-    rank.full_ranking(candidates, [4], retriever)
-  with pytest.raises(ValueError, match='not distinct'):
-    rank.full_ranking([1, 1], [0], retriever)
+    rank_stage.catalog_rank(ranked, 2, retriever_rank=1)

@@ -17,8 +17,7 @@ from palr_jax.retrieval import mf
 from palr_jax.retrieval import topk
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, 'configs'))
-import common  # noqa: E402
+from palr_jax import defaults as common
 
 
 def retriever_config(**overrides):
@@ -266,8 +265,8 @@ def test_retrieve_cli_writes_candidates_and_results(tmp_path):
   data.mkdir()
   write_tiny_recbole(data)
   overrides = dict(factors=4, iterations=2, folds=2, num_candidates=3, max_train_positions=2)
-  cmd = [sys.executable, '-m', 'palr_jax.retrieve', '--config', os.path.join(REPO, 'configs/ml100k.py'),
-         '--workdir', str(workdir), f'--config.data.path={data}', '--config.data.name=tiny',
+  cmd = [sys.executable, '-m', 'palr_jax.main', '--config', os.path.join(REPO, 'configs/ml100k.py'),
+         '--workdir', str(workdir), '--stages', 'retriever', f'--config.data.path={data}', '--config.data.name=tiny',
          '--config.eval.ks=(1,3)', '--config.retriever.search.reg=(0.1,1.0)']
   cmd += [f'--config.retriever.{k}={v}' for k, v in overrides.items()]
   env = dict(os.environ, JAX_PLATFORMS='cpu')
@@ -321,7 +320,7 @@ def test_retrieve_cli_writes_candidates_and_results(tmp_path):
 
 
 def test_search_grid():
-  from palr_jax import retrieve
+  from palr_jax.stages import retriever as retrieve
   config = common.get_config().retriever
   assert retrieve.search_grid(config) == [{}]
   config.search.factors, config.search.reg = (8, 16), (0.1,)

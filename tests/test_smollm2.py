@@ -13,9 +13,9 @@ import pytest
 import torch
 import transformers
 
-from configs.common import get_config
-from palr_jax import checkpoints
-from palr_jax.model import generate as decoding
+from palr_jax.defaults import get_config
+from palr_jax.hub import load
+from palr_jax.model import decode
 
 pytestmark = pytest.mark.slow
 
@@ -32,12 +32,12 @@ MESSAGES = [{'role': 'user', 'content': 'Name three movies like Toy Story.'}]
 def ours(tmp_path_factory):
   c = get_config().model
   c.spec, c.cache_dir = 'smollm2', str(tmp_path_factory.mktemp('cache'))
-  return checkpoints.load_model(c)
+  return load.load_model(c)
 
 
 @pytest.fixture(scope='module')
 def theirs():
-  path = checkpoints.smollm2_gguf()
+  path = load.smollm2_gguf()
   model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                             dtype=torch.float32).eval()
   return model, transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -86,8 +86,8 @@ def test_logits_and_greedy_tokens_match_transformers(ours, theirs, our_logits):
   diff = np.abs(our_logits(ids) - their_logits(their_model, ids)).max()
   assert diff <= 1e-3, diff
 
-  (greedy,) = decoding.generate(model, [ids], max_new_tokens=32, eos_ids=config.eos_token_ids,
-                                pad_id=config.pad_token_id)
+  (greedy,) = decode.generate(model, [ids], max_new_tokens=32, eos_ids=config.eos_token_ids,
+                              pad_id=config.pad_token_id, buckets=get_config().batching.length_buckets)
   with torch.no_grad():
     out = their_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                max_new_tokens=32, do_sample=False, pad_token_id=2)

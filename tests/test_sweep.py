@@ -11,8 +11,8 @@ import matplotlib.image
 import ml_collections
 import pytest
 
-from palr_jax import sweep
-from palr_jax.sweep import axis, product, zip_
+from palr_jax.tools import sweep
+from palr_jax.tools.sweep import axis, product, zip_
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def test_product_and_zip_expand_in_order():
 
 def test_load_sweep_validates(tmp_path):
   good = tmp_path / 'good.py'
-  good.write_text('from palr_jax.sweep import axis\nBASE_CONFIG = "c.py:x"\n'
+  good.write_text('from palr_jax.tools.sweep import axis\nBASE_CONFIG = "c.py:x"\n'
                   'def get_sweep():\n  return axis("lora.rank", [4, 8])\n')
   assert sweep.load_sweep(str(good)) == ([{'lora.rank': 4}, {'lora.rank': 8}], 'c.py:x')
   bad = tmp_path / 'bad.py'
@@ -146,7 +146,7 @@ def test_unfinished_points_are_listed_not_reported(tmp_path):
 
 def test_launch_commands_exact():
   points = axis('lora.rank', [4, 8])
-  common = ['python', '-m', 'palr_jax.sweep', '--sweep', 'configs/sweeps/lora_rank.py', '--workdir',
+  common = ['python', '-m', 'palr_jax.tools.sweep', '--sweep', 'configs/sweeps/lora_rank.py', '--workdir',
             'gs://b/sw', '--config', 'configs/ml1m_llama2_7b.py:v5e-16',
             "--config.lora.targets=('q', 'v')", '--only']
   tpu = sweep.launch_commands(
@@ -172,19 +172,19 @@ def test_cli_emits_unfinished_points_and_collects(tmp_path):
       '  c.lora = ml_collections.ConfigDict({"rank": 8, "alpha": 16.0, "targets": ("q",)})\n'
       '  return c\n')
   (tmp_path / 'sw.py').write_text(
-      f'from palr_jax.sweep import axis\nBASE_CONFIG = "{tmp_path}/cfg.py"\n'
+      f'from palr_jax.tools.sweep import axis\nBASE_CONFIG = "{tmp_path}/cfg.py"\n'
       'def get_sweep():\n  return axis("lora.rank", [4, 8])\n')
   work = tmp_path / 'w'
   sweep.run_sweep(sweep.load_config(f'{tmp_path}/cfg.py'), [{'lora.rank': 4}], work,
                   runner=FakeRunner())
-  cmd = [sys.executable, '-m', 'palr_jax.sweep', f'--sweep={tmp_path}/sw.py', f'--workdir={work}']
+  cmd = [sys.executable, '-m', 'palr_jax.tools.sweep', f'--sweep={tmp_path}/sw.py', f'--workdir={work}']
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   out = subprocess.run(cmd + ['--emit-launch=slurm', '--launch-args=--nodes=2'], capture_output=True,
                        text=True, env=env, cwd=ROOT)
   assert out.returncode == 0, out.stderr
   assert out.stdout.splitlines() == [shlex.join([
       'sbatch', '--job-name=lora.rank=8', '--nodes=2', 'launch/slurm_gpu.sbatch', '--', 'python', '-m',
-      'palr_jax.sweep', '--sweep', f'{tmp_path}/sw.py', '--workdir', str(work), '--config',
+      'palr_jax.tools.sweep', '--sweep', f'{tmp_path}/sw.py', '--workdir', str(work), '--config',
       f'{tmp_path}/cfg.py', '--only', 'lora.rank=8'])]
   out = subprocess.run(cmd + ['--collect'], capture_output=True, text=True, env=env, cwd=ROOT)
   assert out.returncode == 0, out.stderr
@@ -198,16 +198,15 @@ def test_two_point_sweep_of_the_whole_pipeline(tmp_path, monkeypatch):
   """Acceptance: two points of palr_jax.main.run on the tiny model; the points differ in a ranking
   option, so data, retriever, profiles and both fine-tunes run once and the second point reuses them
   from W/_shared."""
-  from palr_jax import main as palr_main
+  from palr_jax.train import loop
   from tests import test_main as fixtures
   fixtures._write_dataset(tmp_path / 'data')
   fixtures._write_model(tmp_path / 'model')
   config = fixtures._config(tmp_path)
   config.eval.ks = (1, 5, 10)
   trained = []
-  real_train = palr_main.train_lib.train
-  monkeypatch.setattr(palr_main.train_lib, 'train',
-                      lambda c, w, *a, **k: trained.append(w) or real_train(c, w, *a, **k))
+  real_train = loop.train
+  monkeypatch.setattr(loop, 'train', lambda c, w, *a, **k: trained.append(w) or real_train(c, w, *a, **k))
   points = axis('rank.max_items', [1, 3])
   names = ['rank.max_items=1', 'rank.max_items=3']
   work = tmp_path / 'sweep'
@@ -222,7 +221,7 @@ def test_two_point_sweep_of_the_whole_pipeline(tmp_path, monkeypatch):
     table = list(csv.DictReader(f))
   for name, row in zip(names, table):
     results = json.loads((work / name / 'results.json').read_text())
-    for method in palr_main.METHODS:
+    for method in config.eval.methods:
       for metric in ('HR@10', 'NDCG@10'):
         assert float(row[f'test/{method}/{metric}']) == results['test']['metrics'][method][metric]
   # Only palr_v1 ranks by generation, where max_items matters; the other methods agree across points.

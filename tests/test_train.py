@@ -12,7 +12,9 @@ import optax
 import pytest
 import scipy.special
 
-from palr_jax import checkpoints, sharding, train
+from palr_jax import sharding
+from palr_jax.train import checkpointing, loop, progress
+from palr_jax.train import step as train_step
 import train_child as tc
 
 CHILD = os.path.join(os.path.dirname(__file__), 'train_child.py')
@@ -60,7 +62,7 @@ def test_loss_is_the_global_token_mean():
   # One row per device, and logits only at the <= 12 loss tokens of each row: still the global mean.
   loss_12, _ = tc.grads_on_mesh(tc.tiny_config((8, 1, 1), max_loss_tokens=12), model, examples)
   np.testing.assert_allclose(loss_12, want, rtol=1e-5)
-  weights = train.loss_weights({k: jnp.asarray(v) for k, v in examples.items()})
+  weights = train_step.loss_weights({k: jnp.asarray(v) for k, v in examples.items()})
   assert int(weights.sum()) == int(lengths.sum()) - 1 and weights[0, 12] == 0
 
 
@@ -86,9 +88,9 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(single_device):
 def test_dropout_masks_are_a_function_of_the_key():
   config = tc.tiny_config((1, 1, 1))
   config.lora.dropout = 0.5
-  parts, values, frozen = train.split_model(tc.tiny_model(config))
+  parts, values, frozen = train_step.split_model(tc.tiny_model(config))
   batch = {k: jnp.asarray(v) for k, v in tc.synthetic_examples(8, 16).items()}
-  loss = jax.jit(lambda key: train.loss_and_grad(parts, values, frozen, batch, key, microbatches=1,
+  loss = jax.jit(lambda key: train_step.loss_and_grad(parts, values, frozen, batch, key, microbatches=1,
                                                  max_loss_tokens=8, rules=config.mesh.rules)[0])
   assert loss(jax.random.key(0)) == loss(jax.random.key(0)) != loss(jax.random.key(1))
 
@@ -98,31 +100,31 @@ def test_batch_checks():
   mesh = sharding.make_mesh(config.mesh)
   rules = config.mesh.rules
   with pytest.raises(ValueError, match='batch_size=8 must be a multiple of microbatches=2 x 8'):
-    train.check_batch_layout(tc.tiny_config((2, 4, 1), microbatches=2).train, mesh, rules)
+    train_step.check_batch_layout(tc.tiny_config((2, 4, 1), microbatches=2).train, mesh, rules)
   good = tc.synthetic_examples(8, 16)
   with pytest.raises(ValueError, match=r"missing key\(s\) \['loss_mask'\]"):
-    train.device_batch({k: v for k, v in good.items() if k != 'loss_mask'}, mesh, rules, config.train)
+    train_step.device_batch({k: v for k, v in good.items() if k != 'loss_mask'}, mesh, rules, config.train)
   with pytest.raises(ValueError, match=r'positions has shape \(8, 15\)'):
-    train.device_batch({**good, 'positions': good['positions'][:, 1:]}, mesh, rules, config.train)
+    train_step.device_batch({**good, 'positions': good['positions'][:, 1:]}, mesh, rules, config.train)
   too_long = {**good, 'loss_mask': np.ones_like(good['loss_mask'])}
   with pytest.raises(ValueError, match='a row has 16 loss tokens, more than config.train.max_loss_tokens=8'):
-    train.device_batch(too_long, mesh, rules, config.train)
+    train_step.device_batch(too_long, mesh, rules, config.train)
 
 
 def test_schedule_and_weight_decay_mask():
   config = tc.tiny_config(num_steps=12, warmup_steps=2, learning_rate=1.0, lr_decay='linear',
                           final_lr_fraction=0.1, weight_decay=0.5, grad_clip_norm=0.0)
-  schedule = train.learning_rate_schedule(config.train)
+  schedule = train_step.learning_rate_schedule(config.train)
   np.testing.assert_allclose([schedule(s) for s in (0, 1, 2, 7, 12)], [0, 0.5, 1.0, 0.55, 0.1], rtol=1e-6)
   config.train.lr_decay = 'cosine'
-  np.testing.assert_allclose(train.learning_rate_schedule(config.train)(7), 0.1 + 0.9 * 0.5, rtol=1e-6)
+  np.testing.assert_allclose(train_step.learning_rate_schedule(config.train)(7), 0.1 + 0.9 * 0.5, rtol=1e-6)
   config.train.lr_decay = 'step'
   with pytest.raises(ValueError, match="config.train.lr_decay: expected 'cosine', 'linear' or 'constant'"):
-    train.learning_rate_schedule(config.train)
+    train_step.learning_rate_schedule(config.train)
   # With zero gradients only weight decay moves parameters: matrices shrink, vectors do not.
   config.train.lr_decay = 'constant'
   params = {'m': jnp.ones((2, 2)), 'v': jnp.ones((2,))}
-  optimizer = train.make_optimizer(config.train)
+  optimizer = train_step.make_optimizer(config.train)
   state = optimizer.init(params)
   zeros = jax.tree.map(jnp.zeros_like, params)
   for _ in range(2):
@@ -135,32 +137,32 @@ def test_schedule_and_weight_decay_mask():
 def test_checkpoints_keep_the_latest_and_the_best(tmp_path, monkeypatch):
   config = tc.tiny_config(keep_latest=2, keep_best=1)
   monkeypatch.chdir(tmp_path)  # a relative workdir, as in the README's command (orbax wants absolute)
-  manager = train.checkpoint_manager('run/checkpoints', config.train)
+  manager = checkpointing.checkpoint_manager('run/checkpoints', config.train)
   for step, valid_loss in zip(range(1, 6), (3.0, 1.0, 2.0, None, 5.0)):
     state = {'step': jnp.array(step), 'lora': {'a': jnp.full((2,), step, jnp.float32)}}
-    train.save_checkpoint(manager, step, state, {'position': step}, config, valid_loss)
+    checkpointing.save_checkpoint(manager, step, state, {'position': step}, config, valid_loss)
   manager.wait_until_finished()
   assert manager.all_steps() == [2, 4, 5]  # best valid loss (2), the last two (4, 5).
   abstract = jax.eval_shape(lambda: state)
   shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
-  restored, data_state = train.restore_checkpoint(manager, 2, train.with_shardings(abstract, shardings))
+  restored, data_state = checkpointing.restore_checkpoint(manager, 2, train_step.with_shardings(abstract, shardings))
   np.testing.assert_array_equal(restored['lora']['a'], [2.0, 2.0])
   assert data_state == {'position': 2}
   manager.close()
-  assert checkpoints.checkpoint_steps('run') == [2, 4, 5]
+  assert checkpointing.checkpoint_steps('run') == [2, 4, 5]
 
 
 def test_flop_count_matches_xla(single_device):
   """The analytic step FLOPs agree with XLA's count of the compiled loss-and-gradient (1 device)."""
   model, examples, _ = single_device
   config = tc.tiny_config((1, 1, 1))
-  parts, values, frozen = train.split_model(model)
+  parts, values, frozen = train_step.split_model(model)
   batch = {k: jnp.asarray(v) for k, v in examples.items()}
-  step = jax.jit(lambda v, f, b: train.loss_and_grad(parts, v, f, b, jax.random.key(0), microbatches=1,
+  step = jax.jit(lambda v, f, b: train_step.loss_and_grad(parts, v, f, b, jax.random.key(0), microbatches=1,
                                                       max_loss_tokens=8, rules=config.mesh.rules))
   xla = step.lower(values, frozen, batch).compile().cost_analysis()['flops']
   lora_params = sum(v.size for v in values.values())
-  ours = train.step_flops(model.config, lora_params, batch=8, length=16, logit_positions=8)
+  ours = progress.step_flops(model.config, lora_params, batch=8, length=16, logit_positions=8)
   assert 0.8 < ours / xla < 1.1, (ours, xla)
 
 
@@ -168,17 +170,17 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
   examples = tc.synthetic_examples(24, 16)
   saved_on = tc.tiny_config((8, 1, 1), num_steps=2)
   model = tc.tiny_model(saved_on, nonzero_b=False)
-  train.train(saved_on, tmp_path, model, tc.ArrayIterator(examples, 8))
-  trained = train.lora_values(nnx.state(model, nnx.LoRAParam))
+  loop.train(saved_on, tmp_path, model, tc.ArrayIterator(examples, 8))
+  trained = train_step.lora_values(nnx.state(model, nnx.LoRAParam))
 
   config = tc.tiny_config((2, 4, 1), num_steps=4)
   mesh = sharding.make_mesh(config.mesh)
-  parts, values, _ = train.split_model(tc.tiny_model(config, nonzero_b=False))
-  optimizer = train.make_optimizer(config.train)
-  abstract = jax.eval_shape(lambda v: train.init_state(v, optimizer), values)
-  shardings = train.state_shardings(abstract, parts, optimizer, mesh, config.mesh.rules)
-  manager = train.checkpoint_manager(tmp_path / 'checkpoints', config.train)
-  state, data_state = train.restore_checkpoint(manager, 2, train.with_shardings(abstract, shardings))
+  parts, values, _ = train_step.split_model(tc.tiny_model(config, nonzero_b=False))
+  optimizer = train_step.make_optimizer(config.train)
+  abstract = jax.eval_shape(lambda v: train_step.init_state(v, optimizer), values)
+  shardings = train_step.state_shardings(abstract, parts, optimizer, mesh, config.mesh.rules)
+  manager = checkpointing.checkpoint_manager(tmp_path / 'checkpoints', config.train)
+  state, data_state = checkpointing.restore_checkpoint(manager, 2, train_step.with_shardings(abstract, shardings))
   manager.close()
   assert data_state == {'position': 2} and int(state['step']) == 2
   q_a = 'layers.0.self_attn.q_proj.lora_a'
@@ -190,8 +192,8 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
   assert adam.mu[q_a].sharding == state['lora'][q_a].sharding and int(adam.count) == 2
 
   # Training goes on from there on the new mesh as it would have on the old one.
-  resumed = train.train(config, tmp_path, tc.tiny_model(config, nonzero_b=False), tc.ArrayIterator(examples, 8))
-  straight = train.train(tc.tiny_config((8, 1, 1), num_steps=4), tmp_path / 'straight',
+  resumed = loop.train(config, tmp_path, tc.tiny_model(config, nonzero_b=False), tc.ArrayIterator(examples, 8))
+  straight = loop.train(tc.tiny_config((8, 1, 1), num_steps=4), tmp_path / 'straight',
                          tc.tiny_model(config, nonzero_b=False), tc.ArrayIterator(examples, 8))
   assert resumed['step'] == straight['step'] == 4
   np.testing.assert_allclose(resumed['train/loss'], straight['train/loss'], rtol=1e-5)
@@ -242,11 +244,11 @@ def test_overfits_eight_pairs_and_leaves_the_base_untouched(tmp_path):
   model = tc.tiny_model(config, nonzero_b=False)
   # A random 0.02-std LM head caps logits near +-1, far from zero loss; scale it like a trained one.
   model.lm_head.kernel.set_value(model.lm_head.kernel.get_value() * 50)
-  base = {k: np.array(v) for k, v in train.lora_values(nnx.state(model, nnx.Not(nnx.LoRAParam))).items()}
-  adapters = train.lora_values(nnx.state(model, nnx.LoRAParam))
+  base = {k: np.array(v) for k, v in train_step.lora_values(nnx.state(model, nnx.Not(nnx.LoRAParam))).items()}
+  adapters = train_step.lora_values(nnx.state(model, nnx.LoRAParam))
   examples = tc.synthetic_examples(8, 16, seed=7)
   valid = [examples]
-  result = train.train(config, tmp_path, model, tc.ArrayIterator(examples, 8), valid)
+  result = loop.train(config, tmp_path, model, tc.ArrayIterator(examples, 8), valid)
   assert result['step'] == 150
   assert result['valid/loss'] < 1e-2, result  # From log(64) = 4.16.
   (events,) = (tmp_path / 'tensorboard').iterdir()
@@ -255,9 +257,9 @@ def test_overfits_eight_pairs_and_leaves_the_base_untouched(tmp_path):
   assert sorted(logged['train/loss']) == list(range(10, 151, 10)) and logged['valid/loss'].keys() == {150}
   assert logged['train/loss'][10] > 1.0 > 0.01 > logged['train/loss'][150] == pytest.approx(result['train/loss'])
   assert all(0 < logged['train/mfu'][s] < 1 and logged['train/tokens_per_s'][s] > 0 for s in logged['train/mfu'])
-  after = train.lora_values(nnx.state(model, nnx.Not(nnx.LoRAParam)))
+  after = train_step.lora_values(nnx.state(model, nnx.Not(nnx.LoRAParam)))
   assert after.keys() == base.keys()
   for k, v in base.items():
     np.testing.assert_array_equal(np.asarray(after[k]), v, err_msg=k)
-  trained = train.lora_values(nnx.state(model, nnx.LoRAParam))
+  trained = train_step.lora_values(nnx.state(model, nnx.LoRAParam))
   assert all(not np.array_equal(trained[k], adapters[k]) for k in trained if k.endswith('lora_b'))

@@ -20,10 +20,9 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, n
 
 
 def tiny_config(mesh=(1, 1, 1), **train):
-  """configs/common.py with a tiny train section; `mesh` = (data, fsdp, tensor)."""
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))
-  import common  # pylint: disable=g-import-not-at-top
-  c = common.get_config()
+  """palr_jax/defaults.py with a tiny train section; `mesh` = (data, fsdp, tensor)."""
+  from palr_jax import defaults  # pylint: disable=g-import-not-at-top
+  c = defaults.get_config()
   c.mesh.dcn_data, (c.mesh.data, c.mesh.fsdp, c.mesh.tensor) = 1, mesh
   c.lora.rank, c.lora.alpha, c.lora.dropout = 4, 8.0, 0.0
   c.lora.targets = (r'.*self_attn\.(q_proj|v_proj)',)
@@ -94,17 +93,18 @@ class ArrayIterator:
 def grads_on_mesh(config, model, examples, microbatches: int = 1):
   """(loss, {path: grad}) as numpy for one global batch on the mesh `config.mesh` (every process)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from palr_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from palr_jax import sharding  # pylint: disable=g-import-not-at-top
+  from palr_jax.train import step as train_step  # pylint: disable=g-import-not-at-top
   rules = config.mesh.rules
   size = config.mesh.dcn_data * config.mesh.data * config.mesh.fsdp * config.mesh.tensor
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:size])
-  parts, values, frozen = train.split_model(model)
+  parts, values, frozen = train_step.split_model(model)
   frozen = jax.device_put(frozen, sharding.state_shardings(frozen, mesh, rules))
-  values = jax.device_put(values, train.lora_values(sharding.state_shardings(parts.lora, mesh, rules)))
+  values = jax.device_put(values, train_step.lora_values(sharding.state_shardings(parts.lora, mesh, rules)))
   rows = sharding.process_rows(mesh, rules, config.train.batch_size)
-  batch = train.device_batch({k: v[rows] for k, v in examples.items()}, mesh, rules, config.train)
+  batch = train_step.device_batch({k: v[rows] for k, v in examples.items()}, mesh, rules, config.train)
   with jax.set_mesh(mesh):
-    step = jax.jit(lambda v, f, b: train.loss_and_grad(
+    step = jax.jit(lambda v, f, b: train_step.loss_and_grad(
         parts, v, f, b, jax.random.key(0), microbatches=microbatches, max_loss_tokens=config.train.max_loss_tokens,
         rules=rules)[:2], out_shardings=jax.sharding.NamedSharding(mesh, jax.P()))
     loss, grads = step(values, frozen, batch)
@@ -188,7 +188,8 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_platforms', 'cpu')
   jax.config.update('jax_num_cpu_devices', args.cpu_devices)
-  from palr_jax import distributed, sharding, train  # pylint: disable=g-import-not-at-top
+  from palr_jax import distributed, sharding  # pylint: disable=g-import-not-at-top
+  from palr_jax.train import loop  # pylint: disable=g-import-not-at-top
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   meshes = [tuple(int(x) for x in m.split(',')) for m in args.meshes.split(';')]
   with jax.default_matmul_precision('float32'):
@@ -208,7 +209,7 @@ def main(argv):
       rows = sharding.process_rows(sharding.make_mesh(config.mesh), config.mesh.rules, config.train.batch_size)
       batches = AnnouncingIterator(synthetic_examples(24, 16), config.train.batch_size, rows,
                                    started=os.path.join(args.workdir, f'started.{jax.process_index()}'))
-      train.train(config, args.workdir, tiny_model(config, nonzero_b=False), batches)
+      loop.train(config, args.workdir, tiny_model(config, nonzero_b=False), batches)
   if args.coordinator:
     jax.distributed.shutdown()
 

@@ -131,6 +131,25 @@ def read_events(data_config) -> Events:
   return read_amazon(path, name)
 
 
+def source_files(data_config) -> list[str]:
+  """The files `read_events` reads for this config (those that exist, the interaction file always), so
+  that a stage's fingerprint can see them change."""
+  source, path, name = data_config.source, data_config.path, data_config.name
+  if source == 'recbole':
+    base = path or embedded_ml100k_dir()
+    prefix = os.path.join(base, name) if os.path.isdir(base) else base
+    files = [prefix + ext for ext in ('.inter', '.item', '.user')]
+  elif source == 'ml-100k':
+    files = [os.path.join(path, f) for f in ('u.data', 'u.item', 'u.user')]
+  elif source == 'ml-1m':
+    files = [os.path.join(path, f) for f in ('ratings.dat', 'movies.dat', 'users.dat')]
+  elif source == 'amazon':
+    files = [os.path.join(path, f'reviews_{name}_5.json.gz'), os.path.join(path, f'meta_{name}.json.gz')]
+  else:  # tfds: identified by name and data_dir, which the fingerprint hashes
+    return []
+  return [f for i, f in enumerate(files) if i == 0 or os.path.exists(f)]
+
+
 def leave_one_out(inter: Interactions) -> Split:
   """Last event -> test, second-last -> valid, the rest -> train (all users kept, same order)."""
   lengths = np.fromiter(map(len, inter.sequences), np.int64, len(inter.sequences))

@@ -30,29 +30,34 @@ from typing import Any
 from etils import epath
 import numpy as np
 
-from palr_jax import stages
+from palr_jax import files
+from palr_jax.batching import BATCH_KEYS
 from palr_jax.data import prompts
+from palr_jax.data import tf_cpu
 
-tf = stages.hide_accelerators_from_tf()
+tf = tf_cpu.tensorflow()
 
 FEATURES = ('input_ids', 'loss_mask')
-BATCH_KEYS = ('input_ids', 'positions', 'segment_ids', 'loss_mask')
 WRITTEN_SPLITS = ('train', 'valid')
+# What a variant's tokenized examples depend on, besides its tasks, its task weights and the upstream
+# outputs (candidates, profiles) the caller names.
+EXAMPLE_KEYS = ('seed', 'prompts', 'retriever.num_candidates', 'model.spec')
 
 
 # ------------------------------------------------------------------------------------ TFRecords
 
 
-def examples_fingerprint(config) -> str:
-  """Hash of everything the tokenized examples depend on (not the batching settings).
+def examples_fingerprint(config, variant: str, upstream: Sequence[str] = ()) -> str:
+  """Hash of what the tokenized examples of `config.variants[variant]` depend on: `EXAMPLE_KEYS`, the
+  variant's tasks, its task weights != 1 and the `upstream` digests (candidates, profiles).
 
-  Of `task_repeats`, only the factors != 1 of the config's own tasks count: PALR v1's examples (Recommend
+  Of `task_repeats`, only the factors != 1 of the variant's own tasks count: PALR v1's examples (Recommend
   only) stay the same, and shared, whatever v2's Recommend_Retrieval weight.
   """
-  prompt_keys = [f'prompts.{k}' for k in config.prompts if k not in ('batches', 'task_repeats')]
-  repeats = prompts.task_repeats(config.prompts)
-  prompt_keys += [f'prompts.task_repeats.{t}' for t in config.prompts.tasks if repeats[t] != 1]
-  return stages.fingerprint(config, ['seed', 'data', 'retriever', 'profiles', 'model.spec', *prompt_keys])
+  tasks = tuple(config.variants[variant].tasks)
+  repeats = prompts.task_repeats(config, variant)
+  return files.fingerprint(config, EXAMPLE_KEYS, upstream,
+                        extra={'tasks': tasks, 'repeats': {t: repeats[t] for t in tasks if repeats[t] != 1}})
 
 
 def _serialize(input_ids: np.ndarray, loss_mask: np.ndarray) -> bytes:
@@ -93,10 +98,10 @@ def read_tfrecord(path) -> tf.data.Dataset:
                                                 deterministic=True)
 
 
-def write_examples(config, workdir, examples_by_split: Mapping[str, Sequence]) -> epath.Path:
-  """Writes `W/examples/<fingerprint>/{split}.tfrecord` + `meta.json` (last); returns the folder."""
-  out = epath.Path(workdir) / 'examples' / examples_fingerprint(config)
-  meta = {'fingerprint': out.name, 'max_length': int(config.prompts.max_length), 'splits': {}}
+def write_examples(out, max_length: int, examples_by_split: Mapping[str, Sequence]) -> epath.Path:
+  """Writes `out/{split}.tfrecord` + `meta.json` (last); returns `out`."""
+  out = epath.Path(out)
+  meta = {'fingerprint': out.name, 'max_length': int(max_length), 'splits': {}}
   for split, examples in examples_by_split.items():
     tokens = write_tfrecord(out / f'{split}.tfrecord', examples)
     lengths = [len(e.input_ids) for e in examples]
@@ -104,7 +109,7 @@ def write_examples(config, workdir, examples_by_split: Mapping[str, Sequence]) -
         'examples': len(examples), 'tokens': tokens, 'max_length': max(lengths, default=0),
         'loss_tokens': int(sum(int(np.sum(e.loss_mask)) for e in examples)),
         'tasks': {t: sum(e.task == t for e in examples) for t in sorted({e.task for e in examples})}}
-  stages.atomic_write_json(out / 'meta.json', meta)
+  files.atomic_write_json(out / 'meta.json', meta)
   return out
 
 
@@ -112,31 +117,34 @@ def count_records(path) -> int:
   return int(tf.data.TFRecordDataset(str(path)).reduce(np.int64(0), lambda n, _: n + 1).numpy())
 
 
-def examples_dir(config, workdir) -> epath.Path | None:
-  """The folder of this config's examples if they were written completely, else None."""
-  out = epath.Path(workdir) / 'examples' / examples_fingerprint(config)
+def examples_dir(workdir, fingerprint: str) -> epath.Path | None:
+  """`W/examples/<fingerprint>` if its examples were written completely, else None."""
+  out = epath.Path(workdir) / 'examples' / fingerprint
   return out if (out / 'meta.json').exists() else None
 
 
-def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence[str] | None) -> epath.Path:
-  """Builds and writes the train and valid examples unless this fingerprint's are on disk; the folder.
+def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence[str] | None, variant: str,
+                    upstream: Sequence[str] = ()) -> epath.Path:
+  """Builds and writes the train and valid examples of `variant` unless this fingerprint's are on disk;
+  returns the folder `W/examples/<fingerprint>`.
 
-  `profiles[u]` per user (`palr_jax.profiles`), None without profiles. recommend_retrieval reads
+  `profiles[u]` per user (`palr_jax.data.profiles`), None without profiles. recommend_retrieval reads
   `W/candidates/{train,valid}.jsonl`.
   """
-  done = examples_dir(config, workdir)
+  fingerprint = examples_fingerprint(config, variant, upstream)
+  done = examples_dir(workdir, fingerprint)
   if done is not None:
     return done
-  builder = prompts.PromptBuilder(config, inter, tokenizer)
-  retrieval = 'recommend_retrieval' in config.prompts.tasks
+  tasks = tuple(config.variants[variant].tasks)
+  builder = prompts.PromptBuilder(config, inter, tokenizer, tasks)
   by_split = {}
   for which in WRITTEN_SPLITS:
     cands = (prompts.read_candidates(epath.Path(workdir) / 'candidates' / f'{which}.jsonl', split, which)
-             if retrieval else None)
+             if 'recommend_retrieval' in tasks else None)
     by_split[which] = prompts.build_examples(builder, split, which, profiles, cands)
-  repeats = prompts.task_repeats(config.prompts)   # weights the training mix; valid stays one of each
+  repeats = prompts.task_repeats(config, variant)   # weights the training mix; valid stays one of each
   by_split['train'] = [e for e in by_split['train'] for _ in range(repeats[e.task])]
-  return write_examples(config, workdir, by_split)
+  return write_examples(epath.Path(workdir) / 'examples' / fingerprint, config.prompts.max_length, by_split)
 
 
 # ------------------------------------------------------------------------------------- batching
@@ -220,7 +228,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
   return int(np.random.SeedSequence((seed, epoch)).generate_state(1)[0])
 
 
-def global_batches(ds: tf.data.Dataset, batches_config, *, batch_size: int, max_length: int,
+def global_batches(ds: tf.data.Dataset, batching, *, batch_size: int, max_length: int,
                    max_loss_tokens: int = 0, shuffle: tuple[int, int] | None = None,
                    drop_remainder: bool) -> tf.data.Dataset:
   """Examples -> global batches {BATCH_KEYS: int32 [batch_size, T]}.
@@ -231,14 +239,14 @@ def global_batches(ds: tf.data.Dataset, batches_config, *, batch_size: int, max_
   if shuffle is not None:
     seed, buffer = shuffle
     ds = ds.shuffle(max(int(buffer), 1), seed=seed, reshuffle_each_iteration=False)
-  if batches_config.pack:
-    ds = _pack(ds, max_length, max_loss_tokens, batches_config.pack_window,
+  if batching.pack:
+    ds = _pack(ds, max_length, max_loss_tokens, batching.pack_window,
                None if shuffle is None else shuffle[0])
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   else:
-    buckets = tuple(int(b) for b in batches_config.length_buckets)
+    buckets = tuple(int(b) for b in batching.length_buckets)
     if max(buckets) < max_length:
-      raise ValueError(f'config.prompts.batches.length_buckets = {buckets}: the largest must be >= '
+      raise ValueError(f'config.batching.length_buckets = {buckets}: the largest must be >= '
                        f'config.prompts.max_length = {max_length}')
     ds = ds.map(_with_layout).padded_batch(batch_size, drop_remainder=drop_remainder)
     ds = ds.map(lambda b: _pad_to_bucket(b, buckets))
@@ -263,16 +271,16 @@ class TrainBatches:
   def __init__(self, path, config, rows: Sequence[int]):
     self._path, self._config = epath.Path(path), config
     self._rows = np.asarray(rows, np.int32)
-    self._buffer = config.prompts.batches.shuffle_buffer or count_records(path)
+    self._buffer = config.batching.shuffle_buffer or count_records(path)
     self.epoch, self.batch = 0, 0
     self._it: Iterator | None = None
 
   def _start(self) -> None:
     c = self._config
-    ds = global_batches(read_tfrecord(self._path), c.prompts.batches, batch_size=c.train.batch_size,
+    ds = global_batches(read_tfrecord(self._path), c.batching, batch_size=c.train.batch_size,
                         max_length=c.prompts.max_length, max_loss_tokens=c.train.max_loss_tokens,
                         shuffle=(epoch_seed(c.seed, self.epoch), self._buffer), drop_remainder=True)
-    self._it = _local(ds.skip(self.batch), self._rows, c.prompts.batches.prefetch).as_numpy_iterator()
+    self._it = _local(ds.skip(self.batch), self._rows, c.batching.prefetch).as_numpy_iterator()
 
   def __iter__(self) -> TrainBatches:
     return self
@@ -304,15 +312,18 @@ class TrainBatches:
 
 
 class EvalBatches:
-  """This process's rows of every example of a split, in file order, once per `iter()` (re-iterable);
-  the last global batch is filled with padding rows."""
+  """This process's rows of every example of a split (or of its first `limit` global batches, when
+  `limit` > 0), in file order, once per `iter()` (re-iterable); the last global batch is filled with
+  padding rows."""
 
-  def __init__(self, path, config, rows: Sequence[int]):
+  def __init__(self, path, config, rows: Sequence[int], limit: int = 0):
     c = config
-    ds = global_batches(read_tfrecord(path), c.prompts.batches, batch_size=c.train.batch_size,
+    ds = global_batches(read_tfrecord(path), c.batching, batch_size=c.train.batch_size,
                         max_length=c.prompts.max_length, max_loss_tokens=c.train.max_loss_tokens,
                         drop_remainder=False)
-    self._ds = _local(ds, np.asarray(rows, np.int32), c.prompts.batches.prefetch)
+    if limit > 0:
+      ds = ds.take(limit)
+    self._ds = _local(ds, np.asarray(rows, np.int32), c.batching.prefetch)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self._ds.as_numpy_iterator()

@@ -29,7 +29,9 @@ shuffle (`candidate_order`).
 
 Tokens: the tokenizer's own chat template renders [system] + user prompt with the generation prompt, and
 the answer is what the template appends for the assistant message up to its end-of-turn token. The two
-are tokenized separately, as at inference time, and `loss_mask` is 1 exactly on the answer tokens. An
+are tokenized separately, as at inference time, and `loss_mask` is 1 exactly on the answer tokens
+(`Example.prompt_ids`, `Example.answer_ids`; ranking reads `PromptBuilder.ranking_prompt` and
+`candidate_answers`). An
 example longer than `max_length` loses its oldest history titles first; instruction, profile and
 candidates are never cut (an example that still does not fit is an error). Titles are cut to
 `max_title_tokens` tokens once, so a title reads the same in histories, candidate lists and answers.
@@ -38,12 +40,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
-import json
 import string
 from typing import NamedTuple
 
 from etils import epath
 import numpy as np
+
+from palr_jax import files
 
 TASKS = ('recommend', 'recommend_retrieval')
 SPLITS = ('train', 'valid', 'test')
@@ -60,11 +63,21 @@ class Example:
   position: int                 # index of the target in the user's full sequence (train + valid + test)
   target: int                   # item index
   history: tuple[int, ...]      # items shown, oldest first, after truncation
-  candidates: tuple[int, ...]   # items in tag order (recommend_retrieval), else ()
+  candidates: tuple[int, ...]   # recommend_retrieval: items in tag order; recommend, when ranking: the
+                                # retriever's list in its order (not shown); else ()
   prompt: str                   # chat-templated text the model conditions on
   answer: str                   # chat-templated answer with its end-of-turn token ('' = no answer)
   input_ids: np.ndarray         # int32 [L]: prompt tokens then answer tokens
   loss_mask: np.ndarray         # int32 [L]: 1 on the answer tokens
+
+  @property
+  def prompt_ids(self) -> np.ndarray:
+    """The prompt's tokens (through the chat template's generation prompt)."""
+    return self.input_ids[:len(self.input_ids) - int(self.loss_mask.sum())]
+
+  @property
+  def answer_ids(self) -> np.ndarray:
+    return self.input_ids[len(self.prompt_ids):]
 
   @property
   def target_tag_index(self) -> int | None:
@@ -107,18 +120,12 @@ def read_candidates(path, split, which: str) -> Candidates:
   """Reads `candidates/{which}.jsonl`, checking each row's target against the split (stale files fail)."""
   path = epath.Path(path)
   if not path.exists():
-    raise FileNotFoundError(f'{path}: not found; run the retriever first (python -m palr_jax.retrieve)')
+    raise FileNotFoundError(f'{path}: not found; run the retriever stage first')
   keys = ('user_index', 'target', 'items') + (('position',) if which == 'train' else ())
   rows = {}
-  for line_no, line in enumerate(path.read_text().splitlines(), 1):
-    if not line.strip():
-      continue
+  for line_no, row in enumerate(files.read_jsonl(path), 1):
     where = f'{path}:{line_no}'
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{where}: not a JSON object ({e.msg})') from None
-    missing = [k for k in keys if k not in row]
+    missing = [k for k in keys if k not in row] if isinstance(row, dict) else list(keys)
     if missing:
       raise ValueError(f'{where}: missing keys {missing}; expected {list(keys)}')
     u, target = int(row['user_index']), int(row['target'])
@@ -151,7 +158,7 @@ def _fields(template: str) -> set[str]:
   return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
 
 
-def _check_config(cfg) -> None:
+def _check_config(cfg, tasks: Sequence[str]) -> None:
   required = {
       'recommend': {'history'}, 'recommend_retrieval': {'history', 'candidates'},
       'recommend_response': {'title'}, 'recommend_retrieval_response': {'tag', 'title'},
@@ -168,25 +175,26 @@ def _check_config(cfg) -> None:
   for key in ('candidate_line', 'recommend_retrieval_response'):
     if cfg[key].count('{tag}') != 1:
       raise ValueError(f'config.prompts.{key} = {cfg[key]!r}: needs exactly one {{tag}}')
-  unknown = set(cfg.tasks) - set(TASKS)
-  if unknown or not cfg.tasks:
-    raise ValueError(f'config.prompts.tasks = {tuple(cfg.tasks)}: expected a non-empty subset of {TASKS}')
+  unknown = set(tasks) - set(TASKS)
+  if unknown or not tasks:
+    raise ValueError(f'tasks {tuple(tasks)}: expected a non-empty subset of {TASKS} (config.variants.*.tasks)')
   if cfg.candidate_order not in CANDIDATE_ORDERS:
     raise ValueError(f'config.prompts.candidate_order = {cfg.candidate_order!r}: expected one of '
                      f'{CANDIDATE_ORDERS}')
   if cfg.missed_target not in MISSED_TARGETS:
     raise ValueError(f'config.prompts.missed_target = {cfg.missed_target!r}: expected one of {MISSED_TARGETS}')
-  task_repeats(cfg)
 
 
-def task_repeats(cfg) -> dict[str, int]:
-  """`config.prompts.task_repeats` checked: copies of each training example per task (missing = 1)."""
-  given = dict(cfg.get('task_repeats') or {})
+def task_repeats(config, variant: str) -> dict[str, int]:
+  """`config.variants.<variant>.task_repeats` checked: copies of each training example per task (missing
+  = 1)."""
+  given = dict(config.variants[variant].get('task_repeats') or {})
   unknown = set(given) - set(TASKS)
   bad = {t: n for t, n in given.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
   if unknown or bad:
-    raise ValueError(f'config.prompts.task_repeats = {given}: expected task -> int >= 1 for tasks in {TASKS}'
-                     + (f'; unknown {sorted(unknown)}' if unknown else '') + (f'; bad {bad}' if bad else ''))
+    raise ValueError(f'config.variants.{variant}.task_repeats = {given}: expected task -> int >= 1 for tasks '
+                     f'in {TASKS}' + (f'; unknown {sorted(unknown)}' if unknown else '')
+                     + (f'; bad {bad}' if bad else ''))
   return {t: int(given.get(t, 1)) for t in TASKS}
 
 
@@ -195,7 +203,7 @@ def _special_tokens(tokenizer) -> list[str]:
 
 
 class PromptBuilder:
-  """Renders and tokenizes examples for one config and tokenizer.
+  """Renders and tokenizes examples of `tasks` for one config and tokenizer.
 
   Titles are cut once, the chat template's answer framing is probed once (`answer_prefix`, what the
   template puts before an assistant message's content after the generation prompt, usually ''; and
@@ -204,16 +212,16 @@ class PromptBuilder:
   logit rank.py reads.
   """
 
-  def __init__(self, config, inter, tokenizer):
+  def __init__(self, config, inter, tokenizer, tasks: Sequence[str] = TASKS):
     cfg = config.prompts
-    _check_config(cfg)
-    self.cfg, self.tokenizer, self.seed = cfg, tokenizer, int(config.seed)
+    _check_config(cfg, tasks)
+    self.cfg, self.tokenizer, self.seed, self.tasks = cfg, tokenizer, int(config.seed), tuple(tasks)
     self.num_candidates = int(config.retriever.num_candidates)
     self.titles = [cut_title(t or f'item {i}', tokenizer, cfg.max_title_tokens)
                    for t, i in zip(inter.titles, inter.item_ids)]
     self.answer_prefix, self.answer_suffix = self._probe_answer_framing()
     self.tags = list(cfg.tags)
-    self.tag_ids = self._check_tags() if 'recommend_retrieval' in cfg.tasks else None
+    self.tag_ids = self._check_tags() if 'recommend_retrieval' in self.tasks else None
 
   # Rendering.
 
@@ -363,6 +371,24 @@ class PromptBuilder:
                          s.candidates, prompt, answer, ids, mask))
     return out
 
+  # Ranking.
+
+  def ranking_prompt(self, example: Example) -> list[int]:
+    """Token ids up to where the answer's content starts: the prompt and the template's answer prefix."""
+    return [int(i) for i in example.prompt_ids] + self.encode(self.answer_prefix)
+
+  def candidate_answers(self, example: Example, end_of_turn: bool) -> list[list[int]]:
+    """Token ids of the answer naming each of the example's candidates (in its order), as the model would
+    write it after `ranking_prompt`: tag and title (recommend_retrieval) or title, with the end-of-turn
+    token when `end_of_turn`."""
+    end = self.answer_suffix if end_of_turn else ''
+    if example.task == 'recommend_retrieval':
+      texts = [self.cfg.recommend_retrieval_response.format(tag=self.tags[j], title=self.titles[i])
+               for j, i in enumerate(example.candidates)]
+    else:
+      texts = [self.cfg.recommend_response.format(title=self.titles[i]) for i in example.candidates]
+    return [self.encode(t + end) for t in texts]
+
   def visible_candidates(self, retrieved: np.ndarray, exclude: frozenset[int]) -> list[int]:
     """The K candidates as retrieved: the retriever's list minus `exclude`, cut to K."""
     return [int(i) for i in retrieved if int(i) not in exclude][:self.num_candidates]
@@ -389,7 +415,7 @@ def build_examples(builder: PromptBuilder, split, which: str, profiles: Sequence
   """
   if which not in SPLITS:
     raise ValueError(f'split {which!r}: expected one of {SPLITS}')
-  tasks = tuple(builder.cfg.tasks)
+  tasks = builder.tasks
   if 'recommend_retrieval' in tasks and (candidates is None or candidates.split != which):
     raise ValueError(f'recommend_retrieval needs candidates/{which}.jsonl (read_candidates(..., {which!r}))')
   specs = []
@@ -408,6 +434,8 @@ def build_examples(builder: PromptBuilder, split, which: str, profiles: Sequence
     for p, target, history, exclude, key in steps:
       for task in tasks:
         cands = ()
+        if task == 'recommend' and candidates is not None and not insert_target:   # ranking: keep the list
+          cands = builder.visible_candidates(candidates.rows[key], exclude)
         if task == 'recommend_retrieval':
           if key not in candidates.rows:
             raise ValueError(f'{candidates.path}: no row for user_index {u}' +

@@ -253,18 +253,20 @@ def _attention_reference(q, k, v, mask):
   return jnp.einsum('bkgts,bskh->btkgh', probs, v).reshape(b, t, n, h)
 
 
-def _implementation(choice: str, q: jax.Array, s: int) -> str:
-  """'auto' takes cuDNN flash attention where it applies (GPU, 16-bit, head_dim % 8, even lengths)."""
+def attention_kind(choice: str, platform: str | None, dtype, head_dim: int, lengths: tuple[int, int] = (2, 2)
+                   ) -> str:
+  """What `attention=choice` runs: 'auto' takes cuDNN flash attention where it applies (GPU, 16-bit,
+  head_dim % 8 == 0 and <= 128, even query and key lengths), else XLA's."""
   if choice != 'auto':
     return choice
-  fits = (jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16)
-          and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 and q.shape[1] % 2 == 0 and s % 2 == 0)
+  fits = (platform == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
+          and head_dim <= 128 and lengths[0] % 2 == 0 and lengths[1] % 2 == 0)
   return 'cudnn' if fits else 'xla'
 
 
 def dot_product_attention(q, k, v, mask, implementation: str) -> jax.Array:
   """q [B,T,N,H], k/v [B,S,K,H] (N a multiple of K), mask [B,T,S] -> [B,T,N,H]."""
-  impl = _implementation(implementation, q, k.shape[1])
+  impl = attention_kind(implementation, jax.default_backend(), q.dtype, q.shape[-1], (q.shape[1], k.shape[1]))
   if impl == 'reference':
     return _attention_reference(q, k, v, mask)
   return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)

@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+import functools
 import re
+from typing import Any
 
 from flax import nnx
 import jax
@@ -115,13 +117,24 @@ def merge_lora(model: llama.Llama) -> llama.Llama:
   return merged
 
 
+def merged_params(model: llama.Llama) -> dict[str, Any]:
+  """{dotted path: value} of every base parameter as merged: the kernel itself, or for an adapted kernel a
+  function computing W + (alpha/r) A B, so a caller can materialize one merged tensor at a time."""
+  params: dict[str, Any] = {path: var.value for path, var in llama.named_params(model, FROZEN).items()}
+  for path, module in _modules(model, LoRALinear).items():
+    params[f'{path}.kernel'] = functools.partial(_merged_kernel, module.kernel.value, module.lora_a.value,
+                                                 module.lora_b.value, module.scale)
+  return params
+
+
 def hf_module_path(path: str) -> str:
   """Our module path -> HF LlamaForCausalLM module name (`layers.0.mlp.up_proj` -> `model.layers...`)."""
   return path if path == 'lm_head' else f'model.{path}'
 
 
-def peft_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
-  """Adapter tensors under PEFT's names and layouts (`adapter_model.safetensors`).
+def peft_state_dict(model: nnx.Module, values: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+  """Adapter tensors under PEFT's names and layouts (`adapter_model.safetensors`), of the model's own
+  adapters or of `values` ({'layers.0.self_attn.q_proj.lora_a': array, ...}, for the same modules).
 
   `base_model.model.<hf module>.lora_A.weight` is A^T [r, in], `lora_B.weight` is B^T [out, r]; the
   scale is not folded in (PEFT applies lora_alpha / r from adapter_config.json).
@@ -129,8 +142,10 @@ def peft_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
   out = {}
   for path, module in _modules(model, LoRALinear).items():
     prefix = f'base_model.model.{hf_module_path(path)}'
-    out[f'{prefix}.lora_A.weight'] = np.asarray(module.lora_a.value).T
-    out[f'{prefix}.lora_B.weight'] = np.asarray(module.lora_b.value).T
+    a = module.lora_a.value if values is None else values[f'{path}.lora_a']
+    b = module.lora_b.value if values is None else values[f'{path}.lora_b']
+    out[f'{prefix}.lora_A.weight'] = np.asarray(a).T
+    out[f'{prefix}.lora_B.weight'] = np.asarray(b).T
   return out
 
 

@@ -1,10 +1,17 @@
-"""Defaults shared by every palr-jax config.
+"""Every default of palr-jax, as one ConfigDict; experiment files in `configs/` start from `get_config()`.
 
-Every size, path and parallelism setting lives here or in a config that starts from `get_config()`;
-code reads `config.x` and never keeps a default of its own. Each section belongs to one PALR stage, and
-the stage fingerprints (palr_jax/stages.py) hash exactly the sections a stage depends on.
+Code reads `config.x` and never keeps a default of its own. Each section belongs to one PALR stage, and a
+stage's fingerprint lists the sections (or keys) it hashes (`palr_jax/stages/*.py`), so changing a value
+reruns exactly the stages that read it.
 """
 import ml_collections
+
+# Meshes of the pods the Llama-2-7B configs were sized for: name -> (dcn_data, data, fsdp, tensor).
+POD_MESHES = {
+    'v4-32': (1, 2, 8, 1),     # 16 chips, 4 hosts, 32 GiB HBM each
+    'v5e-16': (1, 1, 16, 1),   # 16 chips, 4 hosts, 16 GiB HBM each
+    '8xH100': (1, 8, 1, 1),    # one node, 80 GiB each
+}
 
 
 def get_config():
@@ -21,7 +28,7 @@ def get_config():
   c.data.k_core = 0              # iterative k-core filter on users and items (0 = off)
   c.data.min_history = 3         # users need >= this many events (train >= 1 + valid + test)
 
-  # Matrix-factorization retriever (palr_jax/retrieval/).
+  # Matrix-factorization retriever (palr_jax/retrieval/, stage palr_jax/stages/retriever.py).
   c.retriever = ml_collections.ConfigDict()
   c.retriever.model = 'ials'     # ials | bpr
   c.retriever.factors = 64       # tuned on ML-100K valid Recall@20 (bench/RESULTS.md)
@@ -44,23 +51,37 @@ def get_config():
   c.retriever.search.reg = ()
   c.retriever.search.alpha = ()
 
-  # Evaluation (palr_jax/evaluate.py).
+  # Evaluation and the report (palr_jax/metrics.py, stage palr_jax/stages/report.py).
   c.eval = ml_collections.ConfigDict()
   c.eval.ks = (5, 10, 20, 50)
   c.eval.max_users = 0             # 0 = all users; else a seeded subset for quick runs
   c.eval.bootstrap_samples = 1000
+  # Rows of the report, in order: 'retriever' or a key of `variants`.
+  c.eval.methods = ('retriever', 'zero_shot', 'palr_v1', 'palr_v2')
 
-  # LLM ranking of the retriever's candidates (palr_jax/rank.py).
+  # The experiment: LLM methods that rerank the retriever's candidates. `tasks` are the PALR tasks a
+  # variant is LoRA-tuned on (() = the base model, untuned); it ranks with the prompt of `rank_task` by
+  # `rank_mode`: score (one-token tag logits, one forward; recommend_retrieval only), generate (constrained
+  # decoding of the candidates, the paper's way) or likelihood (each candidate's answer log-probability).
+  # `task_repeats` writes each training example of a task that many times (weights the task mix).
+  c.variants = ml_collections.ConfigDict()
+  c.variants.zero_shot = _variant((), 'recommend_retrieval', 'score')
+  c.variants.palr_v1 = _variant(('recommend',), 'recommend', 'generate')        # the paper's v1
+  c.variants.palr_v2 = _variant(('recommend', 'recommend_retrieval'), 'recommend_retrieval', 'score')  # v2
+
+  # LLM ranking of the retriever's candidates (palr_jax/model/rerank.py, stage palr_jax/stages/rank.py).
   c.rank = ml_collections.ConfigDict()
-  c.rank.mode = 'score'            # PALR v2 / zero-shot: score (tag logits, one forward) | generate
-  c.rank.v1_mode = 'generate'      # PALR v1 (never saw tags): generate (titles) | likelihood
   c.rank.batch_size = 8            # prompts per jitted call; a multiple of the mesh's batch shards
-  c.rank.buckets = (128, 256, 384, 512, 640, 768, 896, 1024, 1536, 2048)  # padded prompt lengths
   c.rank.max_items = 10            # generate: distinct items written per user (the rest: retriever order)
   c.rank.separator = '\n'          # generate: text between two written items
-  c.rank.reduce = 'sum'            # likelihood: sum | mean of the title's token log-probs
+  c.rank.reduce = 'sum'            # likelihood: sum | mean of the answer's token log-probs
 
-  # The LLM (palr_jax/model/, palr_jax/checkpoints/).
+  # What the export stage writes (palr_jax/stages/export.py): the variant, and the formats.
+  c.export = ml_collections.ConfigDict()
+  c.export.variant = 'palr_v2'
+  c.export.formats = ('merged', 'peft')
+
+  # The LLM (palr_jax/model/, palr_jax/hub/).
   c.model = ml_collections.ConfigDict()
   c.model.spec = 'smollm2'         # smollm2 | hf:DIR | gguf:FILE
   c.model.cache_dir = ''           # '' = ~/.cache/palr_jax (GGUF -> HF folder conversion)
@@ -76,7 +97,7 @@ def get_config():
   c.lora.targets = (r'.*self_attn\.(q_proj|v_proj)',)
   c.lora.dtype = 'float32'
 
-  # LoRA fine-tuning on the mesh (palr_jax/train.py).
+  # LoRA fine-tuning on the mesh (palr_jax/train/, stage palr_jax/stages/finetune.py).
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1000
   c.train.batch_size = 32          # global examples per optimizer step (all processes together)
@@ -118,8 +139,8 @@ def get_config():
       ('length', None),
   )
 
-  # User profiles (palr_jax/profiles.py). One profile per user, written from the part of train[u] that
-  # precedes every training target (see the module docstring for the no-leakage rule).
+  # User profiles (palr_jax/data/profiles.py, stage palr_jax/stages/profiles.py). One profile per user,
+  # written from the part of train[u] that precedes every training target (see data/profiles.py).
   c.profiles = ml_collections.ConfigDict()
   c.profiles.kind = 'llm'          # llm (the model writes it) | stats (genre/keyword counts, fast)
   c.profiles.max_history = 10      # most recent titles of the profile's source shown to the LLM
@@ -134,18 +155,16 @@ def get_config():
   c.profiles.history_line = '- {title}'
   c.profiles.user_line = 'About the user: {features}.\n'
   c.profiles.max_new_tokens = 64
-  c.profiles.batch_size = 16       # users per generate call (prompt lengths bucketed by generate.py)
+  c.profiles.batch_size = 16       # users per generate call
 
-  # PALR instruction examples (palr_jax/data/prompts.py). Templates are str.format strings.
+  # PALR instruction examples (palr_jax/data/prompts.py). Templates are str.format strings. Which tasks
+  # a model trains on is the variant's (`variants`).
   c.prompts = ml_collections.ConfigDict()
-  c.prompts.tasks = ('recommend', 'recommend_retrieval')
   c.prompts.max_history = 20       # most recent history titles in a prompt
   c.prompts.max_examples_per_user = 10  # training targets per user and task: the last N of train[u]
   c.prompts.tags = tuple('ABCDEFGHIJKLMNOPQRSTUVWXYZ')  # single-token tags, >= retriever.num_candidates
   c.prompts.candidate_order = 'shuffle'  # shuffle | retriever
   c.prompts.missed_target = 'insert'     # training target not retrieved: insert (paper) | skip the example
-  # Copies of each training example per task (train split only; valid keeps one): weights the task mix.
-  c.prompts.task_repeats = ml_collections.ConfigDict({'recommend': 1, 'recommend_retrieval': 1})
   c.prompts.use_profile = True
   c.prompts.max_title_tokens = 24  # longer titles are cut
   c.prompts.max_length = 1024      # tokens per example (and per packed row); oldest history dropped first
@@ -162,12 +181,38 @@ def get_config():
       'Candidates:\n{candidates}\n'
       'Which candidate will the user watch next? Answer with its letter and title.')
   c.prompts.recommend_retrieval_response = '{tag}. {title}'
-  # Batching (palr_jax/data/pipeline.py); not part of the examples' fingerprint.
-  c.prompts.batches = ml_collections.ConfigDict()
-  c.prompts.batches.pack = True    # pack examples into rows of max_length; else pad to a length bucket
-  c.prompts.batches.pack_window = 256  # packing: first-fit decreasing over this many examples
-  c.prompts.batches.length_buckets = (256, 512, 1024)  # padding mode: global batch padded to one of these
-  c.prompts.batches.shuffle_buffer = 0  # 0 = the whole split
-  c.prompts.batches.prefetch = 2
 
+  # How token sequences become fixed-shape batches (palr_jax/batching.py, data/pipeline.py): one length
+  # policy for training, ranking and profile generation, so each shape compiles once.
+  c.batching = ml_collections.ConfigDict()
+  c.batching.length_buckets = (128, 256, 384, 512, 640, 768, 896, 1024, 1536, 2048)  # padded lengths
+  c.batching.pack = True           # training: pack examples into rows of max_length; else pad to a bucket
+  c.batching.pack_window = 256     # packing: first-fit decreasing over this many examples
+  c.batching.shuffle_buffer = 0    # training: 0 = the whole split
+  c.batching.prefetch = 2
+
+  return c
+
+
+def _variant(tasks, rank_task, rank_mode, task_repeats=None):
+  return ml_collections.ConfigDict({
+      'tasks': tuple(tasks), 'rank_task': rank_task, 'rank_mode': rank_mode,
+      'task_repeats': ml_collections.ConfigDict(task_repeats or {'recommend': 1, 'recommend_retrieval': 1})})
+
+
+def with_pod(c: ml_collections.ConfigDict, pod: str) -> ml_collections.ConfigDict:
+  """Llama-2-7B + LoRA on one of `POD_MESHES`. LoRA leaves the base frozen, so on GPUs with 80 GiB the bf16
+  base (13.5 GB) is replicated and the batch is split over `data` (no weight all-gathers); on TPU v5e
+  (16 GiB HBM) and v4 (32 GiB) the base is sharded over `fsdp`."""
+  if pod not in POD_MESHES:
+    raise ValueError(f'config argument: unknown pod {pod!r}; expected one of {sorted(POD_MESHES)}')
+  c.mesh.dcn_data, c.mesh.data, c.mesh.fsdp, c.mesh.tensor = POD_MESHES[pod]
+  c.model.spec = 'hf:/path/to/Llama-2-7b-hf'   # override: --config.model.spec=hf:DIR
+  c.model.dtype = 'bfloat16'
+  c.model.param_dtype = 'bfloat16'
+  c.model.remat = 'dots'
+  c.lora.rank = 16
+  c.lora.alpha = 32.0
+  c.lora.targets = (r'.*self_attn\.(q_proj|k_proj|v_proj|o_proj)',)
+  c.lora.dtype = 'float32'
   return c

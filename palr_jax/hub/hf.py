@@ -29,6 +29,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 from safetensors.numpy import save_file
 
+from palr_jax import files
 from palr_jax import sharding as sharding_lib
 from palr_jax.model import llama
 
@@ -57,16 +58,6 @@ class StoredTensor(NamedTuple):
 # --------------------------------------------------------------------------------------- config
 
 
-def read_json(path) -> dict:
-  path = epath.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f'{path}: not found')
-  try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f'{path}: not valid JSON ({e.msg}, line {e.lineno})') from None
-
-
 def write_json(path, obj) -> None:
   epath.Path(path).write_text(json.dumps(obj, indent=2) + '\n')
 
@@ -76,7 +67,7 @@ def llama_config(folder, model_config) -> llama.LlamaConfig:
   (dtype, param_dtype, remat, attention) of `model_config`. Anything that would change the maths —
   another architecture, biases, an unknown rope_type, another activation — is an error naming the file."""
   path = epath.Path(folder) / 'config.json'
-  hf = read_json(path)
+  hf = files.read_json(path)
   model_type = hf.get('model_type')
   archs = hf.get('architectures') or []
   if model_type != 'llama' or any(a != 'LlamaForCausalLM' for a in archs):
@@ -118,16 +109,16 @@ def stored_tensors(folder) -> dict[str, StoredTensor]:
   """Every tensor of `model.safetensors` or of the shards named by `model.safetensors.index.json`."""
   folder = epath.Path(folder)
   if (folder / INDEX_FILE).exists():
-    index = read_json(folder / INDEX_FILE)
+    index = files.read_json(folder / INDEX_FILE)
     if not isinstance(index.get('weight_map'), dict):
       raise ValueError(f'{folder / INDEX_FILE}: no "weight_map" object')
-    files = sorted(set(index['weight_map'].values()))
+    shards = sorted(set(index['weight_map'].values()))
   elif (folder / SINGLE_FILE).exists():
-    index, files = None, [SINGLE_FILE]
+    index, shards = None, [SINGLE_FILE]
   else:
     raise FileNotFoundError(f'{folder}: neither {SINGLE_FILE} nor {INDEX_FILE} found')
   out = {}
-  for file in files:
+  for file in shards:
     header, start = _header(folder / file)
     for name, info in header.items():
       if info['dtype'] not in _DTYPES:
@@ -216,9 +207,15 @@ def load_params(folder, config: llama.LlamaConfig, mesh: Mesh | None = None, rul
 
 
 def load_tokenizer(folder):
-  """The folder's tokenizer (local files only; no remote code)."""
+  """The folder's tokenizer (local files only; no remote code); a folder without a usable one is one
+  error naming it."""
   from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(os.fspath(folder), local_files_only=True, trust_remote_code=False)
+  try:
+    return AutoTokenizer.from_pretrained(os.fspath(folder), local_files_only=True, trust_remote_code=False)
+  except (ValueError, OSError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f'{folder}: no usable tokenizer (expected tokenizer.json with tokenizer_config.json, as '
+                     f'save_pretrained writes them): {first}') from None
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -295,22 +292,27 @@ def _to_stored(transpose: bool, dtype: str):
   return jax.jit(lambda x: (x.T if transpose else x).astype(dtype))
 
 
-def export_specs(config: llama.LlamaConfig, params: Mapping[str, jax.Array], dtype: str) -> list[TensorSpec]:
-  """HF tensors (transposed back to [out, in], cast to `dtype`) for {our path: array} base params;
-  each is converted on its devices and fetched to the host only when its shard is written."""
+def export_specs(config: llama.LlamaConfig, params: Mapping[str, jax.Array | Callable[[], jax.Array]],
+                 dtype: str) -> list[TensorSpec]:
+  """HF tensors (transposed back to [out, in], cast to `dtype`) for {our path: array, or a function giving
+  it} base params; each is computed (a merged LoRA kernel, say), converted on its devices and fetched to
+  the host only when its shard is written, so the model is never held twice."""
   specs = []
+  shapes = llama.param_shapes(config)
   for path, (hf_name, transpose) in llama.hf_param_names(config).items():
     array = params[path]
-    shape = tuple(array.shape)[::-1] if transpose else tuple(array.shape)
+    shape = shapes[path][::-1] if transpose else shapes[path]
 
     def load(array=array, transpose=transpose):
-      return np.asarray(jax.device_get(_to_stored(transpose, dtype)(array)))
+      value = array() if callable(array) else array
+      return np.asarray(jax.device_get(_to_stored(transpose, dtype)(value)))
 
     specs.append(TensorSpec(hf_name, shape, np.dtype(dtype), load))
   return specs
 
 
-def save_folder(out_dir, config: llama.LlamaConfig, params: Mapping[str, jax.Array], tokenizer,
+def save_folder(out_dir, config: llama.LlamaConfig, params: Mapping[str, jax.Array | Callable[[], jax.Array]],
+                tokenizer,
                 dtype: str, max_shard_bytes: int | None) -> None:
   """A complete HF folder (config.json, safetensors, generation_config.json, tokenizer), atomically."""
   hf_config = dict(config.to_hf(), torch_dtype=str(np.dtype(dtype)))

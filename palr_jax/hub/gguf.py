@@ -3,7 +3,7 @@
 A GGUF holds quantized weights, llama.cpp's tensor names and layouts, and the tokenizer as metadata. We
 dequantize it with the `gguf` package, undo llama.cpp's rotary row permutation of q/k, write an ordinary
 HF folder (config.json, fp32 safetensors, tokenizer files) and from then on load that folder like any other
-(`palr_jax.checkpoints.hf`): one import path to test and to trust.
+(`palr_jax.hub.hf`): one import path to test and to trust.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 from etils import epath
 
-from palr_jax.checkpoints import hf
+from palr_jax.hub import hf
 
 # Bump when the conversion's output changes, so stale cache folders are not reused.
 CONVERTER_VERSION = 1

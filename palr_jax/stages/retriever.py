@@ -1,6 +1,4 @@
-"""Retriever stage: MF on the leave-one-out split -> candidates/{train,valid,test}.jsonl + metrics.
-
-  python -m palr_jax.retrieve --config configs/ml100k.py --workdir runs/ml100k
+"""Stage `retriever`: MF on the leave-one-out split -> candidates/{train,valid,test}.jsonl + metrics.
 
 Hyperparameters come from the `config.retriever.search` grid (every non-empty tuple is an axis over the
 retriever key of that name), chosen on valid Recall@num_candidates; the valid model is fitted on train,
@@ -10,39 +8,36 @@ user folds (palr_jax/retrieval/candidates.py says why). Writes, under the workdi
   retriever_results.json                HR/NDCG/Recall@config.eval.ks and MRR for valid, test and the
                                         cross-fitted train rows; chosen hyperparameters; fit seconds
                                         (the first fit of a process includes XLA compilation)
-  retriever.fingerprint.json            so an unchanged config skips the stage
+Processes: host (process 0 fits and writes; seconds on a CPU for ML-100K/ML-1M).
 """
 from __future__ import annotations
 
 import itertools
 import time
-import zlib
 
-from absl import app
-from absl import flags
 from absl import logging
-from etils import epath
 import jax
-from ml_collections import config_flags
 import numpy as np
 import tqdm
 
-from palr_jax import evaluate
+from palr_jax import files
+from palr_jax import metrics
+from palr_jax import rng
+from palr_jax import runner
 from palr_jax import sharding
-from palr_jax import stages
 from palr_jax.data import interactions
 from palr_jax.retrieval import candidates
 from palr_jax.retrieval import mf
 
-STAGE = 'retriever'
-SECTIONS = ('seed', 'data', 'retriever', 'eval.ks')
 OUTPUTS = ('candidates/train.jsonl', 'candidates/valid.jsonl', 'candidates/test.jsonl',
            'retriever_results.json')
 
 
-def stream_key(seed: int, name: str):
-  """The named random stream `name` of `config.seed`: independent of how other streams are used."""
-  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+def declare(config) -> runner.Stage:
+  return runner.Stage(
+      name='retriever', run=run, hashes=('seed', 'data', 'retriever', 'eval.ks'), outputs=OUTPUTS,
+      processes=runner.HOST, inputs=tuple(interactions.source_files(config.data)),
+      what='process 0 fits the retriever and writes the candidate files; the others wait')
 
 
 def search_grid(retriever_config) -> list[dict]:
@@ -69,16 +64,14 @@ def _fit(histories, num_items, retriever_config, key):
   return users, items, time.perf_counter() - start
 
 
-def run(config, workdir) -> dict:
+def run(ctx) -> dict:
   """Fits, writes the candidate files and retriever_results.json; returns the results dict."""
-  workdir = epath.Path(workdir)
-  inter = interactions.load(config.data)
-  split = interactions.leave_one_out(inter)
+  config, workdir, inter, split = ctx.config, ctx.workdir, ctx.inter, ctx.split
   num_items, k = len(inter.item_ids), int(config.retriever.num_candidates)
   mesh = sharding.make_mesh(config.mesh) if config.retriever.shard_items else None
   seed = int(config.seed)
   grid = search_grid(config.retriever)
-  folds = candidates.user_folds(len(split.train), int(config.retriever.folds), stream_key(seed, 'folds'))
+  folds = candidates.user_folds(len(split.train), int(config.retriever.folds), rng.jax_key(seed, 'folds'))
   users = np.arange(len(split.train))
   bar = tqdm.tqdm(total=len(grid) + 1 + int(config.retriever.folds), desc='retriever fits')
 
@@ -86,9 +79,9 @@ def run(config, workdir) -> dict:
   search, best = [], None
   for overrides in grid:
     rconfig = _with(config.retriever, overrides)
-    user_factors, item_factors, seconds = _fit(split.train, num_items, rconfig, stream_key(seed, 'valid'))
+    user_factors, item_factors, seconds = _fit(split.train, num_items, rconfig, rng.jax_key(seed, 'valid'))
     ranking = candidates.rank(user_factors, item_factors, split.train, users, split.valid, rconfig, mesh)
-    recall = evaluate.metrics_from_ranks(ranking.ranks, [k])[f'Recall@{k}']
+    recall = metrics.metrics_from_ranks(ranking.ranks, [k])[f'Recall@{k}']
     search.append({**overrides, f'valid_Recall@{k}': recall, 'fit_seconds': seconds})
     if best is None or recall > best[0]:
       best = (recall, rconfig, ranking, seconds)
@@ -97,7 +90,7 @@ def run(config, workdir) -> dict:
   _, rconfig, valid, valid_seconds = best
 
   seen = [np.append(t, v) for t, v in zip(split.train, split.valid)]
-  user_factors, item_factors, test_seconds = _fit(seen, num_items, rconfig, stream_key(seed, 'test'))
+  user_factors, item_factors, test_seconds = _fit(seen, num_items, rconfig, rng.jax_key(seed, 'test'))
   test = candidates.rank(user_factors, item_factors, seen, users, split.test, rconfig, mesh)
   bar.update()
 
@@ -107,14 +100,14 @@ def run(config, workdir) -> dict:
     start = time.perf_counter()
     fold_rankings.append(candidates.cross_fit_fold(
         split.train, num_items, folds, fold, train_users, positions, rconfig,
-        stream_key(seed, f'fold{fold}'), mesh))
+        rng.jax_key(seed, f'fold{fold}'), mesh))
     bar.update()
     bar.set_postfix(fold=fold, seconds=f'{time.perf_counter() - start:.1f}')
   bar.close()
   train = candidates.concat(fold_rankings)
 
   for name, ranking in (('train', train), ('valid', valid), ('test', test)):
-    stages.atomic_write_jsonl(workdir / 'candidates' / f'{name}.jsonl',
+    files.atomic_write_jsonl(workdir / 'candidates' / f'{name}.jsonl',
                               candidates.rows(ranking, inter.user_ids, inter.item_ids))
   ks = [int(x) for x in config.eval.ks]
   chosen = rconfig.to_dict()
@@ -123,28 +116,12 @@ def run(config, workdir) -> dict:
       'dataset': inter.name, 'num_users': len(inter.user_ids), 'num_items': num_items,
       'num_candidates': k, 'hyperparameters': chosen, 'search': search,
       'fit_seconds': {'valid': valid_seconds, 'test': test_seconds},
-      'valid': evaluate.metrics_from_ranks(valid.ranks, ks),
-      'test': evaluate.metrics_from_ranks(test.ranks, ks),
-      'train': {'rows': len(train.users), **evaluate.metrics_from_ranks(train.ranks, ks)},
+      'valid': metrics.metrics_from_ranks(valid.ranks, ks),
+      'test': metrics.metrics_from_ranks(test.ranks, ks),
+      'train': {'rows': len(train.users), **metrics.metrics_from_ranks(train.ranks, ks)},
   }
-  stages.atomic_write_json(workdir / 'retriever_results.json', results)
-  headline = evaluate.metrics_from_ranks(test.ranks, (10, 50))
+  files.atomic_write_json(workdir / 'retriever_results.json', results)
+  headline = metrics.metrics_from_ranks(test.ranks, (10, 50))
   logging.info('retriever %s: test HR@10 %.4f NDCG@10 %.4f HR@50 %.4f (valid Recall@%d %.4f)',
                rconfig.model, headline['HR@10'], headline['NDCG@10'], headline['HR@50'], k, best[0])
   return results
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
-  stages.run_stage(_WORKDIR.value, STAGE, stages.fingerprint(config, SECTIONS),
-                   lambda: run(config, _WORKDIR.value), outputs=OUTPUTS)
-
-
-if __name__ == '__main__':
-  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file path.py[:arg].',
-                                            lock_config=True)
-  _WORKDIR = flags.DEFINE_string('workdir', None, 'Stage outputs go here.', required=True)
-  flags.mark_flag_as_required('config')
-  app.run(main)

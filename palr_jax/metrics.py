@@ -11,7 +11,6 @@ and counts as a miss in every metric. With one positive:
 from __future__ import annotations
 
 from collections.abc import Sequence
-import math
 from typing import NamedTuple
 
 import numpy as np
@@ -53,14 +52,6 @@ def metrics_from_ranks(ranks, ks: Sequence[int]) -> dict[str, float]:
   return {name: float(v.mean()) for name, v in per_user_metrics(ranks, ks).items()}
 
 
-def rank_in_list(ranked_items: Sequence, target) -> int | float:
-  """0-based position of `target` in `ranked_items`, or math.inf when it is absent (a miss)."""
-  for position, item in enumerate(ranked_items):
-    if item == target:
-      return position
-  return math.inf
-
-
 class BootstrapResult(NamedTuple):
   mean_diff: float  # observed mean of a - b
   low: float        # 2.5th percentile of the resampled mean differences
@@ -88,7 +79,7 @@ def paired_bootstrap(a, b, samples: int, seed: int) -> BootstrapResult:
 
 
 # ------------------------------------------------------------------------------------------------
-# The report of the end-to-end job: results.json, results.md, plots.
+# Comparing methods on the same users.
 
 BASELINE = 'retriever'
 
@@ -138,87 +129,3 @@ def reordering(items: dict[str, Sequence[Sequence[int]]], targets: Sequence[int]
         f'top{k}_overlap': float(np.mean([len(set(x[:k]) & set(r[:k])) / k for x, r in zip(lists, ref)])),
         f'HR@{k}_when_retrieved': float(hit[found].mean()) if found.any() else 0.0}
   return out
-
-
-def markdown_report(results: dict, ks: Sequence[int]) -> str:
-  """results.md: one table per split, then each method's difference from the retriever with its
-  95% paired-bootstrap interval (an interval that excludes 0 is a difference beyond sampling noise)."""
-  lines = ['# PALR results', '']
-  if results.get('users_note'):
-    lines += [results['users_note'], '']
-  names = [f'{m}@{k}' for k in ks for m in ('HR', 'NDCG')]
-  for split in ('valid', 'test'):
-    if split not in results:
-      continue
-    block = results[split]
-    lines += [f'## {split} ({block["num_users"]} users)', '',
-              '| method | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 1) + '|']
-    for method, metrics in block['metrics'].items():
-      lines.append(f'| {method} | ' + ' | '.join(f'{metrics[n]:.4f}' for n in names) + ' |')
-    if block['vs_retriever']:
-      lines += ['', f'Difference from the retriever, mean [95% paired-bootstrap interval]:', '',
-                '| method | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 1) + '|']
-      for method, diffs in block['vs_retriever'].items():
-        cells = [f'{d["mean_diff"]:+.4f} [{d["low"]:+.4f}, {d["high"]:+.4f}]'
-                 for d in (diffs[n] for n in names)]
-        lines.append(f'| {method} | ' + ' | '.join(cells) + ' |')
-    if block.get('reordering'):
-      ro = block['reordering']
-      cols = list(next(iter(ro['methods'].values())))
-      lines += ['', f'How each method orders the retriever\'s {ro["candidates"]} candidates (the target is '
-                f'among them for {ro["target_in_candidates"]:.1%} of users, which caps every reranker):', '',
-                '| method | ' + ' | '.join(cols) + ' |', '|---' * (len(cols) + 1) + '|']
-      for method, vals in ro['methods'].items():
-        lines.append(f'| {method} | ' + ' | '.join(f'{vals[c]:.4f}' for c in cols) + ' |')
-    lines.append('')
-  return '\n'.join(lines)
-
-
-def plot_hr_at_k(results: dict, ks: Sequence[int], path, split: str = 'test') -> None:
-  """HR@K against K, one line per method."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  for method, metrics in results[split]['metrics'].items():
-    ax.plot(list(ks), [metrics[f'HR@{k}'] for k in ks], marker='o', label=method)
-  ax.set_xlabel('K')
-  ax.set_ylabel(f'HR@K ({split})')
-  ax.set_xscale('log')
-  ax.set_xticks(list(ks), [str(k) for k in ks])
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  _save_figure(fig, path)
-
-
-def plot_losses(curves: dict[str, dict[str, list]], path) -> None:
-  """Training and validation loss per fine-tuned model: curves[name] = {'train': [(step, loss)],
-  'valid': [(step, loss)]}."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  for name, curve in curves.items():
-    for kind, style in (('train', '-'), ('valid', 'o--')):
-      points = curve.get(kind) or []
-      if points:
-        steps, losses = zip(*points)
-        ax.plot(steps, losses, style, label=f'{name} {kind}')
-  ax.set_xlabel('step')
-  ax.set_ylabel('loss (response tokens)')
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  _save_figure(fig, path)
-
-
-def _save_figure(fig, path) -> None:
-  import os
-  import matplotlib.pyplot as plt
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  os.replace(tmp, path)

@@ -1,11 +1,11 @@
 """Will this config fit? Per-device memory of a LoRA fine-tune on a pod, without the pod.
 
-  python -m palr_jax.check --config configs/ml1m_llama2_7b.py:v5e-16 --devices v5e-16
-  python -m palr_jax.check --config configs/ml1m_llama2_7b.py:8xH100 --devices 8xH100
-  python -m palr_jax.check --config configs/ml100k.py:quick --devices 8 --device-memory-gib 16
+  python -m palr_jax.tools.check --config configs/ml1m_llama2_7b.py:v5e-16 --devices v5e-16
+  python -m palr_jax.tools.check --config configs/ml1m_llama2_7b.py:8xH100 --devices 8xH100
+  python -m palr_jax.tools.check --config configs/ml100k.py:quick --devices 8 --device-memory-gib 16
 
 The model with its LoRA adapters is built with `nnx.eval_shape` (no weights), the train state with
-`jax.eval_shape` of train.py's own optimizer, and every array is laid out by the same sharding code the
+`jax.eval_shape` of the trainer's own optimizer, and every array is laid out by the same sharding code the
 trainer uses (`config.mesh` rules, `fit_spec`) on an `AbstractMesh` of the named devices, so no device
 is needed. Base weights, adapters and optimizer state are exact per-device sizes; gradients and
 activations are estimates (see `activation_bytes`). Exits 1 with the reason when the total exceeds
@@ -34,6 +34,8 @@ from jax.sharding import AbstractMesh, NamedSharding
 from ml_collections import config_flags
 
 from palr_jax import sharding
+from palr_jax.hub import gguf as gguf_lib
+from palr_jax.hub import load
 from palr_jax.model import llama
 
 GIB = 1 << 30
@@ -107,31 +109,24 @@ def model_shape(model_config, hf_config: str | None = None) -> tuple[llama.Llama
   """The LlamaConfig to check (with config.model's dtypes, remat, attention) and where it came from."""
   runtime = dict(dtype=model_config.dtype, param_dtype=model_config.param_dtype,
                  remat=model_config.remat, attention=model_config.attention)
-  spec = model_config.spec
   if hf_config:
     hf, source = json.loads(epath.Path(hf_config).read_text()), hf_config
-  elif spec == 'smollm2' or spec.startswith('gguf:'):
-    from palr_jax import checkpoints
-    from palr_jax.checkpoints import gguf as gguf_lib
-    import gguf
-    path = checkpoints.smollm2_gguf() if spec == 'smollm2' else os.path.expanduser(spec[5:])
-    reader = gguf.GGUFReader(os.fspath(path))
-    has_output = any(t.name == 'output.weight' for t in reader.tensors)
-    hf = gguf_lib.hf_config_from_metadata(gguf_lib.read_metadata(reader), path, has_output)
-    source = f'GGUF metadata of {path}'
-  elif spec.startswith('hf:'):
-    folder = os.path.expanduser(spec[3:])
-    path = epath.Path(folder) / 'config.json'
-    if path.exists():
-      hf, source = json.loads(path.read_text()), os.fspath(path)
-    elif known := _known_shape(folder):
-      hf, source = known[1], f'published {known[0]} shape ({path} not on this machine)'
+  else:
+    kind, path = load.model_source(model_config.spec)
+    if kind == 'gguf':
+      import gguf
+      reader = gguf.GGUFReader(os.fspath(path))
+      has_output = any(t.name == 'output.weight' for t in reader.tensors)
+      hf = gguf_lib.hf_config_from_metadata(gguf_lib.read_metadata(reader), path, has_output)
+      source = f'GGUF metadata of {path}'
+    elif (path / 'config.json').exists():
+      hf, source = json.loads((path / 'config.json').read_text()), os.fspath(path / 'config.json')
+    elif known := _known_shape(os.fspath(path)):
+      hf, source = known[1], f'published {known[0]} shape ({path / "config.json"} not on this machine)'
     else:
       raise FileNotFoundError(
-          f'config.model.spec={spec!r}: {path} not found and the folder name is no known checkpoint '
-          f'({sorted(KNOWN_SHAPES)}); copy its config.json here and pass --hf-config FILE')
-  else:
-    raise ValueError(f"config.model.spec: expected 'smollm2', 'hf:DIR' or 'gguf:FILE', got {spec!r}")
+          f'config.model.spec={model_config.spec!r}: {path / "config.json"} not found and the folder name is '
+          f'no known checkpoint ({sorted(KNOWN_SHAPES)}); copy its config.json here and pass --hf-config FILE')
   return llama.LlamaConfig.from_hf(hf, **runtime), source
 
 
@@ -150,12 +145,7 @@ def _values(state: nnx.State) -> list[jax.ShapeDtypeStruct]:
 
 
 def _attention_kind(model: llama.LlamaConfig, platform: str | None) -> str:
-  """What `attention='auto'` resolves to (llama._implementation) on the target platform."""
-  if model.attention != 'auto':
-    return model.attention
-  fits = (platform == 'gpu' and jnp.dtype(model.dtype).itemsize == 2 and model.head_dim % 8 == 0
-          and model.head_dim <= 128)
-  return 'cudnn' if fits else 'xla'
+  return llama.attention_kind(model.attention, platform, model.dtype, model.head_dim)
 
 
 def activation_bytes(model: llama.LlamaConfig, mesh: AbstractMesh, rules, batch: int, length: int,
@@ -252,8 +242,8 @@ class Report:
 def check(config, devices: Devices, *, hf_config: str | None = None, usable_fraction: float = 0.9
           ) -> Report:
   """Per-device bytes of the base, adapters, optimizer state, gradients and activations."""
-  from palr_jax import train
   from palr_jax.model import lora as lora_lib
+  from palr_jax.train import step as train
 
   model_config, source = model_shape(config.model, hf_config)
   mesh = abstract_mesh(config.mesh, devices.count)

@@ -7,16 +7,15 @@ regex matching exactly them, so PEFT wraps the same modules we trained.
 """
 from __future__ import annotations
 
-import os
 import re
 
 import ml_collections
 import numpy as np
 from etils import epath
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load, save
 
-from palr_jax.checkpoints import hf
+from palr_jax import files
 from palr_jax.model import llama, lora
 
 CONFIG_FILE = 'adapter_config.json'
@@ -44,9 +43,11 @@ def target_modules(model) -> list[str] | str:
   return '|'.join(re.escape(lora.hf_module_path(p)) for p in adapted)
 
 
-def save_adapter(out_dir, model, lora_config, base_model_name_or_path: str) -> None:
-  """Writes the PEFT folder for `model`'s adapters (atomically)."""
-  tensors = lora.peft_state_dict(model)
+def save_adapter(out_dir, model, lora_config, base_model_name_or_path: str, values=None) -> None:
+  """Writes the PEFT folder for `model`'s adapters, or for `values` ({dotted adapter path: host array},
+  the trainer's flat form) on `model`'s modules. Each file is written whole and moved into place (any
+  epath filesystem); the adapter file comes first, the config last."""
+  tensors = lora.peft_state_dict(model, values)
   ranks = {v.shape[0] for k, v in tensors.items() if k.endswith('lora_A.weight')}
   scales = {node.scale for _, node in nnx.iter_graph(model) if isinstance(node, lora.LoRALinear)}
   if ranks != {lora_config.rank} or scales != {lora_config.alpha / lora_config.rank}:
@@ -60,10 +61,10 @@ def save_adapter(out_dir, model, lora_config, base_model_name_or_path: str) -> N
       'lora_dropout': float(lora_config.dropout), 'target_modules': target_modules(model),
       'bias': 'none', 'fan_in_fan_out': False, 'use_rslora': False, 'inference_mode': True,
   }
-  with hf.atomic_dir(out_dir) as tmp:
-    hf.write_json(tmp / CONFIG_FILE, adapter_config)
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
-              os.fspath(tmp / WEIGHTS_FILE), metadata={'format': 'pt'})
+  out_dir = epath.Path(out_dir)
+  files.atomic_write_bytes(out_dir / WEIGHTS_FILE, save({k: np.ascontiguousarray(v, np.float32) for k, v in
+                                                     tensors.items()}, metadata={'format': 'pt'}))
+  files.atomic_write_json(out_dir / CONFIG_FILE, adapter_config)
 
 
 def lora_config_for(folder, model, dtype: str) -> ml_collections.ConfigDict:
@@ -71,7 +72,7 @@ def lora_config_for(folder, model, dtype: str) -> ml_collections.ConfigDict:
   alpha and dropout from adapter_config.json, targets as exact regexes of our matching module paths.
   Options that would change the function (rslora, DoRA, per-module ranks, biases ...) are errors."""
   path = epath.Path(folder) / CONFIG_FILE
-  cfg = hf.read_json(path)
+  cfg = files.read_json(path)
   for key in ('r', 'lora_alpha', 'target_modules'):
     if key not in cfg:
       raise ValueError(f'{path}: no {key!r}')
@@ -101,6 +102,10 @@ def load_adapter(model, folder) -> None:
   if not path.exists():
     raise FileNotFoundError(f'{path}: not found')
   try:
-    lora.load_peft_state_dict(model, load_file(os.fspath(path)))
+    tensors = load(path.read_bytes())
+  except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+    raise ValueError(f'{path}: not a readable safetensors file ({e})') from None
+  try:
+    lora.load_peft_state_dict(model, tensors)
   except ValueError as e:
     raise ValueError(f'{path}: {e}') from None

@@ -8,7 +8,7 @@ sweeps over in `BASE_CONFIG` (`--config` replaces it):
   def get_sweep():
     return product(axis('lora.rank', [4, 8, 16]), zip_(axis('lora.alpha', [8., 16.]), axis('seed', [0, 1])))
 
-  python -m palr_jax.sweep --sweep configs/sweeps/lora_rank.py --workdir W
+  python -m palr_jax.tools.sweep --sweep configs/sweeps/lora_rank.py --workdir W
 
 Point `lora.rank=8,seed=0` runs `palr_jax.main.run(config, W/<point>, shared_dir=W/_shared)`; stages whose
 fingerprint does not depend on the swept keys (data, retriever, profiles ...) are computed once in
@@ -44,7 +44,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from palr_jax import distributed
-from palr_jax import stages
+from palr_jax import files
 
 Point = dict[str, Any]
 Runner = Callable[..., Any]
@@ -206,7 +206,7 @@ def run_sweep(config: ml_collections.ConfigDict, points: Sequence[Point], workdi
     if not (point_dir / RESULTS).exists():
       raise SweepError(f'{where}: point {name}: the run left no {point_dir / RESULTS}')
     if _is_writer():
-      stages.atomic_write_json(point_dir / RECORD,
+      files.atomic_write_json(point_dir / RECORD,
                                {'name': name, 'overrides': point, 'config': _record(point_config)})
     ran.append(name)
   return ran
@@ -349,12 +349,10 @@ def write_reports(points: Sequence[Point], workdir) -> list[dict[str, Any]]:
   """Writes W/sweep.csv, W/sweep.md and (with at least one finished point) W/sweep.png."""
   workdir = epath.Path(workdir)
   rows = collect(points, workdir)
-  stages.atomic_write_text(workdir / 'sweep.csv', sweep_csv(points, rows))
-  stages.atomic_write_text(workdir / 'sweep.md', sweep_markdown(points, rows))
+  files.atomic_write_text(workdir / 'sweep.csv', sweep_csv(points, rows))
+  files.atomic_write_text(workdir / 'sweep.md', sweep_markdown(points, rows))
   if rows:
-    tmp = workdir / 'sweep.png.tmp'
-    tmp.write_bytes(sweep_plot(points, rows))
-    tmp.replace(workdir / 'sweep.png')
+    files.atomic_write_bytes(workdir / 'sweep.png', sweep_plot(points, rows))
   return rows
 
 
@@ -371,7 +369,7 @@ def _config_args(config_spec: str, overrides: Mapping[str, Any]) -> list[str]:
 def launch_commands(launcher: str, points: Sequence[Point], *, sweep_path: str, workdir: str,
                     config_spec: str, config_overrides: Mapping[str, Any] | None = None,
                     launch_args: Sequence[str] = ()) -> list[str]:
-  """One shell command per point: the launcher running `python -m palr_jax.sweep ... --only POINT`.
+  """One shell command per point: the launcher running `python -m palr_jax.tools.sweep ... --only POINT`.
 
   tpu_vm: `launch/tpu_vm.sh LAUNCH_ARGS -- python ...` (the slice is reused from point to point, so
   run them one after another); slurm: `sbatch --job-name=POINT LAUNCH_ARGS launch/slurm_gpu.sbatch --
@@ -379,7 +377,7 @@ def launch_commands(launcher: str, points: Sequence[Point], *, sweep_path: str, 
   """
   if launcher not in ('tpu_vm', 'slurm'):
     raise SweepError(f'--emit-launch: expected tpu_vm or slurm, got {launcher!r}')
-  base = ['python', '-m', 'palr_jax.sweep', '--sweep', sweep_path, '--workdir', workdir,
+  base = ['python', '-m', 'palr_jax.tools.sweep', '--sweep', sweep_path, '--workdir', workdir,
           *_config_args(config_spec, config_overrides or {})]
   out = []
   for point in points:
@@ -396,7 +394,7 @@ def launch_commands(launcher: str, points: Sequence[Point], *, sweep_path: str, 
 # --------------------------------------------------------------------------------------------- CLI
 
 def _define_flags() -> None:
-  """Only when run as a program: a sweep file's `from palr_jax.sweep import ...` imports this module a
+  """Only when run as a program: a sweep file's `from palr_jax.tools.sweep import ...` imports this module a
   second time, which must not define the flags again."""
   flags.DEFINE_string('sweep', None, 'Sweep file defining get_sweep().', required=True)
   flags.DEFINE_string('workdir', None, 'Sweep directory: W/<point>, W/_shared, W/sweep.*.', required=True)

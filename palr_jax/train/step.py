@@ -1,48 +1,32 @@
-"""LoRA fine-tuning of the Llama on a device mesh: loss, optimizer, jitted step, checkpoints, the loop.
+"""The LoRA train step: loss, gradients of the adapters only, optimizer, jitted steps, batch checks.
 
-Read top to bottom. The model arrives with LoRA adapters (palr_jax/model/lora.py). It is split into the
-frozen base, sharded by its `logical_axes` and never written, and the adapters, which with their optimizer
-state and the step form the train state: the only thing that is updated, donated and checkpointed.
+The model arrives with LoRA adapters (palr_jax/model/lora.py). It is split into the frozen base, sharded by
+its `logical_axes` and never written, and the adapters, which with their optimizer state and the step form
+the train state: the only thing that is updated, donated and checkpointed.
 
-Batches follow docs/ARCHITECTURE.md: int32 [B, T] `input_ids`, `positions`, `segment_ids` (0 = padding),
-`loss_mask`. Each process yields only its rows of the global batch (`sharding.process_rows`) and the
-trainer assembles the global array. The loss is the mean next-token cross-entropy over every loss token
-of the global batch: token losses are summed (over devices and micro-batches) and divided once by the
-global count, so neither the mesh nor gradient accumulation changes it.
-
-Checkpoints (orbax, under WORKDIR/checkpoints) hold the train state, every process's data-iterator state
-and the config, not the base weights; `train` resumes from the latest one, on whatever mesh the config
-now asks for.
+Batches follow docs/ARCHITECTURE.md (`palr_jax.batching.BATCH_KEYS`): int32 [B, T] `input_ids`,
+`positions`, `segment_ids` (0 = padding), `loss_mask`. Each process yields only its rows of the global
+batch (`sharding.process_rows`) and the trainer assembles the global array. The loss is the mean
+next-token cross-entropy over every loss token of the global batch: token losses are summed (over devices
+and micro-batches) and divided once by the global count, so neither the mesh nor gradient accumulation
+changes it.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 import dataclasses
-import json
-import os
-import socket
-import time
 import zlib
 from typing import Any, Protocol
 
-from absl import logging
-from etils import epath
 from flax import nnx
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-from tensorboard.compat.proto import event_pb2, summary_pb2
-from tensorboard.summary.writer import record_writer
-import tqdm
 
-from palr_jax import checkpoints
 from palr_jax import sharding
-
-BATCH_KEYS = ('input_ids', 'positions', 'segment_ids', 'loss_mask')
+from palr_jax.batching import BATCH_KEYS
 
 
 class DataIterator(Protocol):
@@ -300,212 +284,3 @@ def evaluate(eval_step, values, frozen, valid_batches: Iterable, mesh, rules, tr
   if count == 0:
     raise ValueError('train: the validation batches hold no loss tokens')
   return float(total / count)
-
-
-# -------------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_manager(directory: epath.PathLike, train_config) -> ocp.CheckpointManager:
-  """Async orbax manager keeping the last `keep_latest` checkpoints and the `keep_best` by valid loss.
-
-  Leftovers of a save that a crash interrupted are removed on start; only finalized steps count.
-  """
-  c = train_config
-  policies = ocp.checkpoint_managers
-  keep = policies.AnyPreservationPolicy([
-      policies.LatestN(c.keep_latest),
-      policies.BestN(get_metric_fn=lambda m: m['valid_loss'], reverse=True, n=c.keep_best,
-                     keep_checkpoints_without_metrics=False)])
-  options = ocp.CheckpointManagerOptions(preservation_policy=keep, enable_async_checkpointing=c.async_checkpoints,
-                                         cleanup_tmp_directories=True, create=True)
-  return checkpoints.orbax_manager(directory, options)
-
-
-def gather_json(obj: Any) -> list[Any]:
-  """Every process's JSON-able `obj`, in process order, on every process."""
-  if jax.process_count() == 1:
-    return [obj]
-  blob = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-  sizes = np.asarray(multihost_utils.process_allgather(np.array([blob.size], np.int64))).reshape(-1)
-  padded = np.zeros(int(sizes.max()), np.uint8)
-  padded[:blob.size] = blob
-  rows = np.asarray(multihost_utils.process_allgather(padded))
-  return [json.loads(bytes(row[:size])) for row, size in zip(rows, sizes)]
-
-
-def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, data_state: dict, config,
-                    valid_loss: float | None) -> None:
-  """Starts an async save of the train state, every process's iterator state and the config."""
-  args = ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data=ocp.args.JsonSave({'processes': gather_json(data_state)}),
-      config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
-  manager.save(step, args=args, metrics=None if valid_loss is None else {'valid_loss': valid_loss}, force=True)
-
-
-def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[Any, dict]:
-  """(train state laid out as `abstract_state`'s shardings, this process's data-iterator state).
-
-  The shardings are the current mesh's, whatever mesh wrote the checkpoint.
-  """
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                           data=ocp.args.JsonRestore()))
-  states = restored.data['processes']
-  if len(states) == jax.process_count():
-    return restored.state, states[jax.process_index()]
-  if all(s == states[0] for s in states):
-    return restored.state, states[0]
-  raise ValueError(f'checkpoint step {step}: {len(states)} processes saved different data-iterator states; '
-                   f'they cannot be spread over {jax.process_count()} processes')
-
-
-# ------------------------------------------------------------------------------- observability
-
-
-def step_flops(model_config, lora_params: int, batch: int, length: int, logit_positions: int) -> float:
-  """Model FLOPs of one LoRA step (forward + backward, remat recompute not counted).
-
-  Frozen matmuls need the forward and the input gradient only: 4 FLOPs per weight per token, not the
-  6 of full fine-tuning; adapters add 6 per weight per token; attention adds 12 L T heads head_dim per
-  token (PaLM's count); the LM head runs at `logit_positions` per row, not at every token.
-  """
-  m = model_config
-  d, h = m.hidden_size, m.head_dim
-  per_layer = d * h * (2 * m.num_heads + 2 * m.num_kv_heads) + 3 * d * m.intermediate_size
-  tokens = batch * length
-  return float(tokens * (4 * m.num_layers * per_layer + 6 * lora_params + 12 * m.num_layers * length * m.num_heads * h)
-               + 4 * d * m.vocab_size * batch * logit_positions)
-
-
-class MetricWriter:
-  """TensorBoard scalars and a tqdm bar, from process 0 only (elsewhere every call is a no-op).
-
-  Events are framed by tensorboard's own RecordWriter into an etils.epath file (local or gs://), so the
-  trainer needs no TensorFlow.
-  """
-
-  def __init__(self, logdir: epath.Path, num_steps: int, start_step: int):
-    self.active = jax.process_index() == 0
-    self.bar = tqdm.tqdm(total=num_steps, initial=start_step, unit='step', disable=not self.active)
-    if self.active:
-      logdir.mkdir(parents=True, exist_ok=True)
-      name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.v2'
-      self.records = record_writer.RecordWriter((logdir / name).open('wb'))
-      self._write(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
-
-  def _write(self, event) -> None:
-    self.records.write(event.SerializeToString())
-    self.records.flush()
-
-  def write(self, step: int, scalars: Mapping[str, float]) -> None:
-    if not self.active:
-      return
-    values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
-    self._write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values)))
-    self.bar.set_postfix({k.split('/')[-1]: f'{v:.4g}' for k, v in scalars.items()}, refresh=False)
-
-  def advance(self) -> None:
-    self.bar.update(1)
-
-  def close(self) -> None:
-    self.bar.close()
-    if self.active:
-      self.records.close()
-
-
-# ------------------------------------------------------------------------------------ the loop
-
-
-def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIterator,
-          valid_batches: Iterable[Mapping[str, np.ndarray]] | None = None) -> dict[str, float]:
-  """Trains `model`'s LoRA adapters per `config.train` on the mesh `config.mesh`; resumes from `workdir`.
-
-  Writes WORKDIR/checkpoints and WORKDIR/tensorboard. On return the model holds the trained adapters
-  and the result is the last logged scalars (plus `step`). `valid_batches` is iterated afresh at every
-  evaluation (a list or a tf.data.Dataset, not a one-shot iterator) and yields batches like `train_iter`;
-  pad a short last batch with rows of segment_ids 0. Run under `distributed.initialize()` on a pod: every
-  process calls `train` with its own `train_iter`.
-  """
-  c = config.train
-  rules = config.mesh.rules
-  mesh = sharding.make_mesh(config.mesh)
-  check_batch_layout(c, mesh, rules)
-  if c.checkpoint_every < 1 or c.log_every < 1:
-    raise ValueError(f'config.train: checkpoint_every={c.checkpoint_every} and log_every={c.log_every} '
-                     'must be >= 1')
-  if valid_batches is not None and iter(valid_batches) is valid_batches:
-    raise TypeError('train: valid_batches must be re-iterable (a list or a tf.data.Dataset), not an iterator')
-  workdir = epath.Path(workdir)
-
-  # Abstract state -> shardings -> state created in place on the mesh; the base is only laid out.
-  parts, values, frozen = split_model(model)
-  optimizer = make_optimizer(c)
-  init = lambda values: init_state(values, optimizer)  # noqa: E731
-  abstract = jax.eval_shape(init, values)
-  shardings = state_shardings(abstract, parts, optimizer, mesh, rules)
-  frozen_shardings = sharding.state_shardings(frozen, mesh, rules)
-  frozen = jax.device_put(frozen, frozen_shardings)
-
-  manager = checkpoint_manager(workdir / 'checkpoints', c)
-  start = manager.latest_step() or 0
-  if start:
-    state, data_state = restore_checkpoint(manager, start, with_shardings(abstract, shardings))
-    train_iter.set_state(data_state)
-    logging.info('train: resumed from step %d', start)
-  else:
-    state = jax.jit(init, out_shardings=shardings)(values)
-
-  train_step = make_train_step(parts, optimizer, c, rules, shardings, frozen_shardings, config.seed)
-  eval_step = make_eval_step(parts, c, rules)
-  lora_params = sum(v.size for v in abstract['lora'].values())
-  writer = MetricWriter(workdir / 'tensorboard', c.num_steps, start)
-  pending, timed_flops, timed_steps, clock = [], 0.0, 0, time.perf_counter()
-  last = {'step': start}
-  with jax.set_mesh(mesh):
-    for step in range(start + 1, c.num_steps + 1):
-      batch = device_batch(next(train_iter), mesh, rules, c)
-      state, metrics = train_step(state, frozen, batch)
-      pending.append(metrics)
-      if step == start + 1:  # Compilation stays out of the throughput.
-        jax.block_until_ready(metrics)
-        clock = time.perf_counter()
-      else:
-        b, t = batch['input_ids'].shape
-        logit_positions = t - 1 if c.max_loss_tokens <= 0 else min(c.max_loss_tokens, t - 1)
-        timed_flops += step_flops(model.config, lora_params, b, t, logit_positions)
-        timed_steps += 1
-
-      if step % c.log_every == 0 or step == c.num_steps:
-        got = jax.device_get(pending)
-        now = time.perf_counter()
-        scalars = {'train/loss': np.mean([m['loss'] for m in got]),
-                   'train/grad_norm': np.mean([m['grad_norm'] for m in got]),
-                   'train/learning_rate': got[-1]['learning_rate']}
-        if timed_steps:
-          scalars['train/tokens_per_s'] = sum(m['tokens'] for m in got[-timed_steps:]) / (now - clock)
-          if c.peak_tflops_per_device > 0:
-            peak = c.peak_tflops_per_device * 1e12 * jax.device_count()
-            scalars['train/mfu'] = timed_flops / (now - clock) / peak
-        writer.write(step, scalars)
-        last = {'step': step, **{k: float(v) for k, v in scalars.items()}}
-        pending, timed_flops, timed_steps, clock = [], 0.0, 0, now
-
-      valid_loss = None
-      if valid_batches is not None and (step == c.num_steps or (c.eval_every and step % c.eval_every == 0)):
-        valid_loss = evaluate(eval_step, state['lora'], frozen, valid_batches, mesh, rules, c)
-        writer.write(step, {'valid/loss': valid_loss})
-        last['valid/loss'] = valid_loss
-
-      preempted = manager.reached_preemption(step)  # Every process must ask at every step.
-      if step % c.checkpoint_every == 0 or step == c.num_steps or preempted:
-        save_checkpoint(manager, step, state, train_iter.get_state(), config, valid_loss)
-      writer.advance()
-      if preempted:
-        logging.warning('train: preempted at step %d; checkpoint saved, exiting', step)
-        break
-
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
-  nnx.update(model, with_lora_values(parts.lora, state['lora']))
-  return last

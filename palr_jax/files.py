@@ -1,0 +1,120 @@
+"""Files under the workdir: config fingerprints, atomic writes, JSON lines, copies.
+
+Every path goes through `etils.epath`, so a workdir may be local, `gs://` or any filesystem epath knows.
+A file is written under a unique temporary name next to it and then moved into place: readers never see
+a half-written file, and two writers never share a temporary name.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+import hashlib
+import json
+import os
+import uuid
+from typing import Any
+
+from etils import epath
+
+
+def plain(value: Any) -> Any:
+  """Config values as JSON-stable plain Python (ConfigDicts, tuples, numpy scalars)."""
+  if hasattr(value, 'to_dict'):
+    value = value.to_dict()
+  if isinstance(value, dict):
+    return {str(k): plain(v) for k, v in sorted(value.items())}
+  if isinstance(value, (list, tuple)):
+    return [plain(v) for v in value]
+  if hasattr(value, 'item') and callable(value.item):
+    return value.item()
+  return value
+
+
+def config_value(config, key: str) -> Any:
+  """`config.a.b` for the dotted key 'a.b'."""
+  node = config
+  for part in key.split('.'):
+    node = node[part]
+  return node
+
+
+def fingerprint(config, keys: Sequence[str], upstream: Iterable[str] = (), extra: Any = None) -> str:
+  """Hash of `config.<key>` for each dotted key (a section or a value), upstream fingerprints and `extra`
+  (anything JSON-able, e.g. the identity of input files)."""
+  payload = {key: plain(config_value(config, key)) for key in keys}
+  payload['_upstream'] = list(upstream)
+  if extra is not None:
+    payload['_extra'] = plain(extra)
+  blob = json.dumps(payload, sort_keys=True, default=str).encode()
+  return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _tmp(path: epath.Path) -> epath.Path:
+  return path.parent / f'.{path.name}.tmp-{uuid.uuid4().hex[:12]}'
+
+
+def atomic_write_bytes(path: os.PathLike | str, data: bytes) -> None:
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = _tmp(path)
+  tmp.write_bytes(data)
+  tmp.replace(path)
+
+
+def atomic_write_text(path: os.PathLike | str, text: str) -> None:
+  atomic_write_bytes(path, text.encode('utf-8'))
+
+
+def atomic_write_json(path, obj) -> None:
+  atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + '\n')
+
+
+def atomic_write_jsonl(path, rows: Iterable[dict]) -> None:
+  atomic_write_text(path, ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows))
+
+
+def read_json(path) -> Any:
+  """A JSON file; a missing or malformed one raises naming the file."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f'{path}: not found')
+  try:
+    return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'{path}: not valid JSON ({e})') from None
+
+
+def read_jsonl(path, *, torn_tail_ok: bool = False) -> list[dict]:
+  """JSON lines; a malformed line raises naming the file and line number.
+
+  With `torn_tail_ok` a last line without its newline that does not parse (a write cut short by a kill)
+  is dropped instead.
+  """
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f'{path}: not found')
+  text = path.read_text()
+  lines = text.split('\n')
+  rows = []
+  for i, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if torn_tail_ok and i == len(lines):
+        continue
+      raise ValueError(f'{path}:{i}: not a JSON object ({e.msg})') from None
+  return rows
+
+
+def copy_tree(src, dst) -> None:
+  """Copies a file or a folder tree (any epath filesystems); an existing `dst` is replaced."""
+  src, dst = epath.Path(src), epath.Path(dst)
+  if src.is_dir():
+    if dst.exists():
+      dst.rmtree()
+    dst.mkdir(parents=True, exist_ok=True)
+    for child in src.iterdir():
+      copy_tree(child, dst / child.name)
+  else:
+    atomic_write_bytes(dst, src.read_bytes())

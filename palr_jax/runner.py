@@ -1,0 +1,217 @@
+"""The one runner: runs declared stages in order, each only when its outputs are not current.
+
+A `Stage` is data: its name, the config keys its fingerprint hashes, the stages whose outputs it reads,
+the outputs it writes under the workdir W, how it runs on N processes, and its function. Its fingerprint
+hashes those config values, the digests of its upstream stages' outputs and the identity of the files
+outside W it reads (`inputs`: size and mtime). When a stage finishes, `W/<stage>.fingerprint.json`
+records the fingerprint and a digest of every output (content hash of files up to `HASH_LIMIT`, size
+above); a stage is skipped only when both match, else it reruns and the log says why. So a killed job
+resumes where it stopped, a changed option reruns exactly the stages that read it (and those whose
+inputs then changed), and a damaged output is redone, never trusted.
+
+How a stage runs on a multi-process job (`processes`):
+  collective  every process, on the global mesh (training);
+  sharded     every process its share of the work (users split over processes) on its host-local
+              mesh, each writing its own part files; then process 0 runs `merge`, which joins them;
+  host        process 0 alone (CPU work: evaluation, the report); the others wait at a barrier.
+Every shared file is written by one process, under a unique temporary name, then moved into place.
+
+With `shared_dir` (sweeps), finished outputs are also kept there by stage and fingerprint, so sweep
+points that share upstream work copy it instead of recomputing.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import dataclasses
+import hashlib
+import os
+import time
+from typing import Any
+
+from absl import logging
+from etils import epath
+
+from palr_jax import distributed
+from palr_jax import files
+
+COLLECTIVE, SHARDED, HOST = 'collective', 'sharded', 'host'
+HASH_LIMIT = 256 << 20  # outputs up to this size are content-hashed; larger ones by size
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str
+  run: Callable[[Any], Any]              # run(ctx); on the processes `processes` says
+  hashes: tuple[str, ...]                # config keys (dotted) its fingerprint hashes
+  upstream: tuple[str, ...] = ()         # stages whose outputs it reads
+  outputs: tuple[str, ...] = ()          # paths under W it writes (files or folders)
+  processes: str = HOST                  # collective | sharded | host
+  merge: Callable[[Any], Any] | None = None   # sharded: process 0 joins the parts
+  inputs: tuple[str, ...] = ()           # files outside W it reads (data, model)
+  extra: Any = None                      # anything else its result depends on (JSON-able)
+  what: str = ''                         # what each process does, for the log and docs/pods.md
+
+  def __post_init__(self):
+    if self.processes not in (COLLECTIVE, SHARDED, HOST):
+      raise ValueError(f'stage {self.name}: processes={self.processes!r}')
+    if self.processes == SHARDED and self.merge is None:
+      raise ValueError(f'stage {self.name}: a sharded stage needs a merge')
+
+
+def record_path(workdir, stage: str) -> epath.Path:
+  return epath.Path(workdir) / f'{stage}.fingerprint.json'
+
+
+def digest(path: epath.Path) -> str | None:
+  """A digest of a file or folder tree (None when missing): content hashes, or sizes of large files."""
+  if not path.exists():
+    return None
+  h = hashlib.sha256()
+  if path.is_dir():
+    for child in sorted(path.iterdir(), key=lambda p: p.name):
+      if child.name.startswith('.'):
+        continue
+      h.update(f'{child.name}:{digest(child)};'.encode())
+    return 'dir:' + h.hexdigest()[:16]
+  size = path.stat().length
+  if size > HASH_LIMIT:
+    return f'size:{size}'
+  h.update(path.read_bytes())
+  return 'sha256:' + h.hexdigest()[:16]
+
+
+def input_identity(paths: Sequence[str]) -> list:
+  """(path, size, mtime) of each input file: an input edited in place changes its stage's fingerprint."""
+  out = []
+  for p in paths:
+    path = epath.Path(p)
+    if not path.exists():
+      out.append([str(p), None])
+      continue
+    st = path.stat()
+    out.append([str(p), st.length, int(st.mtime)])
+  return out
+
+
+def read_record(workdir, stage: str) -> dict | None:
+  path = record_path(workdir, stage)
+  if not path.exists():
+    return None
+  try:
+    record = files.read_json(path)
+  except ValueError:
+    return None
+  return record if isinstance(record, dict) else None
+
+
+class Runner:
+  """Runs stages for one job; every process makes the same calls in the same order."""
+
+  def __init__(self, workdir, shared_dir=None, *, say: Callable[[str], None] | None = None):
+    self.workdir = epath.Path(workdir)
+    self.shared_dir = None if shared_dir is None else epath.Path(shared_dir)
+    self.say = say or (lambda line: logging.info('%s', line))
+    self.ran: list[str] = []
+    self.fingerprints: dict[str, str] = {}
+
+  def fingerprint(self, stage: Stage, config) -> str:
+    upstream = []
+    for name in stage.upstream:
+      record = read_record(self.workdir, name)
+      if record is None or record.get('fingerprint') != self.fingerprints.get(name):
+        raise RuntimeError(f'stage {stage.name}: its upstream stage {name} has not finished')
+      upstream.append([name, record['outputs']])
+    return files.fingerprint(config, stage.hashes, upstream=[str(u) for u in upstream],
+                          extra={'inputs': input_identity(stage.inputs), 'extra': stage.extra})
+
+  def why_not_current(self, stage: Stage, fp: str) -> str | None:
+    """None when the stage's recorded outputs are current and intact, else the reason it must run."""
+    record = read_record(self.workdir, stage.name)
+    if record is None:
+      return 'not run yet'
+    if record.get('fingerprint') != fp:
+      return f'its config, inputs or upstream outputs changed (fingerprint {record.get("fingerprint")} -> {fp})'
+    recorded = record.get('outputs') or {}
+    for name in stage.outputs:
+      now = digest(self.workdir / name)
+      if now is None:
+        return f'its output {name} is missing'
+      if recorded.get(name) != now:
+        return f'its output {name} changed or is damaged since it was written'
+    return None
+
+  def run(self, stage: Stage, ctx) -> None:
+    """Runs `stage` unless current; raises whatever the stage raises (distributed.Preempted included)."""
+    fp = self.fingerprint(stage, ctx.config)
+    self.fingerprints[stage.name] = fp
+    reason = self.why_not_current(stage, fp)
+    if reason is not None and self._from_shared(stage, fp):
+      reason = self.why_not_current(stage, fp)
+      if reason is None:
+        self.say(f'{stage.name}: copied from {self.shared_dir}')
+        distributed.barrier(f'{stage.name}-shared')
+        return
+    distributed.barrier(f'{stage.name}-start')
+    if reason is None:
+      self.say(f'{stage.name}: current, skipped')
+      return
+    self.say(f'{stage.name}: running ({reason})')
+    start = time.perf_counter()
+    ctx.stage, ctx.fingerprint = stage.name, fp
+    ctx.upstream = {name: read_record(self.workdir, name)['outputs'] for name in stage.upstream}
+    if stage.processes in (COLLECTIVE, SHARDED) or distributed.is_leader():
+      stage.run(ctx)
+    if stage.processes == SHARDED:
+      distributed.barrier(f'{stage.name}-parts')
+      if distributed.is_leader():
+        stage.merge(ctx)
+    if distributed.is_leader():
+      files.atomic_write_json(record_path(self.workdir, stage.name), {
+          'stage': stage.name, 'fingerprint': fp, 'hashes': list(stage.hashes), 'upstream': list(stage.upstream),
+          'outputs': {name: digest(self.workdir / name) for name in stage.outputs}})
+      self._to_shared(stage, fp)
+    distributed.barrier(f'{stage.name}-done')
+    self.ran.append(stage.name)
+    self.say(f'{stage.name}: done in {time.perf_counter() - start:.1f} s')
+
+  def _shared(self, stage: Stage, fp: str) -> epath.Path | None:
+    return None if self.shared_dir is None else self.shared_dir / stage.name / fp
+
+  def _from_shared(self, stage: Stage, fp: str) -> bool:
+    src = self._shared(stage, fp)
+    found = src is not None and (src / 'done').exists()
+    if found and distributed.is_leader():
+      for name in stage.outputs:
+        files.copy_tree(src / name, self.workdir / name)
+      files.copy_tree(src / 'done', record_path(self.workdir, stage.name))
+    distributed.barrier(f'{stage.name}-from-shared')
+    return found
+
+  def _to_shared(self, stage: Stage, fp: str) -> None:
+    dst = self._shared(stage, fp)
+    if dst is None or (dst / 'done').exists():
+      return
+    for name in stage.outputs:
+      files.copy_tree(self.workdir / name, dst / name)
+    files.copy_tree(record_path(self.workdir, stage.name), dst / 'done')
+
+
+def with_upstream(stages: Sequence[Stage], names: Sequence[str]) -> list[Stage]:
+  """The named stages and, transitively, the stages they read from, in the order given."""
+  by_name = {s.name: s for s in stages}
+  unknown = sorted(set(names) - set(by_name))
+  if unknown:
+    raise ValueError(f'--stages: unknown stage(s) {unknown}; stages: {list(by_name)}')
+  wanted, todo = set(), list(names)
+  while todo:
+    name = todo.pop()
+    if name not in wanted:
+      wanted.add(name)
+      todo.extend(by_name[name].upstream)
+  return [s for s in stages if s.name in wanted]
+
+
+def local_or_url(path) -> str:
+  """A path as orbax and subprocesses want it: absolute when local, unchanged when a URL."""
+  text = os.fspath(path)
+  return text if '://' in text else os.path.abspath(text)

@@ -1,0 +1,95 @@
+"""Stages `finetune_<variant>`: the variant's PALR instruction examples, then LoRA fine-tuning on the mesh.
+
+One stage per variant of `config.variants` that has training tasks (PALR v1: Recommend; v2: Recommend and
+Recommend_Retrieval). Writes, under `W/<variant>/`: `checkpoints/` (orbax: adapters, optimizer state,
+data-iterator state, config), `tensorboard/`, and `adapters/step_<N>/`, each kept checkpoint's adapters
+as a PEFT folder (what ranking, export and the tools read); the tokenized examples go to
+`W/examples/<examples fingerprint>/`, shared by every run that would build the same ones.
+
+Processes: collective. Process 0 builds and writes the examples once while the others wait; then every
+process feeds its rows of each global batch to the jitted step on the global mesh.
+
+Training state belongs to its fingerprint: `W/<variant>/run.json` names the fingerprint the checkpoints
+were written under, and when it differs (any training option, the examples, the base model changed) the
+old checkpoints are cleared, with a log line, instead of resumed. A run stopped by SIGTERM saves, and the
+stage is not recorded as done: the job exits with `distributed.PREEMPTED_EXIT_CODE`, and the same
+command resumes from the saved step.
+"""
+from __future__ import annotations
+
+import functools
+
+from absl import logging
+
+from palr_jax import distributed
+from palr_jax import files
+from palr_jax import runner
+from palr_jax import sharding
+from palr_jax.data import pipeline
+from palr_jax.train import checkpointing
+from palr_jax.train import loop
+
+HASHES = ('seed', 'prompts', 'retriever.num_candidates', 'model.spec', 'model.dtype', 'model.param_dtype',
+          'model.remat', 'model.attention', 'lora', 'train', 'batching', 'mesh')
+
+
+def trained_variants(config) -> list[str]:
+  """The variants that are fine-tuned (they have training tasks), in config order."""
+  return [name for name, v in config.variants.items() if tuple(v.tasks)]
+
+
+def declare(config) -> list[runner.Stage]:
+  return [runner.Stage(
+      name=f'finetune_{variant}', run=functools.partial(run, variant=variant),
+      hashes=HASHES + (f'variants.{variant}.tasks', f'variants.{variant}.task_repeats'),
+      upstream=('retriever', 'profiles'),
+      outputs=(f'{variant}/checkpoints', f'{variant}/{checkpointing.ADAPTERS}', f'{variant}/tensorboard'),
+      processes=runner.COLLECTIVE,
+      what='process 0 writes the examples once; then every process feeds its rows of each global batch '
+           'to the step on the global mesh')
+      for variant in trained_variants(config)]
+
+
+def run(ctx, variant: str) -> None:
+  config, workdir = ctx.config, ctx.workdir
+  run_dir = workdir / variant
+  _bind_to_fingerprint(run_dir, ctx.fingerprint)
+  upstream = [str(ctx.upstream[name]) for name in ('retriever', 'profiles')]
+  fingerprint = pipeline.examples_fingerprint(config, variant, upstream)
+  if distributed.is_leader():
+    pipeline.build_and_write(config, workdir, ctx.inter, ctx.split, ctx.tokenizer, ctx.profiles(), variant,
+                             upstream)
+  distributed.barrier(f'examples-{variant}')
+  folder = pipeline.examples_dir(workdir, fingerprint)
+  if folder is None:
+    raise RuntimeError(f'{workdir}/examples/{fingerprint}: not written')
+
+  mesh = ctx.mesh
+  model = ctx.lora_model(mesh, config.lora, f'{variant}-lora')
+  rows = sharding.process_rows(mesh, config.mesh.rules, int(config.train.batch_size))
+  train_batches = pipeline.TrainBatches(folder / 'train.tfrecord', config, rows)
+  valid_batches = pipeline.EvalBatches(folder / 'valid.tfrecord', config, rows, int(config.train.valid_batches))
+  result = loop.train(config, run_dir, model, train_batches, valid_batches)
+  if result['step'] < config.train.num_steps:
+    raise distributed.Preempted(f'{variant}: training stopped at step {result["step"]} of '
+                                f'{config.train.num_steps} (checkpoint saved)')
+  checkpointing.write_adapters(run_dir, model, config.lora, str(ctx.hf_folder))
+
+
+def _bind_to_fingerprint(run_dir, fingerprint: str) -> None:
+  """Clears checkpoints written under another fingerprint, so a changed option never resumes them."""
+  record = run_dir / 'run.json'
+  if distributed.is_leader():
+    try:
+      old = files.read_json(record).get('fingerprint') if record.exists() else None
+    except (ValueError, AttributeError):  # damaged: treat as another fingerprint
+      old = 'unreadable'
+    if old != fingerprint:
+      if old is not None or (run_dir / 'checkpoints').exists():
+        logging.warning('%s: written under fingerprint %s, this run is %s: clearing its checkpoints, '
+                        'adapters and TensorBoard events', run_dir, old, fingerprint)
+        for name in ('checkpoints', checkpointing.ADAPTERS, 'tensorboard'):
+          if (run_dir / name).exists():
+            (run_dir / name).rmtree()
+      files.atomic_write_json(record, {'fingerprint': fingerprint})
+  distributed.barrier(f'bind-{run_dir.name}')

@@ -1,0 +1,112 @@
+"""Stage `profiles`: a short text about each user's taste -> `W/profiles.jsonl` (palr_jax/data/profiles.py
+says what it is written from, and why that never leaks a target).
+
+Processes: sharded. Users are sorted by the length of their request and dealt round-robin to the
+processes, so every process gets a similar share of short and long prompts; each writes its batches of
+finished profiles as part files `W/profiles.parts/<fingerprint>/<first user>.jsonl` (one object per part:
+no appends, fine on object stores), then process 0 joins them into `profiles.jsonl`. A killed run resumes
+from the parts of the same fingerprint; parts of another fingerprint are deleted.
+"""
+from __future__ import annotations
+
+import time
+
+from absl import logging
+import tqdm
+
+from palr_jax import distributed
+from palr_jax import files
+from palr_jax import runner
+from palr_jax.data import interactions
+from palr_jax.data import profiles as lib
+from palr_jax.hub import load
+from palr_jax.model import decode
+
+KINDS = ('llm', 'stats')
+PARTS = 'profiles.parts'
+
+
+def declare(config) -> runner.Stage:
+  hashes = ('data', 'profiles', 'prompts.max_examples_per_user')
+  inputs = tuple(interactions.source_files(config.data))
+  if config.profiles.kind == 'llm':
+    hashes += ('model.spec', 'model.dtype', 'model.param_dtype', 'batching.length_buckets')
+    source = load.model_source(config.model.spec)
+    inputs += (str(source.path / 'config.json') if source.kind == 'hf' else str(source.path),)
+  return runner.Stage(
+      name='profiles', run=run, merge=merge, hashes=hashes, outputs=('profiles.jsonl',),
+      processes=runner.SHARDED, inputs=inputs,
+      what='every process writes the profiles of its share of the users on its own devices; process 0 '
+           'joins the parts')
+
+
+def _parts(ctx):
+  return ctx.workdir / PARTS / ctx.fingerprint
+
+
+def finished(ctx) -> dict[int, dict]:
+  """{user index: row} of the part files already written for this fingerprint."""
+  folder = _parts(ctx)
+  done: dict[int, dict] = {}
+  if folder.exists():
+    for part in sorted(folder.glob('*.jsonl')):
+      for u, row in lib.rows_by_user(files.read_jsonl(part), ctx.inter, str(part)).items():
+        done.setdefault(u, row)
+  return done
+
+
+def run(ctx) -> None:
+  config = ctx.config
+  cfg = config.profiles
+  if cfg.kind not in KINDS:
+    raise ValueError(f'config.profiles.kind = {cfg.kind!r}: expected one of {KINDS}')
+  lib.check_template(cfg)
+  if cfg.kind == 'stats':
+    if distributed.is_leader():
+      files.atomic_write_jsonl(_parts(ctx) / '0.jsonl', lib.stats_profiles(ctx.inter, ctx.split, config))
+    return
+  generate_profiles(ctx)
+
+
+def generate_profiles(ctx) -> None:
+  """LLM profiles of this process's share of the users not written yet, one part file per batch."""
+  config, inter, split = ctx.config, ctx.inter, ctx.split
+  cfg = config.profiles
+  done = finished(ctx)
+  sources = {u: lib.profile_items(split, u, config.prompts.max_examples_per_user)
+             for u in range(len(inter.user_ids))}
+  todo = [u for u in sources if u not in done]
+  tokenizer = ctx.tokenizer
+  requests = {u: lib.chat_ids(tokenizer, cfg.system, lib.llm_request(inter, sources[u], u, cfg)) for u in todo}
+  todo.sort(key=lambda u: (len(requests[u]), u))    # similar lengths share a batch and a bucket
+  mine = distributed.share(todo)
+  logging.info('profiles: %d users done, %d to write, %d of them by this process', len(done), len(todo),
+               len(mine))
+  if not mine:
+    return
+  model = ctx.base_model(ctx.local_mesh)
+  eos = sorted({int(tokenizer.eos_token_id), *model.config.eos_token_ids})
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+  start = time.perf_counter()
+  batch_size = int(cfg.batch_size)
+  for b in tqdm.trange(0, len(mine), batch_size, desc='profiles', unit='batch',
+                       disable=not distributed.is_leader()):
+    users = mine[b:b + batch_size]
+    out = decode.generate(model, [requests[u] for u in users], max_new_tokens=int(cfg.max_new_tokens),
+                          eos_ids=eos, pad_id=pad, buckets=config.batching.length_buckets,
+                          batch_size=batch_size, placement=ctx.placement)
+    rows = [lib.row(inter, u, lib.clean_profile(tokenizer.decode(ids, skip_special_tokens=True)),
+                    len(sources[u])) for u, ids in zip(users, out)]
+    files.atomic_write_jsonl(_parts(ctx) / f'{users[0]}.jsonl', rows)
+    logging.info('profiles: %d/%d users of this process (%.2f users/s)', b + len(users), len(mine),
+                 (b + len(users)) / (time.perf_counter() - start))
+
+
+def merge(ctx) -> None:
+  """Process 0: every user's part row -> profiles.jsonl; the parts (of every fingerprint) go."""
+  done = finished(ctx)
+  missing = [str(ctx.inter.user_ids[u]) for u in range(len(ctx.inter.user_ids)) if u not in done]
+  if missing:
+    raise RuntimeError(f'{_parts(ctx)}: no profile for {len(missing)} users (first: {missing[:3]})')
+  files.atomic_write_jsonl(ctx.workdir / 'profiles.jsonl', [done[u] for u in range(len(ctx.inter.user_ids))])
+  (ctx.workdir / PARTS).rmtree()

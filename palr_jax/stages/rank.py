@@ -1,0 +1,238 @@
+"""Stage `rank`: each LLM method reranks the retriever's candidates of the evaluation users -> rankings.json.
+
+The methods are the variants named in `config.eval.methods`: the base model (zero-shot) or a fine-tuned
+variant, each ranking with the prompt of its `rank_task` by its `rank_mode` (`rank_users`). A tuned
+variant is evaluated on test with the kept checkpoint that has the best valid HR@10. The candidates the
+LLM does not order keep the retriever's order, and a target the retriever missed keeps its retriever rank,
+so every method's ranks are over the whole catalog minus the history.
+
+Processes: sharded. The evaluation users are dealt to the processes; each ranks its share on its own
+devices (the host-local mesh: the model is loaded per host, no collective crosses hosts, a slow host
+delays only the final barrier) and writes one part file per (method, split, checkpoint) under
+`W/rank_parts/<fingerprint>/`. Choosing a variant's checkpoint needs every process's valid ranks, so the
+processes meet at a barrier between valid and test. Process 0 then joins the parts into
+`W/rankings.json` and removes them. A killed stage resumes at the first part this process had not written.
+
+`W/rankings.json`: {"users": [u...], "num_users": N, "methods": {method: {"valid"|"test": {"ranks",
+"targets", "items"}, "checkpoint_step", "valid_hr10_by_step"}}}; `items` is each user's candidate list as
+the method ordered it.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from absl import logging
+from etils import epath
+import jax
+import numpy as np
+
+from palr_jax import distributed
+from palr_jax import files
+from palr_jax import rng
+from palr_jax import runner
+from palr_jax.data import prompts
+from palr_jax.hub import load
+from palr_jax.model import rerank
+from palr_jax.train import checkpointing
+
+SPLITS = ('valid', 'test')
+MODES = ('score', 'generate', 'likelihood')
+PARTS = 'rank_parts'
+
+
+def llm_methods(config) -> list[str]:
+  """The LLM methods to evaluate: `config.eval.methods` other than the retriever, each a variant."""
+  out = [m for m in config.eval.methods if m != 'retriever']
+  unknown = [m for m in out if m not in config.variants]
+  if unknown:
+    raise ValueError(f'config.eval.methods: {unknown} are not variants (config.variants: '
+                     f'{list(config.variants)}) or "retriever"')
+  return out
+
+
+def declare(config) -> runner.Stage:
+  methods = llm_methods(config)
+  trained = [m for m in methods if tuple(config.variants[m].tasks)]
+  source = load.model_source(config.model.spec)
+  return runner.Stage(
+      name='rank', run=run, merge=merge,
+      hashes=('seed', 'eval.max_users', 'eval.methods', 'rank', 'prompts', 'retriever.num_candidates',
+              'model.spec', 'model.dtype', 'model.param_dtype', 'batching.length_buckets',
+              *(f'variants.{m}' for m in methods)),
+      upstream=('retriever', 'profiles', *(f'finetune_{m}' for m in trained)), outputs=('rankings.json',),
+      processes=runner.SHARDED,
+      inputs=(str(source.path / 'config.json') if source.kind == 'hf' else str(source.path),),
+      what='every process ranks its share of the evaluation users on its own devices; process 0 joins the '
+           'parts')
+
+
+def eval_users(num_users: int, config) -> np.ndarray:
+  """All users, or a seeded subset of `config.eval.max_users` (sorted), the same for every method."""
+  n = int(config.eval.max_users)
+  if n <= 0 or n >= num_users:
+    return np.arange(num_users)
+  return np.sort(rng.numpy_rng(config.seed, 'eval_users').choice(num_users, n, replace=False))
+
+
+# ------------------------------------------------------------------------------------ ranking
+
+
+def rank_users(model, builder: prompts.PromptBuilder, examples: Sequence[prompts.Example], mode: str, config,
+               placement) -> list[np.ndarray]:
+  """For each example, indices into its `candidates`, best first (generate: at most `rank.max_items`)."""
+  c = config.rank
+  ranking_prompts = [builder.ranking_prompt(e) for e in examples]
+  common = dict(batch_size=int(c.batch_size), buckets=tuple(config.batching.length_buckets),
+                placement=placement)
+  if mode == 'score':
+    if any(e.task != 'recommend_retrieval' for e in examples):
+      raise ValueError("rank_mode 'score' reads the candidates' tags: it needs rank_task "
+                       "'recommend_retrieval'")
+    tags = [builder.tag_ids[:len(e.candidates)] for e in examples]
+    return rerank.order_from_scores(rerank.score_tags(model, ranking_prompts, tags, **common))
+  if mode == 'generate':  # generation stops items by the trie: the answers' content is enough
+    answers = [builder.candidate_answers(e, end_of_turn=False) for e in examples]
+    return [np.asarray(o, np.int64) for o in rerank.generate_ranking(
+        model, ranking_prompts, answers, separator=builder.encode(c.separator), max_items=int(c.max_items),
+        **common)]
+  if mode == 'likelihood':  # whole answers, end-of-turn included: a title that is a prefix of another
+    answers = [builder.candidate_answers(e, end_of_turn=True) for e in examples]  # gains nothing
+    return rerank.order_from_scores(rerank.score_continuations(model, ranking_prompts, answers,
+                                                               reduce=c.reduce, **common))
+  raise ValueError(f'rank_mode: expected one of {MODES}, got {mode!r}')
+
+
+def catalog_rank(ranked: Sequence[int], target: int, retriever_rank: int) -> int:
+  """0-based rank of the target over the catalog: its place in the reordered candidate list, or, when
+  the retriever missed it, its retriever rank (items before it: the K candidates, then the same others)."""
+  ranked = list(ranked)
+  if target in ranked:
+    return ranked.index(target)
+  if retriever_rank < len(ranked):
+    raise ValueError(f'rank: target {target} has retriever rank {retriever_rank} < {len(ranked)} but is '
+                     f'not among the candidates {ranked}')
+  return int(retriever_rank)
+
+
+def rank_split(ctx, model, builder, which: str, users: np.ndarray, mode: str) -> dict:
+  """Ranks `users`' candidates of split `which`: {'users', 'targets', 'items', 'ranks'}."""
+  rows = _candidate_rows(ctx, which)
+  candidates = prompts.read_candidates(ctx.workdir / 'candidates' / f'{which}.jsonl', ctx.split, which)
+  examples = prompts.build_examples(builder, ctx.split, which, ctx.profiles(), candidates,
+                                    users=[int(u) for u in users], insert_target=False)
+  orders = rank_users(model, builder, examples, mode, ctx.config, ctx.placement)
+  items, ranks = [], []
+  for e, order, u in zip(examples, orders, users):
+    row = rows[int(u)]
+    chosen = [e.candidates[j] for j in order]
+    ranked = chosen + [i for i in row['items'] if i not in set(chosen)]
+    items.append(ranked)
+    ranks.append(catalog_rank(ranked, e.target, int(row['target_rank'])))
+  return {'users': [int(u) for u in users], 'targets': [e.target for e in examples], 'items': items,
+          'ranks': ranks}
+
+
+def _candidate_rows(ctx, which: str) -> dict[int, dict]:
+  return {int(r['user_index']): r for r in files.read_jsonl(ctx.workdir / 'candidates' / f'{which}.jsonl')}
+
+
+def _part(ctx, name: str, process: int | None = None) -> epath.Path:
+  process = jax.process_index() if process is None else process
+  return ctx.workdir / PARTS / ctx.fingerprint / f'{name}.p{process}of{jax.process_count()}.json'
+
+
+def _ranked_part(ctx, name: str, compute) -> dict:
+  """`compute()`, kept as this process's part file `name`: a stage killed part-way (hours on all users of
+  a CPU run) resumes at the first (method, split, checkpoint) it had not finished."""
+  path = _part(ctx, name)
+  if path.exists():
+    return files.read_json(path)
+  result = compute()
+  files.atomic_write_json(path, result)
+  return result
+
+
+def _joined(ctx, name: str) -> dict:
+  """Every process's part `name`, joined in user order."""
+  parts = [files.read_json(_part(ctx, name, p)) for p in range(jax.process_count())]
+  joined = {key: [x for p in parts for x in p[key]] for key in ('users', 'targets', 'items', 'ranks')}
+  order = np.argsort(joined['users'], kind='stable')
+  return {key: [values[i] for i in order] for key, values in joined.items()}
+
+
+def _steps(ctx, method: str) -> list[int | None]:
+  if not tuple(ctx.config.variants[method].tasks):
+    return [None]  # the base model
+  steps = checkpointing.adapter_steps(ctx.workdir / method)
+  if not steps:
+    raise FileNotFoundError(f'{ctx.workdir / method}/{checkpointing.ADAPTERS}: no trained adapters to rank with')
+  return steps
+
+
+def _name(method: str, which: str, step: int | None) -> str:
+  return f'{method}-{which}' if step is None else f'{method}-{which}-{step}'
+
+
+def _best_step(ctx, method: str) -> tuple[int | None, dict[int, float]]:
+  """The checkpoint with the best valid HR@10 over all processes' parts (the first of equals)."""
+  by_step = {}
+  for step in _steps(ctx, method):
+    ranks = np.asarray(_joined(ctx, _name(method, 'valid', step))['ranks'], np.float64)
+    by_step[step] = float(np.mean(ranks < 10))
+  best = max(by_step, key=lambda s: (by_step[s], -(s or 0)))
+  return best, by_step
+
+
+def run(ctx) -> None:
+  config = ctx.config
+  mine = np.asarray(distributed.share(eval_users(len(ctx.inter.user_ids), config)), np.int64)
+  for method in llm_methods(config):
+    variant = config.variants[method]
+    builder = prompts.PromptBuilder(config, ctx.inter, ctx.tokenizer, tasks=(variant.rank_task,))
+    model = ctx.base_model(ctx.local_mesh)
+    steps = _steps(ctx, method)
+
+    def ranked(which, step, model=model, builder=builder, method=method, mode=variant.rank_mode):
+      def compute():
+        if step is not None:
+          checkpointing.apply_trained_adapter(model, ctx.workdir / method, step, mesh=ctx.local_mesh,
+                                              rules=config.mesh.rules)
+        return rank_split(ctx, model, builder, which, mine, mode)
+      return _ranked_part(ctx, _name(method, which, step), compute)
+
+    for step in steps:
+      ranked('valid', step)
+    if len(steps) > 1:
+      distributed.barrier(f'rank-{method}-valid')
+    best, by_step = _best_step(ctx, method) if len(steps) > 1 else (steps[0], None)
+    if by_step:
+      logging.info('%s: valid HR@10 by checkpoint %s; test with step %d', method, by_step, best)
+    ranked('test', best)
+
+
+def merge(ctx) -> None:
+  """Process 0: the parts -> rankings.json (the retriever's own rows included); the parts go."""
+  config = ctx.config
+  users = eval_users(len(ctx.inter.user_ids), config)
+  out = {'users': users.tolist(), 'num_users': len(ctx.inter.user_ids), 'methods': {'retriever': {}}}
+  for which in SPLITS:
+    rows = _candidate_rows(ctx, which)
+    picked = [rows[int(u)] for u in users]
+    out['methods']['retriever'][which] = {'ranks': [float(r['target_rank']) for r in picked],
+                                          'targets': [int(r['target']) for r in picked],
+                                          'items': [r['items'] for r in picked]}
+  for method in llm_methods(config):
+    steps = _steps(ctx, method)
+    best, by_step = _best_step(ctx, method) if steps != [None] else (None, None)
+    entry = out['methods'][method] = {}
+    for which in SPLITS:
+      part = _joined(ctx, _name(method, which, best))
+      if part['users'] != users.tolist():
+        raise RuntimeError(f'rank: the parts of {method} {which} cover users {part["users"][:5]}..., '
+                           f'expected {users.tolist()[:5]}...')
+      entry[which] = {'ranks': [float(r) for r in part['ranks']], 'targets': part['targets'],
+                      'items': part['items']}
+    if best is not None:
+      entry.update(checkpoint_step=best, valid_hr10_by_step={str(k): v for k, v in by_step.items()})
+  files.atomic_write_json(ctx.workdir / 'rankings.json', out)
+  (ctx.workdir / PARTS).rmtree()  # rankings.json holds it all now

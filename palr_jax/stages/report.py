@@ -1,0 +1,157 @@
+"""Stage `report`: HR@K / NDCG@K of every method with paired-bootstrap intervals -> results.json, results.md,
+predictions/test.jsonl, plots/.
+
+Processes: host (process 0 evaluates and writes; seconds of CPU).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+import io
+
+from etils import epath
+import numpy as np
+
+from palr_jax import files
+from palr_jax import metrics
+from palr_jax import runner
+from palr_jax.stages import finetune
+from palr_jax.stages import rank
+
+OUTPUTS = ('results.json', 'results.md', 'predictions/test.jsonl', 'plots/hr_at_k.png', 'plots/loss.png')
+
+
+def declare(config) -> runner.Stage:
+  return runner.Stage(
+      name='report', run=run, hashes=('seed', 'eval', 'export.variant'),
+      upstream=('rank', *(f'finetune_{v}' for v in finetune.trained_variants(config))), outputs=OUTPUTS,
+      processes=runner.HOST, what='process 0 evaluates and writes the report; the others wait')
+
+
+def run(ctx) -> None:
+  config, workdir, inter = ctx.config, ctx.workdir, ctx.inter
+  ks = [int(k) for k in config.eval.ks]
+  rankings = files.read_json(workdir / 'rankings.json')
+  users = np.asarray(rankings['users'])
+  results = {'dataset': inter.name, 'ks': ks, 'methods': list(rankings['methods']),
+             'checkpoint_steps': {m: v.get('checkpoint_step') for m, v in rankings['methods'].items()
+                                  if v.get('checkpoint_step') is not None}}
+  if len(users) < rankings['num_users']:
+    results['users_note'] = (f'Evaluated on a seeded subset of {len(users)} of {rankings["num_users"]} users '
+                             f'(config.eval.max_users = {config.eval.max_users}, seed {config.seed}).')
+  else:
+    results['users_note'] = f'Evaluated on all {len(users)} users.'
+  for which in rank.SPLITS:
+    per_user = {m: metrics.per_user_metrics(np.asarray(v[which]['ranks']), ks)
+                for m, v in rankings['methods'].items()}
+    results[which] = {'num_users': len(users),
+                      **metrics.compare(per_user, ks, int(config.eval.bootstrap_samples), int(config.seed)),
+                      'reordering': metrics.reordering(
+                          {m: v[which]['items'] for m, v in rankings['methods'].items()},
+                          rankings['methods']['retriever'][which]['targets'])}
+  files.atomic_write_json(workdir / 'results.json', results)
+  files.atomic_write_text(workdir / 'results.md', markdown_report(results, ks))
+
+  final = config.export.variant if config.export.variant in rankings['methods'] else 'retriever'
+  test = rankings['methods'][final]['test']
+  files.atomic_write_jsonl(workdir / 'predictions' / 'test.jsonl', [
+      {'user': str(inter.user_ids[u]), 'user_index': int(u), 'target': int(t),
+       'target_id': str(inter.item_ids[t]), 'rank': r, 'method': final, 'ranked_items': items,
+       'ranked_item_ids': [str(inter.item_ids[i]) for i in items]}
+      for u, t, r, items in zip(users.tolist(), test['targets'], test['ranks'], test['items'])])
+  files.atomic_write_bytes(workdir / 'plots' / 'hr_at_k.png', plot_hr_at_k(results, ks))
+  files.atomic_write_bytes(workdir / 'plots' / 'loss.png', plot_losses(
+      {v: read_losses(workdir / v / 'tensorboard') for v in finetune.trained_variants(config)}))
+
+
+def read_losses(logdir: epath.Path) -> dict[str, list[tuple[int, float]]]:
+  """{'train': [(step, loss)], 'valid': [(step, loss)]} from the trainer's TensorBoard event files."""
+  from tensorboard.backend.event_processing import event_file_loader
+  curves = {'train': {}, 'valid': {}}
+  for path in sorted(epath.Path(logdir).glob('events.out.tfevents.*')):
+    for event in event_file_loader.EventFileLoader(str(path)).Load():
+      for value in event.summary.value:
+        kind = {'train/loss': 'train', 'valid/loss': 'valid'}.get(value.tag)
+        if kind:
+          number = value.simple_value if value.HasField('simple_value') else float(value.tensor.float_val[0])
+          curves[kind][int(event.step)] = number  # a resumed run rewrites its steps: keep the last
+  return {k: sorted(v.items()) for k, v in curves.items()}
+
+
+def markdown_report(results: dict, ks: Sequence[int]) -> str:
+  """results.md: one table per split, then each method's difference from the retriever with its
+  95% paired-bootstrap interval (an interval that excludes 0 is a difference beyond sampling noise)."""
+  lines = ['# PALR results', '']
+  if results.get('users_note'):
+    lines += [results['users_note'], '']
+  names = [f'{m}@{k}' for k in ks for m in ('HR', 'NDCG')]
+  for split in ('valid', 'test'):
+    if split not in results:
+      continue
+    block = results[split]
+    lines += [f'## {split} ({block["num_users"]} users)', '',
+              '| method | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 1) + '|']
+    for method, values in block['metrics'].items():
+      lines.append(f'| {method} | ' + ' | '.join(f'{values[n]:.4f}' for n in names) + ' |')
+    if block['vs_retriever']:
+      lines += ['', 'Difference from the retriever, mean [95% paired-bootstrap interval]:', '',
+                '| method | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 1) + '|']
+      for method, diffs in block['vs_retriever'].items():
+        cells = [f'{d["mean_diff"]:+.4f} [{d["low"]:+.4f}, {d["high"]:+.4f}]'
+                 for d in (diffs[n] for n in names)]
+        lines.append(f'| {method} | ' + ' | '.join(cells) + ' |')
+    if block.get('reordering'):
+      ro = block['reordering']
+      cols = list(next(iter(ro['methods'].values())))
+      lines += ['', f'How each method orders the retriever\'s {ro["candidates"]} candidates (the target is '
+                f'among them for {ro["target_in_candidates"]:.1%} of users, which caps every reranker):', '',
+                '| method | ' + ' | '.join(cols) + ' |', '|---' * (len(cols) + 1) + '|']
+      for method, vals in ro['methods'].items():
+        lines.append(f'| {method} | ' + ' | '.join(f'{vals[c]:.4f}' for c in cols) + ' |')
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def plot_hr_at_k(results: dict, ks: Sequence[int], split: str = 'test') -> bytes:
+  """PNG: HR@K against K, one line per method."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for method, values in results[split]['metrics'].items():
+    ax.plot(list(ks), [values[f'HR@{k}'] for k in ks], marker='o', label=method)
+  ax.set_xlabel('K')
+  ax.set_ylabel(f'HR@K ({split})')
+  ax.set_xscale('log')
+  ax.set_xticks(list(ks), [str(k) for k in ks])
+  ax.grid(alpha=0.3)
+  ax.legend()
+  return _png(fig)
+
+
+def plot_losses(curves: dict[str, dict[str, list]]) -> bytes:
+  """PNG: training and validation loss per fine-tuned model: curves[name] = {'train': [(step, loss)],
+  'valid': [(step, loss)]}."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for name, curve in curves.items():
+    for kind, style in (('train', '-'), ('valid', 'o--')):
+      points = curve.get(kind) or []
+      if points:
+        steps, losses = zip(*points)
+        ax.plot(steps, losses, style, label=f'{name} {kind}')
+  ax.set_xlabel('step')
+  ax.set_ylabel('loss (response tokens)')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  return _png(fig)
+
+
+def _png(fig) -> bytes:
+  import matplotlib.pyplot as plt
+  buf = io.BytesIO()
+  fig.tight_layout()
+  fig.savefig(buf, format='png', dpi=120)
+  plt.close(fig)
+  return buf.getvalue()

@@ -1,0 +1,201 @@
+"""Training checkpoints (orbax) and the adapters a run trained.
+
+A checkpoint under `W/<variant>/checkpoints/<step>` holds the train state (adapters, optimizer state,
+step), every process's data-iterator state and the config, never the frozen base; orbax writes it
+asynchronously, and only finalized steps count. `apply_trained_adapter` adds a run's adapters to a model,
+from a checkpoint or from a PEFT folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from etils import epath
+from flax import nnx
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from palr_jax.hub import load, peft
+from palr_jax.model import lora
+
+ADAPTERS = 'adapters'   # W/adapters/step_<N>: each kept checkpoint's adapters as a PEFT folder
+# Where a run folder may keep an exported adapter in PEFT layout, in order of preference.
+ADAPTER_DIRS = ('export/peft', 'adapter')
+
+
+def orbax_manager(directory: epath.PathLike, options: ocp.CheckpointManagerOptions | None = None
+                  ) -> ocp.CheckpointManager:
+  """The orbax manager of a trainer's `W/checkpoints`, whose steps hold the items state, data and config.
+
+  A local `directory` is made absolute first (orbax refuses relative paths, and the README's workdirs
+  are relative); URLs are left as they are.
+  """
+  directory = epath.Path(directory)
+  if '://' not in str(directory):
+    directory = epath.Path(os.path.abspath(directory))
+  return ocp.CheckpointManager(directory, item_names=('state', 'data', 'config'), options=options)
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  """The finalized orbax checkpoint steps of a training run (`W/checkpoints`), oldest first."""
+  directory = epath.Path(workdir) / 'checkpoints'
+  if not directory.exists():
+    return []
+  return sorted(orbax_manager(directory).all_steps())
+
+
+def checkpoint_manager(directory: epath.PathLike, train_config) -> ocp.CheckpointManager:
+  """Async orbax manager keeping the last `keep_latest` checkpoints and the `keep_best` by valid loss.
+
+  Leftovers of a save that a crash interrupted are removed on start; only finalized steps count.
+  """
+  c = train_config
+  policies = ocp.checkpoint_managers
+  keep = policies.AnyPreservationPolicy([
+      policies.LatestN(c.keep_latest),
+      policies.BestN(get_metric_fn=lambda m: m['valid_loss'], reverse=True, n=c.keep_best,
+                     keep_checkpoints_without_metrics=False)])
+  options = ocp.CheckpointManagerOptions(preservation_policy=keep, enable_async_checkpointing=c.async_checkpoints,
+                                         cleanup_tmp_directories=True, create=True)
+  return orbax_manager(directory, options)
+
+
+def gather_json(obj: Any) -> list[Any]:
+  """Every process's JSON-able `obj`, in process order, on every process."""
+  if jax.process_count() == 1:
+    return [obj]
+  blob = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([blob.size], np.int64))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:blob.size] = blob
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(row[:size])) for row, size in zip(rows, sizes)]
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, data_state: dict, config,
+                    valid_loss: float | None) -> None:
+  """Starts an async save of the train state, every process's iterator state and the config."""
+  args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave({'processes': gather_json(data_state)}),
+      config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
+  manager.save(step, args=args, metrics=None if valid_loss is None else {'valid_loss': valid_loss}, force=True)
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[Any, dict]:
+  """(train state laid out as `abstract_state`'s shardings, this process's data-iterator state).
+
+  The shardings are the current mesh's, whatever mesh wrote the checkpoint.
+  """
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                           data=ocp.args.JsonRestore()))
+  states = restored.data['processes']
+  if len(states) == jax.process_count():
+    return restored.state, states[jax.process_index()]
+  if all(s == states[0] for s in states):
+    return restored.state, states[0]
+  raise ValueError(f'checkpoint step {step}: {len(states)} processes saved different data-iterator states; '
+                   f'they cannot be spread over {jax.process_count()} processes')
+
+
+def find_adapter(workdir) -> epath.Path | None:
+  """The PEFT adapter folder of a run (`W/export/peft` or `W/adapter`), or None."""
+  for name in ADAPTER_DIRS:
+    folder = epath.Path(workdir) / name
+    if (folder / peft.CONFIG_FILE).exists():
+      return folder
+  return None
+
+
+def adapter_dir(workdir, step: int) -> epath.Path:
+  return epath.Path(workdir) / ADAPTERS / f'step_{step}'
+
+
+def adapter_steps(workdir) -> list[int]:
+  """Steps whose adapters were written as PEFT folders (`write_adapters`), oldest first."""
+  root = epath.Path(workdir) / ADAPTERS
+  if not root.exists():
+    return []
+  return sorted(int(p.name[5:]) for p in root.iterdir()
+                if p.name.startswith('step_') and p.name[5:].isdigit() and (p / peft.CONFIG_FILE).exists())
+
+
+def _restore_adapters(model: nnx.Module, directory: epath.Path, step: int) -> None:
+  """Sets the model's adapters (in place, keeping their shardings) from orbax checkpoint `step`."""
+  manager = orbax_manager(directory)
+  if step not in manager.all_steps():
+    raise FileNotFoundError(f'{directory}: no checkpoint for step {step}; have {sorted(manager.all_steps())}')
+  flat = nnx.to_flat_state(lora.lora_state(model))  # the trainer's keys: dotted module paths
+  key = lambda path: '.'.join(map(str, path))  # noqa: E731
+  target = {key(path): jax.ShapeDtypeStruct(var.value.shape, var.value.dtype, sharding=var.value.sharding)
+            for path, var in flat}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item={'lora': target}, restore_args=ocp.checkpoint_utils.construct_restore_args({'lora': target}),
+      partial_restore=True)))['state']['lora']
+  nnx.update(model, nnx.from_flat_state([(path, var.replace(restored[key(path)])) for path, var in flat]))
+
+
+def _host(x) -> np.ndarray:
+  return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
+
+
+def write_adapters(workdir, model: nnx.Module, lora_config, base_name: str) -> list[int]:
+  """After training, on every process (a collective): each kept checkpoint's adapters, gathered to the
+  host, as the PEFT folder `W/adapters/step_<N>`, written by process 0. Inference stages, export and the
+  tools read these, never orbax, so they need neither the global mesh nor the other processes.
+  Returns the steps."""
+  workdir = epath.Path(workdir)
+  steps = checkpoint_steps(workdir)
+  for step in steps:
+    _restore_adapters(model, workdir / 'checkpoints', step)
+    values = {'.'.join(map(str, path)): _host(var.value) for path, var in nnx.to_flat_state(lora.lora_state(model))}
+    if jax.process_index() == 0:
+      peft.save_adapter(adapter_dir(workdir, step), model, lora_config, base_name, values)
+  if jax.process_index() == 0:
+    for old in set(adapter_steps(workdir)) - set(steps):
+      adapter_dir(workdir, old).rmtree()
+  return steps
+
+
+def apply_trained_adapter(model: nnx.Module, workdir, step: int | None = None, *, mesh=None, rules=None
+                          ) -> tuple[str, ml_collections.ConfigDict]:
+  """Adds the adapters trained in `workdir` to `model` (in place, laid out on `mesh` by `rules`), from,
+  in this order: the PEFT folder of checkpoint `step` (`W/adapters/step_<N>`, default the latest), the
+  trainer's orbax checkpoint `step` (LoRA settings from the config saved with it), a PEFT folder of an
+  export (`find_adapter`, when no step is asked for). A model that has adapters already gets their values
+  replaced. Returns (where they came from, the lora config section)."""
+  workdir = epath.Path(workdir)
+  has_adapters = bool(lora.lora_state(model))
+  written = adapter_steps(workdir)
+  directory = workdir / 'checkpoints'
+  if written and (step is None or step in written):
+    folder = adapter_dir(workdir, written[-1] if step is None else step)
+  elif directory.exists() and orbax_manager(directory).all_steps():
+    manager = orbax_manager(directory)
+    step = manager.latest_step() if step is None else step
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f'{directory}: no checkpoint for step {step}; have {sorted(manager.all_steps())}')
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+    if 'lora' not in saved:
+      raise ValueError(f'{directory}/{step}: the saved config has no lora section')
+    lora_config = ml_collections.ConfigDict(saved['lora'])
+    if not has_adapters:
+      load.add_lora(model, lora_config, nnx.Rngs(0), mesh, rules)
+    _restore_adapters(model, directory, step)
+    return f'{directory}/{step} (orbax)', lora_config
+  elif step is not None:
+    raise FileNotFoundError(f'{workdir}: no adapters or checkpoint for step {step} (have {written})')
+  else:
+    folder = find_adapter(workdir)
+    if folder is None:
+      raise FileNotFoundError(f'{workdir}: no trained adapter (no {ADAPTERS}/step_N, no checkpoint under '
+                              f'checkpoints/, no PEFT folder at {" or ".join(ADAPTER_DIRS)})')
+  lora_config = peft.lora_config_for(folder, model, 'float32')
+  if not has_adapters:
+    load.add_lora(model, lora_config, nnx.Rngs(0), mesh, rules)
+  peft.load_adapter(model, folder)
+  return f'{folder} (PEFT)', lora_config

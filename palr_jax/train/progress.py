@@ -1,0 +1,64 @@
+"""What a training run reports: model FLOPs of a step, and TensorBoard scalars with a progress bar."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+import os
+import socket
+import time
+
+from etils import epath
+import jax
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer import record_writer
+import tqdm
+
+
+def step_flops(model_config, lora_params: int, batch: int, length: int, logit_positions: int) -> float:
+  """Model FLOPs of one LoRA step (forward + backward, remat recompute not counted).
+
+  Frozen matmuls need the forward and the input gradient only: 4 FLOPs per weight per token, not the
+  6 of full fine-tuning; adapters add 6 per weight per token; attention adds 12 L T heads head_dim per
+  token (PaLM's count); the LM head runs at `logit_positions` per row, not at every token.
+  """
+  m = model_config
+  d, h = m.hidden_size, m.head_dim
+  per_layer = d * h * (2 * m.num_heads + 2 * m.num_kv_heads) + 3 * d * m.intermediate_size
+  tokens = batch * length
+  return float(tokens * (4 * m.num_layers * per_layer + 6 * lora_params + 12 * m.num_layers * length * m.num_heads * h)
+               + 4 * d * m.vocab_size * batch * logit_positions)
+
+
+class MetricWriter:
+  """TensorBoard scalars and a tqdm bar, from process 0 only (elsewhere every call is a no-op).
+
+  Events are framed by tensorboard's own RecordWriter into an etils.epath file (local or gs://), so the
+  trainer needs no TensorFlow.
+  """
+
+  def __init__(self, logdir: epath.Path, num_steps: int, start_step: int):
+    self.active = jax.process_index() == 0
+    self.bar = tqdm.tqdm(total=num_steps, initial=start_step, unit='step', disable=not self.active)
+    if self.active:
+      logdir.mkdir(parents=True, exist_ok=True)
+      name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.v2'
+      self.records = record_writer.RecordWriter((logdir / name).open('wb'))
+      self._write(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
+
+  def _write(self, event) -> None:
+    self.records.write(event.SerializeToString())
+    self.records.flush()
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self.active:
+      return
+    values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
+    self._write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values)))
+    self.bar.set_postfix({k.split('/')[-1]: f'{v:.4g}' for k, v in scalars.items()}, refresh=False)
+
+  def advance(self) -> None:
+    self.bar.update(1)
+
+  def close(self) -> None:
+    self.bar.close()
+    if self.active:
+      self.records.close()
