@@ -89,6 +89,7 @@ def get_config():
   c.model.param_dtype = 'float32'  # frozen base weights
   c.model.remat = 'none'           # none | full | dots
   c.model.attention = 'auto'       # auto | xla | cudnn | reference
+  c.model.scan_layers = True       # forward without a cache (training, scoring) as a scan over the layers
 
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 8
@@ -187,9 +188,11 @@ def get_config():
   c.batching = ml_collections.ConfigDict()
   c.batching.length_buckets = (128, 256, 384, 512, 640, 768, 896, 1024, 1536, 2048)  # padded lengths
   c.batching.pack = True           # training: pack examples into rows of max_length; else pad to a bucket
+  c.batching.group_by_length = True  # padded training batches: examples of one length bucket per batch
   c.batching.pack_window = 256     # packing: first-fit decreasing over this many examples
   c.batching.shuffle_buffer = 0    # training: 0 = the whole split
-  c.batching.prefetch = 2
+  c.batching.prefetch = 0          # batches prefetched by tf.data (0 = none: a step takes far longer than a
+                                   # batch, and a prefetching iterator's teardown could stall for a minute)
 
   return c
 

@@ -157,10 +157,12 @@ class Runner:
       return
     self.say(f'{stage.name}: running ({reason})')
     start = time.perf_counter()
+    reset_peak_rss()
     ctx.stage, ctx.fingerprint = stage.name, fp
     ctx.upstream = {name: read_record(self.workdir, name)['outputs'] for name in stage.upstream}
     if stage.processes in (COLLECTIVE, SHARDED) or distributed.is_leader():
       stage.run(ctx)
+      logging.info('stage %s: run returned after %.1f s', stage.name, time.perf_counter() - start)
     if stage.processes == SHARDED:
       distributed.barrier(f'{stage.name}-parts')
       if distributed.is_leader():
@@ -171,8 +173,9 @@ class Runner:
           'outputs': {name: digest(self.workdir / name) for name in stage.outputs}})
       self._to_shared(stage, fp)
     distributed.barrier(f'{stage.name}-done')
+    release_memory()
     self.ran.append(stage.name)
-    self.say(f'{stage.name}: done in {time.perf_counter() - start:.1f} s')
+    self.say(f'{stage.name}: done in {time.perf_counter() - start:.1f} s (peak RSS {peak_rss_gib():.2f} GiB)')
 
   def _shared(self, stage: Stage, fp: str) -> epath.Path | None:
     return None if self.shared_dir is None else self.shared_dir / stage.name / fp
@@ -209,6 +212,40 @@ def with_upstream(stages: Sequence[Stage], names: Sequence[str]) -> list[Stage]:
       wanted.add(name)
       todo.extend(by_name[name].upstream)
   return [s for s in stages if s.name in wanted]
+
+
+def release_memory() -> None:
+  """Between stages: drops compiled executables and garbage, and hands freed heap back to the OS, so the
+  next stage's peak is its own (a stage's compiled shapes are not reused by the next one)."""
+  import ctypes
+  import gc
+
+  import jax
+  gc.collect()
+  jax.clear_caches()
+  try:
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc
+    pass
+
+
+def reset_peak_rss() -> None:
+  """Restarts the process's peak-RSS counter (Linux: /proc/self/clear_refs), so each stage reports its own."""
+  try:
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')
+  except OSError:
+    pass
+
+
+def peak_rss_gib() -> float:
+  """The process's peak resident memory since the last `reset_peak_rss` (Linux), else since it started."""
+  try:
+    with open('/proc/self/status') as f:
+      return next(int(line.split()[1]) for line in f if line.startswith('VmHWM')) / 2**20
+  except (OSError, StopIteration):
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def local_or_url(path) -> str:

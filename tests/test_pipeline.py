@@ -1,4 +1,5 @@
 """tf.data prompt pipeline: TFRecords, packing vs padding (same per-example loss), process slices, resume."""
+import collections
 import json
 import os
 
@@ -232,10 +233,38 @@ def _assert_same(a, b):
       np.testing.assert_array_equal(x[k], y[k])
 
 
-def test_resume_gives_identical_batches(setup):
+def test_length_grouped_batches_share_a_bucket(setup):
+  _, examples, path = setup
+  config = tiny_config()
+  config.batching.pack = False
+  buckets = sorted(config.batching.length_buckets)
+
+  def bucket_of(length):
+    return next(b for b in buckets if b >= length)
+
+  def epoch(group):
+    config.batching.group_by_length = group
+    it = pipeline.TrainBatches(path, config, np.arange(config.train.batch_size))
+    return _take(it, _epoch_length(config, path, epoch=0))
+
+  grouped, mixed = epoch(True), epoch(False)
+  lengths = [b['segment_ids'].sum(axis=1) for b in grouped]
+  assert all(len({bucket_of(n) for n in row}) == 1 for row in lengths)
+  assert len({bucket_of(n) for row in lengths for n in row}) > 1          # several buckets occur
+  assert any(len({bucket_of(n) for n in b['segment_ids'].sum(axis=1)}) > 1 for b in mixed)
+  seen = collections.Counter(tuple(r[s > 0]) for b in grouped for r, s in zip(b['input_ids'], b['segment_ids']))
+  in_file = collections.Counter(tuple(e.input_ids) for e in examples)
+  assert all(n <= in_file[k] for k, n in seen.items())                   # no example more often than written
+  # Less padding than batching neighbours of every length.
+  padded = lambda bs: sum(b['input_ids'].size for b in bs) / sum(int(b['segment_ids'].astype(bool).sum()) for b in bs)
+  assert padded(grouped) < padded(mixed)
+
+
+@pytest.mark.parametrize('pack', [True, False])
+def test_resume_gives_identical_batches(setup, pack):
   _, _, path = setup
   config = tiny_config()
-  config.batching.pack = True
+  config.batching.pack = pack
   rows = np.arange(4)
   it = pipeline.TrainBatches(path, config, rows)
   per_epoch = _epoch_length(config, path, epoch=0)

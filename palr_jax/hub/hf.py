@@ -27,7 +27,6 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
-from safetensors.numpy import save_file
 
 from palr_jax import files
 from palr_jax import sharding as sharding_lib
@@ -75,7 +74,8 @@ def llama_config(folder, model_config) -> llama.LlamaConfig:
                      "LlamaForCausalLM")
   try:
     return llama.LlamaConfig.from_hf(hf, dtype=model_config.dtype, param_dtype=model_config.param_dtype,
-                                     remat=model_config.remat, attention=model_config.attention)
+                                     remat=model_config.remat, attention=model_config.attention,
+                                     scan_layers=bool(model_config.get('scan_layers', True)))
   except ValueError as e:
     raise ValueError(f'{path}: {e}') from None
 
@@ -264,26 +264,47 @@ def shard_plan(specs: Sequence[TensorSpec], max_shard_bytes: int | None) -> list
 
 def save_safetensors(folder, specs: Sequence[TensorSpec], max_shard_bytes: int | None = None) -> None:
   """`model.safetensors`, or `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json` when
-  the tensors exceed `max_shard_bytes`. Only one shard's tensors are in host memory at a time."""
+  the tensors exceed `max_shard_bytes`. Each file is streamed: its header first (the specs declare every
+  shape and dtype), then each tensor as it is produced, so one tensor at a time is in host memory."""
   folder = epath.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
   shards = shard_plan(specs, max_shard_bytes)
   names = ([SINGLE_FILE] if len(shards) == 1 else
            [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))])
   weight_map, total = {}, 0
   for file, shard in zip(names, shards):
-    tensors = {}
-    for spec in shard:
+    total += _write_safetensors(folder / file, shard)
+    weight_map.update({spec.name: file for spec in shard})
+  if len(shards) > 1:
+    write_json(folder / INDEX_FILE, {'metadata': {'total_size': total}, 'weight_map': weight_map})
+
+
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def _write_safetensors(path: epath.Path, specs: Sequence[TensorSpec]) -> int:
+  """One safetensors file, written tensor by tensor (the format: an 8-byte little-endian header length,
+  the JSON header padded to 8 bytes, then the tensors' bytes back to back); returns the data size."""
+  header, offset = {'__metadata__': {'format': 'pt'}}, 0
+  for spec in specs:
+    if spec.dtype not in _DTYPE_NAMES:
+      raise ValueError(f'{spec.name}: dtype {spec.dtype} cannot be written (expected {sorted(_DTYPES)})')
+    nbytes = math.prod(spec.shape) * spec.dtype.itemsize
+    header[spec.name] = {'dtype': _DTYPE_NAMES[spec.dtype], 'shape': list(spec.shape),
+                         'data_offsets': [offset, offset + nbytes]}
+    offset += nbytes
+  blob = json.dumps(header, separators=(',', ':')).encode()
+  blob += b' ' * (-len(blob) % 8)
+  with path.open('wb') as f:
+    f.write(struct.pack('<Q', len(blob)) + blob)
+    for spec in specs:
       value = np.asarray(spec.load())
       if value.shape != tuple(spec.shape) or value.dtype != spec.dtype:
         raise ValueError(f'{spec.name}: produced {value.dtype}{list(value.shape)}, declared '
                          f'{spec.dtype}{list(spec.shape)}')
-      tensors[spec.name] = np.ascontiguousarray(value)
-      weight_map[spec.name] = file
-      total += value.nbytes
-    save_file(tensors, os.fspath(folder / file), metadata={'format': 'pt'})
-    del tensors
-  if len(shards) > 1:
-    write_json(folder / INDEX_FILE, {'metadata': {'total_size': total}, 'weight_map': weight_map})
+      f.write(np.ascontiguousarray(value).tobytes())
+      del value
+  return offset
 
 
 @functools.lru_cache(maxsize=None)

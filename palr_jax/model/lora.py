@@ -14,6 +14,7 @@ from typing import Any
 
 from flax import nnx
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
@@ -43,12 +44,11 @@ class LoRALinear(llama.Linear):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
-    y = jnp.dot(x, self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
+    y = llama.matmul(x, self.kernel[...], self.dtype)
     h = x if self.dropout is None else self.dropout(x)
-    h = jnp.dot(h, self.lora_a[...].astype(self.dtype), preferred_element_type=jnp.float32)
-    h = jnp.dot(h.astype(self.dtype), self.lora_b[...].astype(self.dtype),
-                preferred_element_type=jnp.float32)
-    return (y + self.scale * h).astype(self.out_dtype)
+    h = llama.matmul(h, self.lora_a[...], self.dtype)
+    h = llama.matmul(h.astype(self.dtype), self.lora_b[...], self.dtype)
+    return checkpoint_name((y + self.scale * h).astype(self.out_dtype), llama.PROJECTION)
 
 
 def _modules(model: nnx.Module, kind: type) -> dict[str, nnx.Module]:

@@ -47,6 +47,7 @@ def run(ctx) -> None:
   step = rankings['methods'].get(variant, {}).get('checkpoint_step')
   if step is None:
     step = checkpointing.adapter_steps(workdir / variant)[-1]
+  ctx.drop_models()  # the inference copy of the base: export loads its own, in fp32
   model_config = config.model.copy_and_resolve_references()
   model_config.param_dtype = 'float32'  # merge W + (alpha/r) A B in fp32, then store as the base is stored
   for fmt in config.export.formats:

@@ -18,6 +18,7 @@ command resumes from the saved step.
 from __future__ import annotations
 
 import functools
+import time
 
 from absl import logging
 
@@ -56,10 +57,12 @@ def run(ctx, variant: str) -> None:
   _bind_to_fingerprint(run_dir, ctx.fingerprint)
   upstream = [str(ctx.upstream[name]) for name in ('retriever', 'profiles')]
   fingerprint = pipeline.examples_fingerprint(config, variant, upstream)
+  start = time.perf_counter()
   if distributed.is_leader():
     pipeline.build_and_write(config, workdir, ctx.inter, ctx.split, ctx.tokenizer, ctx.profiles(), variant,
                              upstream)
   distributed.barrier(f'examples-{variant}')
+  logging.info('%s: examples ready in %.1f s', variant, time.perf_counter() - start)
   folder = pipeline.examples_dir(workdir, fingerprint)
   if folder is None:
     raise RuntimeError(f'{workdir}/examples/{fingerprint}: not written')
@@ -69,11 +72,15 @@ def run(ctx, variant: str) -> None:
   rows = sharding.process_rows(mesh, config.mesh.rules, int(config.train.batch_size))
   train_batches = pipeline.TrainBatches(folder / 'train.tfrecord', config, rows)
   valid_batches = pipeline.EvalBatches(folder / 'valid.tfrecord', config, rows, int(config.train.valid_batches))
+  start = time.perf_counter()
   result = loop.train(config, run_dir, model, train_batches, valid_batches)
+  logging.info('%s: trained to step %d in %.1f s', variant, result['step'], time.perf_counter() - start)
   if result['step'] < config.train.num_steps:
     raise distributed.Preempted(f'{variant}: training stopped at step {result["step"]} of '
                                 f'{config.train.num_steps} (checkpoint saved)')
+  start = time.perf_counter()
   checkpointing.write_adapters(run_dir, model, config.lora, str(ctx.hf_folder))
+  logging.info('%s: adapters written in %.1f s', variant, time.perf_counter() - start)
 
 
 def _bind_to_fingerprint(run_dir, fingerprint: str) -> None:

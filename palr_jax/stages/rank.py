@@ -20,6 +20,7 @@ the method ordered it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import time
 
 from absl import logging
 from etils import epath
@@ -194,10 +195,14 @@ def run(ctx) -> None:
 
     def ranked(which, step, model=model, builder=builder, method=method, mode=variant.rank_mode):
       def compute():
+        start = time.perf_counter()
         if step is not None:
           checkpointing.apply_trained_adapter(model, ctx.workdir / method, step, mesh=ctx.local_mesh,
                                               rules=config.mesh.rules)
-        return rank_split(ctx, model, builder, which, mine, mode)
+        out = rank_split(ctx, model, builder, which, mine, mode)
+        logging.info('rank: %s %s (checkpoint %s, %s): %d users in %.1f s', method, which, step, mode,
+                     len(mine), time.perf_counter() - start)
+        return out
       return _ranked_part(ctx, _name(method, which, step), compute)
 
     for step in steps:

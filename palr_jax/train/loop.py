@@ -70,10 +70,18 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
   pending, timed_flops, timed_steps, clock = [], 0.0, 0, time.perf_counter()
   last = {'step': start}
   with jax.set_mesh(mesh), distributed.training_window():
+    shapes = set()
     for step in range(start + 1, c.num_steps + 1):
       batch = device_batch(next(train_iter), mesh, rules, c)
+      shape = batch['input_ids'].shape
+      compiled_at = time.perf_counter()
       state, metrics = train_step(state, frozen, batch)
       pending.append(metrics)
+      if shape not in shapes:  # a new shape compiles: say how long that step took
+        shapes.add(shape)
+        jax.block_until_ready(metrics)
+        logging.info('train: step %d, batch %s: %.1f s (compiled for this shape)', step, shape,
+                     time.perf_counter() - compiled_at)
       if step == start + 1:  # Compilation stays out of the throughput.
         jax.block_until_ready(metrics)
         clock = time.perf_counter()
