@@ -165,7 +165,8 @@ class Runner:
     """None when the stage's recorded outputs are current and intact, else the reason it must run."""
     record = read_record(self.workdir, stage.name)
     if record is None:
-      return 'not run yet'
+      path = record_path(self.workdir, stage.name)
+      return f'its record {path.name} is not one the runner wrote' if path.exists() else 'not run yet'
     if record.get('fingerprint') != fp:
       return f'its config, inputs or upstream outputs changed (fingerprint {record.get("fingerprint")} -> {fp})'
     recorded = record.get('outputs') or {}
