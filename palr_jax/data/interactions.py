@@ -295,10 +295,9 @@ def _late_repeats(users, items, times, keep) -> np.ndarray:
   first[np.unique(u * (items.max() + 1) + items[order], return_index=True)[1]] = True
   starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])
   sizes = np.diff(np.r_[starts, len(order)])
-  counts = np.cumsum(first)
-  base = np.repeat(np.r_[0, counts][starts], sizes)        # first consumptions before the user's rows
-  total = np.repeat(counts[starts + sizes - 1], sizes)    # ... up to the user's last row
-  after = total - (counts - first) - base                 # first consumptions at or after this row
+  counts = np.cumsum(first)                               # first consumptions up to each row, all users
+  last = np.repeat(counts[starts + sizes - 1], sizes)     # ... up to the row's user's last row
+  after = last - (counts - first)                         # the user's first consumptions at or after the row
   out = np.zeros(len(users), bool)
   out[order[~first & (after <= 1)]] = True
   return out
