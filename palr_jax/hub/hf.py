@@ -263,7 +263,10 @@ def atomic_dir(path, replace: bool = True) -> Iterator[epath.Path]:
     old = path.parent / f'.{path.name}.old-{uuid.uuid4().hex[:8]}'
     path.rename(old)
     tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_dir():
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      old.unlink()
   else:
     tmp.rename(path)
 
