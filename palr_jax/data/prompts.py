@@ -140,7 +140,7 @@ def read_candidates(path, split, which: str) -> Candidates:
       expected, key = int(getattr(split, which)[u]), u
     if target != expected:
       raise ValueError(f'{where}: target {target} but the split says {expected}; the candidates are '
-                       'stale for this data config: rerun the retriever')
+                       'stale for this data config: rerun the retriever (palr_jax.main ... --rerun retriever)')
     rows[key] = np.asarray(row['items'], np.int64)
   return Candidates(str(path), which, rows)
 
