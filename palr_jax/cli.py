@@ -1,6 +1,6 @@
-"""How every program starts: `cli.run(main)` in place of absl's `app.run(main)`.
+"""How every program starts: `cli.run(main, define_flags)` in place of absl's `app.run(main)`.
 
-Flags are parsed, then `main(argv)` runs. Bad input found before anything is computed is one line on
+Flags are defined and parsed, then `main(argv)` runs. Bad input found before anything is computed is one line on
 stderr and exit code 2 (`USAGE_EXIT_CODE`), never a traceback:
   - a bad flag or flag value (absl's own message);
   - an unknown config key, `--config.retriever.factorz=3`, with the closest key as a suggestion;
@@ -24,13 +24,20 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
+from palr_jax import defaults
 from palr_jax import validate
 
 USAGE_EXIT_CODE = 2
 
 
-def run(main: Callable[[list[str]], Any]) -> None:
-  """`app.run(main)` with flags parsed by `parse_flags` and usage errors reported by `fail`."""
+def run(main: Callable[[list[str]], Any], define_flags: Callable[[], None]) -> None:
+  """`define_flags()`, then `app.run(main)` with flags parsed by `parse_flags`; bad input is `fail`."""
+  try:
+    define_flags()
+  except Exception as e:  # noqa: BLE001 - a default config file takes its overrides when its flag is defined
+    if not any(a.startswith('--') and '.' in a.split('=', 1)[0] for a in sys.argv[1:]):
+      raise
+    fail(override_error(sys.argv, e))
   app.run(functools.partial(_guarded, main), flags_parser=parse_flags)
 
 
@@ -83,27 +90,26 @@ def last_line(message: str) -> str:
 
 def config_flag_names() -> list[str]:
   """The config-file flags the program defined (`config_flags.DEFINE_config_file`)."""
-  return [name for name, flag in flags.FLAGS._flags().items()  # pylint: disable=protected-access
-          if isinstance(flag.parser, config_flags.config_flags.ConfigFileFlagParser) and '.' not in name]
+  return [name for name in flags.FLAGS
+          if isinstance(flags.FLAGS[name].parser, config_flags.config_flags.ConfigFileFlagParser)]
 
 
 def override_error(argv: Sequence[str], error: Exception) -> str:
-  """Names the first `--config.KEY=...` override whose key the config lacks, with the closest key."""
-  for name in config_flag_names():
-    prefix = f'--{name}.'
-    keys = [a[len(prefix):].split('=', 1)[0] for a in argv[1:] if a.startswith(prefix)]
-    if not keys:
+  """Names the first `--config.KEY=...` override whose key the config lacks, with the closest key (the
+  keys of `--config`'s file, or of palr_jax/defaults.py, which every config starts from)."""
+  for arg in argv[1:]:
+    name, _, key = arg[2:].split('=', 1)[0].partition('.')
+    if not arg.startswith('--') or not key:
       continue
     try:
-      config = load_config(_flag_argument(argv, name) or flags.FLAGS[name].default_as_str.strip("'"))
+      config = load_config(_flag_argument(argv, name) or os.path.abspath(defaults.__file__))
     except Exception:  # noqa: BLE001 - explained by the error itself below
       break
     known = list(dotted_keys(config))
-    for key in keys:
-      if key not in known:
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        hint = f'; did you mean --{name}.{close[0]}?' if close else f'; sections: {sorted(config.keys())}'
-        return f'--{name}.{key}: no such config key{hint}'
+    if key not in known:
+      close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+      hint = f'; did you mean --{name}.{close[0]}?' if close else f'; sections: {sorted(config.keys())}'
+      return f'--{name}.{key}: no such config key{hint}'
   return last_line(f'{type(error).__name__}: {error}')
 
 

@@ -250,6 +250,11 @@ def test_generate_and_export_name_the_bad_input(tmp_path):
   assert out.returncode == 2 and 'Traceback' not in out.stderr and seconds < 10, out.stderr[-2000:]
   assert f"palr_jax.tools.generate: config.model.spec='gguf:{tmp_path / 'x.gguf'}': {tmp_path / 'x.gguf'}: " \
          'not a GGUF file' in out.stderr
+  # A program whose --config has a default (palr_jax/defaults.py) applies overrides as its flags are defined.
+  out, _ = _program('palr_jax.tools.export', f'--out={tmp_path / "E"}', '--config.modl.spec=x')
+  assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-2000:]
+  assert ('palr_jax.tools.export: --config.modl.spec: no such config key; did you mean --config.model.spec?'
+          in out.stderr.splitlines())
   # export into a folder holding files: refused before the model loads, the files intact.
   (tmp_path / 'D').mkdir()
   (tmp_path / 'D' / 'notes.txt').write_text('mine')
