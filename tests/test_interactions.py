@@ -365,6 +365,9 @@ def test_repeats_drop_targets():
   assert [three.item_ids[i] for i in split.test] == ['d', 'r']
   for u, (valid, test) in enumerate(zip(split.valid, split.test)):  # targets are first consumptions
     assert valid not in split.train[u] and test not in split.train[u] and valid != test
+  with pytest.raises(I.DataError, match=r'mem: no interactions left after filtering'):
+    I.to_interactions(timed_events(rows), name='r', rating_threshold=0, k_core=0, min_history=9,
+                      repeats='drop_targets')
   with pytest.raises(I.DataError, match=r"config.data.repeats='drop'"):
     I.to_interactions(timed_events(rows), name='r', rating_threshold=0, k_core=0, min_history=2, repeats='drop')
 

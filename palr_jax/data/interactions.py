@@ -218,7 +218,7 @@ def to_interactions(events: Events, *, name: str, rating_threshold: float, k_cor
                  len(keep))
   while True:  # each filter can make the other drop more: repeat until nothing changes
     keep = _core_filter(events.users, events.items, keep, max(k_core, min_history), k_core, name)
-    if repeats == 'keep':
+    if repeats == 'keep' or not keep.any():
       break
     kept = keep & ~_late_repeats(events.users, events.items, events.timestamps, keep)
     if (kept == keep).all():
