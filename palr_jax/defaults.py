@@ -27,6 +27,7 @@ def get_config():
   c.data.rating_threshold = 0.0  # keep interactions with rating >= this (0 = every rating)
   c.data.k_core = 0              # iterative k-core filter on users and items (0 = off)
   c.data.min_history = 3         # users need >= this many events (train >= 1 + valid + test)
+  c.data.repeats = 'keep'        # keep | drop_targets: repeat consumptions as targets (data/interactions.py)
 
   # Matrix-factorization retriever (palr_jax/retrieval/, stage palr_jax/stages/retriever.py).
   c.retriever = ml_collections.ConfigDict()

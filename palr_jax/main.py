@@ -13,25 +13,29 @@
 The runner (palr_jax/runner.py) skips every stage whose outputs are current: the same command again does
 nothing, a killed job resumes at the stage it was in (training from its last checkpoint, ranking from
 its last finished part), and changing an option reruns exactly the stages that read it. `--stages`
-runs the named stages (and any upstream stage that is not current); `--rerun` forces stages to run again.
-With `--shared_dir` (sweeps), finished stage outputs are kept there by fingerprint and shared.
+runs the named stages (and any upstream stage that is not current); `--rerun` forces stages to run again
+from scratch (their outputs and resumable work are deleted first; the stages that read them then rerun
+when the new outputs differ). With `--shared_dir` (sweeps), finished stage outputs are kept there by
+fingerprint and shared.
 
-Exit codes: 0 done; 1 failed; 2 a bad config or flag (nothing was computed);
+Before anything is computed, `plan` checks the config and what it points at (palr_jax/validate.py).
+Exit codes: 0 done; 1 failed; 2 a bad config or flag (one line on stderr; nothing was computed);
 distributed.PREEMPTED_EXIT_CODE (75): training saved a checkpoint on SIGTERM, rerun to resume.
 """
 from __future__ import annotations
 
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 from etils import epath
 from ml_collections import config_flags
 
+from palr_jax import cli
 from palr_jax import distributed
 from palr_jax import files
 from palr_jax import runner
+from palr_jax import validate
 from palr_jax.stages import context
 from palr_jax.stages import export
 from palr_jax.stages import finetune
@@ -52,25 +56,36 @@ def stages(config) -> list[runner.Stage]:
   return out
 
 
+def plan(config, workdir, *, only=(), rerun=()) -> list[runner.Stage]:
+  """The stages a run goes through (`only` those and their upstream), after checking the config and, for
+  those stages, the files, model, mesh and workdir it names: a `validate.ConfigError` here means nothing
+  was computed."""
+  validate.check_config(config)
+  try:
+    todo = stages(config)
+    if only:
+      todo = runner.with_upstream(todo, only)
+  except (ValueError, FileNotFoundError) as e:  # a stage name, or a model the declarations cannot find
+    raise validate.ConfigError(str(e).splitlines()[0]) from None
+  unknown = sorted(set(rerun) - {s.name for s in todo})
+  if unknown:
+    raise validate.ConfigError(f'--rerun: unknown stage(s) {unknown}; stages: {[s.name for s in todo]}')
+  validate.check_environment(config, [s.name for s in todo], workdir)
+  return todo
+
+
 def run(config, workdir, shared_dir=None, *, only=(), rerun=(), say=None) -> dict | None:
   """Runs every stage that is not current (or `only` those and their upstream); returns results.json's
   content when the report exists."""
   workdir = epath.Path(workdir)
+  todo = plan(config, workdir, only=only, rerun=rerun)
   ctx = context.Context(config, workdir)
   job = runner.Runner(workdir, shared_dir, say=say)
-  todo = stages(config)
-  if only:
-    todo = runner.with_upstream(todo, only)
-  unknown = sorted(set(rerun) - {s.name for s in todo})
-  if unknown:
-    raise ValueError(f'--rerun: unknown stage(s) {unknown}; stages: {[s.name for s in todo]}')
   if distributed.is_leader():
-    workdir.mkdir(parents=True, exist_ok=True)
     files.atomic_write_text(workdir / 'config.json', config.to_json_best_effort(indent=2) + '\n')
-    for name in rerun:
-      record = runner.record_path(workdir, name)
-      if record.exists():
-        record.unlink()
+  for stage in todo:
+    if stage.name in rerun:
+      job.forget(stage)
   distributed.barrier('main-start')
   for stage in todo:
     job.run(stage, ctx)
@@ -86,16 +101,16 @@ def _define_flags() -> None:
   flags.DEFINE_string('workdir', None, 'Where every stage writes its outputs (local or gs://).')
   flags.DEFINE_string('shared_dir', None, 'Stage outputs shared by fingerprint (sweeps).')
   flags.DEFINE_list('stages', [], 'Run only these stages (and their upstream when not current).')
-  flags.DEFINE_list('rerun', [], 'Run these stages again even if current.')
+  flags.DEFINE_list('rerun', [], 'Run these stages again from scratch, even if current.')
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv
   f = flags.FLAGS
   distributed.initialize_from_flags()
   distributed.install_signal_handlers()
+  plan(f.config, f.workdir, only=f.stages, rerun=f.rerun)  # bad config: exit 2 on every process, at once
   start = time.perf_counter()
   say = print if distributed.is_leader() else (lambda line: None)
   results = distributed.fail_fast(lambda: run(f.config, f.workdir, f.shared_dir, only=f.stages, rerun=f.rerun,
@@ -107,5 +122,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  cli.run(main, _define_flags)

@@ -3,11 +3,17 @@
 A `Stage` is data: its name, the config keys its fingerprint hashes, the stages whose outputs it reads,
 the outputs it writes under the workdir W, how it runs on N processes, and its function. Its fingerprint
 hashes those config values, the digests of its upstream stages' outputs and the identity of the files
-outside W it reads (`inputs`: size and mtime). When a stage finishes, `W/<stage>.fingerprint.json`
-records the fingerprint and a digest of every output (content hash of files up to `HASH_LIMIT`, size
-above); a stage is skipped only when both match, else it reruns and the log says why. So a killed job
-resumes where it stopped, a changed option reruns exactly the stages that read it (and those whose
-inputs then changed), and a damaged output is redone, never trusted.
+outside W it reads (`inputs`: a content hash up to `INPUT_HASH_LIMIT`, size and mtime above). When a stage
+finishes, `W/<stage>.fingerprint.json` records the fingerprint and a digest of every output (content hash
+of files up to `HASH_LIMIT`, size above); a stage is skipped only when both match, else it reruns and the
+log says why. So a killed job resumes where it stopped, a changed option or input file reruns exactly the
+stages that read it (and those whose inputs then changed), and a damaged output (a file cut short, edited,
+deleted) is redone, never trusted. A record that is not what the runner wrote (unreadable, not a JSON
+object, missing keys) counts as no record: its stage runs.
+
+`Runner.forget` is a forced rerun (`--rerun`): it deletes the stage's record, outputs and `scratch` (its
+resumable partial work: training checkpoints, ranking part files), so the stage starts over instead of
+resuming or skipping; use it after changing code, which no fingerprint sees.
 
 How a stage runs on a multi-process job (`processes`):
   collective  every process, on the global mesh (training);
@@ -36,6 +42,7 @@ from palr_jax import files
 
 COLLECTIVE, SHARDED, HOST = 'collective', 'sharded', 'host'
 HASH_LIMIT = 256 << 20  # outputs up to this size are content-hashed; larger ones by size
+INPUT_HASH_LIMIT = 64 << 20  # inputs up to this size are content-hashed; larger ones by size and mtime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +56,7 @@ class Stage:
   merge: Callable[[Any], Any] | None = None   # sharded: process 0 joins the parts
   inputs: tuple[str, ...] = ()           # files outside W it reads (data, model)
   extra: Any = None                      # anything else its result depends on (JSON-able)
+  scratch: tuple[str, ...] = ()          # paths under W of partial work a rerun would resume from
   what: str = ''                         # what each process does, for the log and docs/pods.md
 
   def __post_init__(self):
@@ -81,7 +89,8 @@ def digest(path: epath.Path) -> str | None:
 
 
 def input_identity(paths: Sequence[str]) -> list:
-  """(path, size, mtime) of each input file: an input edited in place changes its stage's fingerprint."""
+  """(path, content hash) of each input file, or (path, size, mtime) above `INPUT_HASH_LIMIT`: an input
+  edited in place changes its stage's fingerprint, even within the second it was last written."""
   out = []
   for p in paths:
     path = epath.Path(p)
@@ -89,11 +98,15 @@ def input_identity(paths: Sequence[str]) -> list:
       out.append([str(p), None])
       continue
     st = path.stat()
-    out.append([str(p), st.length, int(st.mtime)])
+    if st.length <= INPUT_HASH_LIMIT:
+      out.append([str(p), digest(path)])
+    else:
+      out.append([str(p), st.length, st.mtime])
   return out
 
 
 def read_record(workdir, stage: str) -> dict | None:
+  """The stage's record, or None when there is none or it is not one the runner wrote."""
   path = record_path(workdir, stage)
   if not path.exists():
     return None
@@ -101,7 +114,11 @@ def read_record(workdir, stage: str) -> dict | None:
     record = files.read_json(path)
   except ValueError:
     return None
-  return record if isinstance(record, dict) else None
+  ok = (isinstance(record, dict) and isinstance(record.get('fingerprint'), str)
+        and isinstance(record.get('outputs'), dict))
+  if not ok:
+    logging.warning('%s: not a stage record (damaged?); its stage runs again', path)
+  return record if ok else None
 
 
 class Runner:
@@ -113,6 +130,26 @@ class Runner:
     self.say = say or (lambda line: logging.info('%s', line))
     self.ran: list[str] = []
     self.fingerprints: dict[str, str] = {}
+    self.forced: set[str] = set()
+
+  def forget(self, stage: Stage) -> None:
+    """A forced rerun: deletes (on process 0) the stage's record, outputs and scratch, so that it runs from
+    scratch and neither resumes, skips, nor copies its old outputs from the shared folder. Every process
+    calls it."""
+    self.forced.add(stage.name)
+    if not distributed.is_leader():
+      return
+    gone = []
+    for name in (record_path(self.workdir, stage.name).name, *stage.outputs, *stage.scratch):
+      path = self.workdir / name
+      if path.is_dir():
+        path.rmtree()
+      elif path.exists():
+        path.unlink()
+      else:
+        continue
+      gone.append(name)
+    self.say(f'{stage.name}: rerun requested, deleted {gone or "nothing"}')
 
   def fingerprint(self, stage: Stage, config) -> str:
     upstream = []
@@ -128,7 +165,8 @@ class Runner:
     """None when the stage's recorded outputs are current and intact, else the reason it must run."""
     record = read_record(self.workdir, stage.name)
     if record is None:
-      return 'not run yet'
+      path = record_path(self.workdir, stage.name)
+      return f'its record {path.name} is not one the runner wrote' if path.exists() else 'not run yet'
     if record.get('fingerprint') != fp:
       return f'its config, inputs or upstream outputs changed (fingerprint {record.get("fingerprint")} -> {fp})'
     recorded = record.get('outputs') or {}
@@ -145,7 +183,7 @@ class Runner:
     fp = self.fingerprint(stage, ctx.config)
     self.fingerprints[stage.name] = fp
     reason = self.why_not_current(stage, fp)
-    if reason is not None and self._from_shared(stage, fp):
+    if reason is not None and stage.name not in self.forced and self._from_shared(stage, fp):
       reason = self.why_not_current(stage, fp)
       if reason is None:
         self.say(f'{stage.name}: copied from {self.shared_dir}')
@@ -192,7 +230,7 @@ class Runner:
 
   def _to_shared(self, stage: Stage, fp: str) -> None:
     dst = self._shared(stage, fp)
-    if dst is None or (dst / 'done').exists():
+    if dst is None or (dst / 'done').exists() and stage.name not in self.forced:
       return
     for name in stage.outputs:
       files.copy_tree(self.workdir / name, dst / name)

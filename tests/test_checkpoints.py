@@ -406,6 +406,37 @@ def test_gguf_metadata_errors(tmp_path):
     gguf.cached_hf_dir(tmp_path / 'nope.gguf', os.fspath(tmp_path))
 
 
+def test_loader_errors_name_the_file(base_folder, tiny_gguf, tmp_path, monkeypatch):
+  """Issue: 'mmap length is greater than file size', 'GGUF magic invalid' and a missing tokenizer said
+  after the weights had loaded, none naming the file."""
+  cut = tmp_path / 'cut'
+  shutil.copytree(base_folder, cut)
+  with open(cut / hf.SINGLE_FILE, 'r+b') as f:
+    f.truncate(os.path.getsize(cut / hf.SINGLE_FILE) - 64)
+  with pytest.raises(ValueError, match=rf'^{cut / hf.SINGLE_FILE}: truncated: its header describes \d+ bytes, '
+                                       rf'the file has \d+'):
+    load_model(model_config(f'hf:{cut}'))
+  (tmp_path / 'fake.gguf').write_bytes(b'PK\x03\x04 a zip file')
+  with pytest.raises(ValueError, match=rf"^{tmp_path / 'fake.gguf'}: not a GGUF file \(it starts with b'PK"):
+    load_model(model_config(f'gguf:{tmp_path / "fake.gguf"}', cache_dir=os.fspath(tmp_path / 'cache')))
+  path, _ = tiny_gguf
+  (tmp_path / 'half.gguf').write_bytes(path.read_bytes()[:os.path.getsize(path) // 2])
+  with pytest.raises(ValueError, match=rf"^{tmp_path / 'half.gguf'}: not a readable GGUF file"):
+    load_model(model_config(f'gguf:{tmp_path / "half.gguf"}', cache_dir=os.fspath(tmp_path / 'cache')))
+  # No tokenizer files: said before any weight is read.
+  notok = tmp_path / 'notok'
+  notok.mkdir()
+  for name in ('config.json', hf.SINGLE_FILE):
+    shutil.copy(base_folder / name, notok / name)
+
+  def never(*args, **kwargs):
+    raise AssertionError('weights read before the tokenizer was checked')
+
+  monkeypatch.setattr(hf, 'load_params', never)
+  with pytest.raises(ValueError, match=rf'^{notok}: no tokenizer files \(none of tokenizer.json, '):
+    load_model(model_config(f'hf:{notok}'))
+
+
 # ------------------------------------------------------------------------------- LoRA export / adapters
 
 
@@ -556,6 +587,56 @@ def test_export_bf16_and_errors(base_folder, tmp_path):
   with pytest.raises(FileNotFoundError, match='no trained adapter'):
     export.export_model(model_config(f'hf:{base_folder}'), tmp_path / 'x', 'merged', workdir=tmp_path / 'untrained')
   assert not (tmp_path / 'x').exists()
+
+
+def snapshot(root):
+  """Every file (with its bytes) and folder under `root`, hidden ones included."""
+  return {p.relative_to(root): p.read_bytes() if p.is_file() else None for p in root.rglob('*')}
+
+
+def test_export_never_destroys(base_folder, tmp_path, monkeypatch):
+  """Issue: export deleted a non-empty --out, the run's own folder (its checkpoints and TensorBoard
+  events), and on `--out .` failed leaving a 517 MB temporary folder."""
+  from palr_jax.stages import export
+  spec, lora_config = model_config(f'hf:{base_folder}'), lora_section(rank=2)
+  run = tmp_path / 'W' / 'palr_v2'
+  save_like_trainer(run, tuned_model(base_folder, lora_config, seed=1)[0], lora_config)
+  (run / 'tensorboard').mkdir()
+  (run / 'tensorboard' / 'events.out.tfevents.1').write_bytes(b'events')
+  (tmp_path / 'D').mkdir()
+  (tmp_path / 'D' / 'notes.txt').write_text('mine')
+  before = snapshot(tmp_path)
+  with pytest.raises(ValueError, match=r'D exists and is not empty; pass --overwrite to replace it'):
+    export.export_model(spec, tmp_path / 'D', 'merged', workdir=run)
+  for out in (run, run / 'merged', tmp_path / 'W'):  # the run folder, inside it, holding it: even with overwrite
+    with pytest.raises(ValueError, match='would write into the run folder'):
+      export.export_model(spec, out, 'merged', workdir=run, overwrite=True)
+  monkeypatch.chdir(tmp_path / 'D')
+  for out in ('.', '..'):
+    with pytest.raises(ValueError, match='is the current directory or holds it; choose a new folder'):
+      export.export_model(spec, out, 'merged', overwrite=True)
+  assert snapshot(tmp_path) == before  # nothing deleted, no temporary folder left
+
+
+def test_a_failed_export_leaves_the_old_one_and_no_temporary_folder(base_folder, tmp_path, monkeypatch):
+  from palr_jax.hub import peft
+  from palr_jax.stages import export
+  spec, lora_config = model_config(f'hf:{base_folder}'), lora_section(rank=2)
+  save_like_trainer(tmp_path / 'run', tuned_model(base_folder, lora_config, seed=1)[0], lora_config)
+  export.export_model(spec, tmp_path / 'merged', 'merged')
+  export.export_model(spec, tmp_path / 'peft', 'peft', workdir=tmp_path / 'run')
+  before = snapshot(tmp_path)
+
+  def full_disk(folder, *args, **kwargs):
+    (folder / 'partial.bin').write_bytes(b'half a tensor')
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(hf, 'save_safetensors', full_disk)
+  monkeypatch.setattr(peft, 'save_adapter', full_disk)
+  for out, fmt, workdir in (('merged', 'merged', ''), ('new', 'merged', ''), ('peft', 'peft', tmp_path / 'run')):
+    with pytest.raises(OSError, match='No space left'):
+      export.export_model(spec, tmp_path / out, fmt, workdir=workdir, overwrite=True)
+  assert snapshot(tmp_path) == before
 
 
 def test_trained_adapter_restores_onto_mesh(base_folder, tmp_path):

@@ -321,6 +321,74 @@ def test_min_history_drops_and_logs(caplog):
     I.leave_one_out(short)
 
 
+def timed_events(rows):
+  """Events from (user, item, timestamp) rows, in file order."""
+  users, items, times = zip(*rows)
+  return I._events('mem', list(users), list(items), None, np.array(times, np.float64), {}, {}, {})
+
+
+def test_duplicate_rows_are_one_event(tmp_path, caplog):
+  """Issue: every row of a RecBole .inter written twice kept both copies, so the test target was the
+  valid target for half the users (test HR@10 0.083 -> 0.800)."""
+  header, *rows = RECBOLE_INTER.splitlines()
+  doubled = '\n'.join([header] + [r for r in rows for _ in (0, 1)]) + '\n'
+  once = I.load(toy_recbole(tmp_path / 'once'))
+  with caplog.at_level(logging.WARNING):
+    twice = I.load(toy_recbole(tmp_path / 'twice', inter=doubled))
+  assert 'toy: dropped 7 duplicate rows of' in caplog.text
+  assert [item_seq(twice, u) for u in range(2)] == [item_seq(once, u) for u in range(2)]
+  split = I.leave_one_out(twice)
+  assert not (split.valid == split.test).any()
+  # The same user and item at another time is a repeat, not a duplicate: kept (repeats='keep').
+  inter = I.to_interactions(timed_events([('A', 'x', 1), ('A', 'y', 2), ('A', 'x', 3), ('A', 'x', 3)]),
+                            name='r', rating_threshold=0, k_core=0, min_history=0)
+  assert item_seq(inter, 0) == ['x', 'y', 'x']
+
+
+def test_repeats_drop_targets():
+  rows = [('A', 'a', 1), ('A', 'b', 2), ('A', 'a', 3), ('A', 'c', 4), ('A', 'b', 5), ('A', 'd', 6),
+          ('A', 'a', 7),                                  # first consumptions a b c d: valid c, test d
+          ('B', 'x', 1), ('B', 'y', 2), ('B', 'x', 3), ('B', 'x', 4),   # valid x, test y: two events left
+          ('C', 'p', 1), ('C', 'p', 2), ('C', 'q', 3), ('C', 'r', 4)]   # no repeat after p
+  kept = I.to_interactions(timed_events(rows), name='r', rating_threshold=0, k_core=0, min_history=2)
+  assert [item_seq(kept, u) for u in range(3)] == [['a', 'b', 'a', 'c', 'b', 'd', 'a'], ['x', 'y', 'x', 'x'],
+                                                   ['p', 'p', 'q', 'r']]
+  dropped = I.to_interactions(timed_events(rows), name='r', rating_threshold=0, k_core=0, min_history=2,
+                              repeats='drop_targets')
+  # Repeats before the valid target stay (A's second a, C's second p); those after it go.
+  assert [item_seq(dropped, u) for u in range(3)] == [['a', 'b', 'a', 'c', 'd'], ['x', 'y'], ['p', 'p', 'q', 'r']]
+  three = I.to_interactions(timed_events(rows), name='r', rating_threshold=0, k_core=0, min_history=3,
+                            repeats='drop_targets')
+  split = I.leave_one_out(three)  # B, left with two events, is dropped by min_history
+  assert list(three.user_ids) == ['A', 'C']
+  assert [three.item_ids[i] for i in split.valid] == ['c', 'q']
+  assert [three.item_ids[i] for i in split.test] == ['d', 'r']
+  for u, (valid, test) in enumerate(zip(split.valid, split.test)):  # targets are first consumptions
+    assert valid not in split.train[u] and test not in split.train[u] and valid != test
+  with pytest.raises(I.DataError, match=r'mem: no interactions left after filtering'):
+    I.to_interactions(timed_events(rows), name='r', rating_threshold=0, k_core=0, min_history=9,
+                      repeats='drop_targets')
+  with pytest.raises(I.DataError, match=r"config.data.repeats='drop'"):
+    I.to_interactions(timed_events(rows), name='r', rating_threshold=0, k_core=0, min_history=2, repeats='drop')
+
+
+def test_utf8_byte_order_mark(tmp_path):
+  bom = '\ufeff'
+  plain = I.load(toy_recbole(tmp_path / 'plain'))
+  marked = I.load(toy_recbole(tmp_path / 'bom', inter=bom + RECBOLE_INTER, item=bom + RECBOLE_ITEM,
+                              user=bom + RECBOLE_USER))
+  assert [item_seq(marked, u) for u in range(2)] == [item_seq(plain, u) for u in range(2)]
+  assert marked.titles == plain.titles and list(marked.user_features['age']) == ['24', '53']
+  # A GroupLens file (latin-1) with a UTF-8 byte-order mark is UTF-8.
+  cfg = toy_ml100k(tmp_path / 'ml')
+  write(tmp_path / 'ml' / 'u.data', bom + (tmp_path / 'ml' / 'u.data').read_text())
+  items = (tmp_path / 'ml' / 'u.item').read_bytes().decode('latin-1')
+  write(tmp_path / 'ml' / 'u.item', bom + items, encoding='utf-8')
+  inter = I.load(cfg)
+  np.testing.assert_array_equal(inter.user_ids, ['1', '2'])
+  assert inter.titles == ['Misérables, Les (1995)', 'Café au lait (1993)']
+
+
 def test_nothing_left_after_filtering(tmp_path):
   cfg = toy_recbole(tmp_path)
   cfg.k_core = 10

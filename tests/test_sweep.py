@@ -165,11 +165,10 @@ def test_launch_commands_exact():
 
 
 def test_cli_emits_unfinished_points_and_collects(tmp_path):
-  (tmp_path / 'cfg.py').write_text(
-      'import ml_collections\n'
+  (tmp_path / 'cfg.py').write_text(  # every point is checked (palr_jax/validate.py) before it is launched
+      'from palr_jax import defaults\n'
       'def get_config(arg=""):\n'
-      '  c = ml_collections.ConfigDict()\n  c.seed = 0\n'
-      '  c.lora = ml_collections.ConfigDict({"rank": 8, "alpha": 16.0, "targets": ("q",)})\n'
+      '  c = defaults.get_config()\n  c.lora.rank = 8\n'
       '  return c\n')
   (tmp_path / 'sw.py').write_text(
       f'from palr_jax.tools.sweep import axis\nBASE_CONFIG = "{tmp_path}/cfg.py"\n'

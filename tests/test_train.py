@@ -269,3 +269,35 @@ def test_overfits_eight_pairs_and_leaves_the_base_untouched(tmp_path):
     np.testing.assert_array_equal(np.asarray(after[k]), v, err_msg=k)
   trained = train_step.lora_values(nnx.state(model, nnx.LoRAParam))
   assert all(not np.array_equal(trained[k], adapters[k]) for k in trained if k.endswith('lora_b'))
+
+
+def test_restore_errors_are_one_line(tmp_path, capfd):
+  """Issue: lora.rank=4 died in an orbax shape error under dozens of lines; a truncated chunk ended in a
+  TensorStore spec dump. Both are now one line naming the checkpoint (and the key that changed)."""
+  examples = tc.synthetic_examples(8, 16)
+  config = tc.tiny_config((8, 1, 1), num_steps=2)
+  loop.train(config, tmp_path, tc.tiny_model(config), tc.ArrayIterator(examples, 8))
+  other = tc.tiny_config((8, 1, 1), num_steps=4)
+  other.lora.rank = 2
+  with pytest.raises(ValueError) as e:
+    loop.train(other, tmp_path, tc.tiny_model(other), tc.ArrayIterator(examples, 8))
+  assert str(e.value) == (
+      f'{tmp_path}/checkpoints/2: its LoRA adapters do not fit this model (layers.0.self_attn.q_proj.lora_a: '
+      'stored (32, 4), this model (32, 2)); config.lora.rank was 4 when it was written, is 2 now; a changed '
+      'lora/model option needs a fresh run folder or --rerun of its stage')
+  assert 'Traceback' not in capfd.readouterr().err  # found before orbax starts reading: no thread noise
+  # The adapters alone (what ranking and export read) fail the same way, without the config to compare.
+  model = tc.tiny_model(other)
+  with pytest.raises(ValueError, match=r'checkpoints/2: its LoRA adapters do not fit this model \(layers.0'):
+    checkpointing._restore_adapters(model, tmp_path / 'checkpoints', 2)  # pylint: disable=protected-access
+
+  for chunk in (tmp_path / 'checkpoints' / '2' / 'state' / 'd').iterdir():  # cut every data chunk in half
+    with open(chunk, 'r+b') as f:
+      f.truncate(os.path.getsize(chunk) // 2)
+  with pytest.raises(ValueError) as e:
+    loop.train(tc.tiny_config((8, 1, 1), num_steps=4), tmp_path, tc.tiny_model(config), tc.ArrayIterator(examples, 8))
+  message = str(e.value)
+  assert message.startswith(f'{tmp_path}/checkpoints/2: cannot read this checkpoint (') and '\n' not in message
+  assert 'is not valid for value of size' in message and 'tensorstore_spec' not in message
+  assert message.endswith('it is damaged or incomplete: delete its step folder to resume from an earlier '
+                          'checkpoint, or rerun the stage from scratch (palr_jax.main --rerun STAGE)')

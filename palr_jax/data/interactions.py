@@ -20,10 +20,25 @@ Conventions that decide results:
     checked in tests/test_interactions.py). Amazon timestamps have day resolution, so ties there are
     common too. TFDS row order is the order of the prepared records, not the GroupLens file order.
   * Timestamps are sorted on their exact parsed values and stored as int64 (fractions floored).
+  * Duplicates: rows with the same user, item and timestamp are one event; every copy after the first is
+    dropped (the log says how many) before anything else. A file with every row written twice reads as
+    the file once; kept, the copies would make a user's test target equal their valid target.
+  * Repeat consumption, the same user and item at a later time (`config.data.repeats`):
+      keep          (default) every event stays; a repeat may be the valid or the test target. The
+                    retriever ranks the catalog minus the history, so a repeat target is not masked
+                    (docs/ARCHITECTURE.md), and no reranker can learn it from the candidates.
+      drop_targets  the valid and test targets are each user's last two first consumptions: a repeat
+                    that comes after the valid target's first consumption is dropped. Repeats before it
+                    stay in train, as the history the user had; dropping (not keeping) the later ones
+                    keeps train strictly before the valid target in time, and a repeat of the valid item
+                    between valid and test would otherwise put the valid target into the test history.
+                    Users left with too few events are then dropped by the filters below.
   * Filtering: keep rating >= `rating_threshold` (0 keeps all), then drop users with fewer than
     max(`k_core`, `min_history`) events and items with fewer than `k_core` events, repeated until
     nothing changes. `leave_one_out` needs 3 events per user, so configs use `min_history >= 3`.
   * The catalog is the items that keep at least one event; metadata of other items is ignored.
+  * Text files may start with a UTF-8 byte-order mark; a GroupLens file (latin-1) that has one is read
+    as UTF-8, which the mark says it is.
 
 Bad input raises `DataError` naming the file and, where there is one, the line (`path:line: ...`).
 """
@@ -42,6 +57,8 @@ from absl import logging
 import numpy as np
 
 SOURCES = ('recbole', 'ml-100k', 'ml-1m', 'amazon', 'tfds')
+REPEATS = ('keep', 'drop_targets')
+_BOM = b'\xef\xbb\xbf'
 
 # RecBole's FeatureType values; `*_seq` fields are space-separated.
 RECBOLE_TYPES = ('token', 'token_seq', 'float', 'float_seq')
@@ -106,11 +123,12 @@ class Events:
 
 
 def load(data_config) -> Interactions:
-  """Reads `data_config.source`, filters (threshold, k-core, min_history) and indexes it."""
+  """Reads `data_config.source`, drops duplicates, filters (threshold, repeats, k-core, min_history) and
+  indexes it."""
   return to_interactions(
       read_events(data_config), name=data_config.name,
       rating_threshold=float(data_config.rating_threshold), k_core=int(data_config.k_core),
-      min_history=int(data_config.min_history))
+      min_history=int(data_config.min_history), repeats=data_config.repeats)
 
 
 def read_events(data_config) -> Events:
@@ -132,22 +150,25 @@ def read_events(data_config) -> Events:
 
 
 def source_files(data_config) -> list[str]:
-  """The files `read_events` reads for this config (those that exist, the interaction file always), so
-  that a stage's fingerprint can see them change."""
+  """The files `read_events` reads for this config: the required ones always (validate.py checks that
+  they exist before anything runs), the optional user file when it exists; a stage's fingerprint hashes
+  them, so it sees them change."""
   source, path, name = data_config.source, data_config.path, data_config.name
   if source == 'recbole':
     base = path or embedded_ml100k_dir()
     prefix = os.path.join(base, name) if os.path.isdir(base) else base
-    files = [prefix + ext for ext in ('.inter', '.item', '.user')]
+    required, optional = [prefix + '.inter', prefix + '.item'], prefix + '.user'
   elif source == 'ml-100k':
-    files = [os.path.join(path, f) for f in ('u.data', 'u.item', 'u.user')]
+    required, optional = [os.path.join(path, f) for f in ('u.data', 'u.item')], os.path.join(path, 'u.user')
   elif source == 'ml-1m':
-    files = [os.path.join(path, f) for f in ('ratings.dat', 'movies.dat', 'users.dat')]
+    required = [os.path.join(path, f) for f in ('ratings.dat', 'movies.dat')]
+    optional = os.path.join(path, 'users.dat')
   elif source == 'amazon':
-    files = [os.path.join(path, f'reviews_{name}_5.json.gz'), os.path.join(path, f'meta_{name}.json.gz')]
+    required = [os.path.join(path, f'reviews_{name}_5.json.gz'), os.path.join(path, f'meta_{name}.json.gz')]
+    optional = None
   else:  # tfds: identified by name and data_dir, which the fingerprint hashes
     return []
-  return [f for i, f in enumerate(files) if i == 0 or os.path.exists(f)]
+  return required + ([optional] if optional and os.path.exists(optional) else [])
 
 
 def leave_one_out(inter: Interactions) -> Split:
@@ -178,11 +199,16 @@ def embedded_ml100k_dir() -> str:
 
 
 def to_interactions(events: Events, *, name: str, rating_threshold: float, k_core: int,
-                    min_history: int) -> Interactions:
-  """Filters `events` and builds dense, time-ordered per-user sequences."""
+                    min_history: int, repeats: str = 'keep') -> Interactions:
+  """Drops duplicate rows, filters `events` and builds dense, time-ordered per-user sequences."""
   if not len(events.users):
     raise DataError(f'{events.path}: no interactions')
-  keep = np.ones(len(events.users), bool)
+  if repeats not in REPEATS:
+    raise DataError(f'config.data.repeats={repeats!r}: expected one of {REPEATS}')
+  keep = ~_duplicates(events.users, events.items, events.timestamps)
+  if not keep.all():
+    logging.warning('%s: dropped %d duplicate rows of %s (same user, item and timestamp as an earlier row)',
+                    name, (~keep).sum(), events.path)
   if rating_threshold > 0:
     if events.ratings is None:
       raise DataError(f'{events.path}: the source has no ratings, cannot apply '
@@ -190,7 +216,16 @@ def to_interactions(events: Events, *, name: str, rating_threshold: float, k_cor
     keep &= events.ratings >= rating_threshold
     logging.info('%s: rating >= %g keeps %d of %d interactions', name, rating_threshold, keep.sum(),
                  len(keep))
-  keep = _core_filter(events.users, events.items, keep, max(k_core, min_history), k_core, name)
+  while True:  # each filter can make the other drop more: repeat until nothing changes
+    keep = _core_filter(events.users, events.items, keep, max(k_core, min_history), k_core, name)
+    if repeats == 'keep' or not keep.any():
+      break
+    kept = keep & ~_late_repeats(events.users, events.items, events.timestamps, keep)
+    if (kept == keep).all():
+      break
+    logging.info('%s: repeats=drop_targets dropped %d repeat events after users\' valid targets', name,
+                 keep.sum() - kept.sum())
+    keep = kept
   rows = np.flatnonzero(keep)
   if not rows.size:
     raise DataError(f'{events.path}: no interactions left after filtering (rating_threshold='
@@ -239,6 +274,35 @@ def _core_filter(users, items, keep, user_min, item_min, name):
   return keep
 
 
+def _duplicates(users, items, times) -> np.ndarray:
+  """[N] bool: the row repeats an earlier row's user, item and timestamp."""
+  order = np.lexsort((np.arange(len(users)), times, items, users))
+  u, i, t = users[order], items[order], times[order]
+  same = np.zeros(len(order), bool)
+  same[1:] = (u[1:] == u[:-1]) & (i[1:] == i[:-1]) & (t[1:] == t[:-1])
+  out = np.zeros(len(order), bool)
+  out[order] = same
+  return out
+
+
+def _late_repeats(users, items, times, keep) -> np.ndarray:
+  """[N] bool: kept rows that repeat an item their user had before and come after the user's second-last
+  first consumption (the valid target), in the time order `to_interactions` uses."""
+  rows = np.flatnonzero(keep)
+  order = rows[np.lexsort((rows, times[rows], users[rows]))]
+  u = users[order]
+  first = np.zeros(len(order), bool)
+  first[np.unique(u * (items.max() + 1) + items[order], return_index=True)[1]] = True
+  starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])
+  sizes = np.diff(np.r_[starts, len(order)])
+  counts = np.cumsum(first)                               # first consumptions up to each row, all users
+  last = np.repeat(counts[starts + sizes - 1], sizes)     # ... up to the row's user's last row
+  after = last - (counts - first)                         # the user's first consumptions at or after the row
+  out = np.zeros(len(users), bool)
+  out[order[~first & (after <= 1)]] = True
+  return out
+
+
 def _distinct(codes: np.ndarray, mask: np.ndarray) -> int:
   return int(np.count_nonzero(np.bincount(codes[mask])))
 
@@ -264,15 +328,18 @@ def _user_feature_arrays(features: dict[str, dict[str, str]], user_ids: np.ndarr
 _UNIT = '\x1f'  # ASCII unit separator: stands in for a multi-character field separator
 
 
-def _read_bytes(path: str) -> bytes:
-  """The file's bytes with CRLF -> LF and trailing newlines dropped; missing -> DataError."""
+def _read_bytes(path: str, encoding: str = 'utf-8') -> tuple[bytes, str]:
+  """(the file's bytes with a byte-order mark, CRLF -> LF and trailing newlines dropped, its encoding:
+  `encoding`, or UTF-8 when the file starts with a UTF-8 byte-order mark); missing -> DataError."""
   if not os.path.isfile(path):
     raise DataError(f'{path}: file not found')
   with open(path, 'rb') as f:
     raw = f.read()
+  if raw.startswith(_BOM):
+    raw, encoding = raw[len(_BOM):], 'utf-8'
   if b'\r' in raw:
     raw = raw.replace(b'\r\n', b'\n')
-  return raw.rstrip(b'\n')
+  return raw.rstrip(b'\n'), encoding
 
 
 def _decode(raw: bytes, encoding: str, path: str, first_line: int) -> str:
@@ -309,6 +376,12 @@ def _columns(raw: bytes, sep: str, num_fields: int, encoding: str, path: str,
                     f'found {fields[j]}')
   flat = _decode(raw, encoding, path, first_line).replace(unit, '\n').split('\n')
   return [flat[j::num_fields] for j in range(num_fields)]
+
+
+def _table(path: str, sep: str, num_fields: int) -> list[list[str]]:
+  """A GroupLens file's columns (latin-1 unless it starts with a UTF-8 byte-order mark)."""
+  raw, encoding = _read_bytes(path, 'latin-1')
+  return _columns(raw, sep, num_fields, encoding, path, 1)
 
 
 def _numbers(values: list[str], what: str, path: str, first_line: int) -> np.ndarray:
@@ -377,11 +450,12 @@ def read_recbole(path: str, name: str) -> Events:
 
 def _recbole_table(path: str, required: tuple[str, ...]) -> dict[str, list[str]]:
   """A RecBole atomic file as {column: values}; the header types each column `name:type`."""
-  header, _, body = _read_bytes(path).partition(b'\n')
+  raw, encoding = _read_bytes(path)
+  header, _, body = raw.partition(b'\n')
   if not header:
     raise DataError(f'{path}:1: empty header, expected tab-separated "name:type" columns')
   names = []
-  for field in _decode(header, 'utf-8', path, 1).split('\t'):
+  for field in _decode(header, encoding, path, 1).split('\t'):
     column, _, kind = field.partition(':')
     if kind not in RECBOLE_TYPES:
       raise DataError(f'{path}:1: column {field!r} must be "name:type" with type in {RECBOLE_TYPES}')
@@ -389,7 +463,7 @@ def _recbole_table(path: str, required: tuple[str, ...]) -> dict[str, list[str]]
   missing = [c for c in required if c not in names]
   if missing:
     raise DataError(f'{path}:1: missing required column(s) {missing}; header has {names}')
-  return dict(zip(names, _columns(body, '\t', len(names), 'utf-8', path, 2)))
+  return dict(zip(names, _columns(body, '\t', len(names), encoding, path, 2)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -399,16 +473,16 @@ def _recbole_table(path: str, required: tuple[str, ...]) -> dict[str, list[str]]
 def read_ml100k(directory: str) -> Events:
   """ML-100K: `u.data` (user item rating ts, tabs), `u.item` (`|`, 19 genre flags), `u.user`."""
   data_path = os.path.join(directory, 'u.data')
-  user, item, rating, ts = _columns(_read_bytes(data_path), '\t', 4, 'latin-1', data_path, 1)
+  user, item, rating, ts = _table(data_path, '\t', 4)
   item_path = os.path.join(directory, 'u.item')
-  item_cols = _columns(_read_bytes(item_path), '|', 5 + len(ML100K_GENRES), 'latin-1', item_path, 1)
+  item_cols = _table(item_path, '|', 5 + len(ML100K_GENRES))
   flags = np.stack([_numbers(c, 'genre flag', item_path, 1) for c in item_cols[5:]], axis=1)
   genres = {i: tuple(g for g, f in zip(ML100K_GENRES, row) if f)
             for i, row in zip(item_cols[0], flags.tolist())}
   user_features = {}
   user_path = os.path.join(directory, 'u.user')
   if os.path.exists(user_path):
-    cols = _columns(_read_bytes(user_path), '|', 5, 'latin-1', user_path, 1)
+    cols = _table(user_path, '|', 5)
     for u, age, gender, occupation, zip_code in zip(*cols):
       user_features[u] = dict(age=age, gender=gender, occupation=occupation, zip_code=zip_code)
   return _events(data_path, user, item, _numbers(rating, 'rating', data_path, 1),
@@ -419,13 +493,13 @@ def read_ml100k(directory: str) -> Events:
 def read_ml1m(directory: str) -> Events:
   """ML-1M: `ratings.dat`, `movies.dat` (genres `|`-joined), `users.dat`; `::`-separated, latin-1."""
   data_path = os.path.join(directory, 'ratings.dat')
-  user, item, rating, ts = _columns(_read_bytes(data_path), '::', 4, 'latin-1', data_path, 1)
+  user, item, rating, ts = _table(data_path, '::', 4)
   movie_path = os.path.join(directory, 'movies.dat')
-  movie, title, genre = _columns(_read_bytes(movie_path), '::', 3, 'latin-1', movie_path, 1)
+  movie, title, genre = _table(movie_path, '::', 3)
   user_features = {}
   user_path = os.path.join(directory, 'users.dat')
   if os.path.exists(user_path):
-    cols = _columns(_read_bytes(user_path), '::', 5, 'latin-1', user_path, 1)
+    cols = _table(user_path, '::', 5)
     ages = _numbers(cols[2], 'age', user_path, 1)
     occupations = _numbers(cols[3], 'occupation', user_path, 1)
     for j, (u, gender, zip_code) in enumerate(zip(cols[0], cols[1], cols[4])):
@@ -485,7 +559,7 @@ def _gzip_lines(path: str):
   if not os.path.isfile(path):
     raise DataError(f'{path}: file not found')
   try:
-    with gzip.open(path, 'rt', encoding='utf-8') as f:
+    with gzip.open(path, 'rt', encoding='utf-8-sig') as f:  # a byte-order mark is skipped
       for n, line in enumerate(f, 1):
         if line.strip():
           yield n, line

@@ -140,7 +140,7 @@ def read_candidates(path, split, which: str) -> Candidates:
       expected, key = int(getattr(split, which)[u]), u
     if target != expected:
       raise ValueError(f'{where}: target {target} but the split says {expected}; the candidates are '
-                       'stale for this data config: rerun the retriever')
+                       'stale for this data config: rerun the retriever (palr_jax.main ... --rerun retriever)')
     rows[key] = np.asarray(row['items'], np.int64)
   return Candidates(str(path), which, rows)
 
@@ -158,7 +158,8 @@ def _fields(template: str) -> set[str]:
   return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
 
 
-def _check_config(cfg, tasks: Sequence[str]) -> None:
+def check_config(cfg, tasks: Sequence[str]) -> None:
+  """`config.prompts` (templates, sizes, choices) for `tasks`; also run before any compute (validate.py)."""
   required = {
       'recommend': {'history'}, 'recommend_retrieval': {'history', 'candidates'},
       'recommend_response': {'title'}, 'recommend_retrieval_response': {'tag', 'title'},
@@ -214,7 +215,7 @@ class PromptBuilder:
 
   def __init__(self, config, inter, tokenizer, tasks: Sequence[str] = TASKS):
     cfg = config.prompts
-    _check_config(cfg, tasks)
+    check_config(cfg, tasks)
     self.cfg, self.tokenizer, self.seed, self.tasks = cfg, tokenizer, int(config.seed), tuple(tasks)
     self.num_candidates = int(config.retriever.num_candidates)
     self.titles = [cut_title(t or f'item {i}', tokenizer, cfg.max_title_tokens)

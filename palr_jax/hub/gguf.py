@@ -52,6 +52,30 @@ _PRE_TOKENIZERS = {
 _TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED = 3, 4
 
 
+MAGIC = b'GGUF'
+
+
+def check_file(path) -> None:
+  """Raises naming `path` when it is missing or not a GGUF file (its first four bytes), reading nothing else."""
+  path = epath.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'{path}: GGUF file not found')
+  with path.open('rb') as f:
+    head = f.read(len(MAGIC))
+  if head != MAGIC:
+    raise ValueError(f'{path}: not a GGUF file (it starts with {head!r}, a GGUF with {MAGIC!r})')
+
+
+def open_reader(path) -> gguf.GGUFReader:
+  """The file's GGUFReader; a missing, foreign or damaged file is one error naming it."""
+  check_file(path)
+  try:
+    return gguf.GGUFReader(os.fspath(path))
+  except (ValueError, OSError, IndexError, KeyError) as e:
+    reason = str(e).splitlines()[0] if str(e) else ''
+    raise ValueError(f'{path}: not a readable GGUF file ({type(e).__name__}: {reason})') from None
+
+
 def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
   """All key/value fields as Python values (strings, numbers, lists)."""
   return {name: field.contents() for name, field in reader.fields.items()
@@ -217,7 +241,7 @@ def convert(gguf_path, out_dir, max_shard_bytes: int = 2 << 30, replace: bool = 
 
   `replace=False` keeps an `out_dir` that appeared meanwhile (another process converted first)."""
   gguf_path = epath.Path(gguf_path)
-  reader = gguf.GGUFReader(os.fspath(gguf_path))
+  reader = open_reader(gguf_path)
   metadata = read_metadata(reader)
   has_output = any(t.name == 'output.weight' for t in reader.tensors)
   config = hf_config_from_metadata(metadata, gguf_path, has_output)
@@ -243,8 +267,7 @@ def cache_dir_for(gguf_path, cache_root: str = '') -> epath.Path:
 
 def cached_hf_dir(gguf_path, cache_root: str = '') -> epath.Path:
   """The converted HF folder for `gguf_path`, converting on first use."""
-  if not epath.Path(gguf_path).exists():
-    raise FileNotFoundError(f'{gguf_path}: GGUF file not found')
+  check_file(gguf_path)
   out = cache_dir_for(gguf_path, cache_root)
   if not (out / 'config.json').exists():
     convert(gguf_path, out, replace=False)

@@ -119,7 +119,14 @@ def stored_tensors(folder) -> dict[str, StoredTensor]:
     raise FileNotFoundError(f'{folder}: neither {SINGLE_FILE} nor {INDEX_FILE} found')
   out = {}
   for file in shards:
+    if not (folder / file).exists():
+      raise FileNotFoundError(f'{folder / INDEX_FILE}: names {file}, which is not in {folder}')
     header, start = _header(folder / file)
+    size = (folder / file).stat().length
+    needed = start + max((info['data_offsets'][1] for info in header.values()), default=0)
+    if size < needed:
+      raise ValueError(f'{folder / file}: truncated: its header describes {needed} bytes, the file has '
+                       f'{size} (an interrupted download or copy?)')
     for name, info in header.items():
       if info['dtype'] not in _DTYPES:
         raise ValueError(f'{folder / file}: tensor {name!r} is {info["dtype"]}; expected one of '
@@ -206,10 +213,23 @@ def load_params(folder, config: llama.LlamaConfig, mesh: Mesh | None = None, rul
   return params
 
 
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer.model', 'vocab.json')
+
+
+def check_tokenizer_files(folder) -> None:
+  """Raises naming the folder when it holds none of the files a tokenizer is read from (checked before
+  any weight is loaded: a model without its tokenizer is of no use here)."""
+  folder = epath.Path(folder)
+  if not any((folder / name).exists() for name in TOKENIZER_FILES):
+    raise ValueError(f'{folder}: no tokenizer files (none of {", ".join(TOKENIZER_FILES)}); copy the '
+                     "checkpoint's tokenizer files there (save_pretrained writes tokenizer.json)")
+
+
 def load_tokenizer(folder):
   """The folder's tokenizer (local files only; no remote code); a folder without a usable one is one
   error naming it."""
   from transformers import AutoTokenizer
+  check_tokenizer_files(folder)
   try:
     return AutoTokenizer.from_pretrained(os.fspath(folder), local_files_only=True, trust_remote_code=False)
   except (ValueError, OSError) as e:
@@ -243,7 +263,10 @@ def atomic_dir(path, replace: bool = True) -> Iterator[epath.Path]:
     old = path.parent / f'.{path.name}.old-{uuid.uuid4().hex[:8]}'
     path.rename(old)
     tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_dir():
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      old.unlink()
   else:
     tmp.rename(path)
 

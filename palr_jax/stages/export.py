@@ -103,11 +103,10 @@ def export_model(model_config, out, fmt: str, *, workdir='', step: int | None = 
     source, lora_config = checkpointing.apply_trained_adapter(model, workdir, step, mesh=mesh, rules=rules)
   base = load.hf_folder(model_config)
   if fmt == 'peft':
-    if jax.process_index() == 0:
-      if out.is_dir():
-        out.rmtree()   # only reached with overwrite, or when empty
-      elif out.exists():
-        out.unlink()
+    if jax.process_index() == 0 and _local(out):
+      with hf.atomic_dir(out) as tmp:  # replaces `out` (overwrite, or empty) only once the adapter is written
+        peft.save_adapter(tmp, model, lora_config, str(base))
+    elif jax.process_index() == 0:  # an object store: each file is written whole and moved into place
       peft.save_adapter(out, model, lora_config, str(base))
     return source
   params = lora.merged_params(model) if workdir else {p: v.value for p, v in llama.named_params(model).items()}

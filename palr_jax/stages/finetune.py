@@ -29,14 +29,10 @@ from palr_jax import sharding
 from palr_jax.data import pipeline
 from palr_jax.train import checkpointing
 from palr_jax.train import loop
+from palr_jax.validate import trained_variants  # noqa: F401 - also read from here by report
 
 HASHES = ('seed', 'prompts', 'retriever.num_candidates', 'model.spec', 'model.dtype', 'model.param_dtype',
           'model.remat', 'model.attention', 'lora', 'train', 'batching', 'mesh')
-
-
-def trained_variants(config) -> list[str]:
-  """The variants that are fine-tuned (they have training tasks), in config order."""
-  return [name for name, v in config.variants.items() if tuple(v.tasks)]
 
 
 def declare(config) -> list[runner.Stage]:
@@ -45,7 +41,7 @@ def declare(config) -> list[runner.Stage]:
       hashes=HASHES + (f'variants.{variant}.tasks', f'variants.{variant}.task_repeats'),
       upstream=('retriever', 'profiles'),
       outputs=(f'{variant}/checkpoints', f'{variant}/{checkpointing.ADAPTERS}', f'{variant}/tensorboard'),
-      processes=runner.COLLECTIVE,
+      processes=runner.COLLECTIVE, scratch=('examples', f'{variant}/run.json'),
       what='process 0 writes the examples once; then every process feeds its rows of each global batch '
            'to the step on the global mesh')
       for variant in trained_variants(config)]

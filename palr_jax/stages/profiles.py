@@ -22,7 +22,6 @@ from palr_jax.data import profiles as lib
 from palr_jax.hub import load
 from palr_jax.model import decode
 
-KINDS = ('llm', 'stats')
 PARTS = 'profiles.parts'
 
 
@@ -35,7 +34,7 @@ def declare(config) -> runner.Stage:
     inputs += (str(source.path / 'config.json') if source.kind == 'hf' else str(source.path),)
   return runner.Stage(
       name='profiles', run=run, merge=merge, hashes=hashes, outputs=('profiles.jsonl',),
-      processes=runner.SHARDED, inputs=inputs,
+      processes=runner.SHARDED, inputs=inputs, scratch=(PARTS,),
       what='every process writes the profiles of its share of the users on its own devices; process 0 '
            'joins the parts')
 
@@ -58,8 +57,8 @@ def finished(ctx) -> dict[int, dict]:
 def run(ctx) -> None:
   config = ctx.config
   cfg = config.profiles
-  if cfg.kind not in KINDS:
-    raise ValueError(f'config.profiles.kind = {cfg.kind!r}: expected one of {KINDS}')
+  if cfg.kind not in lib.KINDS:
+    raise ValueError(f'config.profiles.kind = {cfg.kind!r}: expected one of {lib.KINDS}')
   lib.check_template(cfg)
   if cfg.kind == 'stats':
     if distributed.is_leader():

@@ -61,7 +61,7 @@ def declare(config) -> runner.Stage:
               'model.spec', 'model.dtype', 'model.param_dtype', 'batching.length_buckets',
               *(f'variants.{m}' for m in methods)),
       upstream=('retriever', 'profiles', *(f'finetune_{m}' for m in trained)), outputs=('rankings.json',),
-      processes=runner.SHARDED,
+      processes=runner.SHARDED, scratch=(PARTS,),
       inputs=(str(source.path / 'config.json') if source.kind == 'hf' else str(source.path),),
       what='every process ranks its share of the evaluation users on its own devices; process 0 joins the '
            'parts')

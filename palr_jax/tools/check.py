@@ -22,9 +22,7 @@ import json
 import math
 import os
 import re
-import sys
 
-from absl import app
 from absl import flags
 from etils import epath
 from flax import nnx
@@ -33,7 +31,9 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, NamedSharding
 from ml_collections import config_flags
 
+from palr_jax import cli
 from palr_jax import sharding
+from palr_jax import validate
 from palr_jax.hub import gguf as gguf_lib
 from palr_jax.hub import load
 from palr_jax.model import llama
@@ -114,8 +114,7 @@ def model_shape(model_config, hf_config: str | None = None) -> tuple[llama.Llama
   else:
     kind, path = load.model_source(model_config.spec)
     if kind == 'gguf':
-      import gguf
-      reader = gguf.GGUFReader(os.fspath(path))
+      reader = gguf_lib.open_reader(path)
       has_output = any(t.name == 'output.weight' for t in reader.tensors)
       hf = gguf_lib.hf_config_from_metadata(gguf_lib.read_metadata(reader), path, has_output)
       source = f'GGUF metadata of {path}'
@@ -338,22 +337,20 @@ def _define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv
   jax.config.update('jax_platforms', 'cpu')  # Shapes only: never claim the host's accelerators.
   FLAGS = flags.FLAGS
   config = FLAGS.config
+  validate.check_config(config)  # the mesh and the model are checked against --devices, not this host
   try:
     devices = parse_devices(FLAGS.devices, FLAGS['device-memory-gib'].value)
     report = check(config, devices, hf_config=FLAGS['hf-config'].value,
                    usable_fraction=FLAGS['usable-fraction'].value)
   except (ValueError, FileNotFoundError) as e:
-    print(f'palr_jax.check: {e}', file=sys.stderr)
-    return 2
+    raise validate.ConfigError(str(e)) from None
   print(format_report(report, config))
   return 0 if report.fits else 1
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  cli.run(main, _define_flags)

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import os
 
-from absl import app
 from absl import flags
+from etils import epath
 from ml_collections import config_flags
 
+from palr_jax import cli
 from palr_jax import defaults
+from palr_jax import validate
 from palr_jax.stages import export
 
 def _define_flags() -> None:
@@ -38,22 +40,24 @@ def _define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv
   f = flags.FLAGS
+  validate.check_config(f.config)
+  validate.check_model(f.config.model)
+  if f.workdir and not epath.Path(f.workdir).is_dir():
+    raise validate.ConfigError(f'--workdir {f.workdir}: no such folder (the run folder that trained the adapter)')
   model_config = f.config.model
   model_config.param_dtype = 'float32'  # merge W + (alpha/r) A B in fp32, then cast to --dtype
-  try:
+  try:  # export_model refuses a destination it would destroy before it loads anything
     source = export.export_model(model_config, f.out, f.format, workdir=f.workdir, step=f.step,
                                  max_shard_bytes=export.parse_size(f.max_shard_size), dtype=f.dtype,
                                  overwrite=f.overwrite)
   except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from None
+    raise validate.ConfigError(str(e)) from None
   if source:
     print(f'adapter: {source}')
   print(f'wrote {f.format} export to {f.out}')
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  cli.run(main, _define_flags)

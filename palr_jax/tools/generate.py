@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import os
 
-from absl import app
 from absl import flags
+from etils import epath
 import jax
 from ml_collections import config_flags
 
+from palr_jax import cli
 from palr_jax import defaults
+from palr_jax import validate
 from palr_jax.hub import load
 from palr_jax.model import decode
 from palr_jax.train import checkpointing
@@ -59,10 +61,13 @@ def _define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv
   f = flags.FLAGS
   config = f.config
+  validate.check_config(config)
+  validate.check_model(config.model)
+  if f.workdir and not epath.Path(f.workdir).is_dir():
+    raise validate.ConfigError(f'--workdir {f.workdir}: no such folder (the run folder that trained the adapter)')
   model, tokenizer, llama_config = load.load_model(config.model)
   if f.workdir:
     source, _ = checkpointing.apply_trained_adapter(model, f.workdir)
@@ -79,5 +84,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  cli.run(main, _define_flags)

@@ -13,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 import itertools
 
-from absl import app
 from absl import flags
 from etils import epath
 from ml_collections import config_flags
 import numpy as np
 
+from palr_jax import cli
+from palr_jax import validate
 from palr_jax.data import interactions
 from palr_jax.data import profiles as profiles_lib
 from palr_jax.data import prompts
@@ -62,12 +63,17 @@ def _define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv
   f = flags.FLAGS
   config, workdir, which = f.config, epath.Path(f.workdir), f.split
+  validate.check_config(config)
   if f.variant not in config.variants:
-    raise app.UsageError(f'--variant {f.variant!r}: not in config.variants ({list(config.variants)})')
+    raise validate.ConfigError(f'--variant {f.variant!r}: not in config.variants ({list(config.variants)})')
+  if not workdir.is_dir():
+    raise validate.ConfigError(f'--workdir {workdir}: no such folder (a run of `palr_jax.main --stages '
+                               'retriever,profiles`)')
+  validate.check_data_files(config.data)
+  validate.check_model(config.model)
   variant = config.variants[f.variant]
   tasks = tuple(variant.tasks) or (variant.rank_task,)
   inter = interactions.load(config.data)
@@ -86,5 +92,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  cli.run(main, _define_flags)

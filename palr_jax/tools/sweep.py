@@ -35,7 +35,6 @@ import shlex
 import sys
 from typing import Any
 
-from absl import app
 from absl import flags
 from absl import logging
 from etils import epath
@@ -43,8 +42,11 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
+from palr_jax import cli
 from palr_jax import distributed
 from palr_jax import files
+from palr_jax import validate
+from palr_jax.cli import load_config
 
 Point = dict[str, Any]
 Runner = Callable[..., Any]
@@ -125,17 +127,6 @@ def point_name(point: Point) -> str:
 
 def _format_value(v: Any) -> str:
   return v if isinstance(v, str) else repr(v)
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """`path.py[:arg]` -> path's get_config(arg), as absl's config_flags loads `--config`."""
-  path, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('palr_sweep_config', path)
-  if module_spec is None or not epath.Path(path).exists():
-    raise SweepError(f'config {spec!r}: file {path} not found')
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
 
 
 def apply_overrides(config: ml_collections.ConfigDict, point: Point, where: str = 'sweep'
@@ -408,12 +399,34 @@ def _define_flags() -> None:
   flags.DEFINE_bool('collect', False, 'Only collect finished points into the reports.')
 
 
+def check_points(config, points: Sequence[Point], where: str, workdir=None, only: Sequence[str] = ()) -> None:
+  """Every point's config (validate.check_config), before the first point runs or is launched; with
+  `workdir`, also what the points to run here point at (data, model, mesh) and the sweep folder."""
+  for point in points:
+    name = point_name(point)
+    try:
+      point_config = apply_overrides(config, point, f'{where}: point {name}')
+    except SweepError as e:
+      raise validate.ConfigError(str(e)) from None
+    try:
+      validate.check_config(point_config)
+      if workdir is not None and (not only or name in only):
+        from palr_jax import main as palr_main  # the whole pipeline: only when points run here
+        palr_main.plan(point_config, None)
+    except validate.ConfigError as e:
+      raise validate.ConfigError(f'{where}: point {name}: {e}') from None
+  if workdir is not None:
+    validate.check_workdir(workdir)
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv
   FLAGS = flags.FLAGS
   sweep_path, workdir = FLAGS.sweep, FLAGS.workdir
-  points, base_config = load_sweep(sweep_path)
+  try:
+    points, base_config = load_sweep(sweep_path)
+  except SweepError as e:
+    raise validate.ConfigError(str(e)) from None
   if FLAGS.config is not None:
     config = FLAGS.config
     config_spec = config_flags.get_config_filename(FLAGS['config'])
@@ -421,8 +434,12 @@ def main(argv):
   elif base_config:
     config, config_spec, config_overrides = load_config(base_config), base_config, {}
   else:
-    raise app.UsageError(f'{sweep_path} has no BASE_CONFIG: pass --config path.py[:arg]')
+    raise validate.ConfigError(f'{sweep_path} has no BASE_CONFIG: pass --config path.py[:arg]')
   where = f'sweep {sweep_path}'
+  if not FLAGS.collect:
+    if not FLAGS['emit-launch'].value:
+      distributed.initialize_from_flags()  # On a pod: one job across the hosts before any device is used.
+    check_points(config, points, where, None if FLAGS['emit-launch'].value else workdir, FLAGS.only)
   if FLAGS['emit-launch'].value:
     todo = [p for p in points
             if not is_finished(epath.Path(workdir) / point_name(p), apply_overrides(config, p, where))]
@@ -432,7 +449,6 @@ def main(argv):
       print(line)
     return
   if not FLAGS.collect:
-    distributed.initialize_from_flags()  # On a pod: one job across the hosts before any device is used.
     run_sweep(config, points, workdir, only=FLAGS.only, where=where)
   if _is_writer():
     rows = write_reports(points, workdir)
@@ -441,5 +457,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  cli.run(main, _define_flags)

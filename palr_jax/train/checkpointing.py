@@ -4,11 +4,18 @@ A checkpoint under `W/<variant>/checkpoints/<step>` holds the train state (adapt
 step), every process's data-iterator state and the config, never the frozen base; orbax writes it
 asynchronously, and only finalized steps count. `apply_trained_adapter` adds a run's adapters to a model,
 from a checkpoint or from a PEFT folder.
+
+Restoring fails in one line, never in orbax's traceback: adapters of other shapes than the model's are
+found before any array is read, with the config keys whose saved value differs from this run's (say
+`config.lora.rank`); a checkpoint that cannot be read (a chunk cut short) names the step folder and what
+to do.
 """
 from __future__ import annotations
 
 import json
+import logging as py_logging
 import os
+import re
 from typing import Any
 
 from etils import epath
@@ -19,6 +26,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from palr_jax import files
 from palr_jax.hub import load, peft
 from palr_jax.model import lora
 
@@ -86,13 +94,89 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, data_state
   manager.save(step, args=args, metrics=None if valid_loss is None else {'valid_loss': valid_loss}, force=True)
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[Any, dict]:
+def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
+  """The config saved with checkpoint `step`, as plain JSON."""
+  return _restore(manager, step, ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+
+
+def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(os.fspath(manager.directory), str(step))
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, args):
+  """`manager.restore`, an unreadable checkpoint (a chunk cut short, a file missing) one line."""
+  try:
+    return manager.restore(step, args=args)
+  except Exception as e:  # noqa: BLE001 - TensorStore and orbax raise many kinds; each means the same here
+    raise _damaged(_step_dir(manager, step), e) from None
+
+
+def _damaged(where: str, error: Exception) -> ValueError:
+  """One line for a checkpoint that cannot be read: the innermost reason of a TensorStore error (the file
+  and what is wrong with it), without the spec dump that follows it."""
+  text = str(error).split(' [tensorstore_spec')[0].strip()
+  files_named = re.findall(r'local file "([^"]+)"', text)
+  reason = text.splitlines()[-1].rsplit(': ', 1)[-1][:200] if text else type(error).__name__
+  if files_named:
+    reason = f'{os.path.basename(files_named[-1])}: {reason}'
+  return ValueError(f'{where}: cannot read this checkpoint ({reason}); it is damaged or incomplete: delete '
+                    'its step folder to resume from an earlier checkpoint, or rerun the stage from scratch '
+                    '(palr_jax.main --rerun STAGE)')
+
+
+def check_adapter_shapes(manager: ocp.CheckpointManager, step: int, expected: dict[str, tuple], config=None
+                         ) -> None:
+  """Raises one line when checkpoint `step`'s adapters ({dotted name: shape}) are not `expected`, naming
+  the config keys whose value this run (`config`) changed since the checkpoint was written."""
+  path = os.path.join(_step_dir(manager, step), 'state')
+  absl_logger = py_logging.getLogger('absl')
+  level = absl_logger.level
+  absl_logger.setLevel(py_logging.ERROR)  # orbax warns that the per-step metadata file is not there
+  try:
+    tree = getattr(ocp.PyTreeCheckpointer().metadata(path).item_metadata, 'tree', None)
+  except Exception:  # noqa: BLE001 - unreadable: the restore itself then says what is damaged
+    tree = None
+  finally:
+    absl_logger.setLevel(level)
+  if not isinstance(tree, dict):
+    return
+  stored = {name: tuple(meta.shape) for name, meta in (tree.get('lora') or {}).items()}
+  if stored == {name: tuple(shape) for name, shape in expected.items()}:
+    return
+  wrong = sorted(set(stored) ^ set(expected)) or sorted(n for n in expected if stored[n] != tuple(expected[n]))
+  name = wrong[0]
+  detail = f'{name}: stored {stored.get(name, "absent")}, this model {tuple(expected.get(name, ())) or "absent"}'
+  changed = changed_keys(saved_config(manager, step), config) if config is not None else []
+  changed = [c for c in changed if c[0].split('.')[0] in ('lora', 'model')][:3] or changed[:3]
+  said = ''.join(f'; config.{k} was {old!r} when it was written, is {new!r} now' for k, old, new in changed)
+  raise ValueError(f'{_step_dir(manager, step)}: its LoRA adapters do not fit this model ({detail}){said}; '
+                   'a changed lora/model option needs a fresh run folder or --rerun of its stage')
+
+
+def changed_keys(saved: dict, config) -> list[tuple[str, Any, Any]]:
+  """(dotted key, saved value, current value) of every config value that differs, in key order."""
+  return [(k, a, b) for k, a, b in _leaf_pairs(saved, files.plain(config)) if a != b]
+
+
+def _leaf_pairs(a, b, prefix: str = ''):
+  for key in sorted(set(a) | set(b)) if isinstance(a, dict) and isinstance(b, dict) else ():
+    x, y = a.get(key), b.get(key)
+    if isinstance(x, dict) and isinstance(y, dict):
+      yield from _leaf_pairs(x, y, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', x, y
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract_state, config=None
+                       ) -> tuple[Any, dict]:
   """(train state laid out as `abstract_state`'s shardings, this process's data-iterator state).
 
-  The shardings are the current mesh's, whatever mesh wrote the checkpoint.
+  The shardings are the current mesh's, whatever mesh wrote the checkpoint. Adapters of other shapes
+  (`config`: the run's config, to name what changed) and an unreadable checkpoint are one-line errors.
   """
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                           data=ocp.args.JsonRestore()))
+  check_adapter_shapes(manager, step, {k: v.shape for k, v in abstract_state['lora'].items()}, config)
+  restored = _restore(manager, step, ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                        data=ocp.args.JsonRestore()))
   states = restored.data['processes']
   if len(states) == jax.process_count():
     return restored.state, states[jax.process_index()]
@@ -133,7 +217,8 @@ def _restore_adapters(model: nnx.Module, directory: epath.Path, step: int) -> No
   key = lambda path: '.'.join(map(str, path))  # noqa: E731
   target = {key(path): jax.ShapeDtypeStruct(var.value.shape, var.value.dtype, sharding=var.value.sharding)
             for path, var in flat}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+  check_adapter_shapes(manager, step, {k: v.shape for k, v in target.items()})
+  restored = _restore(manager, step, ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item={'lora': target}, restore_args=ocp.checkpoint_utils.construct_restore_args({'lora': target}),
       partial_restore=True)))['state']['lora']
   nnx.update(model, nnx.from_flat_state([(path, var.replace(restored[key(path)])) for path, var in flat]))
@@ -179,7 +264,7 @@ def apply_trained_adapter(model: nnx.Module, workdir, step: int | None = None, *
     step = manager.latest_step() if step is None else step
     if step not in manager.all_steps():
       raise FileNotFoundError(f'{directory}: no checkpoint for step {step}; have {sorted(manager.all_steps())}')
-    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+    saved = saved_config(manager, step)
     if 'lora' not in saved:
       raise ValueError(f'{directory}/{step}: the saved config has no lora section')
     lora_config = ml_collections.ConfigDict(saved['lora'])

@@ -57,7 +57,12 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
   manager = checkpointing.checkpoint_manager(workdir / 'checkpoints', c)
   start = manager.latest_step() or 0
   if start:
-    state, data_state = checkpointing.restore_checkpoint(manager, start, with_shardings(abstract, shardings))
+    try:
+      state, data_state = checkpointing.restore_checkpoint(manager, start, with_shardings(abstract, shardings),
+                                                           config)
+    except BaseException:
+      manager.close()  # its threads would otherwise print their own errors under this one
+      raise
     train_iter.set_state(data_state)
     logging.info('train: resumed from step %d', start)
   else:

@@ -156,6 +156,8 @@ def loss_and_grad(parts: LoraModel, values: Mapping[str, jax.Array], frozen: nnx
 
 # ---------------------------------------------------------------------------------- optimizer
 
+LR_DECAYS = ('cosine', 'linear', 'constant')
+
 
 def learning_rate_schedule(train_config) -> optax.Schedule:
   """Linear warmup from 0 to the peak, then cosine / linear decay to peak * final_lr_fraction, or flat."""
