@@ -20,12 +20,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 import importlib.util
 import itertools
+import json
 import os
 import signal
 import sys
 import threading
 import time
 import traceback
+from typing import Any
 
 from absl import flags
 from absl import logging
@@ -119,6 +121,18 @@ def barrier(name: str) -> None:
   if jax.process_count() == 1:
     return
   _client().wait_at_barrier(f'palr_jax/{next(_barriers)}/{name}', _BARRIER_TIMEOUT_MS)
+
+
+def from_leader(name: str, value: Any) -> Any:
+  """Process 0's JSON-able `value` on every process, through the coordination service (no device): decisions that
+  must agree, such as a stage's fingerprint, which hashes files each host may hold its own copy of.
+  Every process calls it, in the same order; the others' `value` is ignored."""
+  if jax.process_count() == 1:
+    return value
+  key = f'palr_jax/{next(_barriers)}/{name}'
+  if is_leader():
+    _client().key_value_set(key, json.dumps(value))
+  return json.loads(_client().blocking_key_value_get(key, _BARRIER_TIMEOUT_MS))
 
 
 def any_process(flag: bool) -> bool:

@@ -140,20 +140,29 @@ class Runner:
         return f'its output {name} changed or is damaged since it was written'
     return None
 
+  def plan(self, stage: Stage, config) -> tuple[str, str | None]:
+    """(fingerprint, why the stage must run or None), decided by process 0 and shared with every process:
+    each host hashes its own copy of the inputs (their mtimes differ), and all must name the same part
+    files and take the same branch. Current outputs kept in `shared_dir` are copied in first."""
+    plan = None
+    if distributed.is_leader():
+      fp = self.fingerprint(stage, config)
+      reason = self.why_not_current(stage, fp)
+      if reason is not None and self._from_shared(stage, fp):
+        reason = self.why_not_current(stage, fp)
+        if reason is None:
+          self.say(f'{stage.name}: copied from {self.shared_dir}')
+      elif reason is None:
+        self.say(f'{stage.name}: current, skipped')
+      plan = [fp, reason]
+    fp, reason = distributed.from_leader(f'{stage.name}-plan', plan)
+    self.fingerprints[stage.name] = fp
+    return fp, reason
+
   def run(self, stage: Stage, ctx) -> None:
     """Runs `stage` unless current; raises whatever the stage raises (distributed.Preempted included)."""
-    fp = self.fingerprint(stage, ctx.config)
-    self.fingerprints[stage.name] = fp
-    reason = self.why_not_current(stage, fp)
-    if reason is not None and self._from_shared(stage, fp):
-      reason = self.why_not_current(stage, fp)
-      if reason is None:
-        self.say(f'{stage.name}: copied from {self.shared_dir}')
-        distributed.barrier(f'{stage.name}-shared')
-        return
-    distributed.barrier(f'{stage.name}-start')
+    fp, reason = self.plan(stage, ctx.config)
     if reason is None:
-      self.say(f'{stage.name}: current, skipped')
       return
     self.say(f'{stage.name}: running ({reason})')
     start = time.perf_counter()
@@ -178,14 +187,14 @@ class Runner:
     return None if self.shared_dir is None else self.shared_dir / stage.name / fp
 
   def _from_shared(self, stage: Stage, fp: str) -> bool:
+    """Process 0: copies the stage's outputs kept in `shared_dir` for `fp`, if any, into the workdir."""
     src = self._shared(stage, fp)
-    found = src is not None and (src / 'done').exists()
-    if found and distributed.is_leader():
-      for name in stage.outputs:
-        files.copy_tree(src / name, self.workdir / name)
-      files.copy_tree(src / 'done', record_path(self.workdir, stage.name))
-    distributed.barrier(f'{stage.name}-from-shared')
-    return found
+    if src is None or not (src / 'done').exists():
+      return False
+    for name in stage.outputs:
+      files.copy_tree(src / name, self.workdir / name)
+    files.copy_tree(src / 'done', record_path(self.workdir, stage.name))
+    return True
 
   def _to_shared(self, stage: Stage, fp: str) -> None:
     dst = self._shared(stage, fp)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from palr_jax import distributed
-from palr_jax.train import loop
+from palr_jax.train import loop, progress
 import train_child as tc
 
 CHILD = os.path.join(os.path.dirname(__file__), 'train_child.py')
@@ -72,7 +72,7 @@ def test_preempted_two_process_run_stops_together_and_matches_one_process(tmp_pa
   wait(procs)
 
   (events,) = (workdir / 'tensorboard').iterdir()  # Process 0 writes, process 1 does not.
-  pod_curve = tc.scalars([events])
+  pod_curve = progress.scalars([events], 'train/loss')
   stop = max(pod_curve)
   assert 3 <= stop < 100000 and sorted(pod_curve) == list(range(1, stop + 1))
   steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
@@ -84,7 +84,7 @@ def test_preempted_two_process_run_stops_together_and_matches_one_process(tmp_pa
   result = loop.train(config, tmp_path / 'one', tc.tiny_model(config, nonzero_b=False),
                        tc.ArrayIterator(tc.synthetic_examples(24, 16), 8))
   assert result['step'] == stop
-  one_curve = tc.scalars(list((tmp_path / 'one' / 'tensorboard').iterdir()))
+  one_curve = progress.scalars(list((tmp_path / 'one' / 'tensorboard').iterdir()), 'train/loss')
   np.testing.assert_allclose([pod_curve[s] for s in sorted(pod_curve)], [one_curve[s] for s in sorted(pod_curve)],
                              rtol=1e-5)
 

@@ -199,10 +199,9 @@ def test_two_point_sweep_of_the_whole_pipeline(tmp_path, monkeypatch):
   option, so data, retriever, profiles and both fine-tunes run once and the second point reuses them
   from W/_shared."""
   from palr_jax.train import loop
-  from tests import test_main as fixtures
-  fixtures._write_dataset(tmp_path / 'data')
-  fixtures._write_model(tmp_path / 'model')
-  config = fixtures._config(tmp_path)
+  from tests import pipeline_fixtures
+  pipeline_fixtures.write_fixtures(tmp_path)
+  config = pipeline_fixtures.config(tmp_path)
   config.eval.ks = (1, 5, 10)
   trained = []
   real_train = loop.train

@@ -14,9 +14,7 @@ import functools
 import json
 import math
 import os
-import shutil
 import struct
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -229,23 +227,30 @@ def atomic_dir(path, replace: bool = True) -> Iterator[epath.Path]:
   """
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f'.{path.name}.tmp-{uuid.uuid4().hex[:8]}'
+  tmp = files.temp_path(path)
   tmp.mkdir()
   try:
     yield tmp
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)
     raise
   if path.exists():
     if not replace:
-      shutil.rmtree(tmp, ignore_errors=True)
+      _remove(tmp)
       return
-    old = path.parent / f'.{path.name}.old-{uuid.uuid4().hex[:8]}'
+    old = files.temp_path(path)
     path.rename(old)
     tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
   else:
     tmp.rename(path)
+
+
+def _remove(folder: epath.Path) -> None:
+  try:
+    folder.rmtree()
+  except OSError:  # cleaning up after the fact: never hide the real outcome
+    pass
 
 
 def shard_plan(specs: Sequence[TensorSpec], max_shard_bytes: int | None) -> list[list[TensorSpec]]:
