@@ -153,7 +153,7 @@ def test_launch_commands_exact():
       'tpu_vm', points, sweep_path='configs/sweeps/lora_rank.py', workdir='gs://b/sw',
       config_spec='configs/ml1m_llama2_7b.py:v5e-16', config_overrides={'lora.targets': ('q', 'v')},
       launch_args=['--name', 'palr', '--zone', 'us-west4-a'])
-  assert tpu == [shlex.join(['launch/tpu_vm.sh', '--name', 'palr', '--zone', 'us-west4-a', '--',
+  assert tpu == [shlex.join(['launch/tpu_vm.sh', '--name', 'palr', '--zone', 'us-west4-a', '--watch', '--',
                              *common, f'lora.rank={r}']) for r in (4, 8)]
   slurm = sweep.launch_commands(
       'slurm', points, sweep_path='configs/sweeps/lora_rank.py', workdir='gs://b/sw',
