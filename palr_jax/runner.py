@@ -15,6 +15,8 @@ How a stage runs on a multi-process job (`processes`):
               mesh, each writing its own part files; then process 0 runs `merge`, which joins them;
   host        process 0 alone (CPU work: evaluation, the report); the others wait at a barrier.
 Every shared file is written by one process, under a unique temporary name, then moved into place.
+Process 0 decides whether a stage runs (fingerprint and reason) and hands the decision to the others, so
+all take the same branch even where each host holds its own copies of the input files.
 
 With `shared_dir` (sweeps), finished outputs are also kept there by stage and fingerprint, so sweep
 points that share upstream work copy it instead of recomputing.
@@ -24,12 +26,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 import dataclasses
 import hashlib
-import os
 import time
 from typing import Any
 
 from absl import logging
 from etils import epath
+import jax
 
 from palr_jax import distributed
 from palr_jax import files
@@ -165,6 +167,8 @@ class Runner:
     if reason is None:
       return
     self.say(f'{stage.name}: running ({reason})')
+    if jax.process_count() > 1:
+      self.say(f'{stage.name}: {stage.processes}: {stage.what}')
     start = time.perf_counter()
     ctx.stage, ctx.fingerprint = stage.name, fp
     ctx.upstream = {name: read_record(self.workdir, name)['outputs'] for name in stage.upstream}
@@ -220,7 +224,8 @@ def with_upstream(stages: Sequence[Stage], names: Sequence[str]) -> list[Stage]:
   return [s for s in stages if s.name in wanted]
 
 
-def local_or_url(path) -> str:
-  """A path as orbax and subprocesses want it: absolute when local, unchanged when a URL."""
-  text = os.fspath(path)
-  return text if '://' in text else os.path.abspath(text)
+def process_table(stages: Sequence[Stage]) -> str:
+  """Markdown: each stage, how it runs on N processes and what each process does (docs/pods.md)."""
+  rows = ['| stage | processes | what each process does |', '|---|---|---|']
+  return '\n'.join(rows + [f'| `{s.name}` | {s.processes} | {s.what} |' for s in stages])
+

@@ -25,7 +25,8 @@ def declare(config) -> runner.Stage:
   return runner.Stage(
       name='report', run=run, hashes=('seed', 'eval', 'export.variant'),
       upstream=('rank', *(f'finetune_{v}' for v in finetune.trained_variants(config))), outputs=OUTPUTS,
-      processes=runner.HOST, what='process 0 evaluates and writes the report; the others wait')
+      processes=runner.HOST,
+      what='process 0 computes the metrics and writes the report, predictions and plots; the others wait')
 
 
 def run(ctx) -> None:

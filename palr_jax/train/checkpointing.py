@@ -74,6 +74,10 @@ class _MirroredManager(ocp.CheckpointManager):
     _mirror_steps(self.directory, self.remote)
     return saved
 
+  def delete(self, step: int) -> None:
+    super().delete(step)
+    _mirror_steps(self.directory, self.remote)
+
 
 def _mirror_steps(src: epath.Path, dst: epath.Path) -> None:
   """Makes dst's finished step folders those of src (orbax's temporary folders are not steps)."""

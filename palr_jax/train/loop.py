@@ -60,6 +60,10 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
     state, data_state = checkpointing.restore_checkpoint(manager, start, with_shardings(abstract, shardings))
     train_iter.set_state(data_state)
     logging.info('train: resumed from step %d', start)
+    if start % c.checkpoint_every and start != c.num_steps:
+      # A preemption save, there only to resume from: gone once used, the run keeps (and ranking evaluates)
+      # the checkpoints of an uninterrupted run. A hard kill before the next save replays from the last.
+      manager.delete(start)
   else:
     state = jax.jit(init, out_shardings=shardings)(values)
 
