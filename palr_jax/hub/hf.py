@@ -3,7 +3,7 @@
 Loading maps one stored tensor at a time (offsets from the safetensors header, `np.memmap`) and hands
 each addressable device only its slice (`jax.make_array_from_callback`), so a process reads just what
 its devices hold and a 7B checkpoint never sits whole in host memory (bench/load_memory.py measures it).
-Writing goes shard by shard for the same reason.
+Writing streams each file tensor by tensor for the same reason (bench/export_memory.py measures it).
 Parameter paths and the HF name table come from `palr_jax.model.llama` (`hf_param_names`).
 """
 from __future__ import annotations
@@ -25,7 +25,6 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
-from safetensors.numpy import save_file
 
 from palr_jax import files
 from palr_jax import sharding as sharding_lib
@@ -39,7 +38,7 @@ _DTYPES = {'F32': np.dtype(np.float32), 'F16': np.dtype(np.float16),
 
 
 class TensorSpec(NamedTuple):
-  """A tensor to write: name, shape, dtype, and `load()` giving its value when its shard is written."""
+  """A tensor to write: name, shape, dtype, and `load()` giving its value when it is written."""
   name: str
   shape: tuple[int, ...]
   dtype: np.dtype
@@ -269,26 +268,45 @@ def shard_plan(specs: Sequence[TensorSpec], max_shard_bytes: int | None) -> list
 
 def save_safetensors(folder, specs: Sequence[TensorSpec], max_shard_bytes: int | None = None) -> None:
   """`model.safetensors`, or `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json` when
-  the tensors exceed `max_shard_bytes`. Only one shard's tensors are in host memory at a time."""
+  the tensors exceed `max_shard_bytes`. Each file is streamed tensor by tensor (`write_safetensors`)."""
   folder = epath.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
   shards = shard_plan(specs, max_shard_bytes)
   names = ([SINGLE_FILE] if len(shards) == 1 else
            [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))])
   weight_map, total = {}, 0
   for file, shard in zip(names, shards):
-    tensors = {}
-    for spec in shard:
+    total += write_safetensors(folder / file, shard)
+    weight_map.update({spec.name: file for spec in shard})
+  if len(shards) > 1:
+    write_json(folder / INDEX_FILE, {'metadata': {'total_size': total}, 'weight_map': weight_map})
+
+
+def write_safetensors(path, specs: Sequence[TensorSpec]) -> int:
+  """One safetensors file: the header, from the declared shapes and dtypes, then each tensor's bytes as its
+  `load()` produces them, so only one tensor is in host memory at a time (a 7B model's merged export
+  never holds a shard, let alone the model). Returns the bytes of tensor data."""
+  codes = {dtype: code for code, dtype in _DTYPES.items()}
+  header, offset = {'__metadata__': {'format': 'pt'}}, 0
+  for spec in specs:
+    dtype = np.dtype(spec.dtype)
+    if dtype not in codes:
+      raise ValueError(f'{spec.name}: cannot store {dtype}; expected one of {sorted(map(str, codes))}')
+    size = math.prod(spec.shape) * dtype.itemsize
+    header[spec.name] = {'dtype': codes[dtype], 'shape': list(spec.shape), 'data_offsets': [offset, offset + size]}
+    offset += size
+  blob = json.dumps(header, separators=(',', ':')).encode()
+  blob += b' ' * (-len(blob) % 8)  # the format pads the header to 8 bytes
+  with epath.Path(path).open('wb') as f:
+    f.write(struct.pack('<Q', len(blob)) + blob)
+    for spec in specs:
       value = np.asarray(spec.load())
       if value.shape != tuple(spec.shape) or value.dtype != spec.dtype:
         raise ValueError(f'{spec.name}: produced {value.dtype}{list(value.shape)}, declared '
                          f'{spec.dtype}{list(spec.shape)}')
-      tensors[spec.name] = np.ascontiguousarray(value)
-      weight_map[spec.name] = file
-      total += value.nbytes
-    save_file(tensors, os.fspath(folder / file), metadata={'format': 'pt'})
-    del tensors
-  if len(shards) > 1:
-    write_json(folder / INDEX_FILE, {'metadata': {'total_size': total}, 'weight_map': weight_map})
+      f.write(np.ascontiguousarray(value).tobytes())
+      del value
+  return offset
 
 
 @functools.lru_cache(maxsize=None)
