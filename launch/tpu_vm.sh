@@ -51,7 +51,8 @@ install only; with --delete and no COMMAND: delete the slice only.
                         when missing)
   --no-setup            skip copying, installing and the setup command (the workers have them already)
   --log FILE            with --attach: also append the streamed output to FILE
-  --delete              delete the slice at the end (also when COMMAND fails)
+  --delete              delete the slice at the end (with --watch or --attach: when the job ends, also
+                        when it fails)
   --dry-run             print the commands that create, change or run something instead of running them;
                         the slice's and the job's state are still asked of gcloud (printed as # lines)
   -h, --help            this message
@@ -97,6 +98,9 @@ done
 ((watch && attach)) && die '--watch needs a detached job: drop --attach'
 ((watch && ${#command[@]} == 0)) && die '--watch needs a COMMAND'
 [[ -z $log || $attach == 1 ]] || die '--log streams the output: it needs --attach'
+if ((delete && ${#command[@]} && !watch && !attach)); then
+  die '--delete after a detached COMMAND would delete the slice under it: add --watch (or --attach)'
+fi
 
 if [[ -z $version && -n $type ]]; then
   case $type in

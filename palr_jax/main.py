@@ -16,8 +16,10 @@ its last finished part), and changing an option reruns exactly the stages that r
 runs the named stages (and any upstream stage that is not current); `--rerun` forces stages to run again.
 With `--shared_dir` (sweeps), finished stage outputs are kept there by fingerprint and shared.
 
-Exit codes: 0 done; 1 failed; 2 a bad config or flag (nothing was computed);
-distributed.PREEMPTED_EXIT_CODE (75): training saved a checkpoint on SIGTERM, rerun to resume.
+Exit codes: 0 done; 1 failed (on a multi-process job: in any process, and every process exits);
+2 a bad config or flag (nothing was computed); distributed.PREEMPTED_EXIT_CODE (75): training saved a
+checkpoint on SIGTERM, rerun to resume; killed by SIGTERM (143 in a shell) outside training or on a
+second SIGTERM. docs/pods.md says what each process of a pod does.
 """
 from __future__ import annotations
 

@@ -129,6 +129,8 @@ def test_tpu_vm_reuses_a_ready_slice_and_recreates_a_preempted_one(tmp_path, gcl
   assert out.returncode == 2 and 'pass --type to create it' in out.stderr
   out, _ = gcloud('--name', 'p', '--zone', 'z', '--delete', '--dry-run')
   assert out.stdout.splitlines() == ['gcloud compute tpus tpu-vm delete p --zone=z --quiet']
+  out, _ = gcloud('--name', 'p', '--zone', 'z', '--delete', '--dry-run', '--', 'x')
+  assert out.returncode == 2 and 'add --watch (or --attach)' in out.stderr
 
 
 def test_tpu_vm_queued_spot_multislice(tmp_path, gcloud):
@@ -160,9 +162,11 @@ def test_tpu_vm_queued_spot_multislice(tmp_path, gcloud):
 def test_tpu_vm_watch_recreates_a_preempted_slice_and_resubmits(tmp_path, gcloud):
   """--watch, on states a stand-in gcloud plays back: the job runs; the queued resource is SUSPENDED (its
   Spot slice preempted) -> deleted, created, set up (assets again) and resubmitted; the job exits 75
-  (SIGTERM, checkpoint saved) -> resubmitted; then it finishes and the watch ends with its status."""
+  (SIGTERM, checkpoint saved) -> resubmitted; then it finishes, the watch ends with its status and
+  --delete deletes the slice."""
   out, calls = gcloud('--name', 'w', '--zone', 'z', '--type', 'v5litepod-16', '--queued', '--spot', '--watch',
-                      '--poll', '0', '--setup-command', 'fetch-assets', '--no-setup', '--dry-run', '--', *TRAIN,
+                      '--poll', '0', '--setup-command', 'fetch-assets', '--no-setup', '--delete', '--dry-run', '--',
+                      *TRAIN,
                       states=['ACTIVE', 'ACTIVE', 'SUSPENDED', 'NONE', 'ACTIVE', 'ACTIVE'],
                       exits=['RUNNING', '75', '0'])
   assert out.returncode == 0, out.stderr
@@ -175,7 +179,8 @@ def test_tpu_vm_watch_recreates_a_preempted_slice_and_resubmits(tmp_path, gcloud
       *submit,                                                        # the slice is up: start the job
       shlex.join([*QR, 'delete', 'w', *where, '--force', '--quiet']), create,  # SUSPENDED
       *install_lines(tmp_path, 'w', where, ['w']), setup, *submit,
-      *submit]                                                        # exit 75
+      *submit,                                                        # exit 75
+      shlex.join([*QR, 'delete', 'w', *where, '--force', '--quiet'])]  # done: --delete
   assert 'the slice is SUSPENDED; resubmitting (1 of at most 20)' in out.stderr
   assert 'exit 75); resubmitting (2 of at most 20)' in out.stderr and 'the job finished' in out.stderr
   status = ' '.join(['compute', 'tpus', 'tpu-vm', 'ssh', 'w', *where, '--worker=0', '--command',
