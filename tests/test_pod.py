@@ -7,7 +7,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import safetensors.numpy
 from palr_jax import distributed
 from palr_jax.train import progress
 from tests import pipeline_fixtures
+from tests.test_multiprocess import free_port
 
 pytest.importorskip('transformers')
 
@@ -26,12 +26,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHILD = ROOT / 'tests' / 'pod_child.py'
 SAME = ('results.json', 'predictions/test.jsonl', 'rankings.json', 'profiles.jsonl', 'candidates/train.jsonl',
         'export/peft/adapter_config.json')
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 class Job:
