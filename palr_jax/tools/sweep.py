@@ -372,8 +372,9 @@ def launch_commands(launcher: str, points: Sequence[Point], *, sweep_path: str, 
   """One shell command per point: the launcher running `python -m palr_jax.tools.sweep ... --only POINT`.
 
   tpu_vm: `launch/tpu_vm.sh LAUNCH_ARGS --watch -- python ...` (the slice is reused from point to point,
-  so each waits for its point to finish, resubmitting it after a preemption); slurm: `sbatch --job-name=POINT LAUNCH_ARGS launch/slurm_gpu.sbatch --
-  python ...` (independent jobs; points that share upstream stages may compute them concurrently).
+  so each waits for its point to finish, resubmitting it after a preemption); slurm: `sbatch
+  --job-name=POINT LAUNCH_ARGS launch/slurm_gpu.sbatch -- python ...` (independent jobs; points that share
+  upstream stages may compute them concurrently).
   """
   if launcher not in ('tpu_vm', 'slurm'):
     raise SweepError(f'--emit-launch: expected tpu_vm or slurm, got {launcher!r}')

@@ -31,8 +31,8 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
   and the result is the last logged scalars plus `step`, the step reached: `num_steps`, or less when a
   SIGTERM stopped training early (after saving a checkpoint there, from which the next call resumes).
   `valid_batches` is iterated afresh at every evaluation (a list or a tf.data.Dataset, not a one-shot
-  iterator) and yields batches like `train_iter`; pad a short last batch with rows of segment_ids 0. Run under `distributed.initialize()` on a pod: every
-  process calls `train` with its own `train_iter`.
+  iterator) and yields batches like `train_iter`; pad a short last batch with rows of segment_ids 0. Run
+  under `distributed.initialize()` on a pod: every process calls `train` with its own `train_iter`.
   """
   c = config.train
   rules = config.mesh.rules
