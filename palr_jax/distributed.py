@@ -9,23 +9,28 @@ What a multi-process job needs beyond that, and how it is done here:
 - Failing fast (`fail_fast`): an exception in any process is published under a key of the coordination
   service, and every process runs a watchdog thread that ends its process with exit code 1 when the key
   appears. The failing process itself leaves with `os._exit`, skipping jax's atexit shutdown, whose barrier
-  would wait for peers that are blocked in a collective. A process killed outright stops heartbeating; the
-  service then fails the others after `HEARTBEAT_SECONDS`.
-- Preemption: SIGTERM sets a flag (`preemption_requested`); the trainer asks `any_process` at every step
-  whether any process got one, so all stop at the same step, save, and the job exits with
-  `PREEMPTED_EXIT_CODE`. A SIGTERM outside training, or a second one, ends the process at once.
+  would wait for peers that are blocked in a collective (process 0, which hosts the service, first waits a
+  few polls so that the others read the key). A process killed outright stops heartbeating; the service
+  then fails the others after `HEARTBEAT_SECONDS`; a lost process 0 takes the service with it, and the
+  others' coordination clients abort.
+- Preemption: in training, SIGTERM sets a flag (`preemption_requested`); the trainer asks `any_process` at
+  every step whether any process got one, so all stop at the same step, save, and the job exits with
+  `PREEMPTED_EXIT_CODE`. A SIGTERM outside training, or a second one, ends the process at once (the
+  default action: whatever the main thread is blocked in).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import importlib.util
 import itertools
+import json
 import os
 import signal
 import sys
 import threading
 import time
 import traceback
+from typing import Any
 
 from absl import flags
 from absl import logging
@@ -83,6 +88,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_SECONDS)
   else:
     return
+  install_signal_handlers()  # after jax's own, which it replaces
   logging.info('distributed: process %d of %d, %d local / %d global devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
@@ -121,6 +127,18 @@ def barrier(name: str) -> None:
   _client().wait_at_barrier(f'palr_jax/{next(_barriers)}/{name}', _BARRIER_TIMEOUT_MS)
 
 
+def from_leader(name: str, value: Any) -> Any:
+  """Process 0's JSON-able `value` on every process, through the coordination service (no device): decisions that
+  must agree, such as a stage's fingerprint, which hashes files each host may hold its own copy of.
+  Every process calls it, in the same order; the others' `value` is ignored."""
+  if jax.process_count() == 1:
+    return value
+  key = f'palr_jax/{next(_barriers)}/{name}'
+  if is_leader():
+    _client().key_value_set(key, json.dumps(value))
+  return json.loads(_client().blocking_key_value_get(key, _BARRIER_TIMEOUT_MS))
+
+
 def any_process(flag: bool) -> bool:
   """True on every process when `flag` is true on any; a collective: every process must call it."""
   if jax.process_count() == 1:
@@ -136,42 +154,45 @@ def share(items: Sequence, index: int | None = None, count: int | None = None) -
   return list(items[index::count])
 
 
-_preemption = {'requested': False, 'training': False}
+_state = {'requested': False, 'training': False, 'failing': False}  # this process's state
 
 
 def preemption_requested() -> bool:
-  return _preemption['requested']
+  return _state['requested']
 
 
 class training_window:
-  """While inside, a first SIGTERM only asks the trainer to save and stop; outside it ends the process
-  (our handler is installed on entry if it is not yet)."""
+  """While inside, a first SIGTERM only asks the trainer to save and stop (our handler is installed on
+  entry, from the main thread); on exit SIGTERM ends the process again (`install_signal_handlers`)."""
 
   def __enter__(self):
-    if (signal.getsignal(signal.SIGTERM) is not _on_sigterm
-        and threading.current_thread() is threading.main_thread()):
-      install_signal_handlers()
-    _preemption['training'] = True
+    if threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, _on_sigterm)
+    _state['training'] = True
     return self
 
   def __exit__(self, *exc):
-    _preemption['training'] = False
+    _state['training'] = False
+    if threading.current_thread() is threading.main_thread():
+      install_signal_handlers()
 
 
 def _on_sigterm(signum, frame):
+  """The first SIGTERM in training: a flag the trainer reads at the end of its step. A second one gets
+  the default action (the process ends at once)."""
   del frame
-  if _preemption['training'] and not _preemption['requested']:
-    _preemption['requested'] = True
-    logging.warning('SIGTERM: saving a checkpoint at the next step, then exiting with code %d',
-                    PREEMPTED_EXIT_CODE)
-    return
-  logging.warning('SIGTERM: exiting')
-  _exit(128 + signum)
+  install_signal_handlers()
+  if not _state['training']:
+    _exit(128 + signum)
+  _state['requested'] = True
+  logging.warning('SIGTERM: saving a checkpoint at the next step, then exiting with code %d', PREEMPTED_EXIT_CODE)
 
 
 def install_signal_handlers() -> None:
-  """Our SIGTERM handler (replacing the one jax.distributed installs, which never ends the process)."""
-  signal.signal(signal.SIGTERM, _on_sigterm)
+  """SIGTERM ends the process: the kernel's default action, replacing the handler jax.distributed
+  installs, which never ends it. A Python handler would not do: Python runs it only when the main thread
+  next runs Python code, and a process blocked at a barrier or in a collective may not for hours."""
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _exit(code: int) -> None:
@@ -193,7 +214,7 @@ def _watch(poll_seconds: float) -> None:
       failed = None
       if not jax.distributed.is_initialized():
         return
-    if failed:
+    if failed and not _state['failing']:
       logging.error('another process failed (%s); ending this one', failed)
       print(f'palr_jax: another process failed ({failed}); exiting', file=sys.stderr)
       _exit(1)
@@ -213,14 +234,19 @@ def fail_fast(main, *args, poll_seconds: float = 1.0):
     logging.warning('%s', e)
     print(f'palr_jax: {e}; rerun the same command to resume (exit code {PREEMPTED_EXIT_CODE})',
           file=sys.stderr)
+    if multi:  # every process stopped at the same step: leave the job together, not as a failure
+      jax.distributed.shutdown()
     _exit(PREEMPTED_EXIT_CODE)
   except BaseException as e:  # noqa: BLE001 - every failure must reach the other processes
     if not multi or isinstance(e, SystemExit) and not e.code:
       raise
     where = f'process {jax.process_index()}: {type(e).__name__}: {e}'[:2000]
     traceback.print_exc()
+    _state['failing'] = True  # its own watchdog leaves the exit to this thread
     try:
       _client().key_value_set(_FAILED_KEY, where)
     except Exception:  # noqa: BLE001 - another process set it first
       pass
+    if is_leader():  # the coordination service lives here: let the others' watchdogs read the failure
+      time.sleep(3 * poll_seconds)
     _exit(e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1)

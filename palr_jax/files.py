@@ -48,14 +48,15 @@ def fingerprint(config, keys: Sequence[str], upstream: Iterable[str] = (), extra
   return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _tmp(path: epath.Path) -> epath.Path:
+def temp_path(path: epath.Path) -> epath.Path:
+  """A unique temporary sibling of `path` (hidden: stage digests skip it) to write and then move into place."""
   return path.parent / f'.{path.name}.tmp-{uuid.uuid4().hex[:12]}'
 
 
 def atomic_write_bytes(path: os.PathLike | str, data: bytes) -> None:
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = _tmp(path)
+  tmp = temp_path(path)
   tmp.write_bytes(data)
   tmp.replace(path)
 

@@ -19,8 +19,10 @@ when the new outputs differ). With `--shared_dir` (sweeps), finished stage outpu
 fingerprint and shared.
 
 Before anything is computed, `plan` checks the config and what it points at (palr_jax/validate.py).
-Exit codes: 0 done; 1 failed; 2 a bad config or flag (one line on stderr; nothing was computed);
-distributed.PREEMPTED_EXIT_CODE (75): training saved a checkpoint on SIGTERM, rerun to resume.
+Exit codes: 0 done; 1 failed (on a multi-process job: in any process, and every process exits); 2 a bad
+config or flag (one line on stderr; nothing was computed); distributed.PREEMPTED_EXIT_CODE (75): training
+saved a checkpoint on SIGTERM, rerun to resume; killed by SIGTERM (143 in a shell) outside training or on
+a second SIGTERM. docs/pods.md says what each process of a pod does.
 """
 from __future__ import annotations
 

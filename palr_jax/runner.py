@@ -21,6 +21,8 @@ How a stage runs on a multi-process job (`processes`):
               mesh, each writing its own part files; then process 0 runs `merge`, which joins them;
   host        process 0 alone (CPU work: evaluation, the report); the others wait at a barrier.
 Every shared file is written by one process, under a unique temporary name, then moved into place.
+Process 0 decides whether a stage runs (fingerprint and reason) and hands the decision to the others, so
+all take the same branch even where each host holds its own copies of the input files.
 
 With `shared_dir` (sweeps), finished outputs are also kept there by stage and fingerprint, so sweep
 points that share upstream work copy it instead of recomputing.
@@ -30,12 +32,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 import dataclasses
 import hashlib
-import os
 import time
 from typing import Any
 
 from absl import logging
 from etils import epath
+import jax
 
 from palr_jax import distributed
 from palr_jax import files
@@ -178,22 +180,33 @@ class Runner:
         return f'its output {name} changed or is damaged since it was written'
     return None
 
+  def plan(self, stage: Stage, config) -> tuple[str, str | None]:
+    """(fingerprint, why the stage must run or None), decided by process 0 and shared with every process:
+    each host hashes its own copy of the inputs (their mtimes differ), and all must name the same part
+    files and take the same branch. Current outputs kept in `shared_dir` are copied in first."""
+    plan = None
+    if distributed.is_leader():
+      fp = self.fingerprint(stage, config)
+      reason = self.why_not_current(stage, fp)
+      if reason is not None and stage.name not in self.forced and self._from_shared(stage, fp):
+        reason = self.why_not_current(stage, fp)
+        if reason is None:
+          self.say(f'{stage.name}: copied from {self.shared_dir}')
+      elif reason is None:
+        self.say(f'{stage.name}: current, skipped')
+      plan = [fp, reason]
+    fp, reason = distributed.from_leader(f'{stage.name}-plan', plan)
+    self.fingerprints[stage.name] = fp
+    return fp, reason
+
   def run(self, stage: Stage, ctx) -> None:
     """Runs `stage` unless current; raises whatever the stage raises (distributed.Preempted included)."""
-    fp = self.fingerprint(stage, ctx.config)
-    self.fingerprints[stage.name] = fp
-    reason = self.why_not_current(stage, fp)
-    if reason is not None and stage.name not in self.forced and self._from_shared(stage, fp):
-      reason = self.why_not_current(stage, fp)
-      if reason is None:
-        self.say(f'{stage.name}: copied from {self.shared_dir}')
-        distributed.barrier(f'{stage.name}-shared')
-        return
-    distributed.barrier(f'{stage.name}-start')
+    fp, reason = self.plan(stage, ctx.config)
     if reason is None:
-      self.say(f'{stage.name}: current, skipped')
       return
     self.say(f'{stage.name}: running ({reason})')
+    if jax.process_count() > 1:
+      self.say(f'{stage.name}: {stage.processes}: {stage.what}')
     start = time.perf_counter()
     reset_peak_rss()
     ctx.stage, ctx.fingerprint = stage.name, fp
@@ -219,14 +232,14 @@ class Runner:
     return None if self.shared_dir is None else self.shared_dir / stage.name / fp
 
   def _from_shared(self, stage: Stage, fp: str) -> bool:
+    """Process 0: copies the stage's outputs kept in `shared_dir` for `fp`, if any, into the workdir."""
     src = self._shared(stage, fp)
-    found = src is not None and (src / 'done').exists()
-    if found and distributed.is_leader():
-      for name in stage.outputs:
-        files.copy_tree(src / name, self.workdir / name)
-      files.copy_tree(src / 'done', record_path(self.workdir, stage.name))
-    distributed.barrier(f'{stage.name}-from-shared')
-    return found
+    if src is None or not (src / 'done').exists():
+      return False
+    for name in stage.outputs:
+      files.copy_tree(src / name, self.workdir / name)
+    files.copy_tree(src / 'done', record_path(self.workdir, stage.name))
+    return True
 
   def _to_shared(self, stage: Stage, fp: str) -> None:
     dst = self._shared(stage, fp)
@@ -286,7 +299,8 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def local_or_url(path) -> str:
-  """A path as orbax and subprocesses want it: absolute when local, unchanged when a URL."""
-  text = os.fspath(path)
-  return text if '://' in text else os.path.abspath(text)
+def process_table(stages: Sequence[Stage]) -> str:
+  """Markdown: each stage, how it runs on N processes and what each process does (docs/pods.md)."""
+  rows = ['| stage | processes | what each process does |', '|---|---|---|']
+  return '\n'.join(rows + [f'| `{s.name}` | {s.processes} | {s.what} |' for s in stages])
+

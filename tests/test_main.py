@@ -4,73 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 
+from etils import epath
 import numpy as np
 import pytest
 
 from palr_jax import main as palr_main
 from palr_jax.stages import rank as rank_stage
 from palr_jax.train import checkpointing
-from tests import prompt_fixtures
+from tests import pipeline_fixtures, prompt_fixtures
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
-
-NUM_USERS, NUM_ITEMS = 24, 16
-
-
-def _write_dataset(folder) -> None:
-  """RecBole atomic files: users drift through the fixture's titles so MF has signal to learn."""
-  rng = np.random.default_rng(0)
-  rows = ['user_id:token\titem_id:token\trating:float\ttimestamp:float']
-  for u in range(NUM_USERS):
-    start = int(rng.integers(NUM_ITEMS))
-    length = int(rng.integers(6, 10))
-    for t in range(length):
-      item = (start + t + int(rng.integers(0, 2))) % NUM_ITEMS
-      rows.append(f'u{u}\t{item + 1}\t{int(rng.integers(1, 6))}\t{1000 * u + 10 * t}')
-  items = ['item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq']
-  for i, (title, genres) in enumerate(zip(prompt_fixtures.TITLES, prompt_fixtures.GENRES)):
-    items.append(f'{i + 1}\t{title}\t{1990 + i}\t{" ".join(genres)}')
-  folder.mkdir(parents=True)
-  (folder / 'tiny.inter').write_text('\n'.join(rows) + '\n')
-  (folder / 'tiny.item').write_text('\n'.join(items) + '\n')
-
-
-def _write_model(folder) -> None:
-  tokenizer = prompt_fixtures.tiny_tokenizer()
-  config = transformers.LlamaConfig(
-      vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-      bos_token_id=tokenizer.convert_tokens_to_ids('<|im_start|>'),
-      eos_token_id=tokenizer.convert_tokens_to_ids('<|im_end|>'),
-      pad_token_id=tokenizer.pad_token_id)
-  torch.manual_seed(0)
-  transformers.LlamaForCausalLM(config).save_pretrained(folder)
-  tokenizer.save_pretrained(folder)
-
-
-def _config(tmp_path):
-  c = prompt_fixtures.tiny_config(num_candidates=4)
-  c.data.source, c.data.path, c.data.name = 'recbole', str(tmp_path / 'data'), 'tiny'
-  c.model.spec = f'hf:{tmp_path / "model"}'
-  c.retriever.factors, c.retriever.iterations, c.retriever.folds = 8, 3, 2
-  c.retriever.reg = 1.0
-  c.prompts.max_examples_per_user = 2
-  c.batching.pack = False
-  c.train.batch_size = 8
-  c.train.num_steps = 4
-  c.train.warmup_steps = 1
-  c.train.eval_every = 2
-  c.train.checkpoint_every = 2
-  c.train.log_every = 1
-  c.train.valid_batches = 1
-  c.train.async_checkpoints = False
-  c.rank.batch_size = 8
-  c.rank.max_items = 3
-  c.eval.ks = (1, 3, 5)
-  c.eval.bootstrap_samples = 50
-  return c
 
 
 def _mtimes(workdir, names):
@@ -78,12 +24,31 @@ def _mtimes(workdir, names):
 
 
 def test_pipeline_end_to_end_then_skips_then_reruns_ranking_only(tmp_path, monkeypatch):
-  _write_dataset(tmp_path / 'data')
-  _write_model(tmp_path / 'model')
+  pipeline_fixtures.write_fixtures(tmp_path)
   workdir = tmp_path / 'run'
-  config = _config(tmp_path)
+  config = pipeline_fixtures.config(tmp_path)
 
   results = palr_main.run(config, workdir)
+
+  # The same run with W on a filesystem that is no POSIX path (TensorFlow's ram://, reached through epath
+  # like gs://): the same results, and no open/os/shutil call on a workdir path.
+  with pytest.MonkeyPatch.context() as mp:
+    pipeline_fixtures.use_ram_filesystem(mp)
+    mp.chdir(tmp_path)
+    ram = epath.Path(f'ram://{uuid.uuid4().hex}/run')
+    calls = pipeline_fixtures.forbid_local_io(mp, 'ram:')
+    with pytest.raises(AssertionError, match='without epath'):
+      os.makedirs(ram / 'plots')  # what evaluation once did: a local folder named ram:
+    calls.clear()
+    assert palr_main.run(config, ram) == results
+    assert not calls
+    steps = lambda w: sorted(p.name for p in (w / 'palr_v1' / 'checkpoints').iterdir())  # noqa: E731
+    assert steps(ram) == steps(workdir) == ['2', '4']  # orbax's steps, mirrored through epath
+    for name in ('predictions/test.jsonl', 'rankings.json', 'profiles.jsonl'):
+      assert (ram / name).read_text() == (workdir / name).read_text(), name
+    assert checkpointing.adapter_steps(ram / 'palr_v2') == checkpointing.adapter_steps(workdir / 'palr_v2')
+    assert (ram / 'export' / 'merged' / 'config.json').exists()
+  assert not (tmp_path / 'ram:').exists()
 
   for split in ('valid', 'test'):
     assert set(results[split]['metrics']) == set(config.eval.methods)
@@ -91,13 +56,13 @@ def test_pipeline_end_to_end_then_skips_then_reruns_ranking_only(tmp_path, monke
       assert set(metrics) == {f'{m}@{k}' for k in (1, 3, 5) for m in ('HR', 'NDCG')}
       assert all(0.0 <= v <= 1.0 for v in metrics.values()), (method, metrics)
     assert set(results[split]['vs_retriever']) == {'zero_shot', 'palr_v1', 'palr_v2'}
-  assert results['test']['num_users'] == NUM_USERS
+  assert results['test']['num_users'] == pipeline_fixtures.NUM_USERS
   # The retriever's row equals the metrics of its own candidate file.
   test_rows = [json.loads(line) for line in (workdir / 'candidates' / 'test.jsonl').read_text().splitlines()]
   ranks = np.array([r['target_rank'] for r in test_rows], np.float64)
   assert results['test']['metrics']['retriever']['HR@3'] == pytest.approx(np.mean(ranks < 3))
   predictions = [json.loads(line) for line in (workdir / 'predictions' / 'test.jsonl').read_text().splitlines()]
-  assert len(predictions) == NUM_USERS
+  assert len(predictions) == pipeline_fixtures.NUM_USERS
   raw = {i: r for row in test_rows for i, r in zip(row['items'], row['item_ids'])}
   by_user = {row['user']: row for row in test_rows}
   for p in predictions:

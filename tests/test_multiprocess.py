@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from palr_jax import distributed
-from palr_jax.train import loop
+from palr_jax.train import loop, progress
 import train_child as tc
 
 CHILD = os.path.join(os.path.dirname(__file__), 'train_child.py')
@@ -72,7 +72,7 @@ def test_preempted_two_process_run_stops_together_and_matches_one_process(tmp_pa
   wait(procs)
 
   (events,) = (workdir / 'tensorboard').iterdir()  # Process 0 writes, process 1 does not.
-  pod_curve = tc.scalars([events])
+  pod_curve = progress.scalars([events], 'train/loss')
   stop = max(pod_curve)
   assert 3 <= stop < 100000 and sorted(pod_curve) == list(range(1, stop + 1))
   steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
@@ -84,7 +84,7 @@ def test_preempted_two_process_run_stops_together_and_matches_one_process(tmp_pa
   result = loop.train(config, tmp_path / 'one', tc.tiny_model(config, nonzero_b=False),
                        tc.ArrayIterator(tc.synthetic_examples(24, 16), 8))
   assert result['step'] == stop
-  one_curve = tc.scalars(list((tmp_path / 'one' / 'tensorboard').iterdir()))
+  one_curve = progress.scalars(list((tmp_path / 'one' / 'tensorboard').iterdir()), 'train/loss')
   np.testing.assert_allclose([pod_curve[s] for s in sorted(pod_curve)], [one_curve[s] for s in sorted(pod_curve)],
                              rtol=1e-5)
 
@@ -105,3 +105,59 @@ def test_cluster_detection_and_flag_errors(monkeypatch):
   distributed.initialize(env={'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234', 'JAX_NUM_PROCESSES': '4',
                               'JAX_PROCESS_ID': '3'})
   assert called == [('10.0.0.1:1234', 4, 3)]
+
+
+SIGTERMS = """
+import os, signal, sys, time
+from palr_jax import distributed
+distributed.install_signal_handlers()
+if sys.argv[1] == 'training':
+  with distributed.training_window():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)
+    print('asked to stop:', distributed.preemption_requested(), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+elif sys.argv[1] == 'barrier':  # process 1 waits for process 0, which is busy elsewhere for a minute
+  distributed.initialize(sys.argv[2], 2, int(sys.argv[3]))
+  if sys.argv[3] == '0':
+    time.sleep(60)
+  print('waiting', flush=True)
+  distributed.barrier('x')
+else:
+  os.kill(os.getpid(), signal.SIGTERM)
+  time.sleep(10)
+print('survived', flush=True)
+"""
+
+
+def sigterm_child(*args) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, '-c', SIGTERMS, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env={**os.environ, 'PYTHONPATH': os.pathsep.join(sys.path)})
+
+
+@pytest.mark.parametrize('where', ['training', 'outside'])
+def test_sigterm_outside_training_or_a_second_one_ends_the_process(where):
+  """A first SIGTERM in training only asks the trainer to save and stop; any other ends the process at once
+  (a job stuck elsewhere must not outlive its slice's billing)."""
+  out, err = sigterm_child(where).communicate(timeout=120)
+  assert 'survived' not in out, err[-3000:]
+  assert ('asked to stop: True' in out) == (where == 'training'), err[-3000:]
+
+
+def test_sigterm_ends_a_process_blocked_at_a_barrier():
+  """What once hung a pod: a process waiting at a host barrier (C++, for hours in a host-only stage)
+  never ran a Python handler; the default action ends it."""
+  port = free_port()
+  procs = [sigterm_child('barrier', f'127.0.0.1:{port}', str(i)) for i in range(2)]
+  try:
+    assert procs[1].stdout.readline() == 'waiting\n'
+    time.sleep(1)
+    start = time.time()
+    procs[1].send_signal(signal.SIGTERM)
+    assert procs[1].wait(timeout=20) == -signal.SIGTERM
+    assert time.time() - start < 5
+  finally:
+    for p in procs:
+      p.kill()
+      p.communicate()

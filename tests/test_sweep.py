@@ -153,7 +153,7 @@ def test_launch_commands_exact():
       'tpu_vm', points, sweep_path='configs/sweeps/lora_rank.py', workdir='gs://b/sw',
       config_spec='configs/ml1m_llama2_7b.py:v5e-16', config_overrides={'lora.targets': ('q', 'v')},
       launch_args=['--name', 'palr', '--zone', 'us-west4-a'])
-  assert tpu == [shlex.join(['launch/tpu_vm.sh', '--name', 'palr', '--zone', 'us-west4-a', '--',
+  assert tpu == [shlex.join(['launch/tpu_vm.sh', '--name', 'palr', '--zone', 'us-west4-a', '--watch', '--',
                              *common, f'lora.rank={r}']) for r in (4, 8)]
   slurm = sweep.launch_commands(
       'slurm', points, sweep_path='configs/sweeps/lora_rank.py', workdir='gs://b/sw',
@@ -198,10 +198,9 @@ def test_two_point_sweep_of_the_whole_pipeline(tmp_path, monkeypatch):
   option, so data, retriever, profiles and both fine-tunes run once and the second point reuses them
   from W/_shared."""
   from palr_jax.train import loop
-  from tests import test_main as fixtures
-  fixtures._write_dataset(tmp_path / 'data')
-  fixtures._write_model(tmp_path / 'model')
-  config = fixtures._config(tmp_path)
+  from tests import pipeline_fixtures
+  pipeline_fixtures.write_fixtures(tmp_path)
+  config = pipeline_fixtures.config(tmp_path)
   config.eval.ks = (1, 5, 10)
   trained = []
   real_train = loop.train

@@ -227,8 +227,8 @@ def killed_runs(tmp_path_factory):
   for name, p in zip(('inflight', 'after'), resumes):
     assert p.wait(timeout=600) == 0, p.stdout.read()[-3000:]
     logdir = root / name / 'tensorboard'
-    runs[name]['resumed'] = tc.scalars(sorted(set(logdir.iterdir()) - runs[name]['before']))
-  straight = tc.scalars(sorted((root / 'straight' / 'tensorboard').iterdir()))
+    runs[name]['resumed'] = progress.scalars(sorted(set(logdir.iterdir()) - runs[name]['before']), 'train/loss')
+  straight = progress.scalars(sorted((root / 'straight' / 'tensorboard').iterdir()), 'train/loss')
   return straight, runs
 
 
@@ -258,7 +258,7 @@ def test_overfits_eight_pairs_and_leaves_the_base_untouched(tmp_path):
   assert result['step'] == 150
   assert result['valid/loss'] < 1e-2, result  # From log(64) = 4.16.
   (events,) = (tmp_path / 'tensorboard').iterdir()
-  logged = {tag: tc.scalars([events], tag) for tag in ('train/loss', 'train/grad_norm', 'train/learning_rate',
+  logged = {tag: progress.scalars([events], tag) for tag in ('train/loss', 'train/grad_norm', 'train/learning_rate',
                                                    'train/tokens_per_s', 'train/mfu', 'valid/loss')}
   assert sorted(logged['train/loss']) == list(range(10, 151, 10)) and logged['valid/loss'].keys() == {150}
   assert logged['train/loss'][10] > 1.0 > 0.01 > logged['train/loss'][150] == pytest.approx(result['train/loss'])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import struct
 import sys
 
 import numpy as np
@@ -109,27 +108,6 @@ def grads_on_mesh(config, model, examples, microbatches: int = 1):
         rules=rules)[:2], out_shardings=jax.sharding.NamedSharding(mesh, jax.P()))
     loss, grads = step(values, frozen, batch)
   return float(loss.addressable_data(0)), {k: np.asarray(v.addressable_data(0)) for k, v in grads.items()}
-
-
-def read_events(path):
-  """TensorBoard event records of one file, checking the TFRecord framing and CRCs."""
-  from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c  # pylint: disable=g-import-not-at-top
-  data, events, at = path.read_bytes(), [], 0
-  while at < len(data):
-    header = data[at:at + 8]
-    (length,), (header_crc,) = struct.unpack('<Q', header), struct.unpack('<I', data[at + 8:at + 12])
-    body = data[at + 12:at + 12 + length]
-    (body_crc,) = struct.unpack('<I', data[at + 12 + length:at + 16 + length])
-    assert header_crc == masked_crc32c(header) and body_crc == masked_crc32c(body), path
-    events.append(event_pb2.Event.FromString(body))
-    at += 16 + length
-  return events
-
-
-def scalars(paths, tag='train/loss'):
-  """{step: value of `tag`} over event files (later files win)."""
-  return {e.step: v.simple_value for p in paths for e in read_events(p) for v in e.summary.value if v.tag == tag}
 
 
 def arm_kill(spec: str) -> None:

@@ -2,7 +2,8 @@
 
 Examples are built and tokenized once per config fingerprint (`examples_fingerprint`) and written to
 `W/examples/<fingerprint>/{train,valid}.tfrecord` (int32 token ids and loss masks as raw little-endian
-bytes; each file written to a temporary name, then renamed; `meta.json` last). Then, per epoch:
+bytes; each file written to a unique temporary name, then renamed; `meta.json` last), by one process.
+Then, per epoch:
 
   read -> seeded shuffle (train) -> pack into rows of `max_length` (first-fit decreasing over windows of
   `pack_window` examples, rows then in seeded order; segment_ids 1, 2, ... and positions restarting per
@@ -70,7 +71,7 @@ def write_tfrecord(path, examples: Sequence) -> int:
   """Writes examples (objects with int32 `input_ids`, `loss_mask`) to `path` atomically; returns tokens."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / (path.name + '.tmp')
+  tmp = files.temp_path(path)
   tokens = 0
   with tf.io.TFRecordWriter(str(tmp)) as writer:
     for ex in examples:

@@ -3,7 +3,7 @@
 Loading maps one stored tensor at a time (offsets from the safetensors header, `np.memmap`) and hands
 each addressable device only its slice (`jax.make_array_from_callback`), so a process reads just what
 its devices hold and a 7B checkpoint never sits whole in host memory (bench/load_memory.py measures it).
-Writing goes shard by shard for the same reason.
+Writing streams each file tensor by tensor for the same reason (bench/export_memory.py measures it).
 Parameter paths and the HF name table come from `palr_jax.model.llama` (`hf_param_names`).
 """
 from __future__ import annotations
@@ -14,9 +14,7 @@ import functools
 import json
 import math
 import os
-import shutil
 import struct
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -40,7 +38,7 @@ _DTYPES = {'F32': np.dtype(np.float32), 'F16': np.dtype(np.float16),
 
 
 class TensorSpec(NamedTuple):
-  """A tensor to write: name, shape, dtype, and `load()` giving its value when its shard is written."""
+  """A tensor to write: name, shape, dtype, and `load()` giving its value when it is written."""
   name: str
   shape: tuple[int, ...]
   dtype: np.dtype
@@ -249,26 +247,30 @@ def atomic_dir(path, replace: bool = True) -> Iterator[epath.Path]:
   """
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f'.{path.name}.tmp-{uuid.uuid4().hex[:8]}'
+  tmp = files.temp_path(path)
   tmp.mkdir()
   try:
     yield tmp
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)
     raise
   if path.exists():
     if not replace:
-      shutil.rmtree(tmp, ignore_errors=True)
+      _remove(tmp)
       return
-    old = path.parent / f'.{path.name}.old-{uuid.uuid4().hex[:8]}'
+    old = files.temp_path(path)
     path.rename(old)
     tmp.rename(path)
-    if old.is_dir():
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      old.unlink()
+    _remove(old)
   else:
     tmp.rename(path)
+
+
+def _remove(folder: epath.Path) -> None:
+  try:
+    folder.rmtree()
+  except OSError:  # cleaning up after the fact: never hide the real outcome
+    pass
 
 
 def shard_plan(specs: Sequence[TensorSpec], max_shard_bytes: int | None) -> list[list[TensorSpec]]:
@@ -287,8 +289,7 @@ def shard_plan(specs: Sequence[TensorSpec], max_shard_bytes: int | None) -> list
 
 def save_safetensors(folder, specs: Sequence[TensorSpec], max_shard_bytes: int | None = None) -> None:
   """`model.safetensors`, or `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json` when
-  the tensors exceed `max_shard_bytes`. Each file is streamed: its header first (the specs declare every
-  shape and dtype), then each tensor as it is produced, so one tensor at a time is in host memory."""
+  the tensors exceed `max_shard_bytes`. Each file is streamed tensor by tensor (`write_safetensors`)."""
   folder = epath.Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   shards = shard_plan(specs, max_shard_bytes)
@@ -296,29 +297,28 @@ def save_safetensors(folder, specs: Sequence[TensorSpec], max_shard_bytes: int |
            [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))])
   weight_map, total = {}, 0
   for file, shard in zip(names, shards):
-    total += _write_safetensors(folder / file, shard)
+    total += write_safetensors(folder / file, shard)
     weight_map.update({spec.name: file for spec in shard})
   if len(shards) > 1:
     write_json(folder / INDEX_FILE, {'metadata': {'total_size': total}, 'weight_map': weight_map})
 
 
-_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
-
-
-def _write_safetensors(path: epath.Path, specs: Sequence[TensorSpec]) -> int:
-  """One safetensors file, written tensor by tensor (the format: an 8-byte little-endian header length,
-  the JSON header padded to 8 bytes, then the tensors' bytes back to back); returns the data size."""
+def write_safetensors(path, specs: Sequence[TensorSpec]) -> int:
+  """One safetensors file: the header, from the declared shapes and dtypes, then each tensor's bytes as its
+  `load()` produces them, so only one tensor is in host memory at a time (a 7B model's merged export
+  never holds a shard, let alone the model). Returns the bytes of tensor data."""
+  codes = {dtype: code for code, dtype in _DTYPES.items()}
   header, offset = {'__metadata__': {'format': 'pt'}}, 0
   for spec in specs:
-    if spec.dtype not in _DTYPE_NAMES:
-      raise ValueError(f'{spec.name}: dtype {spec.dtype} cannot be written (expected {sorted(_DTYPES)})')
-    nbytes = math.prod(spec.shape) * spec.dtype.itemsize
-    header[spec.name] = {'dtype': _DTYPE_NAMES[spec.dtype], 'shape': list(spec.shape),
-                         'data_offsets': [offset, offset + nbytes]}
-    offset += nbytes
+    dtype = np.dtype(spec.dtype)
+    if dtype not in codes:
+      raise ValueError(f'{spec.name}: cannot store {dtype}; expected one of {sorted(map(str, codes))}')
+    size = math.prod(spec.shape) * dtype.itemsize
+    header[spec.name] = {'dtype': codes[dtype], 'shape': list(spec.shape), 'data_offsets': [offset, offset + size]}
+    offset += size
   blob = json.dumps(header, separators=(',', ':')).encode()
-  blob += b' ' * (-len(blob) % 8)
-  with path.open('wb') as f:
+  blob += b' ' * (-len(blob) % 8)  # the format pads the header to 8 bytes
+  with epath.Path(path).open('wb') as f:
     f.write(struct.pack('<Q', len(blob)) + blob)
     for spec in specs:
       value = np.asarray(spec.load())

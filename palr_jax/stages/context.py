@@ -1,9 +1,9 @@
 """What the stages of one process share: the config, the workdir, the data, and each model loaded once.
 
 Loading is lazy and cached, so a stage that is skipped costs nothing, and stages that run in the same
-process share one copy of the base weights per mesh (fine-tuning on the global mesh; on one process the
-inference stages use the same mesh, and so the same arrays). Adapters are added to a model built on the
-shared weights, never to the weights themselves.
+process share one copy of the base weights (fine-tuning on the global mesh; on one process the inference
+stages use the same mesh, and so the same arrays; on several, switching meshes reloads). Adapters are
+added to a model built on the shared weights, never to the weights themselves.
 """
 from __future__ import annotations
 
@@ -78,9 +78,11 @@ class Context:
     return Placement(self.local_mesh, self.config.mesh.rules)
 
   def base_model(self, mesh) -> llama.Llama:
-    """The base model with its weights on `mesh`, loaded once per mesh."""
+    """The base model with its weights on `mesh`; one mesh's copy is kept (on a multi-process job, the
+    global mesh's for training and the host-local mesh's for inference: never both in device memory)."""
     key = id(mesh)
     if key not in self._params:
+      self._params.clear()
       self._params[key] = hf.load_params(self.hf_folder, self.llama_config, mesh, self.config.mesh.rules)
     return load.build(self.llama_config, self._params[key])
 

@@ -5,11 +5,13 @@ test) as a merged Hugging Face folder (`W/export/merged`) and as a PEFT adapter 
 destroys what it was not asked to replace: a non-empty destination needs `overwrite`, and the current
 directory, the run folder the adapters come from and any folder holding it are refused. The merged folder
 is written into a temporary folder, one merged tensor at a time (W + (alpha/r) A B computed on the devices
-just before its shard is written, so the model is never held twice), then moved into place, or copied when
-the destination is an object store; a failure leaves neither the temporary folder nor a partial export.
+just before it is written, so the model is never held twice; bench/export_memory.py measures the host
+memory), then moved into place, or written to a local temporary folder and copied when the destination
+is not on local disk (gs://, any epath filesystem); a failure leaves neither the temporary folder nor a
+partial export.
 
-Processes: host. Process 0 loads the base on its own devices, adds the adapters from their PEFT folder
-(no orbax, no collective) and writes; the others wait.
+Processes: host. Process 0 loads the base on its own devices (the host-local mesh), adds the adapters
+from their PEFT folder (no orbax, no collective) and writes; the others wait.
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ def declare(config) -> runner.Stage:
       name='export', run=run, hashes=('export', 'model.spec', 'model.cache_dir'),
       upstream=('rank', f'finetune_{variant}'), outputs=tuple(f'export/{f}' for f in config.export.formats),
       processes=runner.HOST,
-      what='process 0 loads the base on its own devices, adds the adapters and writes; the others wait')
+      what='process 0 loads the base on its host-local mesh, adds the adapters from their PEFT folder and '
+           'writes the merged model tensor by tensor; the others wait')
 
 
 def run(ctx) -> None:

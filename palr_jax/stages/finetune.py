@@ -43,7 +43,7 @@ def declare(config) -> list[runner.Stage]:
       outputs=(f'{variant}/checkpoints', f'{variant}/{checkpointing.ADAPTERS}', f'{variant}/tensorboard'),
       processes=runner.COLLECTIVE, scratch=('examples', f'{variant}/run.json'),
       what='process 0 writes the examples once; then every process feeds its rows of each global batch '
-           'to the step on the global mesh')
+           'to the step on the global mesh; all write orbax checkpoints, process 0 the PEFT adapters')
       for variant in trained_variants(config)]
 
 

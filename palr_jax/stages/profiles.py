@@ -35,8 +35,8 @@ def declare(config) -> runner.Stage:
   return runner.Stage(
       name='profiles', run=run, merge=merge, hashes=hashes, outputs=('profiles.jsonl',),
       processes=runner.SHARDED, inputs=inputs, scratch=(PARTS,),
-      what='every process writes the profiles of its share of the users on its own devices; process 0 '
-           'joins the parts')
+      what='every process generates the profiles of its share of the users on its host-local mesh and '
+           'writes them as part files; process 0 joins them into profiles.jsonl')
 
 
 def _parts(ctx):

@@ -63,8 +63,8 @@ def declare(config) -> runner.Stage:
       upstream=('retriever', 'profiles', *(f'finetune_{m}' for m in trained)), outputs=('rankings.json',),
       processes=runner.SHARDED, scratch=(PARTS,),
       inputs=(str(source.path / 'config.json') if source.kind == 'hf' else str(source.path),),
-      what='every process ranks its share of the evaluation users on its own devices; process 0 joins the '
-           'parts')
+      what='every process ranks its share of the evaluation users on its host-local mesh (adapters from '
+           'their PEFT folders) and writes part files; process 0 joins them into rankings.json')
 
 
 def eval_users(num_users: int, config) -> np.ndarray:

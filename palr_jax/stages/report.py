@@ -16,6 +16,7 @@ from palr_jax import metrics
 from palr_jax import runner
 from palr_jax.stages import finetune
 from palr_jax.stages import rank
+from palr_jax.train import progress
 
 OUTPUTS = ('results.json', 'results.md', 'predictions/test.jsonl', 'plots/hr_at_k.png', 'plots/loss.png')
 
@@ -24,7 +25,8 @@ def declare(config) -> runner.Stage:
   return runner.Stage(
       name='report', run=run, hashes=('seed', 'eval', 'export.variant'),
       upstream=('rank', *(f'finetune_{v}' for v in finetune.trained_variants(config))), outputs=OUTPUTS,
-      processes=runner.HOST, what='process 0 evaluates and writes the report; the others wait')
+      processes=runner.HOST,
+      what='process 0 computes the metrics and writes the report, predictions and plots; the others wait')
 
 
 def run(ctx) -> None:
@@ -65,16 +67,8 @@ def run(ctx) -> None:
 
 def read_losses(logdir: epath.Path) -> dict[str, list[tuple[int, float]]]:
   """{'train': [(step, loss)], 'valid': [(step, loss)]} from the trainer's TensorBoard event files."""
-  from tensorboard.backend.event_processing import event_file_loader
-  curves = {'train': {}, 'valid': {}}
-  for path in sorted(epath.Path(logdir).glob('events.out.tfevents.*')):
-    for event in event_file_loader.EventFileLoader(str(path)).Load():
-      for value in event.summary.value:
-        kind = {'train/loss': 'train', 'valid/loss': 'valid'}.get(value.tag)
-        if kind:
-          number = value.simple_value if value.HasField('simple_value') else float(value.tensor.float_val[0])
-          curves[kind][int(event.step)] = number  # a resumed run rewrites its steps: keep the last
-  return {k: sorted(v.items()) for k, v in curves.items()}
+  paths = sorted(epath.Path(logdir).glob('events.out.tfevents.*'))
+  return {kind: sorted(progress.scalars(paths, f'{kind}/loss').items()) for kind in ('train', 'valid')}
 
 
 def markdown_report(results: dict, ks: Sequence[int]) -> str:

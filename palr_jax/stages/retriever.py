@@ -37,7 +37,7 @@ def declare(config) -> runner.Stage:
   return runner.Stage(
       name='retriever', run=run, hashes=('seed', 'data', 'retriever', 'eval.ks'), outputs=OUTPUTS,
       processes=runner.HOST, inputs=tuple(interactions.source_files(config.data)),
-      what='process 0 fits the retriever and writes the candidate files; the others wait')
+      what='process 0 fits the retriever (CPU) and writes the candidate files; the others wait')
 
 
 def search_grid(retriever_config) -> list[dict]:

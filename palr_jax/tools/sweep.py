@@ -362,9 +362,10 @@ def launch_commands(launcher: str, points: Sequence[Point], *, sweep_path: str, 
                     launch_args: Sequence[str] = ()) -> list[str]:
   """One shell command per point: the launcher running `python -m palr_jax.tools.sweep ... --only POINT`.
 
-  tpu_vm: `launch/tpu_vm.sh LAUNCH_ARGS -- python ...` (the slice is reused from point to point, so
-  run them one after another); slurm: `sbatch --job-name=POINT LAUNCH_ARGS launch/slurm_gpu.sbatch --
-  python ...` (independent jobs; points that share upstream stages may compute them concurrently).
+  tpu_vm: `launch/tpu_vm.sh LAUNCH_ARGS --watch -- python ...` (the slice is reused from point to point,
+  so each waits for its point to finish, resubmitting it after a preemption); slurm: `sbatch
+  --job-name=POINT LAUNCH_ARGS launch/slurm_gpu.sbatch -- python ...` (independent jobs; points that share
+  upstream stages may compute them concurrently).
   """
   if launcher not in ('tpu_vm', 'slurm'):
     raise SweepError(f'--emit-launch: expected tpu_vm or slurm, got {launcher!r}')
@@ -375,7 +376,7 @@ def launch_commands(launcher: str, points: Sequence[Point], *, sweep_path: str, 
     name = point_name(point)
     run = [*base, '--only', name]
     if launcher == 'tpu_vm':
-      cmd = ['launch/tpu_vm.sh', *launch_args, '--', *run]
+      cmd = ['launch/tpu_vm.sh', *launch_args, '--watch', '--', *run]
     else:
       cmd = ['sbatch', f'--job-name={name}', *launch_args, 'launch/slurm_gpu.sbatch', '--', *run]
     out.append(shlex.join(cmd))

@@ -12,10 +12,12 @@ to do.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging as py_logging
 import os
 import re
+import tempfile
 from typing import Any
 
 from etils import epath
@@ -30,9 +32,15 @@ from palr_jax import files
 from palr_jax.hub import load, peft
 from palr_jax.model import lora
 
+ITEMS = ('state', 'data', 'config')  # the items of a checkpoint step
 ADAPTERS = 'adapters'   # W/adapters/step_<N>: each kept checkpoint's adapters as a PEFT folder
 # Where a run folder may keep an exported adapter in PEFT layout, in order of preference.
 ADAPTER_DIRS = ('export/peft', 'adapter')
+
+
+# Where orbax (tensorstore) can write the arrays itself: local paths and gs://. Elsewhere (any other
+# filesystem etils.epath knows) it works on a local mirror (`_MirroredManager`).
+_ORBAX_URLS = ('gs://',)
 
 
 def orbax_manager(directory: epath.PathLike, options: ocp.CheckpointManagerOptions | None = None
@@ -40,12 +48,53 @@ def orbax_manager(directory: epath.PathLike, options: ocp.CheckpointManagerOptio
   """The orbax manager of a trainer's `W/checkpoints`, whose steps hold the items state, data and config.
 
   A local `directory` is made absolute first (orbax refuses relative paths, and the README's workdirs
-  are relative); URLs are left as they are.
+  are relative); gs:// is used as it is; any other URL gets a local mirror (`_MirroredManager`).
   """
   directory = epath.Path(directory)
-  if '://' not in str(directory):
-    directory = epath.Path(os.path.abspath(directory))
-  return ocp.CheckpointManager(directory, item_names=('state', 'data', 'config'), options=options)
+  text = os.fspath(directory)
+  if '://' not in text:
+    directory = epath.Path(os.path.abspath(text))
+  elif not text.startswith(_ORBAX_URLS):
+    return _MirroredManager(directory, options)
+  return ocp.CheckpointManager(directory, item_names=ITEMS, options=options)
+
+
+class _MirroredManager(ocp.CheckpointManager):
+  """Orbax on a folder tensorstore cannot write (e.g. TensorFlow's ram://, an fsspec filesystem): orbax
+  works on a local folder that mirrors it, pulled when the manager opens, pushed (finished steps copied,
+  deleted steps deleted, through epath) after every save, which is therefore synchronous. One process
+  only: on several, orbax writes every process's shards into one folder, which must be shared storage.
+  """
+
+  def __init__(self, remote: epath.Path, options: ocp.CheckpointManagerOptions | None):
+    if jax.process_count() > 1:
+      raise ValueError(f'{remote}: orbax checkpoints of a multi-process job need a folder every process '
+                       f'writes through tensorstore ({", ".join(_ORBAX_URLS)} or a shared local path)')
+    self.remote = remote
+    local = epath.Path(tempfile.gettempdir()) / 'palr-orbax' / hashlib.sha256(str(remote).encode()).hexdigest()[:16]
+    _mirror_steps(remote, local)
+    super().__init__(local, item_names=ITEMS, options=options)
+
+  def save(self, *args, **kwargs) -> bool:
+    saved = super().save(*args, **kwargs)
+    self.wait_until_finished()
+    _mirror_steps(self.directory, self.remote)
+    return saved
+
+  def delete(self, step: int) -> None:
+    super().delete(step)
+    _mirror_steps(self.directory, self.remote)
+
+
+def _mirror_steps(src: epath.Path, dst: epath.Path) -> None:
+  """Makes dst's finished step folders those of src (orbax's temporary folders are not steps)."""
+  def steps(folder):
+    return {p.name for p in folder.iterdir() if p.name.isdigit()} if folder.exists() else set()
+  have, want = steps(dst), steps(src)
+  for name in have - want:
+    (dst / name).rmtree()
+  for name in sorted(want - have):
+    files.copy_tree(src / name, dst / name)
 
 
 def checkpoint_steps(workdir) -> list[int]:

@@ -29,10 +29,10 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
 
   Writes WORKDIR/checkpoints and WORKDIR/tensorboard. On return the model holds the trained adapters
   and the result is the last logged scalars plus `step`, the step reached: `num_steps`, or less when a
-  SIGTERM stopped training early (after saving a checkpoint there, from which the next call resumes). `valid_batches` is iterated afresh at every
-  evaluation (a list or a tf.data.Dataset, not a one-shot iterator) and yields batches like `train_iter`;
-  pad a short last batch with rows of segment_ids 0. Run under `distributed.initialize()` on a pod: every
-  process calls `train` with its own `train_iter`.
+  SIGTERM stopped training early (after saving a checkpoint there, from which the next call resumes).
+  `valid_batches` is iterated afresh at every evaluation (a list or a tf.data.Dataset, not a one-shot
+  iterator) and yields batches like `train_iter`; pad a short last batch with rows of segment_ids 0. Run
+  under `distributed.initialize()` on a pod: every process calls `train` with its own `train_iter`.
   """
   c = config.train
   rules = config.mesh.rules
@@ -65,6 +65,10 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
       raise
     train_iter.set_state(data_state)
     logging.info('train: resumed from step %d', start)
+    if start % c.checkpoint_every and start != c.num_steps:
+      # A preemption save, there only to resume from: gone once used, the run keeps (and ranking evaluates)
+      # the checkpoints of an uninterrupted run. A hard kill before the next save replays from the last.
+      manager.delete(start)
   else:
     state = jax.jit(init, out_shardings=shardings)(values)
 

@@ -1,14 +1,18 @@
-"""What a training run reports: model FLOPs of a step, and TensorBoard scalars with a progress bar."""
+"""What a training run reports: model FLOPs of a step, and TensorBoard scalars with a progress bar, written
+and read back through etils.epath (local, gs:// or any filesystem epath knows)."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+import contextlib
 import os
 import socket
+import struct
 import time
 
 from etils import epath
 import jax
 from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from tensorboard.summary.writer import record_writer
 import tqdm
 
@@ -31,8 +35,8 @@ def step_flops(model_config, lora_params: int, batch: int, length: int, logit_po
 class MetricWriter:
   """TensorBoard scalars and a tqdm bar, from process 0 only (elsewhere every call is a no-op).
 
-  Events are framed by tensorboard's own RecordWriter into an etils.epath file (local or gs://), so the
-  trainer needs no TensorFlow.
+  Events are framed by tensorboard's own RecordWriter into an etils.epath file (local, gs://, any epath
+  filesystem), flushed after every event, so a preempted run loses none of its curve.
   """
 
   def __init__(self, logdir: epath.Path, num_steps: int, start_step: int):
@@ -41,7 +45,8 @@ class MetricWriter:
     if self.active:
       logdir.mkdir(parents=True, exist_ok=True)
       name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.v2'
-      self.records = record_writer.RecordWriter((logdir / name).open('wb'))
+      self.file = contextlib.ExitStack()  # epath's gs:// / gfile files are context managers, not files
+      self.records = record_writer.RecordWriter(self.file.enter_context((logdir / name).open('wb')))
       self._write(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
 
   def _write(self, event) -> None:
@@ -61,4 +66,38 @@ class MetricWriter:
   def close(self) -> None:
     self.bar.close()
     if self.active:
-      self.records.close()
+      self.records.flush()
+      self.file.close()
+
+
+def read_events(path) -> list[event_pb2.Event]:
+  """The events of one TensorBoard event file, its TFRecord framing and CRCs checked. A record cut short
+  (a writer killed mid-write) ends the list; a damaged one raises."""
+  path = epath.Path(path)
+  data, events, at = path.read_bytes(), [], 0
+  while at + 12 <= len(data):
+    header = data[at:at + 8]
+    (length,), (header_crc,) = struct.unpack('<Q', header), struct.unpack('<I', data[at + 8:at + 12])
+    if header_crc != masked_crc32c(header):
+      raise ValueError(f'{path}: damaged record header at byte {at}')
+    if at + 16 + length > len(data):
+      break
+    body = data[at + 12:at + 12 + length]
+    if struct.unpack('<I', data[at + 12 + length:at + 16 + length])[0] != masked_crc32c(body):
+      raise ValueError(f'{path}: damaged record at byte {at}')
+    events.append(event_pb2.Event.FromString(body))
+    at += 16 + length
+  return events
+
+
+def scalars(paths: Iterable, tag: str) -> dict[int, float]:
+  """{step: value} of `tag` over event files in the order given (a resumed run rewrites its steps: the
+  later file wins)."""
+  out = {}
+  for path in paths:
+    for event in read_events(path):
+      for value in event.summary.value:
+        if value.tag == tag:
+          out[int(event.step)] = (value.simple_value if value.HasField('simple_value')
+                                  else float(value.tensor.float_val[0]))
+  return out
