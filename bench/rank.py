@@ -29,6 +29,7 @@ from palr_jax.data import interactions
 from palr_jax.data import profiles
 from palr_jax.data import prompts
 from palr_jax.hub import load
+from palr_jax.model import rerank
 from palr_jax.retrieval import candidates as candidates_lib
 from palr_jax.retrieval import mf
 from palr_jax.stages import rank
@@ -97,11 +98,15 @@ def main():
   lengths = np.array([len(builder.ranking_prompt(ex)) for ex in examples])
   placement = None
 
+  def ordered(mode, rows):
+    scores = rank.rank_users(model, builder, [examples[n] for n in rows], mode, config, placement)
+    return [rerank.order_from_scores(s[None])[0] for s in scores]
+
   def score(rows):
-    return rank.rank_users(model, builder, [examples[n] for n in rows], 'score', config, placement)
+    return ordered('score', rows)
 
   def generate(rows):
-    return rank.rank_users(model, builder, [examples[n] for n in rows], 'generate', config, placement)
+    return ordered('generate', rows)
 
   rows = list(range(len(users)))
   results = {'retriever': ([list(range(len(c))) for c in cands], 0.0, 0.0)}

@@ -43,6 +43,13 @@ def get_config():
   c.retriever.epochs = 100           # BPR
   c.retriever.batch_size = 1024      # BPR
   c.retriever.num_candidates = 20    # K candidates handed to the ranker
+  # Sequence-aware scoring (palr_jax/retrieval/transitions.py): (1 - w) z(MF) + w z(transitions), where a
+  # user's transition score of item j sums, over their last `transition_items` events (weights decay**k),
+  # how often other users consumed j within `transition_window` events after it. w = 0: MF alone.
+  c.retriever.transition_weight = 0.3
+  c.retriever.transition_items = 3
+  c.retriever.transition_window = 1
+  c.retriever.transition_decay = 1.0
   c.retriever.folds = 5              # cross-fitting folds for candidates/train.jsonl
   c.retriever.max_train_positions = 20  # most recent target positions per user in candidates/train.jsonl
   c.retriever.user_batch = 1024      # users per jitted top-K call
@@ -51,6 +58,10 @@ def get_config():
   c.retriever.search.factors = ()
   c.retriever.search.reg = ()
   c.retriever.search.alpha = ()
+  c.retriever.search.transition_weight = ()
+  c.retriever.search.transition_items = ()
+  c.retriever.search.transition_window = ()
+  c.retriever.search.transition_decay = ()
 
   # Evaluation and the report (palr_jax/metrics.py, stage palr_jax/stages/report.py).
   c.eval = ml_collections.ConfigDict()
@@ -59,6 +70,10 @@ def get_config():
   c.eval.bootstrap_samples = 1000
   # Rows of the report, in order: 'retriever' or a key of `variants`.
   c.eval.methods = ('retriever', 'zero_shot', 'palr_v1', 'palr_v2')
+  # Each LLM method also fused with the retriever: z(retriever score) + b z(LLM score) over the candidates,
+  # b the one of these with the best `fusion_metric` on valid (never on test); () = no fused rows.
+  c.eval.fusion_weights = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+  c.eval.fusion_metric = 'NDCG@10'
 
   # The experiment: LLM methods that rerank the retriever's candidates. `tasks` are the PALR tasks a
   # variant is LoRA-tuned on (() = the base model, untuned); it ranks with the prompt of `rank_task` by
@@ -69,6 +84,8 @@ def get_config():
   c.variants.zero_shot = _variant((), 'recommend_retrieval', 'score')
   c.variants.palr_v1 = _variant(('recommend',), 'recommend', 'generate')        # the paper's v1
   c.variants.palr_v2 = _variant(('recommend', 'recommend_retrieval'), 'recommend_retrieval', 'score')  # v2
+  # `retrieval_loss`: a Recommend_Retrieval answer is learned from its tag alone, a softmax over the
+  # candidates' tags ('tag', LlamaRec's verbalizer), or from every answer token ('tokens', an LM loss).
 
   # LLM ranking of the retriever's candidates (palr_jax/model/rerank.py, stage palr_jax/stages/rank.py).
   c.rank = ml_collections.ConfigDict()
@@ -198,9 +215,9 @@ def get_config():
   return c
 
 
-def _variant(tasks, rank_task, rank_mode, task_repeats=None):
+def _variant(tasks, rank_task, rank_mode, task_repeats=None, retrieval_loss='tag'):
   return ml_collections.ConfigDict({
-      'tasks': tuple(tasks), 'rank_task': rank_task, 'rank_mode': rank_mode,
+      'tasks': tuple(tasks), 'rank_task': rank_task, 'rank_mode': rank_mode, 'retrieval_loss': retrieval_loss,
       'task_repeats': ml_collections.ConfigDict(task_repeats or {'recommend': 1, 'recommend_retrieval': 1})})
 
 

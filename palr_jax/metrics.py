@@ -129,3 +129,49 @@ def reordering(items: dict[str, Sequence[Sequence[int]]], targets: Sequence[int]
         f'top{k}_overlap': float(np.mean([len(set(x[:k]) & set(r[:k])) / k for x, r in zip(lists, ref)])),
         f'HR@{k}_when_retrieved': float(hit[found].mean()) if found.any() else 0.0}
   return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Score fusion: the retriever's knowledge added back to an LLM reranker.
+
+
+def _standardized(scores) -> np.ndarray:
+  """z-scores over one user's candidates; candidates without a score (None, -inf) go below every other."""
+  x = np.asarray([np.nan if s is None else s for s in scores], np.float64)
+  finite = np.isfinite(x)
+  if not finite.any():
+    return np.zeros(len(x))
+  z = (x - x[finite].mean()) / max(x[finite].std(), 1e-12)
+  z[~finite] = z[finite].min() - 1.0
+  return z
+
+
+def fuse(retriever: dict, llm: dict, weight: float) -> dict:
+  """Ranks after fusing, per user, `z(retriever score) + weight * z(LLM score)` over the retriever's
+  candidates (each method's split entry of rankings.json: `items` and `scores`, in the retriever's order).
+
+  A target among the candidates is ranked pessimistically (every other candidate fusing to at least its
+  score counts before it); a target the retriever missed keeps its retriever rank. Returns {'ranks',
+  'items', 'targets'}, items in fused order (ties keep the retriever's order).
+  """
+  ranks, items = [], []
+  for cands, r, l, target, rank in zip(retriever['items'], retriever['scores'], llm['scores'],
+                                       retriever['targets'], retriever['ranks']):
+    f = _standardized(r) + weight * _standardized(l)
+    order = np.argsort(-f, kind='stable')
+    items.append([cands[j] for j in order])
+    if target in cands:
+      ranks.append(float(np.sum(f >= f[cands.index(target)]) - 1))
+    else:
+      ranks.append(float(rank))
+  return {'ranks': ranks, 'items': items, 'targets': list(retriever['targets'])}
+
+
+def choose_fusion_weight(retriever: dict, llm: dict, weights: Sequence[float], metric: str
+                         ) -> tuple[float, dict[str, float]]:
+  """The weight (of `weights`) whose fusion scores best on `metric` (e.g. 'NDCG@10'), and every weight's
+  score; the smallest of equals wins. Call it on valid only: the weight then carries to test."""
+  k = int(metric.split('@')[1])
+  by_weight = {float(w): metrics_from_ranks(fuse(retriever, llm, w)['ranks'], [k])[metric] for w in weights}
+  best = max(by_weight, key=lambda w: (by_weight[w], -w))
+  return best, {str(w): v for w, v in by_weight.items()}

@@ -37,7 +37,8 @@ REDUCES = ('sum', 'mean')
 # Sizes: (key, least value). Every other size is a count that must be at least 1.
 _SIZES = {
     'retriever': {'factors': 1, 'iterations': 1, 'num_candidates': 1, 'folds': 2, 'max_train_positions': 0,
-                  'user_batch': 1, 'solve_chunk': 1, 'epochs': 1, 'batch_size': 1},
+                  'user_batch': 1, 'solve_chunk': 1, 'epochs': 1, 'batch_size': 1, 'transition_items': 1,
+                  'transition_window': 1},
     'eval': {'max_users': 0, 'bootstrap_samples': 1},
     'rank': {'batch_size': 1, 'max_items': 1},
     'lora': {'rank': 1},
@@ -52,7 +53,8 @@ _SIZES = {
 # Real numbers: (key, least value, whether the least value itself is allowed, greatest value or None).
 _NUMBERS = {
     'retriever': {'reg': (0, True, None), 'alpha': (0, True, None), 'init_scale': (0, False, None),
-                  'bpr_reg': (0, True, None), 'learning_rate': (0, False, None)},
+                  'bpr_reg': (0, True, None), 'learning_rate': (0, False, None),
+                  'transition_weight': (0, True, 1), 'transition_decay': (0, False, 1)},
     'lora': {'alpha': (0, False, None), 'dropout': (0, True, 1)},
     'train': {'learning_rate': (0, False, None), 'final_lr_fraction': (0, True, 1), 'adam_b1': (0, True, 1),
               'adam_b2': (0, True, 1), 'adam_eps': (0, False, None), 'weight_decay': (0, True, None),
@@ -164,6 +166,12 @@ def _check_eval(config) -> None:
   if unknown:
     raise bad('eval.methods', tuple(methods), f'"retriever" or keys of config.variants '
               f'{tuple(config.variants)}; unknown {unknown}')
+  weights = value(config, 'eval.fusion_weights')
+  if not isinstance(weights, (tuple, list)) or not all(_is_number(w) and w >= 0 for w in weights):
+    raise bad('eval.fusion_weights', weights, 'a tuple of numbers >= 0 (() = no fused rows)')
+  metric = value(config, 'eval.fusion_metric')
+  if not (isinstance(metric, str) and re.fullmatch(r'(HR|NDCG)@\d+', metric)):
+    raise bad('eval.fusion_metric', metric, "'NDCG@k' or 'HR@k'")
 
 
 def trained_variants(config) -> list[str]:
@@ -179,6 +187,8 @@ def _check_variants(config) -> None:
       raise bad(f'{key}.tasks', tasks, f'a subset of {prompts.TASKS} (() for the untuned model)')
     if value(config, f'{key}.rank_task') not in prompts.TASKS:
       raise bad(f'{key}.rank_task', v.rank_task, f'one of {prompts.TASKS}')
+    if value(config, f'{key}.retrieval_loss') not in prompts.RETRIEVAL_LOSSES:
+      raise bad(f'{key}.retrieval_loss', v.retrieval_loss, f'one of {prompts.RETRIEVAL_LOSSES}')
     if value(config, f'{key}.rank_mode') not in rank.MODES:
       raise bad(f'{key}.rank_mode', v.rank_mode, f'one of {rank.MODES}')
     if v.rank_mode == 'score' and v.rank_task != 'recommend_retrieval':

@@ -131,3 +131,38 @@ def test_reordering_hand_computed():
     evaluate.reordering({'llm': llm}, targets)
   with pytest.raises(ValueError, match='expected the same users everywhere'):
     evaluate.reordering({'retriever': retriever, 'llm': llm[:2]}, targets)
+
+
+def test_fusion_weight_is_chosen_on_valid_and_carried_to_test():
+  """Valid rewards trusting the retriever (its first candidate is the target), test the LLM; the weight
+  chosen on valid (0) is used on test even though a larger one would score better there."""
+  def split(targets, llm_first):
+    items = [[1, 2, 3], [4, 5, 6]]
+    return ({'items': items, 'scores': [[3.0, 2.0, 1.0]] * 2, 'targets': targets, 'ranks': [0.0, 0.0]},
+            {'scores': [[0.0, 0.0, 5.0] if llm_first else [1.0, 0.0, 0.0]] * 2})
+  valid_r, valid_l = split([1, 4], llm_first=True)      # the LLM prefers the last candidate: wrong on valid
+  test_r, test_l = split([3, 6], llm_first=True)        # ... and right on test
+  best, by_weight = evaluate.choose_fusion_weight(valid_r, valid_l, (0.0, 1.0, 4.0), 'NDCG@10')
+  assert best == 0.0 and by_weight['0.0'] == 1.0 and by_weight['4.0'] < 1.0
+  fused = evaluate.fuse(test_r, test_l, best)
+  assert fused['ranks'] == [2.0, 2.0] and fused['items'][0] == [1, 2, 3]
+  assert evaluate.fuse(test_r, test_l, 4.0)['ranks'] == [0.0, 0.0]
+  # Ties count against the target; a target the retriever missed keeps its rank.
+  flat = {'items': [[1, 2]], 'scores': [[1.0, 1.0]], 'targets': [2], 'ranks': [1.0]}
+  assert evaluate.fuse(flat, {'scores': [[None, None]]}, 1.0)['ranks'] == [1.0]
+  missed = {'items': [[1, 2]], 'scores': [[1.0, 0.5]], 'targets': [9], 'ranks': [17.0]}
+  assert evaluate.fuse(missed, {'scores': [[0.0, 2.0]]}, 1.0)['ranks'] == [17.0]
+
+
+def test_report_fuses_each_llm_method_with_a_weight_from_valid():
+  from palr_jax import defaults
+  config = defaults.get_config()
+  config.eval.fusion_weights = (0.0, 4.0)
+  def entry(targets, llm):
+    return {'items': [[1, 2, 3]], 'scores': [llm], 'targets': targets, 'ranks': [0.0]}
+  methods = {'retriever': {'valid': entry([1], [3.0, 2.0, 1.0]), 'test': entry([3], [3.0, 2.0, 1.0])},
+             'palr_v2': {'valid': entry([1], [0.0, 0.0, 5.0]), 'test': entry([3], [0.0, 0.0, 5.0])}}
+  chosen = report.fused_methods(config, methods)
+  assert chosen['palr_v2']['weight'] == 0.0
+  assert chosen['palr_v2']['valid_by_weight'] == pytest.approx({'0.0': 1.0, '4.0': 1 / np.log2(3)})
+  assert methods['palr_v2+fusion']['test']['ranks'] == [2.0]

@@ -10,8 +10,8 @@ import pytest
 from palr_jax import main as palr_main
 from palr_jax import runner
 from palr_jax.defaults import get_config
-from tests import train_child as tc
-from tests.test_main import _config, _write_dataset, _write_model
+from palr_jax.train import progress
+from tests.pipeline_fixtures import config as _config, write_dataset as _write_dataset, write_model as _write_model
 
 
 class Ctx:
@@ -149,7 +149,7 @@ def test_doubled_rows_give_the_retriever_the_same_split_and_metrics(tiny):
 
 
 def _learning_rates(logdir):
-  return tc.scalars(sorted(logdir.glob('events.out.tfevents.*')), tag='train/learning_rate')
+  return progress.scalars(sorted(logdir.glob('events.out.tfevents.*')), 'train/learning_rate')
 
 
 def test_a_changed_training_option_trains_again_from_step_zero(tiny):

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
@@ -23,7 +22,7 @@ from palr_jax import defaults as common
 def retriever_config(**overrides):
   c = common.get_config().retriever
   c.update(dict(factors=8, reg=0.5, alpha=4.0, iterations=6, solve_chunk=64, num_candidates=5,
-                user_batch=16, folds=2))
+                user_batch=16, folds=2, transition_weight=0.0))
   c.update(overrides)
   return c
 
@@ -44,7 +43,7 @@ def numpy_top_k(users, items, histories, targets, k):
     scores[u, h] = -np.inf
   order = np.argsort(-scores, axis=1, kind='stable')[:, :k]
   return (np.take_along_axis(scores, order, axis=1), order,
-          (scores > target_scores[:, None]).sum(axis=1))
+          (scores >= target_scores[:, None]).sum(axis=1) - 1)   # ties count against the target
 
 
 # ------------------------------------------------------------------------------------------ top-K
@@ -221,10 +220,11 @@ def test_cross_fit_rows_never_see_their_target():
     scores = items @ closed_form_user(items, prefix, config.reg, config.alpha)
     target_score = scores[target]
     scores[prefix] = -np.inf
-    assert (scores > target_score + 1e-5).sum() <= ranking.ranks[n] <= (scores > target_score - 1e-5).sum()
+    assert (scores > target_score + 1e-5).sum() <= ranking.ranks[n] <= (scores > target_score - 1e-5).sum() - 1
     assert not set(ranking.items[n].tolist()) & set(prefix.tolist())
     if ranking.ranks[n] < 8:   # the item at the target's rank scores as high (a tie or the target)
       assert ranking.scores[n][ranking.ranks[n]] == pytest.approx(target_score, abs=1e-5)
+      assert target in ranking.items[n]
 
   # The row for item 20 ranks it behind the user's 4 unseen own-group items; a model that saw the
   # pair (a leaky fit on all users) ranks it higher.
@@ -264,11 +264,13 @@ def test_retrieve_cli_writes_candidates_and_results(tmp_path):
   data, workdir = tmp_path / 'data', tmp_path / 'work'
   data.mkdir()
   write_tiny_recbole(data)
-  overrides = dict(factors=4, iterations=2, folds=2, num_candidates=3, max_train_positions=2)
+  overrides = dict(factors=4, iterations=2, folds=2, num_candidates=3, max_train_positions=2,
+                   transition_weight=0.0)
   cmd = [sys.executable, '-m', 'palr_jax.main', '--config', os.path.join(REPO, 'configs/ml100k.py'),
          '--workdir', str(workdir), '--stages', 'retriever', f'--config.data.path={data}', '--config.data.name=tiny',
          '--config.eval.ks=(1,3)', '--config.retriever.search.reg=(0.1,1.0)']
   cmd += [f'--config.retriever.{k}={v}' for k, v in overrides.items()]
+  cmd += [f'--config.retriever.search.transition_{k}=()' for k in ('weight', 'items', 'window', 'decay')]
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -295,9 +297,9 @@ def test_retrieve_cli_writes_candidates_and_results(tmp_path):
       assert row['scores'] == sorted(row['scores'], reverse=True)
       rank = row['target_rank']
       if row['target'] in row['items']:
-        assert row['items'].index(row['target']) >= rank  # later only when tied
-      elif rank < 3:
-        assert row['scores'][rank] == row['scores'][-1]   # a tie pushed it out of the top 3
+        assert row['items'].index(row['target']) <= rank  # earlier only when tied (ties count against it)
+      else:
+        assert rank >= 3                                  # fewer than 3 items score at least as high
   for row in rows['valid']:
     u = row['user_index']
     assert row['target'] == split.valid[u] and not set(row['items']) & set(split.train[u].tolist())

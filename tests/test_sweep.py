@@ -223,7 +223,8 @@ def test_two_point_sweep_of_the_whole_pipeline(tmp_path, monkeypatch):
       for metric in ('HR@10', 'NDCG@10'):
         assert float(row[f'test/{method}/{metric}']) == results['test']['metrics'][method][metric]
   # Only palr_v1 ranks by generation, where max_items matters; the other methods agree across points.
-  for method in ('retriever', 'zero_shot', 'palr_v2'):
+  for method in ('ials', 'retriever', 'zero_shot', 'palr_v2'):
     assert table[0][f'test/{method}/HR@10'] == table[1][f'test/{method}/HR@10'], method
-  assert '| rank.max_items | retriever HR@10 |' in (work / 'sweep.md').read_text()
+  # The MF model alone comes first, then the fused retriever, then what the LLM adds on top.
+  assert '| rank.max_items | ials HR@10 | ials NDCG@10 | retriever HR@10 |' in (work / 'sweep.md').read_text()
   assert matplotlib.image.imread(work / 'sweep.png').ndim == 3

@@ -67,6 +67,32 @@ def test_loss_is_the_global_token_mean():
   assert int(weights.sum()) == int(lengths.sum()) - 1 and weights[0, 12] == 0
 
 
+def test_tag_loss_is_a_softmax_over_the_candidates_tags():
+  """Where loss_mask is 2 (a Recommend_Retrieval answer's tag) the loss is -log softmax over the K tag
+  tokens only, elsewhere over the vocabulary; computed by hand from the full logits."""
+  config = tc.tiny_config((1, 1, 1), max_loss_tokens=0)
+  model = tc.tiny_model(config)
+  batch = tc.synthetic_examples(4, 12, seed=5, response=(2, 4))
+  choice_ids = np.array([7, 11, 13, 21, 40], np.int32)
+  for b in range(4):  # each row's first answer token becomes a tag answer among the choices
+    t = int(np.flatnonzero(batch['loss_mask'][b])[0])
+    batch['input_ids'][b, t] = choice_ids[b]
+    batch['loss_mask'][b, t] = 2
+  logits = model(*(jnp.asarray(batch[k]) for k in ('input_ids', 'positions', 'segment_ids')))
+  logp = scipy.special.log_softmax(np.asarray(logits, np.float64), axis=-1)
+  tag_logp = scipy.special.log_softmax(np.asarray(logits, np.float64)[..., choice_ids], axis=-1)
+  want = 0.0
+  for b, t in zip(*np.nonzero(batch['loss_mask'])):
+    token = batch['input_ids'][b, t]
+    want -= (tag_logp[b, t - 1, list(choice_ids).index(token)] if batch['loss_mask'][b, t] == 2
+             else logp[b, t - 1, token])
+  jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+  got = train_step.loss_sum(model, jbatch, 0, config.mesh.rules, choice_ids)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  plain = float(train_step.loss_sum(model, jbatch, 0, config.mesh.rules))  # without choices: every token
+  assert abs(plain - want) > 1e-3                                        # over the whole vocabulary
+
+
 @pytest.mark.parametrize('mesh', MESHES)
 def test_loss_and_grads_do_not_depend_on_the_mesh(single_device, mesh):
   model, examples, (want_loss, want_grads) = single_device

@@ -17,7 +17,7 @@ from palr_jax import validate
 from palr_jax.data import interactions
 from palr_jax.defaults import get_config
 from palr_jax.hub import hf
-from tests.test_main import _config, _write_dataset, _write_model
+from tests.pipeline_fixtures import config as _config, write_dataset as _write_dataset, write_model as _write_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

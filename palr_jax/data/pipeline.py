@@ -57,8 +57,16 @@ def examples_fingerprint(config, variant: str, upstream: Sequence[str] = ()) -> 
   """
   tasks = tuple(config.variants[variant].tasks)
   repeats = prompts.task_repeats(config, variant)
-  return files.fingerprint(config, EXAMPLE_KEYS, upstream,
-                        extra={'tasks': tasks, 'repeats': {t: repeats[t] for t in tasks if repeats[t] != 1}})
+  extra = {'tasks': tasks, 'repeats': {t: repeats[t] for t in tasks if repeats[t] != 1}}
+  if 'recommend_retrieval' in tasks:
+    extra['retrieval_loss'] = retrieval_loss(config, variant)
+  return files.fingerprint(config, EXAMPLE_KEYS, upstream, extra=extra)
+
+
+def retrieval_loss(config, variant: str) -> str:
+  """How the variant learns Recommend_Retrieval answers: 'tag' (softmax over the candidates' tags) or
+  'tokens' (every answer token)."""
+  return config.variants[variant].retrieval_loss
 
 
 def _serialize(input_ids: np.ndarray, loss_mask: np.ndarray) -> bytes:
@@ -99,16 +107,18 @@ def read_tfrecord(path) -> tf.data.Dataset:
                                                 deterministic=True)
 
 
-def write_examples(out, max_length: int, examples_by_split: Mapping[str, Sequence]) -> epath.Path:
-  """Writes `out/{split}.tfrecord` + `meta.json` (last); returns `out`."""
+def write_examples(out, max_length: int, examples_by_split: Mapping[str, Sequence],
+                   choice_ids: Sequence[int] | None = None) -> epath.Path:
+  """Writes `out/{split}.tfrecord` + `meta.json` (last); returns `out`. `choice_ids`: the candidates' tag
+  tokens, which the tag loss (loss_mask 2) chooses among."""
   out = epath.Path(out)
-  meta = {'fingerprint': out.name, 'max_length': int(max_length), 'splits': {}}
+  meta = {'fingerprint': out.name, 'max_length': int(max_length), 'choice_ids': choice_ids, 'splits': {}}
   for split, examples in examples_by_split.items():
     tokens = write_tfrecord(out / f'{split}.tfrecord', examples)
     lengths = [len(e.input_ids) for e in examples]
     meta['splits'][split] = {
         'examples': len(examples), 'tokens': tokens, 'max_length': max(lengths, default=0),
-        'loss_tokens': int(sum(int(np.sum(e.loss_mask)) for e in examples)),
+        'loss_tokens': int(sum(int(np.count_nonzero(e.loss_mask)) for e in examples)),
         'tasks': {t: sum(e.task == t for e in examples) for t in sorted({e.task for e in examples})}}
   files.atomic_write_json(out / 'meta.json', meta)
   return out
@@ -137,7 +147,7 @@ def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence
   if done is not None:
     return done
   tasks = tuple(config.variants[variant].tasks)
-  builder = prompts.PromptBuilder(config, inter, tokenizer, tasks)
+  builder = prompts.PromptBuilder(config, inter, tokenizer, tasks, retrieval_loss(config, variant))
   by_split = {}
   for which in WRITTEN_SPLITS:
     cands = (prompts.read_candidates(epath.Path(workdir) / 'candidates' / f'{which}.jsonl', split, which)
@@ -145,7 +155,9 @@ def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence
     by_split[which] = prompts.build_examples(builder, split, which, profiles, cands)
   repeats = prompts.task_repeats(config, variant)   # weights the training mix; valid stays one of each
   by_split['train'] = [e for e in by_split['train'] for _ in range(repeats[e.task])]
-  return write_examples(epath.Path(workdir) / 'examples' / fingerprint, config.prompts.max_length, by_split)
+  choices = builder.choice_ids().tolist() if builder.tag_ids is not None else None
+  return write_examples(epath.Path(workdir) / 'examples' / fingerprint, config.prompts.max_length, by_split,
+                        choice_ids=choices)
 
 
 # ------------------------------------------------------------------------------------- batching
@@ -160,7 +172,7 @@ def _pack_window(ids: tf.RaggedTensor, mask: tf.RaggedTensor, length: int, cap: 
   rows come in a seeded random order (FFD opens rows longest first), else in the order they were opened.
   """
   lengths = tf.cast(ids.row_lengths(), tf.int32)
-  loss = tf.reduce_sum(mask, axis=1)
+  loss = tf.cast(tf.math.count_nonzero(mask, axis=1), tf.int32)
   tf.debugging.assert_less_equal(lengths, length, 'an example is longer than config.prompts.max_length')
   tf.debugging.assert_less_equal(loss, cap, 'an example has more answer tokens than config.train.max_loss_tokens')
   w = tf.shape(lengths)[0]

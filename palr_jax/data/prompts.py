@@ -29,7 +29,10 @@ shuffle (`candidate_order`).
 
 Tokens: the tokenizer's own chat template renders [system] + user prompt with the generation prompt, and
 the answer is what the template appends for the assistant message up to its end-of-turn token. The two
-are tokenized separately, as at inference time, and `loss_mask` is 1 exactly on the answer tokens
+are tokenized separately, as at inference time, and `loss_mask` is 1 exactly on the answer tokens; with
+`retrieval_loss='tag'` a Recommend_Retrieval answer is learned from its tag alone (`loss_mask` 2 there, 0
+on the rest): the trainer's loss is then a softmax over the candidates' tags at that position (LlamaRec's
+verbalizer), so the model is taught which candidate, not how to spell its title
 (`Example.prompt_ids`, `Example.answer_ids`; ranking reads `PromptBuilder.ranking_prompt` and
 `candidate_answers`). An
 example longer than `max_length` loses its oldest history titles first; instruction, profile and
@@ -49,6 +52,7 @@ import numpy as np
 from palr_jax import files
 
 TASKS = ('recommend', 'recommend_retrieval')
+RETRIEVAL_LOSSES = ('tokens', 'tag')   # how a Recommend_Retrieval answer is learned (see "Tokens" above)
 SPLITS = ('train', 'valid', 'test')
 CANDIDATE_ORDERS = ('shuffle', 'retriever')
 MISSED_TARGETS = ('insert', 'skip')
@@ -68,12 +72,13 @@ class Example:
   prompt: str                   # chat-templated text the model conditions on
   answer: str                   # chat-templated answer with its end-of-turn token ('' = no answer)
   input_ids: np.ndarray         # int32 [L]: prompt tokens then answer tokens
-  loss_mask: np.ndarray         # int32 [L]: 1 on the answer tokens
+  loss_mask: np.ndarray         # int32 [L]: 1 on the answer tokens (or 2 on its tag alone, see above)
+  prompt_length: int            # tokens of the prompt; the answer's follow
 
   @property
   def prompt_ids(self) -> np.ndarray:
     """The prompt's tokens (through the chat template's generation prompt)."""
-    return self.input_ids[:len(self.input_ids) - int(self.loss_mask.sum())]
+    return self.input_ids[:self.prompt_length]
 
   @property
   def answer_ids(self) -> np.ndarray:
@@ -213,10 +218,13 @@ class PromptBuilder:
   logit rank.py reads.
   """
 
-  def __init__(self, config, inter, tokenizer, tasks: Sequence[str] = TASKS):
+  def __init__(self, config, inter, tokenizer, tasks: Sequence[str] = TASKS, retrieval_loss: str = 'tokens'):
     cfg = config.prompts
     check_config(cfg, tasks)
+    if retrieval_loss not in RETRIEVAL_LOSSES:
+      raise ValueError(f'retrieval_loss {retrieval_loss!r}: expected one of {RETRIEVAL_LOSSES}')
     self.cfg, self.tokenizer, self.seed, self.tasks = cfg, tokenizer, int(config.seed), tuple(tasks)
+    self.retrieval_loss = retrieval_loss
     self.num_candidates = int(config.retriever.num_candidates)
     self.titles = [cut_title(t or f'item {i}', tokenizer, cfg.max_title_tokens)
                    for t, i in zip(inter.titles, inter.item_ids)]
@@ -367,10 +375,22 @@ class PromptBuilder:
         n, prompt, p_ids = self._truncate(s, len(a_ids))
       ids = np.asarray(p_ids + a_ids, np.int32)
       mask = np.zeros(len(ids), np.int32)
-      mask[len(p_ids):] = 1
+      if s.task == 'recommend_retrieval' and self.retrieval_loss == 'tag' and a_ids:
+        mask[len(p_ids) + self._tag_index(a_ids, s)] = 2
+      else:
+        mask[len(p_ids):] = 1
       out.append(Example(s.task, s.split, s.user, s.position, s.target, s.history[len(s.history) - n:],
-                         s.candidates, prompt, answer, ids, mask))
+                         s.candidates, prompt, answer, ids, mask, len(p_ids)))
     return out
+
+  def _tag_index(self, answer_ids: Sequence[int], spec: Spec) -> int:
+    """Where the target's tag token is in the answer's tokens (after the template's answer prefix)."""
+    tag = int(self.tag_ids[list(spec.candidates).index(spec.target)])
+    return list(answer_ids).index(tag)
+
+  def choice_ids(self) -> np.ndarray:
+    """The K candidates' tag tokens: what the tag loss and the score mode choose among."""
+    return np.asarray(self.tag_ids[:self.num_candidates], np.int32)
 
   # Ranking.
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from palr_jax.retrieval import mf
 from palr_jax.retrieval import topk
+from palr_jax.retrieval import transitions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,16 +56,33 @@ def train_positions(train: Sequence[np.ndarray], max_positions: int) -> tuple[np
   return np.asarray(users, np.int64), np.asarray(positions, np.int64)
 
 
+def transition_table(histories: Sequence[np.ndarray], num_items: int, config) -> np.ndarray | None:
+  """The transition counts of `histories` when the retriever fuses them (`transition_weight` > 0)."""
+  if float(config.transition_weight) <= 0:
+    return None
+  return transitions.transition_counts(histories, num_items, int(config.transition_window),
+                                       float(config.transition_decay))
+
+
 def rank(user_factors, item_factors, histories: Sequence[np.ndarray], users: np.ndarray,
-         targets: np.ndarray, config, mesh=None, positions: np.ndarray | None = None) -> Ranking:
-  """Top-`config.num_candidates` and target ranks for query rows `users` (config: retriever section).
+         targets: np.ndarray, config, mesh=None, positions: np.ndarray | None = None,
+         table: np.ndarray | None = None) -> Ranking:
+  """Top-`config.num_candidates` and target ranks for query rows `users` (config: retriever section),
+  by MF scores, or fused with the transition `table` (`transition_table`) queried by each history's last
+  items.
 
   A target the user already has (a repeat, e.g. Amazon re-purchases) is not masked: it is ranked, and
   can be a candidate, like any unseen item, so its rank and the candidate list agree.
   """
+  fused = {}
+  if table is not None:
+    recent, weights = transitions.recent_items(histories, int(config.transition_items),
+                                               float(config.transition_decay))
+    fused = dict(transitions=table, recent=recent, recent_weights=weights,
+                 transition_weight=float(config.transition_weight))
   histories = [h[h != t] for h, t in zip(histories, np.asarray(targets))]
   scores, items, ranks = topk.top_k(user_factors, item_factors, histories, config.num_candidates,
-                                    user_batch=config.user_batch, targets=targets, mesh=mesh)
+                                    user_batch=config.user_batch, targets=targets, mesh=mesh, **fused)
   if not np.isfinite(scores).all():
     row = int(np.flatnonzero(~np.isfinite(scores).all(axis=1))[0])
     raise ValueError(f'user index {users[row]}: fewer than config.retriever.num_candidates='
@@ -75,10 +93,12 @@ def rank(user_factors, item_factors, histories: Sequence[np.ndarray], users: np.
 
 def cross_fit_fold(train: Sequence[np.ndarray], num_items: int, folds: np.ndarray, fold: int,
                    users: np.ndarray, positions: np.ndarray, config, key, mesh=None) -> Ranking:
-  """Train rows of the users in `fold`: items fitted on the other folds, users folded in per prefix.
+  """Train rows of the users in `fold`: items fitted, and transitions counted, on the other folds; users
+  folded in per prefix, and queried by the prefix's last items.
 
   The fold's users are given empty histories, which for iALS is exactly fitting without them (their
-  factors are zero and add nothing to the item step); for BPR they contribute no pairs.
+  factors are zero and add nothing to the item step); for BPR they contribute no pairs; for the
+  transitions they contribute no events, so a user's own later events never count for their rows.
   """
   others = [seq if folds[u] != fold else seq[:0] for u, seq in enumerate(train)]
   _, item_factors = mf.fit(others, num_items, config, key)
@@ -87,7 +107,7 @@ def cross_fit_fold(train: Sequence[np.ndarray], num_items: int, folds: np.ndarra
   targets = np.asarray([train[users[r]][positions[r]] for r in mine], np.int32)
   user_factors = mf.fold_in_users(item_factors, prefixes, config)
   return rank(user_factors, item_factors, prefixes, users[mine], targets, config, mesh,
-              positions=positions[mine])
+              positions=positions[mine], table=transition_table(others, num_items, config))
 
 
 def concat(rankings: Sequence[Ranking]) -> Ranking:

@@ -1,12 +1,15 @@
 """Top-K items per user and the full rank of a target, jitted, history-masked, optionally item-sharded.
 
-Scores are `U @ V.T` for a batch of users; the items a user already has are masked to -inf from a padded
-index array [B, H] (-1 = padding), never a dense [U, I] mask, so memory is O(B * I + B * H) per batch.
-A target's rank is the number of unmasked items that score strictly higher (0-based; ties favour the
-target). With a mesh, V's item axis is split over every device: each shard scores and masks its own
-slice, keeps its local top-K (indices made global), and the shards' [B, K] candidate lists, laid side by
-side, are merged by one more top-K; so the catalog only has to fit in the memory of all devices together
-and only B * K * devices candidates cross between them.
+A user's score for item i is the MF score `U[u] @ V[i]`, or, with a transition table (retrieval/
+transitions.py), `(1 - w) z(MF) + w z(T)`, where `T[u, i] = sum_k q_k counts[recent_k(u), i]` and z
+standardizes each user's scores over the catalog. The items a user already has are masked to -inf from a
+padded index array [B, H] (-1 = padding), never a dense [U, I] mask, so memory is O(B * I + B * H) per
+batch. A target's rank is the number of other unmasked items that score at least as high (0-based, ties
+counted against the target: a scorer that cannot tell items apart ranks the target last, never first).
+With a mesh, V's item axis (and the table's columns) is split over every device: each shard scores and
+masks its own slice, keeps its local top-K (indices made global), and the shards' [B, K] candidate lists,
+laid side by side, are merged by one more top-K; so the catalog only has to fit in the memory of all
+devices together and only B * K * devices candidates cross between them.
 """
 from __future__ import annotations
 
@@ -33,25 +36,53 @@ def pad_histories(histories: Sequence[np.ndarray], width: int | None = None) -> 
   return out
 
 
-def _masked_scores(users, items, history, offset):
-  """Scores [B, n] of items offset..offset+n and the same with the history (global indices) at -inf."""
-  scores = jnp.matmul(users, items.T, precision=_HIGHEST)
-  n = items.shape[0]
+def _standardize(x, valid, axes):
+  """(x - mean) / std over the unmasked `valid` items of each row (all shards when `axes` is set)."""
+  n = jnp.sum(valid).astype(jnp.float32)
+  s1 = jnp.sum(jnp.where(valid, x, 0.0), axis=1)
+  s2 = jnp.sum(jnp.where(valid, x * x, 0.0), axis=1)
+  if axes:
+    n, s1, s2 = jax.lax.psum((n, s1, s2), axes)
+  mean = s1 / n
+  std = jnp.sqrt(jnp.maximum(s2 / n - mean * mean, 1e-12))
+  return (x - mean[:, None]) / std[:, None]
+
+
+def _scores(users, items, recent, recent_weights, transitions, weight, valid, axes=None):
+  """Scores [B, n] of the n items of this slice: MF alone, or fused with the transition scores."""
+  mf = jnp.matmul(users, items.T, precision=_HIGHEST)
+  if transitions is None:
+    return mf
+  rows = transitions[jnp.maximum(recent, 0)]                                  # [B, R, n]
+  tr = jnp.einsum('br,brn->bn', recent_weights, rows, precision=_HIGHEST)
+  return (1.0 - weight) * _standardize(mf, valid, axes) + weight * _standardize(tr, valid, axes)
+
+
+def _mask(scores, history, offset):
+  """The scores with the history (global item indices) at -inf."""
+  n = scores.shape[1]
   local = history - offset
   local = jnp.where((history >= 0) & (local >= 0) & (local < n), local, n)   # n: dropped by the scatter
   rows = jnp.arange(scores.shape[0])[:, None]
-  return scores, scores.at[rows, local].set(-jnp.inf, mode='drop')
+  return scores.at[rows, local].set(-jnp.inf, mode='drop')
+
+
+def _rank_of(masked, target_scores):
+  """Other items scoring at least the target's score (the target itself is one of them: not masked)."""
+  return jnp.sum(masked >= target_scores[:, None], axis=1, dtype=jnp.int32) - 1
 
 
 @functools.partial(jax.jit, static_argnames='k')
-def masked_top_k(users, items, history, targets, k: int):
+def masked_top_k(users, items, history, targets, recent, recent_weights, transitions, weight, k: int):
   """Top-k (scores, item indices) [B, k] over items minus history, and targets' ranks [B] (or None)."""
-  scores, masked = _masked_scores(users, items, history, 0)
+  valid = jnp.ones(items.shape[0], bool)
+  masked = _mask(_scores(users, items, recent, recent_weights, transitions, weight, valid), history, 0)
   values, indices = jax.lax.top_k(masked, k)
   if targets is None:
     return values, indices, None
-  target_scores = jnp.take_along_axis(scores, targets[:, None], axis=1)
-  return values, indices, jnp.sum(masked > target_scores, axis=1, dtype=jnp.int32)
+  # The target is never masked (callers drop it from the history), so its score is read off `masked`.
+  target_scores = jnp.take_along_axis(masked, targets[:, None], axis=1)[:, 0]
+  return values, indices, _rank_of(masked, target_scores)
 
 
 def _item_axes(mesh: Mesh) -> tuple[str, ...]:
@@ -59,34 +90,41 @@ def _item_axes(mesh: Mesh) -> tuple[str, ...]:
 
 
 @functools.partial(jax.jit, static_argnames=('k', 'num_items', 'mesh'))
-def sharded_masked_top_k(users, items, history, targets, k: int, num_items: int, mesh: Mesh):
-  """`masked_top_k` with `items` [I_pad, F] split over every mesh axis; rows >= num_items are padding."""
+def sharded_masked_top_k(users, items, history, targets, recent, recent_weights, transitions, weight, k: int,
+                         num_items: int, mesh: Mesh):
+  """`masked_top_k` with `items` [I_pad, F] (and the table's columns) split over every mesh axis; rows >=
+  num_items are padding."""
   axes = _item_axes(mesh)
 
-  def local(users, items, history, targets):
+  def local(users, items, history, targets, recent, recent_weights, transitions):
     n = items.shape[0]
     offset = jax.lax.axis_index(axes) * n
-    scores, masked = _masked_scores(users, items, history, offset)
-    masked = jnp.where(offset + jnp.arange(n) < num_items, masked, -jnp.inf)
+    valid = offset + jnp.arange(n) < num_items
+    scores = _scores(users, items, recent, recent_weights, transitions, weight, valid, axes)
+    masked = jnp.where(valid, _mask(scores, history, offset), -jnp.inf)
     values, indices = jax.lax.top_k(masked, min(k, n))
     if targets is None:
       return values, indices + offset, None
     here = (targets >= offset) & (targets < offset + n)
-    own = jnp.take_along_axis(scores, jnp.clip(targets - offset, 0, n - 1)[:, None], axis=1)[:, 0]
+    own = jnp.take_along_axis(masked, jnp.clip(targets - offset, 0, n - 1)[:, None], axis=1)[:, 0]
     target_scores = jax.lax.pmax(jnp.where(here, own, -jnp.inf), axes)
-    ranks = jax.lax.psum(jnp.sum(masked > target_scores[:, None], axis=1, dtype=jnp.int32), axes)
+    ranks = jax.lax.psum(jnp.sum(masked >= target_scores[:, None], axis=1, dtype=jnp.int32), axes) - 1
     return values, indices + offset, ranks
 
+  table = None if transitions is None else P(None, axes)
   # Each shard's local top-k lands side by side on axis 1; the merge picks the global top-k.
   values, indices, ranks = jax.shard_map(
-      local, mesh=mesh, in_specs=(P(), P(axes), P(), P()),
-      out_specs=(P(None, axes), P(None, axes), P()))(users, items, history, targets)
+      local, mesh=mesh, in_specs=(P(), P(axes), P(), P(), P(), P(), table),
+      out_specs=(P(None, axes), P(None, axes), P()))(users, items, history, targets, recent, recent_weights,
+                                                     transitions)
   values, pos = jax.lax.top_k(values, k)
   return values, jnp.take_along_axis(indices, pos, axis=1), ranks
 
 
 def top_k(user_factors, item_factors, histories: Sequence[np.ndarray], k: int, *, user_batch: int,
-          targets: np.ndarray | None = None, mesh: Mesh | None = None):
+          targets: np.ndarray | None = None, mesh: Mesh | None = None, transitions: np.ndarray | None = None,
+          recent: np.ndarray | None = None, recent_weights: np.ndarray | None = None,
+          transition_weight: float = 0.0):
   """Top-k unseen items for every user, in jitted batches of `user_batch` users.
 
   Args:
@@ -95,6 +133,9 @@ def top_k(user_factors, item_factors, histories: Sequence[np.ndarray], k: int, *
     k: items kept per user; must not exceed I.
     targets: optional int [N] items whose 0-based rank among the unmasked items is returned.
     mesh: shard the item axis over all of this mesh's devices (None = one device).
+    transitions, recent, recent_weights, transition_weight: the transition table [I, I] and each user's
+      query ([N, R] item indices, -1 padding, and weights) fused with weight w (retrieval/transitions.py);
+      None: MF scores alone.
   Returns:
     numpy (scores [N, k] float32, items [N, k] int32, ranks [N] int32 or None). A user with fewer than
     k unmasked items gets -inf scores in the tail.
@@ -108,14 +149,25 @@ def top_k(user_factors, item_factors, histories: Sequence[np.ndarray], k: int, *
     targets = np.asarray(targets, np.int32)
     if targets.shape != (num_users,) or targets.min(initial=0) < 0 or targets.max(initial=0) >= num_items:
       raise ValueError(f'top_k: targets must be [{num_users}] item indices in [0, {num_items})')
+  if transitions is None:
+    recent = np.full((num_users, 1), -1, np.int32)
+    recent_weights = np.zeros((num_users, 1), np.float32)
+  elif transitions.shape != (num_items, num_items) or recent is None or len(recent) != num_users:
+    raise ValueError(f'top_k: transitions must be [{num_items}, {num_items}] with a query per user')
+  weight = np.float32(transition_weight)
   if mesh is None:
     items = jnp.asarray(item_factors)
+    table = None if transitions is None else jnp.asarray(transitions)
     kernel = functools.partial(masked_top_k, k=k)
   else:
     shards = mesh.devices.size
     padded = -(-num_items // shards) * shards
     items = jnp.pad(jnp.asarray(item_factors), ((0, padded - num_items), (0, 0)))
     items = jax.device_put(items, NamedSharding(mesh, P(_item_axes(mesh))))
+    table = None
+    if transitions is not None:
+      table = jax.device_put(np.pad(transitions, ((0, 0), (0, padded - num_items))),
+                             NamedSharding(mesh, P(None, _item_axes(mesh))))
     kernel = functools.partial(sharded_masked_top_k, k=k, num_items=num_items, mesh=mesh)
   user_factors = np.asarray(user_factors, np.float32)
   width = int(2 ** np.ceil(np.log2(max([len(h) for h in histories] + [1]))))  # few compiled shapes
@@ -123,11 +175,14 @@ def top_k(user_factors, item_factors, histories: Sequence[np.ndarray], k: int, *
   outputs = []
   for lo in range(0, num_users, batch):
     hi = min(lo + batch, num_users)
+    pad = batch - (hi - lo)
     users = np.zeros((batch, user_factors.shape[1]), np.float32)
     users[:hi - lo] = user_factors[lo:hi]
-    history = pad_histories(list(histories[lo:hi]) + [()] * (batch - (hi - lo)), width)
-    batch_targets = None if targets is None else np.pad(targets[lo:hi], (0, batch - (hi - lo)))
-    outputs.append((hi - lo, kernel(users, items, history, batch_targets)))
+    history = pad_histories(list(histories[lo:hi]) + [()] * pad, width)
+    batch_targets = None if targets is None else np.pad(targets[lo:hi], (0, pad))
+    query = np.pad(recent[lo:hi], ((0, pad), (0, 0)), constant_values=-1)
+    query_weights = np.pad(recent_weights[lo:hi], ((0, pad), (0, 0)))
+    outputs.append((hi - lo, kernel(users, items, history, batch_targets, query, query_weights, table, weight)))
   scores = np.concatenate([np.asarray(o[0][:n]) for n, o in outputs])
   indices = np.concatenate([np.asarray(o[1][:n]) for n, o in outputs])
   ranks = None if targets is None else np.concatenate([np.asarray(o[2][:n]) for n, o in outputs])

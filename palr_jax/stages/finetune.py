@@ -38,7 +38,9 @@ HASHES = ('seed', 'prompts', 'retriever.num_candidates', 'model.spec', 'model.dt
 def declare(config) -> list[runner.Stage]:
   return [runner.Stage(
       name=f'finetune_{variant}', run=functools.partial(run, variant=variant),
-      hashes=HASHES + (f'variants.{variant}.tasks', f'variants.{variant}.task_repeats'),
+      hashes=HASHES + (f'variants.{variant}.tasks', f'variants.{variant}.task_repeats') + (
+          (f'variants.{variant}.retrieval_loss',) if 'recommend_retrieval' in config.variants[variant].tasks
+          else ()),
       upstream=('retriever', 'profiles'),
       outputs=(f'{variant}/checkpoints', f'{variant}/{checkpointing.ADAPTERS}', f'{variant}/tensorboard'),
       processes=runner.COLLECTIVE, scratch=('examples', f'{variant}/run.json'),
@@ -69,7 +71,10 @@ def run(ctx, variant: str) -> None:
   train_batches = pipeline.TrainBatches(folder / 'train.tfrecord', config, rows)
   valid_batches = pipeline.EvalBatches(folder / 'valid.tfrecord', config, rows, int(config.train.valid_batches))
   start = time.perf_counter()
-  result = loop.train(config, run_dir, model, train_batches, valid_batches)
+  choice_ids = files.read_json(folder / 'meta.json').get('choice_ids')
+  if pipeline.retrieval_loss(config, variant) != 'tag':
+    choice_ids = None
+  result = loop.train(config, run_dir, model, train_batches, valid_batches, choice_ids=choice_ids)
   logging.info('%s: trained to step %d in %.1f s', variant, result['step'], time.perf_counter() - start)
   if result['step'] < config.train.num_steps:
     raise distributed.Preempted(f'{variant}: training stopped at step {result["step"]} of '

@@ -14,8 +14,10 @@ processes meet at a barrier between valid and test. Process 0 then joins the par
 `W/rankings.json` and removes them. A killed stage resumes at the first part this process had not written.
 
 `W/rankings.json`: {"users": [u...], "num_users": N, "methods": {method: {"valid"|"test": {"ranks",
-"targets", "items"}, "checkpoint_step", "valid_hr10_by_step"}}}; `items` is each user's candidate list as
-the method ordered it.
+"targets", "items", "scores"}, "checkpoint_step", "valid_hr10_by_step"}}}; `items` is each user's
+candidate list as the method ordered it, `scores` the retriever's or the LLM's score of each candidate in
+the retriever's order (what the report fuses). With transitions fused into the retriever, the MF model
+alone is a method too (its own top K as `items`, no scores).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from palr_jax import runner
 from palr_jax.data import prompts
 from palr_jax.hub import load
 from palr_jax.model import rerank
+from palr_jax.stages import retriever
 from palr_jax.train import checkpointing
 
 SPLITS = ('valid', 'test')
@@ -80,7 +83,10 @@ def eval_users(num_users: int, config) -> np.ndarray:
 
 def rank_users(model, builder: prompts.PromptBuilder, examples: Sequence[prompts.Example], mode: str, config,
                placement) -> list[np.ndarray]:
-  """For each example, indices into its `candidates`, best first (generate: at most `rank.max_items`)."""
+  """For each example, the LLM's score of each of its `candidates` (float [K], higher is better; -inf for
+  a candidate it did not rank): the tag's log-probability (score), the answer's log-likelihood
+  (likelihood), or minus the position it was written at (generate, at most `rank.max_items` written).
+  `order_from_scores` turns them into orders."""
   c = config.rank
   ranking_prompts = [builder.ranking_prompt(e) for e in examples]
   common = dict(batch_size=int(c.batch_size), buckets=tuple(config.batching.length_buckets),
@@ -90,17 +96,20 @@ def rank_users(model, builder: prompts.PromptBuilder, examples: Sequence[prompts
       raise ValueError("rank_mode 'score' reads the candidates' tags: it needs rank_task "
                        "'recommend_retrieval'")
     tags = [builder.tag_ids[:len(e.candidates)] for e in examples]
-    return rerank.order_from_scores(rerank.score_tags(model, ranking_prompts, tags, **common))
-  if mode == 'generate':  # generation stops items by the trie: the answers' content is enough
+    scores = rerank.score_tags(model, ranking_prompts, tags, **common)
+  elif mode == 'generate':  # generation stops items by the trie: the answers' content is enough
     answers = [builder.candidate_answers(e, end_of_turn=False) for e in examples]
-    return [np.asarray(o, np.int64) for o in rerank.generate_ranking(
-        model, ranking_prompts, answers, separator=builder.encode(c.separator), max_items=int(c.max_items),
-        **common)]
-  if mode == 'likelihood':  # whole answers, end-of-turn included: a title that is a prefix of another
+    orders = rerank.generate_ranking(model, ranking_prompts, answers, separator=builder.encode(c.separator),
+                                     max_items=int(c.max_items), **common)
+    scores = np.full((len(examples), max((len(e.candidates) for e in examples), default=0)), -np.inf)
+    for row, order in zip(scores, orders):
+      row[order] = -np.arange(len(order), dtype=np.float64)
+  elif mode == 'likelihood':  # whole answers, end-of-turn included: a title that is a prefix of another
     answers = [builder.candidate_answers(e, end_of_turn=True) for e in examples]  # gains nothing
-    return rerank.order_from_scores(rerank.score_continuations(model, ranking_prompts, answers,
-                                                               reduce=c.reduce, **common))
-  raise ValueError(f'rank_mode: expected one of {MODES}, got {mode!r}')
+    scores = rerank.score_continuations(model, ranking_prompts, answers, reduce=c.reduce, **common)
+  else:
+    raise ValueError(f'rank_mode: expected one of {MODES}, got {mode!r}')
+  return [np.asarray(row[:len(e.candidates)], np.float64) for row, e in zip(scores, examples)]
 
 
 def catalog_rank(ranked: Sequence[int], target: int, retriever_rank: int) -> int:
@@ -116,21 +125,25 @@ def catalog_rank(ranked: Sequence[int], target: int, retriever_rank: int) -> int
 
 
 def rank_split(ctx, model, builder, which: str, users: np.ndarray, mode: str) -> dict:
-  """Ranks `users`' candidates of split `which`: {'users', 'targets', 'items', 'ranks'}."""
+  """Ranks `users`' candidates of split `which`: {'users', 'targets', 'items' (each user's candidates as
+  the LLM ordered them), 'ranks' (over the catalog), 'scores' (the LLM's score of each candidate in the
+  retriever's order, None where it gave none)}."""
   rows = _candidate_rows(ctx, which)
   candidates = prompts.read_candidates(ctx.workdir / 'candidates' / f'{which}.jsonl', ctx.split, which)
   examples = prompts.build_examples(builder, ctx.split, which, ctx.profiles(), candidates,
                                     users=[int(u) for u in users], insert_target=False)
-  orders = rank_users(model, builder, examples, mode, ctx.config, ctx.placement)
-  items, ranks = [], []
-  for e, order, u in zip(examples, orders, users):
+  llm_scores = rank_users(model, builder, examples, mode, ctx.config, ctx.placement)
+  items, ranks, scores = [], [], []
+  for e, row_scores, u in zip(examples, llm_scores, users):
     row = rows[int(u)]
-    chosen = [e.candidates[j] for j in order]
+    chosen = [e.candidates[j] for j in rerank.order_from_scores(row_scores[None])[0]]
     ranked = chosen + [i for i in row['items'] if i not in set(chosen)]
     items.append(ranked)
     ranks.append(catalog_rank(ranked, e.target, int(row['target_rank'])))
+    by_item = dict(zip(e.candidates, row_scores.tolist()))
+    scores.append([by_item[i] if np.isfinite(by_item.get(i, -np.inf)) else None for i in row['items']])
   return {'users': [int(u) for u in users], 'targets': [e.target for e in examples], 'items': items,
-          'ranks': ranks}
+          'ranks': ranks, 'scores': scores}
 
 
 def _candidate_rows(ctx, which: str) -> dict[int, dict]:
@@ -156,7 +169,7 @@ def _ranked_part(ctx, name: str, compute) -> dict:
 def _joined(ctx, name: str) -> dict:
   """Every process's part `name`, joined in user order."""
   parts = [files.read_json(_part(ctx, name, p)) for p in range(jax.process_count())]
-  joined = {key: [x for p in parts for x in p[key]] for key in ('users', 'targets', 'items', 'ranks')}
+  joined = {key: [x for p in parts for x in p[key]] for key in ('users', 'targets', 'items', 'ranks', 'scores')}
   order = np.argsort(joined['users'], kind='stable')
   return {key: [values[i] for i in order] for key, values in joined.items()}
 
@@ -216,16 +229,24 @@ def run(ctx) -> None:
 
 
 def merge(ctx) -> None:
-  """Process 0: the parts -> rankings.json (the retriever's own rows included); the parts go."""
+  """Process 0: the parts -> rankings.json, with the retriever's own rows (and, when it fuses transitions,
+  the MF model's alone); the parts go."""
   config = ctx.config
   users = eval_users(len(ctx.inter.user_ids), config)
-  out = {'users': users.tolist(), 'num_users': len(ctx.inter.user_ids), 'methods': {'retriever': {}}}
+  out = {'users': users.tolist(), 'num_users': len(ctx.inter.user_ids), 'methods': {}}
+  baselines = files.read_json(ctx.workdir / retriever.BASELINES)
+  for name, splits in baselines.items():  # the MF model alone, ranks over the catalog for all users
+    out['methods'][name] = {which: {'ranks': [float(splits[which]['ranks'][u]) for u in users],
+                                    'targets': [int(t) for t in getattr(ctx.split, which)[users]],
+                                    'items': [splits[which]['items'][u] for u in users]} for which in SPLITS}
+  out['methods']['retriever'] = {}
   for which in SPLITS:
     rows = _candidate_rows(ctx, which)
     picked = [rows[int(u)] for u in users]
     out['methods']['retriever'][which] = {'ranks': [float(r['target_rank']) for r in picked],
                                           'targets': [int(r['target']) for r in picked],
-                                          'items': [r['items'] for r in picked]}
+                                          'items': [r['items'] for r in picked],
+                                          'scores': [r['scores'] for r in picked]}
   for method in llm_methods(config):
     steps = _steps(ctx, method)
     best, by_step = _best_step(ctx, method) if steps != [None] else (None, None)
@@ -236,7 +257,7 @@ def merge(ctx) -> None:
         raise RuntimeError(f'rank: the parts of {method} {which} cover users {part["users"][:5]}..., '
                            f'expected {users.tolist()[:5]}...')
       entry[which] = {'ranks': [float(r) for r in part['ranks']], 'targets': part['targets'],
-                      'items': part['items']}
+                      'items': part['items'], 'scores': part['scores']}
     if best is not None:
       entry.update(checkpoint_step=best, valid_hr10_by_step={str(k): v for k, v in by_step.items()})
   files.atomic_write_json(ctx.workdir / 'rankings.json', out)

@@ -18,6 +18,7 @@ from palr_jax.stages import finetune
 from palr_jax.stages import rank
 from palr_jax.train import progress
 
+FUSED = '+fusion'
 OUTPUTS = ('results.json', 'results.md', 'predictions/test.jsonl', 'plots/hr_at_k.png', 'plots/loss.png')
 
 
@@ -42,19 +43,22 @@ def run(ctx) -> None:
                              f'(config.eval.max_users = {config.eval.max_users}, seed {config.seed}).')
   else:
     results['users_note'] = f'Evaluated on all {len(users)} users.'
+  methods = dict(rankings['methods'])
+  results['fusion'] = fused_methods(config, methods)
+  results['methods'] = list(methods)
   for which in rank.SPLITS:
-    per_user = {m: metrics.per_user_metrics(np.asarray(v[which]['ranks']), ks)
-                for m, v in rankings['methods'].items()}
+    per_user = {m: metrics.per_user_metrics(np.asarray(v[which]['ranks']), ks) for m, v in methods.items()}
     results[which] = {'num_users': len(users),
                       **metrics.compare(per_user, ks, int(config.eval.bootstrap_samples), int(config.seed)),
                       'reordering': metrics.reordering(
-                          {m: v[which]['items'] for m, v in rankings['methods'].items()},
-                          rankings['methods']['retriever'][which]['targets'])}
+                          {m: v[which]['items'] for m, v in methods.items()},
+                          methods['retriever'][which]['targets'])}
   files.atomic_write_json(workdir / 'results.json', results)
   files.atomic_write_text(workdir / 'results.md', markdown_report(results, ks))
 
-  final = config.export.variant if config.export.variant in rankings['methods'] else 'retriever'
-  test = rankings['methods'][final]['test']
+  final = next((m for m in (f'{config.export.variant}{FUSED}', config.export.variant) if m in methods),
+               'retriever')
+  test = methods[final]['test']
   files.atomic_write_jsonl(workdir / 'predictions' / 'test.jsonl', [
       {'user': str(inter.user_ids[u]), 'user_index': int(u), 'target': int(t),
        'target_id': str(inter.item_ids[t]), 'rank': r, 'method': final, 'ranked_items': items,
@@ -63,6 +67,24 @@ def run(ctx) -> None:
   files.atomic_write_bytes(workdir / 'plots' / 'hr_at_k.png', plot_hr_at_k(results, ks))
   files.atomic_write_bytes(workdir / 'plots' / 'loss.png', plot_losses(
       {v: read_losses(workdir / v / 'tensorboard') for v in finetune.trained_variants(config)}))
+
+
+def fused_methods(config, methods: dict) -> dict:
+  """Adds `<method>+fusion` to `methods` for each LLM method that scored the candidates: z(retriever score)
+  + b z(LLM score), b chosen on valid (`config.eval.fusion_weights`, best `config.eval.fusion_metric`)
+  and carried to test. Returns {method: {'weight': b, 'valid_by_weight': {b: metric}}}."""
+  weights = tuple(float(w) for w in config.eval.fusion_weights)
+  retriever = methods['retriever']
+  chosen = {}
+  for method in [m for m in methods if m in config.variants]:
+    if not weights or 'scores' not in methods[method]['valid']:
+      continue
+    best, by_weight = metrics.choose_fusion_weight(retriever['valid'], methods[method]['valid'], weights,
+                                                   config.eval.fusion_metric)
+    methods[f'{method}{FUSED}'] = {which: metrics.fuse(retriever[which], methods[method][which], best)
+                                   for which in rank.SPLITS}
+    chosen[method] = {'weight': best, 'valid_by_weight': by_weight}
+  return chosen
 
 
 def read_losses(logdir: epath.Path) -> dict[str, list[tuple[int, float]]]:
@@ -77,6 +99,16 @@ def markdown_report(results: dict, ks: Sequence[int]) -> str:
   lines = ['# PALR results', '']
   if results.get('users_note'):
     lines += [results['users_note'], '']
+  lines += ['Rows: `retriever` is what the LLM reranks (its first K items are the candidates); a row named '
+            'after the MF model (`ials`, `bpr`) is that model alone, without the transitions fused into the '
+            'retriever; each LLM method orders the candidates alone; `<method>+fusion` adds the retriever '
+            'back, z(retriever score) + b z(LLM score), b chosen on valid. The LLM\'s own contribution is '
+            '`<method>+fusion` against `retriever`. Ranks count ties against the target.', '']
+  for method, f in (results.get('fusion') or {}).items():
+    lines.append(f'- {method}{FUSED}: b = {f["weight"]:g}, chosen on valid from ' + ', '.join(
+        f'{w}: {v:.4f}' for w, v in f['valid_by_weight'].items()))
+  if results.get('fusion'):
+    lines.append('')
   names = [f'{m}@{k}' for k in ks for m in ('HR', 'NDCG')]
   for split in ('valid', 'test'):
     if split not in results:

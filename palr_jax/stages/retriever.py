@@ -8,6 +8,10 @@ user folds (palr_jax/retrieval/candidates.py says why). Writes, under the workdi
   retriever_results.json                HR/NDCG/Recall@config.eval.ks and MRR for valid, test and the
                                         cross-fitted train rows; chosen hyperparameters; fit seconds
                                         (the first fit of a process includes XLA compilation)
+  retriever_baselines.json              with transitions fused: the MF model alone (every user's valid
+                                        and test rank and top K), the ablation's first row; else {}
+The retriever is MF (iALS or BPR), optionally fused with item-to-item transitions
+(palr_jax/retrieval/transitions.py), which bring the order of events that MF ignores.
 Processes: host (process 0 fits and writes; seconds on a CPU for ML-100K/ML-1M).
 """
 from __future__ import annotations
@@ -29,8 +33,9 @@ from palr_jax.data import interactions
 from palr_jax.retrieval import candidates
 from palr_jax.retrieval import mf
 
+BASELINES = 'retriever_baselines.json'  # the MF model alone: every user's valid/test rank and top K
 OUTPUTS = ('candidates/train.jsonl', 'candidates/valid.jsonl', 'candidates/test.jsonl',
-           'retriever_results.json')
+           'retriever_results.json', BASELINES)
 
 
 def declare(config) -> runner.Stage:
@@ -58,6 +63,11 @@ def _with(retriever_config, overrides: dict):
   return out
 
 
+# The retriever keys the MF fit reads; a search over the others (transitions) reuses the fit.
+MF_KEYS = ('model', 'factors', 'reg', 'alpha', 'iterations', 'init_scale', 'solve_chunk', 'bpr_reg',
+           'learning_rate', 'epochs', 'batch_size')
+
+
 def _fit(histories, num_items, retriever_config, key):
   start = time.perf_counter()
   users, items = jax.block_until_ready(mf.fit(histories, num_items, retriever_config, key))
@@ -65,7 +75,8 @@ def _fit(histories, num_items, retriever_config, key):
 
 
 def run(ctx) -> dict:
-  """Fits, writes the candidate files and retriever_results.json; returns the results dict."""
+  """Fits, writes the candidate files, retriever_results.json and, when the retriever fuses transitions,
+  the MF model's own ranks (retriever_baselines.json); returns the results dict."""
   config, workdir, inter, split = ctx.config, ctx.workdir, ctx.inter, ctx.split
   num_items, k = len(inter.item_ids), int(config.retriever.num_candidates)
   mesh = sharding.make_mesh(config.mesh) if config.retriever.shard_items else None
@@ -75,23 +86,33 @@ def run(ctx) -> dict:
   users = np.arange(len(split.train))
   bar = tqdm.tqdm(total=len(grid) + 1 + int(config.retriever.folds), desc='retriever fits')
 
-  # Search on valid: every point fits train with the same key, so points differ only in settings.
-  search, best = [], None
+  # Search on valid: every point fits train with the same key, so points differ only in settings; points
+  # that differ only in the transition settings share one fit.
+  search, best, fits, tables = [], None, {}, {}
   for overrides in grid:
     rconfig = _with(config.retriever, overrides)
-    user_factors, item_factors, seconds = _fit(split.train, num_items, rconfig, rng.jax_key(seed, 'valid'))
-    ranking = candidates.rank(user_factors, item_factors, split.train, users, split.valid, rconfig, mesh)
+    mf_key = tuple(str(rconfig[name]) for name in MF_KEYS)
+    if mf_key not in fits:
+      fits[mf_key] = _fit(split.train, num_items, rconfig, rng.jax_key(seed, 'valid'))
+    user_factors, item_factors, seconds = fits[mf_key]
+    table_key = (rconfig.transition_window, rconfig.transition_decay)
+    if table_key not in tables:
+      tables[table_key] = candidates.transition_table(split.train, num_items, _with(rconfig, {'transition_weight': 1}))
+    table = tables[table_key] if float(rconfig.transition_weight) > 0 else None
+    ranking = candidates.rank(user_factors, item_factors, split.train, users, split.valid, rconfig, mesh,
+                              table=table)
     recall = metrics.metrics_from_ranks(ranking.ranks, [k])[f'Recall@{k}']
     search.append({**overrides, f'valid_Recall@{k}': recall, 'fit_seconds': seconds})
     if best is None or recall > best[0]:
-      best = (recall, rconfig, ranking, seconds)
+      best = (recall, rconfig, ranking, seconds, user_factors, item_factors)
     bar.update()
     bar.set_postfix(search=str(overrides), recall=f'{recall:.4f}')
-  _, rconfig, valid, valid_seconds = best
+  _, rconfig, valid, valid_seconds, valid_users, valid_items = best
 
   seen = [np.append(t, v) for t, v in zip(split.train, split.valid)]
   user_factors, item_factors, test_seconds = _fit(seen, num_items, rconfig, rng.jax_key(seed, 'test'))
-  test = candidates.rank(user_factors, item_factors, seen, users, split.test, rconfig, mesh)
+  test = candidates.rank(user_factors, item_factors, seen, users, split.test, rconfig, mesh,
+                         table=candidates.transition_table(seen, num_items, rconfig))
   bar.update()
 
   train_users, positions = candidates.train_positions(split.train, int(rconfig.max_train_positions))
@@ -120,8 +141,19 @@ def run(ctx) -> dict:
       'test': metrics.metrics_from_ranks(test.ranks, ks),
       'train': {'rows': len(train.users), **metrics.metrics_from_ranks(train.ranks, ks)},
   }
+  if float(rconfig.transition_weight) > 0:  # the MF model alone, for the ablation
+    alone = _with(rconfig, {'transition_weight': 0.0})
+    baselines = {
+        'valid': candidates.rank(valid_users, valid_items, split.train, users, split.valid, alone, mesh),
+        'test': candidates.rank(user_factors, item_factors, seen, users, split.test, alone, mesh)}
+    results['mf_alone'] = {which: metrics.metrics_from_ranks(r.ranks, ks) for which, r in baselines.items()}
+    files.atomic_write_json(workdir / BASELINES, {rconfig.model: {
+        which: {'ranks': r.ranks.tolist(), 'items': r.items.tolist()} for which, r in baselines.items()}})
+  else:
+    files.atomic_write_json(workdir / BASELINES, {})
   files.atomic_write_json(workdir / 'retriever_results.json', results)
-  headline = metrics.metrics_from_ranks(test.ranks, (10, 50))
-  logging.info('retriever %s: test HR@10 %.4f NDCG@10 %.4f HR@50 %.4f (valid Recall@%d %.4f)',
-               rconfig.model, headline['HR@10'], headline['NDCG@10'], headline['HR@50'], k, best[0])
+  headline = metrics.metrics_from_ranks(test.ranks, (10, 20, 50))
+  logging.info('retriever %s + transitions (w %.2f): test HR@10 %.4f NDCG@10 %.4f Recall@20 %.4f HR@50 %.4f '
+               '(valid Recall@%d %.4f)', rconfig.model, float(rconfig.transition_weight), headline['HR@10'],
+               headline['NDCG@10'], headline['Recall@20'], headline['HR@50'], k, best[0])
   return results

@@ -6,7 +6,7 @@ checkpoints, and stops at `num_steps` or at a preemption.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 import time
 
 from absl import logging
@@ -24,7 +24,8 @@ from palr_jax.train.step import (DataIterator, check_batch_layout, device_batch,
 
 
 def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIterator,
-          valid_batches: Iterable[Mapping[str, np.ndarray]] | None = None) -> dict[str, float]:
+          valid_batches: Iterable[Mapping[str, np.ndarray]] | None = None, *,
+          choice_ids: Sequence[int] | None = None) -> dict[str, float]:
   """Trains `model`'s LoRA adapters per `config.train` on the mesh `config.mesh`; resumes from `workdir`.
 
   Writes WORKDIR/checkpoints and WORKDIR/tensorboard. On return the model holds the trained adapters
@@ -33,6 +34,7 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
   `valid_batches` is iterated afresh at every evaluation (a list or a tf.data.Dataset, not a one-shot
   iterator) and yields batches like `train_iter`; pad a short last batch with rows of segment_ids 0. Run
   under `distributed.initialize()` on a pod: every process calls `train` with its own `train_iter`.
+  `choice_ids`: the candidates' tag tokens, among which loss tokens marked 2 (a tag) are classified.
   """
   c = config.train
   rules = config.mesh.rules
@@ -72,8 +74,9 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
   else:
     state = jax.jit(init, out_shardings=shardings)(values)
 
-  train_step = make_train_step(parts, optimizer, c, rules, shardings, frozen_shardings, config.seed)
-  eval_step = make_eval_step(parts, c, rules)
+  choices = None if choice_ids is None else np.asarray(choice_ids, np.int32)
+  train_step = make_train_step(parts, optimizer, c, rules, shardings, frozen_shardings, config.seed, choices)
+  eval_step = make_eval_step(parts, c, rules, choices)
   lora_params = sum(v.size for v in abstract['lora'].values())
   writer = progress.MetricWriter(workdir / 'tensorboard', c.num_steps, start)
   pending, timed_flops, timed_steps, clock = [], 0.0, 0, time.perf_counter()

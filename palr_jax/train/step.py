@@ -48,12 +48,17 @@ def loss_weights(batch: Mapping[str, jax.Array]) -> jax.Array:
   return jnp.pad(keep, ((0, 0), (1, 0))).astype(jnp.float32)
 
 
-def loss_sum(model, batch: Mapping[str, jax.Array], max_loss_tokens: int, rules) -> jax.Array:
+def loss_sum(model, batch: Mapping[str, jax.Array], max_loss_tokens: int, rules,
+             choice_ids: jax.Array | None = None) -> jax.Array:
   """Sum of the token losses of `batch`, with logits only at its loss tokens.
 
   Each row's loss tokens are moved to the front (in order) and the first `max_loss_tokens` of them are
   scored (0 = all T-1 positions): the LM head, the largest matmul at PALR's short responses, runs on
   [B, max_loss_tokens] positions instead of [B, T]. Callers check that no row has more.
+
+  A token's loss is the cross-entropy over the vocabulary, or, where `loss_mask` is 2 (a Recommend_Retrieval
+  answer's tag), over the candidates' tag tokens `choice_ids` alone: a K-way softmax that asks which
+  candidate, not how its title is spelled.
   """
   weights = loss_weights(batch)
   length = weights.shape[1]
@@ -63,7 +68,14 @@ def loss_sum(model, batch: Mapping[str, jax.Array], max_loss_tokens: int, rules)
                  logits_at=jnp.maximum(idx - 1, 0))
   logits = sharding.constrain(logits, ('batch', None, 'vocab'), rules)
   targets = jnp.take_along_axis(batch['input_ids'], idx, axis=1)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  logits = logits.astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  if choice_ids is not None:
+    choices = jnp.take(logits, jnp.asarray(choice_ids), axis=-1)                  # [B, n, K]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    choice = jax.nn.logsumexp(choices, axis=-1) - picked
+    kind = jnp.take_along_axis(batch['loss_mask'], idx, axis=1)
+    losses = jnp.where(kind == 2, choice, losses)
   return jnp.sum(losses * jnp.take_along_axis(weights, idx, axis=1))
 
 
@@ -125,7 +137,8 @@ def with_lora_values(lora: nnx.State, values: Mapping[str, Any]) -> nnx.State:
 
 def loss_and_grad(parts: LoraModel, values: Mapping[str, jax.Array], frozen: nnx.State,
                   batch: Mapping[str, jax.Array], dropout_key: jax.Array, *, microbatches: int,
-                  max_loss_tokens: int, rules) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+                  max_loss_tokens: int, rules, choice_ids=None
+                  ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
   """(global-token-mean loss, its gradient wrt the adapter `values` in fp32, loss-token count).
 
   With micro-batches, summed token losses / the count of the whole batch are accumulated, so the
@@ -135,7 +148,7 @@ def loss_and_grad(parts: LoraModel, values: Mapping[str, jax.Array], frozen: nnx
 
   def micro_loss(values, micro, index):
     model = parts.merge(values, frozen, jax.random.fold_in(dropout_key, index))
-    return loss_sum(model, micro, max_loss_tokens, rules) / jnp.maximum(count, 1.0)
+    return loss_sum(model, micro, max_loss_tokens, rules, choice_ids) / jnp.maximum(count, 1.0)
 
   grad_fn = jax.value_and_grad(micro_loss)
   if microbatches == 1:
@@ -211,15 +224,18 @@ def with_shardings(abstract, shardings):
 # ------------------------------------------------------------------------------- jitted steps
 
 
-def make_train_step(parts: LoraModel, optimizer, train_config, rules, shardings, frozen_shardings, seed: int):
-  """jit(step)(state, frozen, batch) -> (state, metrics); the state is donated."""
+def make_train_step(parts: LoraModel, optimizer, train_config, rules, shardings, frozen_shardings, seed: int,
+                    choice_ids=None):
+  """jit(step)(state, frozen, batch) -> (state, metrics); the state is donated. `choice_ids`: the tag
+  tokens of the tag loss (`loss_sum`)."""
   schedule = learning_rate_schedule(train_config)
 
   def step(state, frozen, batch):
     dropout_key = jax.random.fold_in(jax.random.key(seed), state['step'])
     loss, grads, _ = loss_and_grad(parts, state['lora'], frozen, batch, dropout_key,
                                    microbatches=train_config.microbatches,
-                                   max_loss_tokens=train_config.max_loss_tokens, rules=rules)
+                                   max_loss_tokens=train_config.max_loss_tokens, rules=rules,
+                                   choice_ids=choice_ids)
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['lora'])
     new_state = {'step': state['step'] + 1, 'lora': optax.apply_updates(state['lora'], updates),
                  'opt_state': opt_state}
@@ -231,13 +247,14 @@ def make_train_step(parts: LoraModel, optimizer, train_config, rules, shardings,
                  donate_argnums=0)
 
 
-def make_eval_step(parts: LoraModel, train_config, rules):
+def make_eval_step(parts: LoraModel, train_config, rules, choice_ids=None):
   """jit(eval)(adapter values, frozen, batch) -> (sum of token losses, loss-token count)."""
 
   def eval_loss(values, frozen, batch):
     model = parts.merge(values, frozen, jax.random.key(0))
     model.eval()  # No dropout.
-    return loss_sum(model, batch, train_config.max_loss_tokens, rules), jnp.sum(loss_weights(batch))
+    return (loss_sum(model, batch, train_config.max_loss_tokens, rules, choice_ids),
+            jnp.sum(loss_weights(batch)))
 
   return jax.jit(eval_loss)
 
