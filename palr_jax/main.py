@@ -26,6 +26,13 @@ a second SIGTERM. docs/pods.md says what each process of a pod does.
 """
 from __future__ import annotations
 
+import os
+import sys
+
+if '--verbose' not in sys.argv and __name__ == '__main__':
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TensorFlow's C++ INFO lines, printed at its import
+
+import tempfile
 import time
 
 from absl import flags
@@ -104,15 +111,37 @@ def _define_flags() -> None:
   flags.DEFINE_string('shared_dir', None, 'Stage outputs shared by fingerprint (sweeps).')
   flags.DEFINE_list('stages', [], 'Run only these stages (and their upstream when not current).')
   flags.DEFINE_list('rerun', [], 'Run these stages again from scratch, even if current.')
+  flags.DEFINE_bool('verbose', False, 'Library INFO logs (absl, orbax, jax) on the terminal too; without it '
+                    'they go to W/logs/ and the terminal shows stage lines, progress bars, warnings and '
+                    'the results.')
   flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def log_to_files(workdir: epath.Path) -> str:
+  """Sends absl/Python logging (INFO and up) to a file per process under W/logs/ (a local temp folder when
+  W is not on a local disk) and keeps only warnings and errors on stderr; returns the folder."""
+  fallback = os.path.join(tempfile.gettempdir(), 'palr_jax-logs')
+  local = not str(workdir).startswith(('gs://', 's3://', 'ram://'))
+  folder = str(workdir / 'logs') if local else fallback
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError:  # an unusable workdir: validate's checks say so in one line
+    folder = fallback
+    os.makedirs(folder, exist_ok=True)
+  logging.get_absl_handler().use_absl_log_file('palr_jax.main', folder)
+  flags.FLAGS.stderrthreshold = 'warning'
+  return folder
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
+  logs = None if f.verbose else log_to_files(epath.Path(f.workdir))  # before anything logs (jax, distributed)
   distributed.initialize_from_flags()
   distributed.install_signal_handlers()
   plan(f.config, f.workdir, only=f.stages, rerun=f.rerun)  # bad config: exit 2 on every process, at once
+  if logs and distributed.is_leader():
+    print(f'logs: {logs} (--verbose shows them here)')
   start = time.perf_counter()
   say = print if distributed.is_leader() else (lambda line: None)
   results = distributed.fail_fast(lambda: run(f.config, f.workdir, f.shared_dir, only=f.stages, rerun=f.rerun,

@@ -60,6 +60,7 @@ class Stage:
   extra: Any = None                      # anything else its result depends on (JSON-able)
   scratch: tuple[str, ...] = ()          # paths under W of partial work a rerun would resume from
   what: str = ''                         # what each process does, for the log and docs/pods.md
+  resumes: Callable[[Any], str | None] | None = None  # resumes(ctx): the partial work a run picks up, in words
 
   def __post_init__(self):
     if self.processes not in (COLLECTIVE, SHARDED, HOST):
@@ -211,6 +212,10 @@ class Runner:
     reset_peak_rss()
     ctx.stage, ctx.fingerprint = stage.name, fp
     ctx.upstream = {name: read_record(self.workdir, name)['outputs'] for name in stage.upstream}
+    if stage.resumes is not None and distributed.is_leader():
+      found = stage.resumes(ctx)
+      if found:
+        self.say(f'{stage.name}: resumes {found}')
     if stage.processes in (COLLECTIVE, SHARDED) or distributed.is_leader():
       stage.run(ctx)
       logging.info('stage %s: run returned after %.1f s', stage.name, time.perf_counter() - start)

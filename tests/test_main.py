@@ -50,12 +50,16 @@ def test_pipeline_end_to_end_then_skips_then_reruns_ranking_only(tmp_path, monke
     assert (ram / 'export' / 'merged' / 'config.json').exists()
   assert not (tmp_path / 'ram:').exists()
 
+  # The ablation's rows: the MF model alone ('ials', the retriever fuses transitions), each method, and each
+  # LLM method that scores the candidates fused with the retriever (weight chosen on valid).
+  fused = {f'{m}+fusion' for m in results['fusion']}
+  assert {'zero_shot', 'palr_v2'} <= set(results['fusion']) <= {'zero_shot', 'palr_v1', 'palr_v2'}
   for split in ('valid', 'test'):
-    assert set(results[split]['metrics']) == set(config.eval.methods)
+    assert set(results[split]['metrics']) == set(config.eval.methods) | {'ials'} | fused
     for method, metrics in results[split]['metrics'].items():
       assert set(metrics) == {f'{m}@{k}' for k in (1, 3, 5) for m in ('HR', 'NDCG')}
       assert all(0.0 <= v <= 1.0 for v in metrics.values()), (method, metrics)
-    assert set(results[split]['vs_retriever']) == {'zero_shot', 'palr_v1', 'palr_v2'}
+    assert set(results[split]['vs_retriever']) == {'zero_shot', 'palr_v1', 'palr_v2', 'ials'} | fused
   assert results['test']['num_users'] == pipeline_fixtures.NUM_USERS
   # The retriever's row equals the metrics of its own candidate file.
   test_rows = [json.loads(line) for line in (workdir / 'candidates' / 'test.jsonl').read_text().splitlines()]
@@ -80,7 +84,7 @@ def test_pipeline_end_to_end_then_skips_then_reruns_ranking_only(tmp_path, monke
   assert ro['target_in_candidates'] == pytest.approx(retrieved.mean())
   assert ro['methods']['retriever']['top1_as_retriever'] == 1.0
   assert ro['methods']['retriever']['HR@10_when_retrieved'] == pytest.approx(np.mean(ranks[retrieved] < 10))
-  assert set(ro['methods']) == set(config.eval.methods)
+  assert set(ro['methods']) == set(config.eval.methods) | {'ials'} | fused
   for name in ('plots/hr_at_k.png', 'plots/loss.png', 'export/merged/config.json',
                'export/peft/adapter_config.json'):
     assert (workdir / name).exists(), name

@@ -172,7 +172,7 @@ def _pack_window(ids: tf.RaggedTensor, mask: tf.RaggedTensor, length: int, cap: 
   rows come in a seeded random order (FFD opens rows longest first), else in the order they were opened.
   """
   lengths = tf.cast(ids.row_lengths(), tf.int32)
-  loss = tf.cast(tf.math.count_nonzero(mask, axis=1), tf.int32)
+  loss = tf.reduce_sum(tf.minimum(mask, 1), axis=1)  # tag answers (mask 2) count once
   tf.debugging.assert_less_equal(lengths, length, 'an example is longer than config.prompts.max_length')
   tf.debugging.assert_less_equal(loss, cap, 'an example has more answer tokens than config.train.max_loss_tokens')
   w = tf.shape(lengths)[0]

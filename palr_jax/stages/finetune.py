@@ -44,9 +44,22 @@ def declare(config) -> list[runner.Stage]:
       upstream=('retriever', 'profiles'),
       outputs=(f'{variant}/checkpoints', f'{variant}/{checkpointing.ADAPTERS}', f'{variant}/tensorboard'),
       processes=runner.COLLECTIVE, scratch=('examples', f'{variant}/run.json'),
+      resumes=functools.partial(resumes, variant=variant),
       what='process 0 writes the examples once; then every process feeds its rows of each global batch '
            'to the step on the global mesh; all write orbax checkpoints, process 0 the PEFT adapters')
       for variant in trained_variants(config)]
+
+
+def resumes(ctx, variant: str) -> str | None:
+  """The checkpoint a killed training run restarts from (only one written under this fingerprint)."""
+  run_dir = ctx.workdir / variant
+  try:
+    same = files.read_json(run_dir / 'run.json').get('fingerprint') == ctx.fingerprint
+  except (FileNotFoundError, ValueError, AttributeError):
+    return None
+  folder = run_dir / 'checkpoints'  # listed, not opened with orbax: process 0 alone runs this
+  steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if same and folder.exists() else []
+  return f'training from its checkpoint at step {steps[-1]} of {ctx.config.train.num_steps}' if steps else None
 
 
 def run(ctx, variant: str) -> None:

@@ -34,13 +34,18 @@ def declare(config) -> runner.Stage:
     inputs += (str(source.path / 'config.json') if source.kind == 'hf' else str(source.path),)
   return runner.Stage(
       name='profiles', run=run, merge=merge, hashes=hashes, outputs=('profiles.jsonl',),
-      processes=runner.SHARDED, inputs=inputs, scratch=(PARTS,),
+      processes=runner.SHARDED, inputs=inputs, scratch=(PARTS,), resumes=resumes,
       what='every process generates the profiles of its share of the users on its host-local mesh and '
            'writes them as part files; process 0 joins them into profiles.jsonl')
 
 
 def _parts(ctx):
   return ctx.workdir / PARTS / ctx.fingerprint
+
+
+def resumes(ctx) -> str | None:
+  done = len(finished(ctx))
+  return f'with {done} of {len(ctx.inter.user_ids)} users\' profiles already written' if done else None
 
 
 def finished(ctx) -> dict[int, dict]:

@@ -64,10 +64,16 @@ def declare(config) -> runner.Stage:
               'model.spec', 'model.dtype', 'model.param_dtype', 'batching.length_buckets',
               *(f'variants.{m}' for m in methods)),
       upstream=('retriever', 'profiles', *(f'finetune_{m}' for m in trained)), outputs=('rankings.json',),
-      processes=runner.SHARDED, scratch=(PARTS,),
+      processes=runner.SHARDED, scratch=(PARTS,), resumes=resumes,
       inputs=(str(source.path / 'config.json') if source.kind == 'hf' else str(source.path),),
       what='every process ranks its share of the evaluation users on its host-local mesh (adapters from '
            'their PEFT folders) and writes part files; process 0 joins them into rankings.json')
+
+
+def resumes(ctx) -> str | None:
+  folder = ctx.workdir / PARTS / ctx.fingerprint
+  done = sorted({p.name.split('.p')[0] for p in folder.glob('*.json')}) if folder.exists() else []
+  return f'with {len(done)} (method, split, checkpoint) rankings already written: {", ".join(done)}' if done else None
 
 
 def eval_users(num_users: int, config) -> np.ndarray:
