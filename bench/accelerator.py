@@ -298,7 +298,8 @@ def main(argv) -> int:
   profile_args = ('tiny', 4, 8, (20, 40), 2) if smoke else ('SmolLM2-135M', 256, 128, (300, 450), 64)
   run('Profile generation', lambda: [bench_profiles(*profile_args)])
 
-  forbidden = sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'tensorflow_datasets', 'gguf', 'tensorboard'})
+  absent = {'tensorflow', 'tensorflow_datasets', 'gguf', 'tensorboard'}  # not in the accelerator image
+  forbidden = sorted({m.split('.')[0] for m in sys.modules} & absent)
   if forbidden:
     failures.append(f'imported {forbidden}: the accelerator image has none of them')
   title = f'Accelerator: {device.device_kind}' + (' (cpu smoke)' if smoke else '')

@@ -82,10 +82,13 @@ def time_steps(step, steps: int) -> None:
           flush=True)
 
 
-def config_for(precision: str):
-  """configs/ml100k.py's model settings (remat, scan, attention) at `precision`, with the bench's batch."""
+def config_for(precision: str, remat: str = ''):
+  """configs/ml100k.py's model settings (remat, scan, attention) at `precision`, with the bench's batch;
+  `remat` other than '' replaces the config's (to compare policies)."""
   from configs import ml100k  # pylint: disable=g-import-not-at-top
   c = ml100k.get_config('')
+  if remat:
+    c.model.remat = remat
   dtype = {'fp32': 'float32', 'bf16': 'bfloat16'}[precision]
   c.model.dtype = c.model.param_dtype = dtype
   c.lora.dtype = 'float32'
@@ -97,13 +100,13 @@ def config_for(precision: str):
   return c
 
 
-def run_jax(precision: str, steps: int) -> dict:
+def run_jax(precision: str, steps: int, remat: str = '') -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from palr_jax import sharding  # pylint: disable=g-import-not-at-top
   from palr_jax.hub import load  # pylint: disable=g-import-not-at-top
   from palr_jax.train import progress  # pylint: disable=g-import-not-at-top
   from palr_jax.train import step as train  # pylint: disable=g-import-not-at-top
-  config = config_for(precision)
+  config = config_for(precision, remat)
   rules = config.mesh.rules
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   model, _, llama_config = load.load_model(config.model, config.lora, mesh, rules)
@@ -209,7 +212,7 @@ def child(args) -> None:
   if args.side == 'peak':
     result = run_peak()
   else:
-    result = (run_jax(args.precision, args.steps) if args.side == 'jax'
+    result = (run_jax(args.precision, args.steps, args.remat) if args.side == 'jax'
               else run_torch(args.side, args.precision, args.steps))
     import resource  # pylint: disable=g-import-not-at-top
     result['peak_rss_process_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -264,6 +267,8 @@ def main(argv) -> None:
   parser.add_argument('--wait-s', type=float, default=300, help='longest wait for a quiet machine before a side')
   parser.add_argument('--max-load', type=float, default=None,
                       help='load average limit (default: 0.5 on 2 cores, 25%% of the cores above that)')
+  parser.add_argument('--remat', default='', choices=('', 'none', 'full', 'dots'),
+                      help="the JAX side's remat policy ('': configs/ml100k.py's)")
   parser.add_argument('--results', default=os.path.join(ROOT, 'bench', 'RESULTS.md'))
   parser.add_argument('--child', action='store_true')
   parser.add_argument('--side', choices=SIDES + ('peak',))
@@ -288,7 +293,7 @@ def main(argv) -> None:
         load = wait_quiet(f'{side} {precision} (round {round_ + 1})', limit, args.wait_s)
         loads.append(load)
         result, steps = spawn('--side', side, '--precision', precision, '--steps', str(args.steps),
-                              cap_s=args.cap_s)
+                              *(('--remat', args.remat) if args.remat else ()), cap_s=args.cap_s)
         timed = steps[1:] or steps
         runs.append({**result, 'side': side, 'precision': precision, 'round': round_, 'load_before': load,
                      'first_loss': steps[0]['loss'] if steps else float('nan'),
