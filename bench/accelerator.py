@@ -144,16 +144,11 @@ def bench_train(shape: str, batch: int, length: int, steps: int, peak: float) ->
   config = llama_config(shape, dtype='bfloat16', param_dtype='bfloat16', remat='none')
   mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
   model = lora.apply_lora(llama.Llama(config, rngs=nnx.Rngs(0)), c.lora, nnx.Rngs(1))
-  parts, values, frozen = train.split_model(model)
-  optimizer = train.make_optimizer(c.train)
-  init = lambda v: train.init_state(v, optimizer)  # noqa: E731
-  shardings = train.state_shardings(jax.eval_shape(init, values), parts, optimizer, mesh, rules)
-  frozen_shardings = sharding.state_shardings(frozen, mesh, rules)
-  frozen = jax.device_put(frozen, frozen_shardings)
-  state = jax.jit(init, out_shardings=shardings)(values)
-  lora_params = sum(v.size for v in values.values())
-  del model, values
-  step = train.make_train_step(parts, optimizer, c.train, rules, shardings, frozen_shardings, 0)
+  laid = train.setup(model, c.train, mesh, rules)
+  frozen, state = laid.frozen, laid.initial_state()
+  lora_params = sum(v.size for v in laid.values.values())
+  del model
+  step = laid.train_step(c.train, rules, 0)
   rng = np.random.default_rng(0)
   loss_mask = np.zeros((batch, length), np.int32)
   loss_mask[:, -RESPONSE:] = 1

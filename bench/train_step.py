@@ -110,15 +110,10 @@ def run_jax(precision: str, steps: int, remat: str = '') -> dict:
   rules = config.mesh.rules
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   model, _, llama_config = load.load_model(config.model, config.lora, mesh, rules)
-  parts, values, frozen = train.split_model(model)
-  optimizer = train.make_optimizer(config.train)
-  init = lambda v: train.init_state(v, optimizer)  # noqa: E731
-  shardings = train.state_shardings(jax.eval_shape(init, values), parts, optimizer, mesh, rules)
-  frozen_shardings = sharding.state_shardings(frozen, mesh, rules)
-  frozen = jax.device_put(frozen, frozen_shardings)
-  state = jax.jit(init, out_shardings=shardings)(values)
-  del model, values
-  step = train.make_train_step(parts, optimizer, config.train, rules, shardings, frozen_shardings, config.seed)
+  laid = train.setup(model, config.train, mesh, rules)
+  frozen, state = laid.frozen, laid.initial_state()
+  del model
+  step = laid.train_step(config.train, rules, config.seed)
   batch = train.device_batch(make_batch(llama_config.vocab_size), mesh, rules, config.train)
   lora_params = sum(v.size for v in state['lora'].values())
   held = {'state': state}

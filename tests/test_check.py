@@ -57,15 +57,8 @@ def allocate(config):
   lora_lib.apply_lora(model, config.lora, rngs=nnx.Rngs(1))
   mesh = sharding.make_mesh(config.mesh)
   rules = config.mesh.rules
-  parts, values, frozen = train_step.split_model(model)
-  optimizer = train_step.make_optimizer(config.train)
-  init = lambda v: train_step.init_state(v, optimizer)  # noqa: E731
-  shardings = train_step.state_shardings(jax.eval_shape(init, values), parts, optimizer, mesh, rules)
-  frozen_shardings = sharding.state_shardings(frozen, mesh, rules)
-  frozen = jax.device_put(frozen, frozen_shardings)
-  state = jax.jit(init, out_shardings=shardings)(values)
-  step = train_step.make_train_step(parts, optimizer, config.train, rules, shardings, frozen_shardings, 0)
-  return values, frozen, state, step, mesh
+  laid = train_step.setup(model, config.train, mesh, rules)
+  return laid.values, laid.frozen, laid.initial_state(), laid.train_step(config.train, rules, 0), mesh
 
 
 @pytest.mark.parametrize('mesh,param_dtype', [((1, 4, 2), 'float32'), ((8, 1, 1), 'bfloat16'),

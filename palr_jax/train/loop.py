@@ -18,9 +18,8 @@ import numpy as np
 from palr_jax import distributed
 from palr_jax import sharding
 from palr_jax.train import checkpointing, progress
-from palr_jax.train.step import (DataIterator, check_batch_layout, device_batch, evaluate, init_state,
-                                 make_eval_step, make_optimizer, make_train_step, split_model,
-                                 state_shardings, with_lora_values, with_shardings)
+from palr_jax.train.step import (DataIterator, check_batch_layout, device_batch, evaluate, make_eval_step,
+                                 setup, with_lora_values, with_shardings)
 
 
 def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIterator,
@@ -48,13 +47,8 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
   workdir = epath.Path(workdir)
 
   # Abstract state -> shardings -> state created in place on the mesh; the base is only laid out.
-  parts, values, frozen = split_model(model)
-  optimizer = make_optimizer(c)
-  init = lambda values: init_state(values, optimizer)  # noqa: E731
-  abstract = jax.eval_shape(init, values)
-  shardings = state_shardings(abstract, parts, optimizer, mesh, rules)
-  frozen_shardings = sharding.state_shardings(frozen, mesh, rules)
-  frozen = jax.device_put(frozen, frozen_shardings)
+  laid = setup(model, c, mesh, rules)
+  parts, frozen, abstract, shardings = laid.parts, laid.frozen, laid.abstract, laid.shardings
 
   manager = checkpointing.checkpoint_manager(workdir / 'checkpoints', c)
   start = manager.latest_step() or 0
@@ -72,10 +66,10 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
       # the checkpoints of an uninterrupted run. A hard kill before the next save replays from the last.
       manager.delete(start)
   else:
-    state = jax.jit(init, out_shardings=shardings)(values)
+    state = laid.initial_state()
 
   choices = None if choice_ids is None else np.asarray(choice_ids, np.int32)
-  train_step = make_train_step(parts, optimizer, c, rules, shardings, frozen_shardings, config.seed, choices)
+  train_step = laid.train_step(c, rules, config.seed, choices)
   eval_step = make_eval_step(parts, c, rules, choices)
   lora_params = sum(v.size for v in abstract['lora'].values())
   writer = progress.MetricWriter(workdir / 'tensorboard', c.num_steps, start)

@@ -221,6 +221,37 @@ def with_shardings(abstract, shardings):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """A LoRA model laid out for training on a mesh: what the trainer, the benches and the memory check share."""
+  parts: LoraModel
+  values: dict[str, jax.Array]       # the adapters' initial values
+  frozen: nnx.State                  # the base, placed by its logical axes
+  optimizer: optax.GradientTransformation
+  abstract: dict[str, Any]           # the train state's shapes
+  shardings: dict[str, Any]          # the train state's shardings
+  frozen_shardings: Any
+
+  def initial_state(self) -> dict[str, Any]:
+    """The train state created in place on the mesh."""
+    return jax.jit(lambda v: init_state(v, self.optimizer), out_shardings=self.shardings)(self.values)
+
+  def train_step(self, train_config, rules, seed: int, choice_ids=None):
+    return make_train_step(self.parts, self.optimizer, train_config, rules, self.shardings,
+                           self.frozen_shardings, seed, choice_ids)
+
+
+def setup(model: nnx.Module, train_config, mesh, rules) -> Setup:
+  """Abstract state -> shardings; the base is placed, the state is not created yet (a resume restores it)."""
+  parts, values, frozen = split_model(model)
+  optimizer = make_optimizer(train_config)
+  abstract = jax.eval_shape(lambda v: init_state(v, optimizer), values)
+  shardings = state_shardings(abstract, parts, optimizer, mesh, rules)
+  frozen_shardings = sharding.state_shardings(frozen, mesh, rules)
+  return Setup(parts, values, jax.device_put(frozen, frozen_shardings), optimizer, abstract, shardings,
+               frozen_shardings)
+
+
 # ------------------------------------------------------------------------------- jitted steps
 
 
