@@ -48,6 +48,11 @@ def fingerprint(config, keys: Sequence[str], upstream: Iterable[str] = (), extra
   return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def is_local(path) -> bool:
+  """A path on this host's filesystem, not a URL (gs://, ram://, ...)."""
+  return '://' not in os.fspath(path)
+
+
 def temp_path(path: epath.Path) -> epath.Path:
   """A unique temporary sibling of `path` (hidden: stage digests skip it) to write and then move into place."""
   return path.parent / f'.{path.name}.tmp-{uuid.uuid4().hex[:12]}'

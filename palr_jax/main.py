@@ -121,8 +121,7 @@ def log_to_files(workdir: epath.Path) -> str:
   """Sends absl/Python logging (INFO and up) to a file per process under W/logs/ (a local temp folder when
   W is not on a local disk) and keeps only warnings and errors on stderr; returns the folder."""
   fallback = os.path.join(tempfile.gettempdir(), 'palr_jax-logs')
-  local = not str(workdir).startswith(('gs://', 's3://', 'ram://'))
-  folder = str(workdir / 'logs') if local else fallback
+  folder = str(workdir / 'logs') if files.is_local(workdir) else fallback
   try:
     os.makedirs(folder, exist_ok=True)
   except OSError:  # an unusable workdir: validate's checks say so in one line

@@ -110,7 +110,7 @@ def read_tfrecord(path) -> tf.data.Dataset:
 def write_examples(out, max_length: int, examples_by_split: Mapping[str, Sequence],
                    choice_ids: Sequence[int] | None = None) -> epath.Path:
   """Writes `out/{split}.tfrecord` + `meta.json` (last); returns `out`. `choice_ids`: the candidates' tag
-  tokens, which the tag loss (loss_mask 2) chooses among."""
+  tokens, which the tag loss (loss_mask 2) chooses among; None when the examples have no tag answers."""
   out = epath.Path(out)
   meta = {'fingerprint': out.name, 'max_length': int(max_length), 'choice_ids': choice_ids, 'splits': {}}
   for split, examples in examples_by_split.items():
@@ -155,7 +155,8 @@ def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence
     by_split[which] = prompts.build_examples(builder, split, which, profiles, cands)
   repeats = prompts.task_repeats(config, variant)   # weights the training mix; valid stays one of each
   by_split['train'] = [e for e in by_split['train'] for _ in range(repeats[e.task])]
-  choices = builder.choice_ids().tolist() if builder.tag_ids is not None else None
+  tag_loss = 'recommend_retrieval' in tasks and builder.retrieval_loss == 'tag'
+  choices = builder.choice_ids().tolist() if tag_loss else None
   return write_examples(epath.Path(workdir) / 'examples' / fingerprint, config.prompts.max_length, by_split,
                         choice_ids=choices)
 

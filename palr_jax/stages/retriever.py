@@ -95,10 +95,12 @@ def run(ctx) -> dict:
     if mf_key not in fits:
       fits[mf_key] = _fit(split.train, num_items, rconfig, rng.jax_key(seed, 'valid'))
     user_factors, item_factors, seconds = fits[mf_key]
-    table_key = (rconfig.transition_window, rconfig.transition_decay)
-    if table_key not in tables:
-      tables[table_key] = candidates.transition_table(split.train, num_items, _with(rconfig, {'transition_weight': 1}))
-    table = tables[table_key] if float(rconfig.transition_weight) > 0 else None
+    table = None
+    if float(rconfig.transition_weight) > 0:  # one table per (window, decay), shared by the other settings
+      table_key = (rconfig.transition_window, rconfig.transition_decay)
+      if table_key not in tables:
+        tables[table_key] = candidates.transition_table(split.train, num_items, rconfig)
+      table = tables[table_key]
     ranking = candidates.rank(user_factors, item_factors, split.train, users, split.valid, rconfig, mesh,
                               table=table)
     recall = metrics.metrics_from_ranks(ranking.ranks, [k])[f'Recall@{k}']

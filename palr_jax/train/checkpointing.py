@@ -52,7 +52,7 @@ def orbax_manager(directory: epath.PathLike, options: ocp.CheckpointManagerOptio
   """
   directory = epath.Path(directory)
   text = os.fspath(directory)
-  if '://' not in text:
+  if files.is_local(text):
     directory = epath.Path(os.path.abspath(text))
   elif not text.startswith(_ORBAX_URLS):
     return _MirroredManager(directory, options)
