@@ -106,7 +106,7 @@ def get_config():
   c.model.dtype = 'float32'        # compute dtype
   c.model.param_dtype = 'float32'  # frozen base weights
   c.model.remat = 'none'           # none | full | dots
-  c.model.attention = 'auto'       # auto | xla | cudnn | reference
+  c.model.attention = 'auto'       # auto | xla | blocked | cudnn | reference (auto: cudnn on GPU, blocked on CPU)
   c.model.scan_layers = True       # forward without a cache (training, scoring) as a scan over the layers
 
   c.lora = ml_collections.ConfigDict()

@@ -146,6 +146,33 @@ def test_xla_and_reference_attention_agree():
   np.testing.assert_allclose(ref[1, 3, :3], p @ np.asarray(v[1, :4, 0]), atol=1e-5)
 
 
+def test_blocked_attention_matches_reference_values_and_gradients():
+  # Longer than two blocks with a short last one, packed segments and padding: the blocks below the
+  # diagonal must give exactly what the full [T, T] softmax gives, and so must the gradients.
+  t = 2 * llama.ATTENTION_BLOCK + 17
+  rng = np.random.default_rng(5)
+  q = jnp.asarray(rng.normal(size=(2, t, 6, 8)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(2, t, 2, 8)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(2, t, 2, 8)), jnp.float32)
+  segments = np.ones((2, t), np.int32)
+  segments[0, 70:] = 2
+  segments[1, t - 40:] = 0
+  mask = llama.attention_mask(jnp.asarray(segments), jnp.asarray(segments))
+  ref = llama.dot_product_attention(q, k, v, mask, 'reference')
+  np.testing.assert_allclose(llama.dot_product_attention(q, k, v, mask, 'blocked'), ref, atol=1e-5)
+
+  def loss(impl):
+    return lambda q, k, v: (llama.dot_product_attention(q, k, v, mask, impl) ** 2).sum()
+  for got, want in zip(jax.grad(loss('blocked'), (0, 1, 2))(q, k, v), jax.grad(loss('reference'), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, want, atol=1e-4)
+  # 'auto' takes it on CPU for self-attention longer than a block, not for a prefill against a cache.
+  assert llama.attention_kind('auto', 'cpu', jnp.bfloat16, 64, (t, t)) == 'blocked'
+  assert llama.attention_kind('auto', 'cpu', jnp.bfloat16, 64, (t, t + 8)) == 'xla'
+  assert llama.attention_kind('auto', 'gpu', jnp.bfloat16, 64, (t, t)) == 'xla'  # odd: no cuDNN either
+  with pytest.raises(ValueError, match='self-attention'):
+    llama.dot_product_attention(q, k[:, :-1], v[:, :-1], mask[:, :, :-1], 'blocked')
+
+
 def test_attention_mask_rule():
   seg = jnp.array([[0, 1, 1, 2]], jnp.int32)
   expected = np.array([[1, 0, 0, 0],   # padding sees only itself

@@ -144,8 +144,8 @@ def _values(state: nnx.State) -> list[jax.ShapeDtypeStruct]:
   return [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in jax.tree.leaves(state)]
 
 
-def _attention_kind(model: llama.LlamaConfig, platform: str | None) -> str:
-  return llama.attention_kind(model.attention, platform, model.dtype, model.head_dim)
+def _attention_kind(model: llama.LlamaConfig, platform: str | None, length: int = 2) -> str:
+  return llama.attention_kind(model.attention, platform, model.dtype, model.head_dim, (length, length))
 
 
 def activation_bytes(model: llama.LlamaConfig, mesh: AbstractMesh, rules, batch: int, length: int,
@@ -155,7 +155,8 @@ def activation_bytes(model: llama.LlamaConfig, mesh: AbstractMesh, rules, batch:
 
   Per layer, what the backward pass keeps from the forward, in the compute dtype, for a LLaMA layer:
     none: both norms' inputs and outputs, q, k, v, the attention output, gate, up and their product,
-          the [heads, T, T] attention scores and probabilities unless the kernel is flash (cuDNN), and
+          the [heads, T, T] attention scores and probabilities unless the kernel is flash (cuDNN; blocked:
+          only the blocks on and below the diagonal), and
           the LoRA-dropped input of each adapter (`dropout_inputs`: (features, logical axis) per
           adapter of one layer, empty without dropout);
     dots: the layer input and every projection's output (what `dots_with_no_batch_dims_saveable` keeps);
@@ -179,8 +180,14 @@ def activation_bytes(model: llama.LlamaConfig, mesh: AbstractMesh, rules, batch:
   heads = size((batch, length, q), ('batch', 'length', 'heads'))
   kv_heads = size((batch, length, kv), ('batch', 'length', 'kv_heads'))
   mlp = size((batch, length, f), ('batch', 'length', 'mlp'))
-  scores = 0 if _attention_kind(model, platform) == 'cudnn' else 2 * size(
+  kind = _attention_kind(model, platform, length)
+  scores = 0 if kind == 'cudnn' else 2 * size(
       (batch, model.num_heads, length, length), ('batch', 'heads', 'length', 'length'))
+  if kind == 'blocked':  # each block of query rows against the keys up to its last row only
+    starts = range(0, length, llama.ATTENTION_BLOCK)
+    kept = sum(min(lo + llama.ATTENTION_BLOCK, length) * (min(lo + llama.ATTENTION_BLOCK, length) - lo)
+               for lo in starts)
+    scores = scores * kept // length ** 2
   dropped = sum(size((batch, length, n), ('batch', 'length', axis)) for n, axis in dropout_inputs)
   layer = 5 * embed + 2 * heads + 2 * kv_heads + 3 * mlp + scores + dropped
   saved = {'none': layer, 'dots': 3 * embed + heads + 2 * kv_heads + 2 * mlp, 'full': embed}
@@ -310,7 +317,7 @@ def format_report(report: Report, config) -> str:
       f'from {report.source}',
       f'LoRA: rank {config.lora.rank}, {report.lora_params / 1e6:.2f}M params; batch {c.batch_size} '
       f'in {c.microbatches} micro-batch(es) x {config.prompts.max_length} tokens, remat={m.remat}, '
-      f'attention={_attention_kind(m, report.devices.platform)}',
+      f'attention={_attention_kind(m, report.devices.platform, config.prompts.max_length)}',
       '',
       f'{"per device":<42}{"GiB":>9}',
   ]
