@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import uuid
 
 from etils import epath
@@ -136,3 +138,27 @@ def test_pipeline_end_to_end_then_skips_then_reruns_ranking_only(tmp_path, monke
   (workdir / 'rank.fingerprint.json').unlink()  # the same ranking again, from scratch, without a kill
   assert palr_main.run(config, workdir) == resumed
   assert len(calls) == total
+
+
+def test_compilation_cache_is_used_and_env_wins(tmp_path):
+  # In a child: jax's config is process-wide. A program compiled under the cache leaves an entry there,
+  # and $JAX_COMPILATION_CACHE_DIR, when set, is kept over the flag.
+  code = (
+      'import sys, jax, jax.numpy as jnp\n'
+      'from palr_jax import main\n'
+      'print(main.use_compilation_cache(sys.argv[1]))\n'
+      "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+      'jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()\n')
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'xla')], env=env, check=True,
+                       capture_output=True, text=True).stdout.split()
+  assert out[-1] == str(tmp_path / 'xla')
+  assert any(p.name.startswith('jit_') for p in (tmp_path / 'xla').iterdir())
+  env['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path / 'env')
+  out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'xla')], env=env, check=True,
+                       capture_output=True, text=True).stdout.split()
+  assert out[-1] == str(tmp_path / 'env')
+  out = subprocess.run([sys.executable, '-c', code.replace('sys.argv[1]', "''"), 'x'],
+                       env={k: v for k, v in env.items() if k != 'JAX_COMPILATION_CACHE_DIR'}, check=True,
+                       capture_output=True, text=True).stdout.split()
+  assert out[-1] == 'None'
