@@ -324,6 +324,8 @@ def test_eval_batches_reiterable_and_complete(setup):
   config = tiny_config()
   config.batching.pack = True
   ev = pipeline.EvalBatches(path, config, np.arange(4))
+  # No autotuning model thread: an iterator's destructor would wait up to a minute for it (pipeline._local).
+  assert ev._ds.options().autotune.enabled is False  # pylint: disable=protected-access
   a, b = list(ev), list(ev)
   _assert_same(a, b)
   assert len(_segments(a)) == len(examples)
@@ -367,7 +369,18 @@ def test_build_and_write_once_per_fingerprint(tmp_path):
   assert pipeline.build_and_write(config, tmp_path, inter, split, None, None, 'palr_v2') == out  # not rebuilt
   assert os.stat(out / 'train.tfrecord').st_mtime_ns == stamp
   other = pipeline.build_and_write(config, tmp_path, inter, split, tiny_tokenizer(), None, 'palr_v1')
-  assert other != out and json.loads((other / 'meta.json').read_text())['splits']['valid']['examples'] == 4
+  other_meta = json.loads((other / 'meta.json').read_text())
+  assert other != out and other_meta['splits']['valid']['examples'] == 4
+  # v1 gets v2's tag tokens too (one train-step program for both), but no answer token marked 2 uses them.
+  assert other_meta['choice_ids'] == meta['choice_ids'] == tiny_builder_tags(config)
+  assert not any((np.asarray(ex['loss_mask']) == 2).any() for ex in pipeline.read_tfrecord(other / 'train.tfrecord'))
+  assert any((np.asarray(ex['loss_mask']) == 2).any() for ex in pipeline.read_tfrecord(out / 'train.tfrecord'))
+
+
+def tiny_builder_tags(config) -> list[int]:
+  builder = prompts.PromptBuilder(config, tiny_interactions(), tiny_tokenizer(),
+                                  ('recommend', 'recommend_retrieval'))
+  return builder.choice_ids().tolist()
 
 
 def test_task_repeats_weight_the_training_mix_only(tmp_path):

@@ -110,7 +110,8 @@ def read_tfrecord(path) -> tf.data.Dataset:
 def write_examples(out, max_length: int, examples_by_split: Mapping[str, Sequence],
                    choice_ids: Sequence[int] | None = None) -> epath.Path:
   """Writes `out/{split}.tfrecord` + `meta.json` (last); returns `out`. `choice_ids`: the candidates' tag
-  tokens, which the tag loss (loss_mask 2) chooses among; None when the examples have no tag answers."""
+  tokens, which the tag loss (loss_mask 2) chooses among; None when the tags are not usable (no
+  Recommend_Retrieval task and tags that are not single tokens)."""
   out = epath.Path(out)
   meta = {'fingerprint': out.name, 'max_length': int(max_length), 'choice_ids': choice_ids, 'splits': {}}
   for split, examples in examples_by_split.items():
@@ -155,8 +156,13 @@ def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence
     by_split[which] = prompts.build_examples(builder, split, which, profiles, cands)
   repeats = prompts.task_repeats(config, variant)   # weights the training mix; valid stays one of each
   by_split['train'] = [e for e in by_split['train'] for _ in range(repeats[e.task])]
-  tag_loss = 'recommend_retrieval' in tasks and builder.retrieval_loss == 'tag'
-  choices = builder.choice_ids().tolist() if tag_loss else None
+  # The tag tokens go with every variant's examples, tag loss or not: only loss tokens marked 2 (written
+  # under the tag loss) use them, so the train step is one program for every variant, and a batch shape
+  # compiled for one variant is loaded from the compilation cache for the next.
+  try:
+    choices = builder.choice_ids().tolist()
+  except ValueError:  # tags a Recommend-only variant never writes need not be single tokens
+    choices = None
   return write_examples(epath.Path(workdir) / 'examples' / fingerprint, config.prompts.max_length, by_split,
                         choice_ids=choices)
 
@@ -289,10 +295,18 @@ def _group_by_length(ds: tf.data.Dataset, buckets: Sequence[int], batch_size: in
 
 
 def _local(ds: tf.data.Dataset, rows: np.ndarray, prefetch: int) -> tf.data.Dataset:
-  """This process's rows of each global batch."""
+  """This process's rows of each global batch, without tf.data's autotuning.
+
+  A step takes seconds and a batch milliseconds, so autotuning has nothing to gain, and its model thread
+  costs: an iterator's destructor waits for that thread's next wake-up, up to a minute, which held each
+  training stage for 19-57 s after its last step on a 2-core CPU.
+  """
   idx = tf.constant(np.asarray(rows, np.int32))
   ds = ds.map(lambda b: {k: tf.gather(b[k], idx) for k in BATCH_KEYS})
-  return ds.prefetch(prefetch) if prefetch > 0 else ds
+  ds = ds.prefetch(prefetch) if prefetch > 0 else ds
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return ds.with_options(options)
 
 
 class TrainBatches:

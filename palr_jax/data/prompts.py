@@ -389,8 +389,10 @@ class PromptBuilder:
     return list(answer_ids).index(tag)
 
   def choice_ids(self) -> np.ndarray:
-    """The K candidates' tag tokens: what the tag loss and the score mode choose among."""
-    return np.asarray(self.tag_ids[:self.num_candidates], np.int32)
+    """The K candidates' tag tokens: what the tag loss and the score mode choose among (checked here for a
+    builder without Recommend_Retrieval; ValueError when the tags are not single tokens)."""
+    tag_ids = self.tag_ids if self.tag_ids is not None else self._check_tags()
+    return np.asarray(tag_ids[:self.num_candidates], np.int32)
 
   # Ranking.
 

@@ -84,7 +84,7 @@ def run(ctx, variant: str) -> None:
   train_batches = pipeline.TrainBatches(folder / 'train.tfrecord', config, rows)
   valid_batches = pipeline.EvalBatches(folder / 'valid.tfrecord', config, rows, int(config.train.valid_batches))
   start = time.perf_counter()
-  choice_ids = files.read_json(folder / 'meta.json').get('choice_ids')  # set only under the tag loss
+  choice_ids = files.read_json(folder / 'meta.json').get('choice_ids')  # used by tag-loss tokens only
   result = loop.train(config, run_dir, model, train_batches, valid_batches, choice_ids=choice_ids)
   logging.info('%s: trained to step %d in %.1f s', variant, result['step'], time.perf_counter() - start)
   if result['step'] < config.train.num_steps:
