@@ -315,10 +315,10 @@ def attention_kind(choice: str, platform: str | None, dtype, head_dim: int, leng
 def _attention_blocked(q, k, v, mask, block: int = ATTENTION_BLOCK):
   """Causal self-attention in blocks of `block` query rows, each against the keys up to its own last row.
 
-  The upper triangle of the scores is mostly never computed (at T = 512, 59% of the scores are), and each block's
-  scores stay small enough for the CPU's caches: 1.6-2.4x faster forward and backward than XLA's
-  attention on a 2-core x86 CPU (bench/RESULTS.md). Only for masks whose query t never sees a key after
-  slot t (`attention_mask` with q_offset 0): the keys it skips are masked anyway.
+  Most of the upper triangle is never computed (at T = 512, 59% of the scores are), and each block's
+  scores stay small enough for the CPU's caches: forward and backward 1.1-2.1x faster than XLA's
+  attention from T = 192 to 1024 on a 2-core x86 CPU (bench/attention.py). Only for masks whose query t
+  never sees a key after slot t (`attention_mask` with q_offset 0): the keys it skips are masked anyway.
   """
   t = q.shape[1]
   if k.shape[1] != t:
