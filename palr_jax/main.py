@@ -26,7 +26,9 @@ a second SIGTERM. docs/pods.md says what each process of a pod does.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import sys
 
 if '--verbose' not in sys.argv and __name__ == '__main__':
@@ -125,7 +127,8 @@ DEFAULT_COMPILATION_CACHE = '~/.cache/palr_jax/xla'
 
 
 def use_compilation_cache(path: str) -> str | None:
-  """Points XLA's persistent compilation cache at `path` and returns the folder in use (None: off).
+  """Points XLA's persistent compilation cache at `path`/<`host_kind()`> and returns the folder in use
+  (None: off).
 
   Each train-step shape takes 8-12 s to compile on a 2-core CPU (minutes for a 7B model on a pod); with
   the cache, a rerun, a job resumed after preemption or a sweep point that runs the same program loads
@@ -133,8 +136,23 @@ def use_compilation_cache(path: str) -> str | None:
   changed model or mesh compiles afresh. $JAX_COMPILATION_CACHE_DIR, when set, wins over `path`.
   """
   if not os.environ.get('JAX_COMPILATION_CACHE_DIR') and path:
-    jax.config.update('jax_compilation_cache_dir', path if '://' in path else os.path.expanduser(path))
+    folder = path if '://' in path else os.path.expanduser(path)
+    jax.config.update('jax_compilation_cache_dir', f'{folder.rstrip("/")}/{host_kind()}')
   return jax.config.jax_compilation_cache_dir or None
+
+
+def host_kind() -> str:
+  """A name for this host's instruction set: CPU executables are compiled for the host's features, so a
+  cache in a home folder shared by different machines keeps one subfolder per kind (a pod's hosts,
+  alike, share one)."""
+  flags_line = ''
+  try:
+    with open('/proc/cpuinfo') as f:
+      flags_line = next((line for line in f if line.startswith('flags')), '')
+  except OSError:
+    pass
+  identity = f'{platform.machine()} {platform.processor()} {" ".join(sorted(flags_line.split()))}'
+  return f'{platform.machine()}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}'
 
 
 def log_to_files(workdir: epath.Path) -> str:

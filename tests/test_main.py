@@ -152,8 +152,8 @@ def test_compilation_cache_is_used_and_env_wins(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
   out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'xla')], env=env, check=True,
                        capture_output=True, text=True).stdout.split()
-  assert out[-1] == str(tmp_path / 'xla')
-  assert any(p.name.startswith('jit_') for p in (tmp_path / 'xla').iterdir())
+  assert out[-1] == str(tmp_path / 'xla' / palr_main.host_kind())  # one folder per instruction set
+  assert any(p.name.startswith('jit_') for p in (tmp_path / 'xla' / palr_main.host_kind()).iterdir())
   env['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path / 'env')
   out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'xla')], env=env, check=True,
                        capture_output=True, text=True).stdout.split()
