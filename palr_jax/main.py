@@ -26,9 +26,7 @@ a second SIGTERM. docs/pods.md says what each process of a pod does.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import platform
 import sys
 
 if '--verbose' not in sys.argv and __name__ == '__main__':
@@ -40,7 +38,6 @@ import time
 from absl import flags
 from absl import logging
 from etils import epath
-import jax
 from ml_collections import config_flags
 
 from palr_jax import cli
@@ -114,45 +111,11 @@ def _define_flags() -> None:
   flags.DEFINE_string('shared_dir', None, 'Stage outputs shared by fingerprint (sweeps).')
   flags.DEFINE_list('stages', [], 'Run only these stages (and their upstream when not current).')
   flags.DEFINE_list('rerun', [], 'Run these stages again from scratch, even if current.')
-  flags.DEFINE_string('compilation_cache', DEFAULT_COMPILATION_CACHE,
-                      "XLA's persistent compilation cache (local or gs://; '' = off; $JAX_COMPILATION_CACHE_DIR "
-                      'wins): a rerun, a resumed job or a sweep point loads what an earlier run compiled.')
+  cli.define_compilation_cache_flag()
   flags.DEFINE_bool('verbose', False, 'Library INFO logs (absl, orbax, jax) on the terminal too; without it '
                     'they go to W/logs/ and the terminal shows stage lines, progress bars, warnings and '
                     'the results.')
   flags.mark_flags_as_required(['config', 'workdir'])
-
-
-DEFAULT_COMPILATION_CACHE = '~/.cache/palr_jax/xla'
-
-
-def use_compilation_cache(path: str) -> str | None:
-  """Points XLA's persistent compilation cache at `path`/<`host_kind()`> and returns the folder in use
-  (None: off).
-
-  Each train-step shape takes 8-12 s to compile on a 2-core CPU (minutes for a 7B model on a pod); with
-  the cache, a rerun, a job resumed after preemption or a sweep point that runs the same program loads
-  the executable instead. Entries are keyed by the program, the devices and the compile options, so a
-  changed model or mesh compiles afresh. $JAX_COMPILATION_CACHE_DIR, when set, wins over `path`.
-  """
-  if not os.environ.get('JAX_COMPILATION_CACHE_DIR') and path:
-    folder = path if '://' in path else os.path.expanduser(path)
-    jax.config.update('jax_compilation_cache_dir', f'{folder.rstrip("/")}/{host_kind()}')
-  return jax.config.jax_compilation_cache_dir or None
-
-
-def host_kind() -> str:
-  """A name for this host's instruction set: CPU executables are compiled for the host's features, so a
-  cache in a home folder shared by different machines keeps one subfolder per kind (a pod's hosts,
-  alike, share one)."""
-  flags_line = ''
-  try:
-    with open('/proc/cpuinfo') as f:
-      flags_line = next((line for line in f if line.startswith('flags')), '')
-  except OSError:
-    pass
-  identity = f'{platform.machine()} {platform.processor()} {" ".join(sorted(flags_line.split()))}'
-  return f'{platform.machine()}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}'
 
 
 def log_to_files(workdir: epath.Path) -> str:
@@ -174,7 +137,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   logs = None if f.verbose else log_to_files(epath.Path(f.workdir))  # before anything logs (jax, distributed)
-  use_compilation_cache(f.compilation_cache)
+  cli.use_compilation_cache(f.compilation_cache)
   distributed.initialize_from_flags()
   distributed.install_signal_handlers()
   plan(f.config, f.workdir, only=f.stages, rerun=f.rerun)  # bad config: exit 2 on every process, at once

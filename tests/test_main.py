@@ -12,6 +12,7 @@ from etils import epath
 import numpy as np
 import pytest
 
+from palr_jax import cli
 from palr_jax import main as palr_main
 from palr_jax.stages import rank as rank_stage
 from palr_jax.train import checkpointing
@@ -145,15 +146,15 @@ def test_compilation_cache_is_used_and_env_wins(tmp_path):
   # and $JAX_COMPILATION_CACHE_DIR, when set, is kept over the flag.
   code = (
       'import sys, jax, jax.numpy as jnp\n'
-      'from palr_jax import main\n'
-      'print(main.use_compilation_cache(sys.argv[1]))\n'
+      'from palr_jax import cli\n'
+      'print(cli.use_compilation_cache(sys.argv[1]))\n'
       "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
       'jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()\n')
   env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
   out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'xla')], env=env, check=True,
                        capture_output=True, text=True).stdout.split()
-  assert out[-1] == str(tmp_path / 'xla' / palr_main.host_kind())  # one folder per instruction set
-  assert any(p.name.startswith('jit_') for p in (tmp_path / 'xla' / palr_main.host_kind()).iterdir())
+  assert out[-1] == str(tmp_path / 'xla' / cli.host_kind())  # one folder per instruction set
+  assert any(p.name.startswith('jit_') for p in (tmp_path / 'xla' / cli.host_kind()).iterdir())
   env['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path / 'env')
   out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'xla')], env=env, check=True,
                        capture_output=True, text=True).stdout.split()

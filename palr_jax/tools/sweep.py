@@ -398,6 +398,7 @@ def _define_flags() -> None:
                     'Print one launcher command per unfinished point instead of running.')
   flags.DEFINE_string('launch-args', '', 'Options for the launcher, e.g. "--name palr --zone us-west4-a".')
   flags.DEFINE_bool('collect', False, 'Only collect finished points into the reports.')
+  cli.define_compilation_cache_flag()
 
 
 def check_points(config, points: Sequence[Point], where: str, workdir=None, only: Sequence[str] = ()) -> None:
@@ -439,6 +440,7 @@ def main(argv):
   where = f'sweep {sweep_path}'
   if not FLAGS.collect:
     if not FLAGS['emit-launch'].value:
+      cli.use_compilation_cache(FLAGS.compilation_cache)  # points that share a program compile it once
       distributed.initialize_from_flags()  # On a pod: one job across the hosts before any device is used.
     check_points(config, points, where, None if FLAGS['emit-launch'].value else workdir, FLAGS.only)
   if FLAGS['emit-launch'].value:
