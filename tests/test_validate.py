@@ -64,7 +64,7 @@ def test_shipped_configs_pass(spec):
     ('prompts.candidate_order', 'random', "('shuffle', 'retriever')"),
     ('prompts.missed_target', 'drop', "('insert', 'skip')"),
     ('model.remat', 'some', "('none', 'full', 'dots')"),
-    ('model.attention', 'flash', "('auto', 'xla', 'cudnn', 'reference')"),
+    ('model.attention', 'flash', "('auto', 'xla', 'blocked', 'cudnn', 'reference')"),
     ('model.dtype', 'float8', "('float32', 'bfloat16', 'float16')"),
     ('model.spec', 'torch:foo', "'smollm2', 'hf:DIR' or 'gguf:FILE'"),
     ('train.lr_decay', 'exp', "('cosine', 'linear', 'constant')"),
