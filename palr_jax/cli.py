@@ -28,6 +28,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from palr_jax import defaults
+from palr_jax import files
 from palr_jax import validate
 
 USAGE_EXIT_CODE = 2
@@ -166,7 +167,7 @@ def use_compilation_cache(path: str) -> str | None:
   """
   import jax  # pylint: disable=g-import-not-at-top; the programs that start here import it anyway
   if not os.environ.get('JAX_COMPILATION_CACHE_DIR') and path:
-    folder = path if '://' in path else os.path.expanduser(path)
+    folder = os.path.expanduser(path) if files.is_local(path) else path
     jax.config.update('jax_compilation_cache_dir', f'{folder.rstrip("/")}/{host_kind()}')
   return jax.config.jax_compilation_cache_dir or None
 

@@ -144,7 +144,7 @@ def _values(state: nnx.State) -> list[jax.ShapeDtypeStruct]:
   return [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in jax.tree.leaves(state)]
 
 
-def _attention_kind(model: llama.LlamaConfig, platform: str | None, length: int = 2) -> str:
+def _attention_kind(model: llama.LlamaConfig, platform: str | None, length: int) -> str:
   return llama.attention_kind(model.attention, platform, model.dtype, model.head_dim, (length, length))
 
 
@@ -184,10 +184,7 @@ def activation_bytes(model: llama.LlamaConfig, mesh: AbstractMesh, rules, batch:
   scores = 0 if kind == 'cudnn' else 2 * size(
       (batch, model.num_heads, length, length), ('batch', 'heads', 'length', 'length'))
   if kind == 'blocked':  # each block of query rows against the keys up to its last row only
-    starts = range(0, length, llama.ATTENTION_BLOCK)
-    kept = sum(min(lo + llama.ATTENTION_BLOCK, length) * (min(lo + llama.ATTENTION_BLOCK, length) - lo)
-               for lo in starts)
-    scores = scores * kept // length ** 2
+    scores = scores * sum((hi - lo) * hi for lo, hi in llama.attention_blocks(length)) // length ** 2
   dropped = sum(size((batch, length, n), ('batch', 'length', axis)) for n, axis in dropout_inputs)
   layer = 5 * embed + 2 * heads + 2 * kv_heads + 3 * mlp + scores + dropped
   saved = {'none': layer, 'dots': 3 * embed + heads + 2 * kv_heads + 2 * mlp, 'full': embed}
