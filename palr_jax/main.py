@@ -26,6 +26,7 @@ a second SIGTERM. docs/pods.md says what each process of a pod does.
 """
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -143,6 +144,9 @@ def main(argv):
   plan(f.config, f.workdir, only=f.stages, rerun=f.rerun)  # bad config: exit 2 on every process, at once
   if logs and distributed.is_leader():
     print(f'logs: {logs} (--verbose shows them here)')
+  # The ~440k objects of the imports (jax, TensorFlow, transformers) live as long as the process: frozen, the
+  # gc.collect() between stages no longer walks them (0.2-0.5 s per stage on a 2-core CPU).
+  gc.freeze()
   start = time.perf_counter()
   say = print if distributed.is_leader() else (lambda line: None)
   results = distributed.fail_fast(lambda: run(f.config, f.workdir, f.shared_dir, only=f.stages, rerun=f.rerun,

@@ -182,6 +182,19 @@ def test_attention_mask_rule():
   np.testing.assert_array_equal(llama.attention_mask(seg, seg)[0], expected)
 
 
+def test_attention_mask_shared_prefix():
+  # A prompt (segment -1) after left padding, then two answers: each sees the prompt and itself.
+  seg = jnp.array([[0, -1, -1, 1, 1, 2, 0]], jnp.int32)
+  expected = np.array([[1, 0, 0, 0, 0, 0, 0],
+                       [0, 1, 0, 0, 0, 0, 0],
+                       [0, 1, 1, 0, 0, 0, 0],
+                       [0, 1, 1, 1, 0, 0, 0],
+                       [0, 1, 1, 1, 1, 0, 0],
+                       [0, 1, 1, 0, 0, 1, 0],   # answer 2 does not see answer 1
+                       [0, 0, 0, 0, 0, 0, 1]], bool)
+  np.testing.assert_array_equal(llama.attention_mask(seg, seg)[0], expected)
+
+
 def test_logits_at_gathers_positions():
   config = make_config('tied')
   model = llama.Llama(config)

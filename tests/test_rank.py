@@ -1,12 +1,14 @@
 """palr_jax.model.rerank against plain references: unpadded full forwards, brute-force constrained greedy decoding
 without a KV cache, hand-summed log-probabilities and hand-computed catalog ranks."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from palr_jax import defaults
 from palr_jax.model import decode
+from palr_jax.model import llama
 from palr_jax.model import rerank as rank
 from palr_jax.stages import rank as rank_stage
 from palr_jax import sharding as sharding_lib
@@ -224,6 +226,20 @@ def test_score_continuations_equals_manual_sum(model, reduce):
       logp = forward_logprobs(model, np.concatenate([prompt, cont]), width=32)
       token_logp = logp[np.arange(len(prompt) - 1, len(prompt) + len(cont) - 1), cont]
       expected = token_logp.sum() if reduce == 'sum' else token_logp.mean()
+      np.testing.assert_allclose(scores[n, k], expected, atol=5e-5, err_msg=f'user {n} candidate {k}')
+
+
+def test_score_continuations_with_blocked_attention(model):
+  # Rows longer than one attention block: on CPU 'auto' runs the blocked kernel over prompt + answers.
+  assert llama.attention_kind('auto', 'cpu', jnp.float32, 8, (120, 120)) == 'blocked'
+  rng = np.random.default_rng(7)
+  prompts = random_prompts(rng, (70, 41))
+  continuations = [[rng.integers(3, VOCAB, n) for n in (5, 8, 3)], [rng.integers(3, VOCAB, 6)]]
+  scores = rank.score_continuations(model, prompts, continuations, reduce='sum', batch_size=2, buckets=(80,))
+  for n, (prompt, conts) in enumerate(zip(prompts, continuations)):
+    for k, cont in enumerate(conts):
+      logp = forward_logprobs(model, np.concatenate([prompt, cont]))
+      expected = logp[np.arange(len(prompt) - 1, len(prompt) + len(cont) - 1), cont].sum()
       np.testing.assert_allclose(scores[n, k], expected, atol=5e-5, err_msg=f'user {n} candidate {k}')
 
 

@@ -18,7 +18,6 @@ import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -181,7 +180,7 @@ def load_params(folder, config: llama.LlamaConfig, mesh: Mesh | None = None, rul
     raise ValueError('load_params: a mesh needs logical-axis rules (config.mesh.rules)')
   stored = stored_tensors(folder)
   table = llama.hf_param_names(config)
-  abstract = llama.named_params(nnx.eval_shape(lambda: llama.Llama(config)))
+  abstract = llama.named_params(llama.abstract_model(config))
   known = {hf_name for hf_name, _ in table.values()}
   ignored = {'lm_head.weight'} if config.tie_word_embeddings else set()
   unexpected = sorted(n for n in stored if n not in known | ignored and not n.endswith('rotary_emb.inv_freq'))

@@ -84,6 +84,6 @@ def load_model(model_config, lora_config=None, mesh=None, rules=None, *, rngs: n
 
 def build(config: llama.LlamaConfig, params) -> llama.Llama:
   """A Llama holding `params` ({dotted path: array}); the arrays are shared, not copied."""
-  model = nnx.eval_shape(lambda: llama.Llama(config))
+  model = llama.abstract_model(config)
   llama.assign_params(model, params)
   return model

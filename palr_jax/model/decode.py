@@ -11,8 +11,8 @@ over the rules' batch axes and KV caches like the batch and the weights.
 - `prefill` / `decode_chunk` / `grow_cache`: the pieces of constrained decoding (model/rerank.py), where
   the host picks what may come next and several forced tokens are fed at once.
 - `last_token_logprobs`: log-softmax at the answer position, one forward (tag scores).
-- `continuation_logprobs`: log p(continuation | prompt) of K continuations per prompt, the prompt encoded
-  once into a cache that every continuation extends (likelihood ranking).
+- `continuation_logprobs`: log p(continuation | prompt) of K continuations per prompt in one forward, the
+  prompt a shared prefix that every continuation extends (likelihood ranking).
 """
 from __future__ import annotations
 
@@ -214,27 +214,40 @@ def last_token_logprobs(graphdef, state, ids, positions, segments, tokens):
   return jnp.where(tokens >= 0, scores, -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def continuation_logprobs(graphdef, placement, mean, state, ids, positions, segments, continuations,
-                          lengths):
-  """Sum (or mean) log p(continuation | prompt) [B, K]; continuations [B, K, L] right-padded."""
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def continuation_logprobs(graphdef, mean, state, ids, positions, segments, continuations, lengths):
+  """Sum (or mean) log p(continuation | prompt) [B, K]; continuations [B, K, L] right-padded.
+
+  One forward per row laid out as [prompt | continuation 1 | ... | continuation K]: the prompt is a shared
+  prefix (segment -1, `llama.attention_mask`) that every continuation sees, continuation k (segment k + 1)
+  sees only itself beyond it, and each continues at the prompt's length. So the prompt is encoded once and
+  the program is the layer scan of training and score mode: a KV cache would unroll every layer (twice),
+  which took ~6 s to compile for SmolLM2 on a 2-core CPU, against ~2 s.
+  """
   model = nnx.merge(graphdef, state)
   batch, width = ids.shape
   num, cont_len = continuations.shape[1:]
-  cache = empty_cache(model, placement, batch, width + cont_len)
-  logits, cache = model(ids, positions, segments, cache=cache, logits_at=_last_column(ids))
-  first = jnp.take_along_axis(jax.nn.log_softmax(logits[:, 0], axis=-1), continuations[:, :, 0], axis=-1)
-  prompt_len = segments.sum(axis=1)
   steps = jnp.arange(cont_len)
+  inside = steps[None, None] < lengths[..., None]                                        # [B, K, L]
+  prompt_len = jnp.sum(segments != 0, axis=1)
+  row_ids = jnp.concatenate([ids, continuations.reshape(batch, -1)], axis=1)
+  row_positions = jnp.concatenate(
+      [positions, jnp.broadcast_to(prompt_len[:, None, None] + steps, (batch, num, cont_len)).reshape(batch, -1)],
+      axis=1)
+  answer_segments = jnp.where(inside, jnp.arange(1, num + 1)[None, :, None], 0).reshape(batch, -1)
+  row_segments = jnp.concatenate([-(segments != 0).astype(jnp.int32), answer_segments], axis=1)
+  # Token i of continuation k is predicted at the slot before it: for i = 0, the prompt's last.
+  before = width + jnp.arange(num)[:, None] * cont_len + steps[None, :] - 1               # [K, L]
+  before = jnp.where(steps[None, :] == 0, width - 1, before)
+  hidden = model(row_ids, row_positions, row_segments, hidden=True,
+                 logits_at=jnp.broadcast_to(before.reshape(-1), (batch, num * cont_len)))
+  hidden = hidden.reshape(batch, num, cont_len, -1)
 
-  def rest(k):  # tokens 1.. of every user's k-th continuation, continuing the shared prompt cache
-    tokens, length = continuations[:, k], lengths[:, k]
-    inside = (steps[None] < length[:, None]).astype(jnp.int32)
-    logits, _ = model(tokens, prompt_len[:, None] + steps[None], inside, cache=cache)
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    token_logp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(inside[:, 1:] > 0, token_logp, 0.0), axis=-1)
+  def answer(k):  # one continuation's logits at a time: [B, L, V] alive, not [B, K, L, V]
+    logp = jax.nn.log_softmax(model.head(hidden[:, k]).astype(jnp.float32), axis=-1)
+    token_logp = jnp.take_along_axis(logp, continuations[:, k, :, None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(inside[:, k], token_logp, 0.0), axis=-1)
 
-  total = first + jax.lax.map(rest, jnp.arange(num)).T
+  total = jax.lax.map(answer, jnp.arange(num)).T
   total = total / jnp.maximum(lengths, 1) if mean else total
   return jnp.where(lengths > 0, total, -jnp.inf)

@@ -5,8 +5,9 @@ are [in, out], so HF <-> NNX conversion is a name table plus transposes (`hf_par
 `params_from_hf_state_dict`). Every parameter carries `logical_axes` metadata that
 `palr_jax/sharding.py` maps onto the mesh.
 
-Attention is causal within equal non-zero `segment_ids` (0 = padding), so one forward serves packed
-training rows and left/right padded batches. Decoding uses a functional `KVCache`:
+Attention is causal within equal non-zero `segment_ids` (0 = padding; a negative segment is a prefix that the
+later segments of its row all see), so one forward serves packed training rows, left/right padded batches,
+and several answers scored after one prompt. Decoding uses a functional `KVCache`:
 `logits, cache = model(ids, positions, segment_ids, cache=cache)` writes the new keys/values at
 `cache.end` and attends over every slot with the same masking rule, so left-padded prompts need nothing
 special.
@@ -275,13 +276,16 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 
 def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, q_offset: jax.Array | int = 0) -> jax.Array:
-  """Boolean [B, T, S]: query t (at slot q_offset + t) sees slot s <= its own in the same non-zero segment.
+  """Boolean [B, T, S]: query t (at slot q_offset + t) sees slot s <= its own in the same non-zero segment,
+  and every slot s <= t of a negative segment: a shared prefix, which each later segment of the row
+  continues (K answers scored after one prompt in one forward, `decode.continuation_logprobs`).
 
   A query also always sees its own slot, so padding rows never softmax over an empty set (no NaN).
   """
   t = jnp.arange(q_segments.shape[1])[:, None] + q_offset
   s = jnp.arange(kv_segments.shape[1])[None, :]
-  same = (q_segments[:, :, None] == kv_segments[:, None, :]) & (q_segments[:, :, None] != 0)
+  seen = (q_segments[:, :, None] == kv_segments[:, None, :]) | (kv_segments[:, None, :] < 0)
+  same = seen & (q_segments[:, :, None] != 0)
   return (same & (s <= t)[None]) | (s == t)[None]
 
 
@@ -447,10 +451,11 @@ class Llama(nnx.Module):
                             out_dtype='float32')
 
   def __call__(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
-               cache: KVCache | None = None, logits_at: jax.Array | None = None):
+               cache: KVCache | None = None, logits_at: jax.Array | None = None, hidden: bool = False):
     """Logits (fp32) [B, T, V], or [B, N, V] at the [B, N] indices `logits_at`.
 
-    With a cache, returns (logits, cache) where the T new tokens were written at `cache.end`.
+    With a cache, returns (logits, cache) where the T new tokens were written at `cache.end`. `hidden`
+    returns the last layer's output instead of logits, for `head` to turn into logits a slice at a time.
     """
     config = self.config
     inv_freq = rope_inv_freq(config)
@@ -467,12 +472,16 @@ class Llama(nnx.Module):
         new_v.append(v)
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[..., None].astype(jnp.int32), axis=1)
-    x = self.norm(x)
-    logits = self.embed_tokens.attend(x) if config.tie_word_embeddings else self.lm_head(x)
+    logits = x if hidden else self.head(x)
     if cache is None:
       return logits
     return logits, KVCache(k=tuple(new_k), v=tuple(new_v), segment_ids=kv_segments,
                            end=cache.end + input_ids.shape[1])
+
+  def head(self, x: jax.Array) -> jax.Array:
+    """The last layer's output -> logits: the final norm, then the LM head (tied or not)."""
+    x = self.norm(x)
+    return self.embed_tokens.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
 
   def _layers(self, x, positions, segment_ids, inv_freq):
     """The decoder layers without a cache (training, scoring): a `lax.scan` over the layers' states,
@@ -535,9 +544,27 @@ def hf_param_names(config: LlamaConfig) -> dict[str, tuple[str, bool]]:
   return table
 
 
+_ABSTRACT_MODELS: dict[str, tuple[Any, Any]] = {}
+
+
+def abstract_model(config: LlamaConfig) -> Llama:
+  """A Llama of shapes (`nnx.eval_shape`: no weights, nothing computed) with Variables of its own.
+
+  Tracing the constructor's initializers takes ~0.5 s for SmolLM2 on a CPU, and a job builds the same
+  model in several stages (load, adapters merged, export): it is traced once per config and process.
+  """
+  key = repr(config)  # LlamaConfig holds a dict (rope_scaling), so it cannot be hashed
+  if key not in _ABSTRACT_MODELS:
+    if len(_ABSTRACT_MODELS) >= 8:
+      _ABSTRACT_MODELS.clear()
+    _ABSTRACT_MODELS[key] = nnx.split(nnx.eval_shape(lambda: Llama(config)))
+  graphdef, state = _ABSTRACT_MODELS[key]
+  return nnx.merge(graphdef, state, copy=True)
+
+
 def param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
   """Our dotted parameter path -> shape, without building the model."""
-  model = nnx.eval_shape(lambda: Llama(config))
+  model = abstract_model(config)
   return {path: tuple(v.shape) for path, v in named_params(model).items()}
 
 

@@ -112,7 +112,7 @@ def merge_lora(model: llama.Llama) -> llama.Llama:
   for path, module in _modules(model, LoRALinear).items():
     params[f'{path}.kernel'] = _merged_kernel(module.kernel.value, module.lora_a.value,
                                               module.lora_b.value, module.scale)
-  merged = nnx.eval_shape(lambda: llama.Llama(model.config))
+  merged = llama.abstract_model(model.config)
   llama.assign_params(merged, params)
   return merged
 

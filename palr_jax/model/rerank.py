@@ -8,8 +8,8 @@ per user, scores or an order over the candidates as given.
 - `generate_ranking` (the paper's way): the model writes items one after another, greedily, every token
   constrained by a prefix trie over the candidates' token ids, so each item written is a distinct
   candidate.
-- `score_continuations`: each candidate answer's log-likelihood after the prompt; the prompt is encoded
-  once into a KV cache that every candidate continues.
+- `score_continuations`: each candidate answer's log-likelihood after the prompt, all K in one forward
+  where the prompt is a prefix that every candidate continues.
 
 Batching, padding and placement are the decoder's (palr_jax/model/decode.py).
 """
@@ -248,8 +248,8 @@ def score_continuations(model: nnx.Module, prompts: Sequence[Sequence[int]],
   """Log-likelihood of each candidate's tokens after the prompt: float32 [N, K_max].
 
   `reduce` is 'sum' (log p of the whole answer) or 'mean' (per token, less biased against long titles);
-  users with fewer candidates get -inf past them. Each prompt is encoded once; the K continuations of a
-  batch run one after another over that shared cache.
+  users with fewer candidates get -inf past them. Each prompt is encoded once, in the same forward as its K
+  continuations (`decode.continuation_logprobs`).
   """
   if reduce not in ('sum', 'mean'):
     raise ValueError(f"config.rank.reduce must be 'sum' or 'mean', got {reduce!r}")
@@ -271,7 +271,7 @@ def score_continuations(model: nnx.Module, prompts: Sequence[Sequence[int]],
       for k, t in enumerate(continuations[n]):
         tokens[b, k, :len(t)] = t
         lengths[b, k] = len(t)
-    scores = decode.continuation_logprobs(graphdef, placement, reduce == 'mean', state,
+    scores = decode.continuation_logprobs(graphdef, reduce == 'mean', state,
                                           *map(placement.put, (ids, positions, segments, tokens, lengths)))
     out[rows] = placement.to_host(scores)[:len(rows)]
   return out
