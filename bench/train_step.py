@@ -82,13 +82,15 @@ def time_steps(step, steps: int) -> None:
           flush=True)
 
 
-def config_for(precision: str, remat: str = ''):
+def config_for(precision: str, remat: str = '', layers: str = ''):
   """configs/ml100k.py's model settings (remat, scan, attention) at `precision`, with the bench's batch;
-  `remat` other than '' replaces the config's (to compare policies)."""
+  `remat` / `layers` ('scan' or 'unrolled') other than '' replace the config's (to compare policies)."""
   from configs import ml100k  # pylint: disable=g-import-not-at-top
   c = ml100k.get_config('')
   if remat:
     c.model.remat = remat
+  if layers:
+    c.model.scan_layers = layers == 'scan'
   dtype = {'fp32': 'float32', 'bf16': 'bfloat16'}[precision]
   c.model.dtype = c.model.param_dtype = dtype
   c.lora.dtype = 'float32'
@@ -100,13 +102,13 @@ def config_for(precision: str, remat: str = ''):
   return c
 
 
-def run_jax(precision: str, steps: int, remat: str = '') -> dict:
+def run_jax(precision: str, steps: int, remat: str = '', layers: str = '') -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from palr_jax import sharding  # pylint: disable=g-import-not-at-top
   from palr_jax.hub import load  # pylint: disable=g-import-not-at-top
   from palr_jax.train import progress  # pylint: disable=g-import-not-at-top
   from palr_jax.train import step as train  # pylint: disable=g-import-not-at-top
-  config = config_for(precision, remat)
+  config = config_for(precision, remat, layers)
   rules = config.mesh.rules
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   model, _, llama_config = load.load_model(config.model, config.lora, mesh, rules)
@@ -207,7 +209,7 @@ def child(args) -> None:
   if args.side == 'peak':
     result = run_peak()
   else:
-    result = (run_jax(args.precision, args.steps, args.remat) if args.side == 'jax'
+    result = (run_jax(args.precision, args.steps, args.remat, args.layers) if args.side == 'jax'
               else run_torch(args.side, args.precision, args.steps))
     import resource  # pylint: disable=g-import-not-at-top
     result['peak_rss_process_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -264,6 +266,8 @@ def main(argv) -> None:
                       help='load average limit (default: 0.5 on 2 cores, 25%% of the cores above that)')
   parser.add_argument('--remat', default='', choices=('', 'none', 'full', 'dots'),
                       help="the JAX side's remat policy ('': configs/ml100k.py's)")
+  parser.add_argument('--layers', default='', choices=('', 'scan', 'unrolled'),
+                      help="the JAX side's layers: a scan, or unrolled ('': configs/ml100k.py's)")
   parser.add_argument('--results', default=os.path.join(ROOT, 'bench', 'RESULTS.md'))
   parser.add_argument('--child', action='store_true')
   parser.add_argument('--side', choices=SIDES + ('peak',))
@@ -288,7 +292,8 @@ def main(argv) -> None:
         load = wait_quiet(f'{side} {precision} (round {round_ + 1})', limit, args.wait_s)
         loads.append(load)
         result, steps = spawn('--side', side, '--precision', precision, '--steps', str(args.steps),
-                              *(('--remat', args.remat) if args.remat else ()), cap_s=args.cap_s)
+                              *(('--remat', args.remat) if args.remat else ()),
+                              *(('--layers', args.layers) if args.layers else ()), cap_s=args.cap_s)
         timed = steps[1:] or steps
         runs.append({**result, 'side': side, 'precision': precision, 'round': round_, 'load_before': load,
                      'first_loss': steps[0]['loss'] if steps else float('nan'),
@@ -325,9 +330,12 @@ def main(argv) -> None:
   model = next(r['model'] for r in rows if r['side'] == 'jax')
   body = [
       f'`python bench/train_step.py --rounds {args.rounds} --steps {args.steps} --precisions {args.precisions} '
-      f'--sides {args.sides}`: one LoRA train step (r=8 on q_proj, v_proj; AdamW; clip 1.0) of '
+      f'--sides {args.sides}' + (f' --remat {args.remat}' if args.remat else '')
+      + (f' --layers {args.layers}' if args.layers else '')
+      + '`: one LoRA train step (r=8 on q_proj, v_proj; AdamW; clip 1.0) of '
       f'SmolLM2-135M-Instruct on B={BATCH} x T={LENGTH} tokens, loss on the last {RESPONSE} tokens of each '
-      f'row; JAX as the main job runs it ({model}). {platform.machine()} CPU ({_cpu_name()}), '
+      f'row; JAX {"with the options above" if args.remat or args.layers else "as the main job runs it"} '
+      f'({model}). {platform.machine()} CPU ({_cpu_name()}), '
       f'{os.cpu_count()} cores, every side on {os.cpu_count()} threads; {args.rounds} alternating rounds of '
       f'1 warm-up + {args.steps} timed steps per side, medians. Load average before each side: '
       f'{min(loads):.2f}-{max(loads):.2f} (limit {limit:.2f}). Model FLOPs per step {flops / 1e12:.3f} T '

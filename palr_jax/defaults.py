@@ -93,6 +93,8 @@ def get_config():
   c.rank.max_items = 10            # generate: distinct items written per user (the rest: retriever order)
   c.rank.separator = '\n'          # generate: text between two written items
   c.rank.reduce = 'sum'            # likelihood: sum | mean of the answer's token log-probs
+  c.rank.orders = 1                # score: tag log-probs averaged over this many seeded shuffles of the
+                                   # candidates (order 0 is the one trained on; needs candidate_order shuffle)
 
   # What the export stage writes (palr_jax/stages/export.py): the variant, and the formats.
   c.export = ml_collections.ConfigDict()

@@ -40,7 +40,7 @@ _SIZES = {
                   'user_batch': 1, 'solve_chunk': 1, 'epochs': 1, 'batch_size': 1, 'transition_items': 1,
                   'transition_window': 1},
     'eval': {'max_users': 0, 'bootstrap_samples': 1},
-    'rank': {'batch_size': 1, 'max_items': 1},
+    'rank': {'batch_size': 1, 'max_items': 1, 'orders': 1},
     'lora': {'rank': 1},
     'train': {'num_steps': 1, 'batch_size': 1, 'microbatches': 1, 'max_loss_tokens': 0, 'warmup_steps': 0,
               'log_every': 1, 'valid_batches': 0, 'eval_every': 0, 'checkpoint_every': 1, 'keep_latest': 1,
@@ -195,6 +195,9 @@ def _check_variants(config) -> None:
       raise bad(f'{key}.rank_mode', v.rank_mode, "'generate' or 'likelihood' for rank_task "
                 f"{v.rank_task!r} ('score' reads candidate tags: rank_task 'recommend_retrieval')")
     _reraise(prompts.task_repeats, config, name)
+  if value(config, 'rank.orders') > 1 and config.prompts.candidate_order != 'shuffle':
+    raise bad('rank.orders', config.rank.orders, "1 unless config.prompts.candidate_order is 'shuffle' (the "
+              'other orders are other seeded shuffles of the candidates)')
   chosen = value(config, 'export.variant')
   if chosen not in trained_variants(config):
     raise bad('export.variant', chosen, f'a trained variant (one with tasks): {tuple(trained_variants(config))}')

@@ -140,6 +140,31 @@ def test_pipeline_end_to_end_then_skips_then_reruns_ranking_only(tmp_path, monke
   assert palr_main.run(config, workdir) == resumed
   assert len(calls) == total
 
+  # Averaging over candidate orders: a score-mode method (zero_shot) ranks each split twice, the second
+  # time with the candidates shuffled again, and keeps each item's mean score.
+  real_users, seen = rank_stage.rank_users, []
+
+  def recording(model, builder, examples, mode, *args, **kwargs):
+    scores = real_users(model, builder, examples, mode, *args, **kwargs)
+    seen.append((mode, [e.candidates for e in examples], [np.asarray(s, np.float64) for s in scores]))
+    return scores
+
+  monkeypatch.setattr(rank_stage, 'rank_users', recording)
+  config.rank.orders = 2
+  palr_main.run(config, workdir)
+  runs = [(candidates, scores) for mode, candidates, scores in seen if mode == 'score']
+  assert len(runs) == 4  # zero_shot: valid twice, then test twice
+  (first, first_scores), (second, second_scores) = runs[2:]
+  assert [sorted(c) for c in first] == [sorted(c) for c in second] and first != second
+  rows = {r['user_index']: r['items'] for r in map(json.loads, (workdir / 'candidates' / 'test.jsonl').open())}
+  ranked = json.loads((workdir / 'rankings.json').read_text())
+  test = ranked['methods']['zero_shot']['test']
+  for n, user in enumerate(ranked['users']):
+    stored = dict(zip(rows[user], test['scores'][n]))
+    for k, item in enumerate(first[n]):
+      expected = np.mean([first_scores[n][k], second_scores[n][list(second[n]).index(item)]])
+      np.testing.assert_allclose(stored[item], expected, rtol=1e-6, err_msg=f'user {user} item {item}')
+
 
 def test_compilation_cache_is_used_and_env_wins(tmp_path):
   # In a child: jax's config is process-wide. A program compiled under the cache leaves an entry there,

@@ -277,6 +277,26 @@ def test_eval_candidates_as_retrieved_without_insertion(tok, data, cand_dir):
   assert any(e.answer == '' for e in raw if e.task == 'recommend_retrieval')
 
 
+def test_other_orders_shuffle_the_same_test_candidates(tok, data, cand_dir):
+  inter, split = data
+  config = tiny_config()
+  config.prompts.candidate_order = 'shuffle'
+  builder = prompts.PromptBuilder(config, inter, tok)
+  cands = prompts.read_candidates(cand_dir / 'test.jsonl', split, 'test')
+
+  def retrieval(order=None):
+    kw = {} if order is None else {'order': order}
+    return [e for e in prompts.build_examples(builder, split, 'test', None, cands, insert_target=False, **kw)
+            if e.task == 'recommend_retrieval']
+
+  default, first, second = retrieval(), retrieval(0), retrieval(1)
+  assert [e.candidates for e in first] == [e.candidates for e in default]   # order 0: today's prompts
+  assert [sorted(e.candidates) for e in second] == [sorted(e.candidates) for e in first]
+  assert [e.candidates for e in second] != [e.candidates for e in first]
+  assert [e.candidates for e in retrieval(1)] == [e.candidates for e in second]   # seeded
+  assert [e.target for e in second] == [e.target for e in first]
+
+
 def test_candidate_file_errors(tok, data, cand_dir, tmp_path):
   _, split = data
   rows = (cand_dir / 'train.jsonl').read_text().splitlines()

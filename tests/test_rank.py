@@ -1,5 +1,7 @@
 """palr_jax.model.rerank against plain references: unpadded full forwards, brute-force constrained greedy decoding
 without a KV cache, hand-summed log-probabilities and hand-computed catalog ranks."""
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -308,6 +310,19 @@ def test_sharded_equals_single_device(model):
 
 
 # ------------------------------------------------------------------------ ranks over the catalog
+
+
+def test_mean_over_orders_aligns_scores_by_item():
+  example = lambda user, candidates: SimpleNamespace(user=user, candidates=candidates)  # noqa: E731
+  runs = [([example(0, (5, 7, 9)), example(1, (2, 3))], [np.array([-1.0, -2.0, -3.0]), np.array([-0.5, -4.0])]),
+          ([example(0, (9, 5, 7)), example(1, (3, 2))], [np.array([-5.0, -3.0, -6.0]), np.array([-2.0, -1.5])])]
+  got = rank_stage.mean_over_orders(runs)
+  np.testing.assert_allclose(got[0], [(-1 - 3) / 2, (-2 - 6) / 2, (-3 - 5) / 2])   # items 5, 7, 9
+  np.testing.assert_allclose(got[1], [(-0.5 - 1.5) / 2, (-4 - 2) / 2])             # items 2, 3
+  np.testing.assert_allclose(rank_stage.mean_over_orders(runs[:1])[0], runs[0][1][0])
+  runs[1][0][1] = example(1, (3, 4))
+  with pytest.raises(ValueError, match='user 1 was shown other candidates'):
+    rank_stage.mean_over_orders(runs)
 
 
 def test_catalog_rank():

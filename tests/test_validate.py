@@ -74,6 +74,7 @@ def test_shipped_configs_pass(spec):
     ('batching.length_buckets', (128, 256), 'largest bucket >= config.prompts.max_length'),
     ('mesh.fsdp', 0, 'or -1'),
     ('retriever.search.factors', (16, 0), 'retriever.search.factors=0'),
+    ('rank.orders', 0, 'an integer >= 1'),
 ])
 def test_bad_values_name_their_key(key, value, words):
   c = get_config()
@@ -87,6 +88,15 @@ def test_bad_values_name_their_key(key, value, words):
   message = str(e.value)
   assert '\n' not in message
   assert f'config.{key}' in message and words in message, message
+
+
+def test_rank_orders_need_shuffled_candidates():
+  c = get_config()
+  c.rank.orders = 3
+  validate.check_config(c)
+  c.prompts.candidate_order = 'retriever'
+  with pytest.raises(validate.ConfigError, match=r"config.rank.orders=3: expected 1 unless .*'shuffle'"):
+    validate.check_config(c)
 
 
 def test_num_candidates_against_the_tags():

@@ -430,11 +430,12 @@ class PromptBuilder:
 
 def build_examples(builder: PromptBuilder, split, which: str, profiles: Sequence[str] | None,
                    candidates: Candidates | None = None, *, users: Sequence[int] | None = None,
-                   insert_target: bool = True) -> list[Example]:
+                   insert_target: bool = True, order: int = 0) -> list[Example]:
   """All examples of one split (`which`), users in order, then positions, then tasks.
 
   `profiles[u]` is the user's profile text ('' or None = none). `candidates` (from `read_candidates` for
-  the same split) is needed when recommend_retrieval is a task.
+  the same split) is needed when recommend_retrieval is a task. With `candidate_order = 'shuffle'`, each
+  `order` > 0 draws other seeded shuffles of the same candidates (test-time averaging over orders).
   """
   if which not in SPLITS:
     raise ValueError(f'split {which!r}: expected one of {SPLITS}')
@@ -468,7 +469,7 @@ def build_examples(builder: PromptBuilder, split, which: str, profiles: Sequence
           if (insert_target and builder.cfg.missed_target == 'skip'
               and target not in builder.visible_candidates(candidates.rows[key], exclude)):
             continue
-          rng = np.random.default_rng((builder.seed, SPLITS.index(which), u, p))
+          rng = np.random.default_rng((builder.seed, SPLITS.index(which), u, p) + ((order,) if order else ()))
           cands = builder.arrange_candidates(candidates.rows[key], target, exclude, rng, insert_target)
         specs.append(Spec(task, which, u, p, target, tuple(history), profile or '', tuple(cands)))
   return builder.examples(specs)

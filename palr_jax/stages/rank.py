@@ -118,6 +118,20 @@ def rank_users(model, builder: prompts.PromptBuilder, examples: Sequence[prompts
   return [np.asarray(row[:len(e.candidates)], np.float64) for row, e in zip(scores, examples)]
 
 
+def mean_over_orders(runs: Sequence[tuple[Sequence[prompts.Example], Sequence[np.ndarray]]]) -> list[np.ndarray]:
+  """Each candidate's score averaged over the runs [(examples, rank_users' scores)], the same users in each
+  run with their candidates in another order, aligned to the first run's order (`config.rank.orders`:
+  a tag's log-probability then says less about where it was shown)."""
+  first = runs[0][0]
+  out = []
+  for n, example in enumerate(first):
+    by_item = [dict(zip(examples[n].candidates, np.asarray(scores[n]).tolist())) for examples, scores in runs]
+    if any(set(d) != set(example.candidates) for d in by_item):
+      raise ValueError(f'rank: user {example.user} was shown other candidates in another order')
+    out.append(np.mean([[d[i] for i in example.candidates] for d in by_item], axis=0))
+  return out
+
+
 def catalog_rank(ranked: Sequence[int], target: int, retriever_rank: int) -> int:
   """0-based rank of the target over the catalog: its place in the reordered candidate list, or, when
   the retriever missed it, its retriever rank (items before it: the K candidates, then the same others)."""
@@ -136,9 +150,13 @@ def rank_split(ctx, model, builder, which: str, users: np.ndarray, mode: str) ->
   retriever's order, None where it gave none)}."""
   rows = _candidate_rows(ctx, which)
   candidates = prompts.read_candidates(ctx.workdir / 'candidates' / f'{which}.jsonl', ctx.split, which)
-  examples = prompts.build_examples(builder, ctx.split, which, ctx.profiles(), candidates,
-                                    users=[int(u) for u in users], insert_target=False)
-  llm_scores = rank_users(model, builder, examples, mode, ctx.config, ctx.placement)
+  orders = int(ctx.config.rank.orders) if mode == 'score' else 1
+  runs = []
+  for order in range(orders):
+    examples = prompts.build_examples(builder, ctx.split, which, ctx.profiles(), candidates,
+                                      users=[int(u) for u in users], insert_target=False, order=order)
+    runs.append((examples, rank_users(model, builder, examples, mode, ctx.config, ctx.placement)))
+  examples, llm_scores = runs[0][0], mean_over_orders(runs)
   items, ranks, scores = [], [], []
   for e, row_scores, u in zip(examples, llm_scores, users):
     row = rows[int(u)]
