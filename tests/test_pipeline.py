@@ -422,3 +422,15 @@ def test_task_repeats_weight_the_training_mix_only(tmp_path):
   config.variants.palr_v2.task_repeats.ranking = 2
   with pytest.raises(ValueError, match="config.variants.palr_v2.task_repeats.*unknown \\['ranking'\\]"):
     prompts.task_repeats(config, 'palr_v2')
+
+
+def test_tensorflow_imported_without_eager_keras():
+  # TF's import pulls in Keras and matplotlib unless that fails; tf.data needs neither, Keras stays usable.
+  import subprocess, sys  # noqa: E401  pylint: disable=g-import-not-at-top,multiple-imports
+  code = ("import sys\nfrom palr_jax.data import tf_cpu\ntf = tf_cpu.tensorflow()\n"
+          "assert 'keras' not in sys.modules and 'matplotlib' not in sys.modules, sorted(sys.modules)[:5]\n"
+          "assert list(tf.data.Dataset.range(3).as_numpy_iterator()) == [0, 1, 2]\n"
+          "import keras\nprint('keras', keras.__version__)\n")
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'})
+  assert out.returncode == 0 and 'keras ' in out.stdout, out.stderr[-3000:]
