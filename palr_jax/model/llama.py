@@ -284,9 +284,9 @@ def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, q_offset: jax.
   """
   t = jnp.arange(q_segments.shape[1])[:, None] + q_offset
   s = jnp.arange(kv_segments.shape[1])[None, :]
-  seen = (q_segments[:, :, None] == kv_segments[:, None, :]) | (kv_segments[:, None, :] < 0)
-  same = seen & (q_segments[:, :, None] != 0)
-  return (same & (s <= t)[None]) | (s == t)[None]
+  shared = (q_segments[:, :, None] == kv_segments[:, None, :]) | (kv_segments[:, None, :] < 0)
+  visible = shared & (q_segments[:, :, None] != 0)
+  return (visible & (s <= t)[None]) | (s == t)[None]
 
 
 def _attention_reference(q, k, v, mask):

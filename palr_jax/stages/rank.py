@@ -151,10 +151,10 @@ def rank_split(ctx, model, builder, which: str, users: np.ndarray, mode: str) ->
   rows = _candidate_rows(ctx, which)
   candidates = prompts.read_candidates(ctx.workdir / 'candidates' / f'{which}.jsonl', ctx.split, which)
   orders = int(ctx.config.rank.orders) if mode == 'score' else 1
-  runs = []
+  profiles, user_list, runs = ctx.profiles(), [int(u) for u in users], []
   for order in range(orders):
-    examples = prompts.build_examples(builder, ctx.split, which, ctx.profiles(), candidates,
-                                      users=[int(u) for u in users], insert_target=False, order=order)
+    examples = prompts.build_examples(builder, ctx.split, which, profiles, candidates, users=user_list,
+                                      insert_target=False, order=order)
     runs.append((examples, rank_users(model, builder, examples, mode, ctx.config, ctx.placement)))
   examples, llm_scores = runs[0][0], mean_over_orders(runs)
   items, ranks, scores = [], [], []
