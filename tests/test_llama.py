@@ -1,5 +1,6 @@
 """Parity of palr_jax.model.llama with transformers' LlamaForCausalLM (torch, fp32) on tiny configs."""
 import dataclasses
+import re
 
 from flax import nnx
 import jax
@@ -250,6 +251,58 @@ def test_remat_keeps_loss_and_gradients(remat):
   base, other = split_grads(config), split_grads(dataclasses.replace(config, remat=remat))
   for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(other)):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def _bf16_lora_grads(remat, scan_layers):
+  """(loss, LoRA gradients, the compiled step's HLO) of a 3-layer bf16 model with fp32 adapters and
+  dropout, the frozen base a separate argument, as the trainer runs it."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from palr_jax.model import lora  # pylint: disable=g-import-not-at-top
+  config = make_config('gqa_4to1', num_layers=3, dtype='bfloat16', param_dtype='bfloat16', remat=remat,
+                       scan_layers=scan_layers)
+  model = llama.Llama(config, rngs=nnx.Rngs(3))
+  lora.apply_lora(model, ml_collections.ConfigDict(dict(rank=4, alpha=8.0, dropout=0.1, dtype='float32',
+                                                        targets=(r'.*(q_proj|down_proj)',))),
+                  nnx.Rngs(params=4, dropout=5))
+  for path, var in llama.named_params(model, nnx.LoRAParam).items():  # B = 0 at init: no gradient for A
+    var.value = jnp.full(var.value.shape, 0.05, var.value.dtype) if path.endswith('lora_b') else var.value
+  graphdef, adapters, rest = nnx.split(model, nnx.LoRAParam, ...)
+  ids = np.random.default_rng(9).integers(0, 97, (2, 24))
+
+  def loss(adapters, rest):
+    rest = jax.tree.map(lambda leaf: leaf, rest)  # Variables of this trace: dropout advances its counts
+    return jnp.mean(nnx.merge(graphdef, adapters, rest)(*dense_inputs(ids)).astype(jnp.float32) ** 2)
+
+  step = jax.jit(jax.value_and_grad(loss))
+  (value, grads), hlo = step(adapters, rest), step.lower(adapters, rest).compile().as_text()
+  return float(value), jax.tree.leaves(grads), hlo
+
+
+@pytest.mark.parametrize('remat', ['none', 'full', 'dots'])
+def test_bf16_layer_scan_matches_unrolled_without_fp32_copies(remat):
+  # The scan passes the frozen bf16 weights and the saved bf16 residuals as bit patterns: same loss and
+  # gradients as the unrolled layers, and XLA keeps no fp32 stack of them ([layers, in, out] weights,
+  # [layers, B, T, features] residuals) as it did with bf16 arrays in the loop.
+  scanned, unrolled = _bf16_lora_grads(remat, True), _bf16_lora_grads(remat, False)
+  np.testing.assert_allclose(scanned[0], unrolled[0], rtol=1e-3)
+  assert len(scanned[1]) == len(unrolled[1]) == 12
+  for a, b in zip(scanned[1], unrolled[1]):
+    assert np.abs(np.asarray(a)).max() > 0
+    np.testing.assert_allclose(a, b, rtol=0.05, atol=0.02 * np.abs(np.asarray(b)).max())
+  upcasts = re.findall(r'= f32\[3,[\d,]+\]\S* convert\(', scanned[2])  # [layers, ...]: a whole stack
+  assert not upcasts, upcasts
+
+
+def test_layer_scan_refuses_gradients_for_frozen_bf16_weights():
+  config = make_config('gqa_4to1', dtype='bfloat16', param_dtype='bfloat16')
+  model = llama.Llama(config, rngs=nnx.Rngs(3))
+  ids = np.random.default_rng(7).integers(0, 97, (2, 8))
+  loss = lambda m: jnp.mean(m(*dense_inputs(ids)).astype(jnp.float32) ** 2)
+  with pytest.raises(TypeError, match='frozen base weight.*scan_layers=False'):
+    nnx.jit(nnx.grad(loss))(model)
+  unrolled = llama.Llama(dataclasses.replace(config, scan_layers=False), rngs=nnx.Rngs(3))
+  grads = nnx.jit(nnx.grad(loss))(unrolled)
+  assert np.abs(np.asarray(grads.layers[0].mlp.up_proj.kernel.value, np.float32)).max() > 0
 
 
 def test_bfloat16_compute_with_float32_params_is_close():
