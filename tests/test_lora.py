@@ -111,6 +111,28 @@ def test_dropout_in_train_mode_only():
   np.testing.assert_allclose(forward(evaluated, *ids), forward(no_dropout, *ids), atol=1e-6)
 
 
+@pytest.mark.parametrize('rate', [0.05, 0.5])
+def test_hash_dropout_masks_are_bernoulli_and_fresh_per_call(rate):
+  # Each element kept with probability 1 - rate (4 sigma over 2^20 elements), kept values scaled by its
+  # inverse, masks of two calls and of two streams independent (agreement p^2 + (1-p)^2), none constant
+  # along an axis; eval mode is the identity.
+  dropout = lora.HashDropout(rate, rngs=nnx.Rngs(dropout=3))
+  x = jnp.ones((4, 512, 512), jnp.bfloat16)
+  first, second = np.asarray(dropout(x), np.float32), np.asarray(dropout(x), np.float32)
+  other = np.asarray(lora.HashDropout(rate, rngs=nnx.Rngs(dropout=4))(x), np.float32)
+  keep, n = 1 - rate, x.size
+  sigma = np.sqrt(keep * rate / n)
+  for mask in (first > 0, second > 0, other > 0):
+    assert abs(mask.mean() - keep) < 4 * sigma
+    assert abs(mask.mean(axis=(0, 1)) - keep).max() < 8 * np.sqrt(keep * rate / 2048)  # no bad column
+  np.testing.assert_allclose(np.unique(first[first > 0]), [1 / keep], rtol=4e-3)  # bf16 rounding
+  agree = keep ** 2 + rate ** 2
+  for a, b in ((first, second), (first, other)):
+    assert abs(((a > 0) == (b > 0)).mean() - agree) < 6 * np.sqrt(agree * (1 - agree) / n)
+  dropout.deterministic = True
+  np.testing.assert_array_equal(np.asarray(dropout(x)), np.asarray(x))
+
+
 def test_float32_adapters_with_bfloat16_compute():
   config = make_config('gqa_4to1', dtype='bfloat16', param_dtype='bfloat16')
   model = lora.apply_lora(llama.Llama(config), lora_config(dtype='float32'), nnx.Rngs(0))

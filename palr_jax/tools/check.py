@@ -155,11 +155,12 @@ def activation_bytes(model: llama.LlamaConfig, mesh: AbstractMesh, rules, batch:
 
   Per layer, what the backward pass keeps from the forward, in the compute dtype, for a LLaMA layer:
     none: both norms' inputs and outputs, q, k, v, the attention output, gate, up and their product,
-          the [heads, T, T] attention scores and probabilities unless the kernel is flash (cuDNN; blocked:
-          only the blocks on and below the diagonal), and
+          the [heads, T, T] attention scores and probabilities unless the kernel is flash (cuDNN; CPU's
+          blocked kernel keeps a log-sum-exp per row, one block of scores being alive at a time), and
           the LoRA-dropped input of each adapter (`dropout_inputs`: (features, logical axis) per
           adapter of one layer, empty without dropout);
-    dots: the layer input and every projection's output (what `dots_with_no_batch_dims_saveable` keeps);
+    dots: the layer input and every projection's output (what `dots_with_no_batch_dims_saveable` keeps),
+          plus the attention output and log-sum-exp with the blocked kernel;
     full: the layer input only.
   On top: one layer's `none` set of cotangents while the backward pass is in that layer, the same again
   while a remat layer is recomputed, and the fp32 logits at the loss positions with their gradient.
@@ -183,12 +184,17 @@ def activation_bytes(model: llama.LlamaConfig, mesh: AbstractMesh, rules, batch:
   kind = _attention_kind(model, platform, length)
   scores = 0 if kind == 'cudnn' else 2 * size(
       (batch, model.num_heads, length, length), ('batch', 'heads', 'length', 'length'))
-  if kind == 'blocked':  # each block of query rows against the keys up to its last row only
-    scores = scores * sum((hi - lo) * hi for lo, hi in llama.attention_blocks(length)) // length ** 2
+  attention_kept = block = 0
+  if kind == 'blocked':  # flash-style backward: the output and one fp32 log-sum-exp per row are kept,
+    # and one block of query rows' fp32 scores and probabilities is alive at a time
+    scores = size((batch, model.num_heads, length), ('batch', 'heads', 'length'), 4)
+    attention_kept = heads + scores
+    block = 2 * size((batch, model.num_heads, min(llama.ATTENTION_BLOCK, length), length),
+                     ('batch', 'heads', 'length', 'length'), 4)
   dropped = sum(size((batch, length, n), ('batch', 'length', axis)) for n, axis in dropout_inputs)
   layer = 5 * embed + 2 * heads + 2 * kv_heads + 3 * mlp + scores + dropped
-  saved = {'none': layer, 'dots': 3 * embed + heads + 2 * kv_heads + 2 * mlp, 'full': embed}
-  transient = layer * (1 if model.remat == 'none' else 2)
+  saved = {'none': layer, 'dots': 3 * embed + heads + 2 * kv_heads + 2 * mlp + attention_kept, 'full': embed}
+  transient = layer * (1 if model.remat == 'none' else 2) + block
   logits = size((batch, logit_positions, model.vocab_size), ('batch', 'length', 'vocab'), 4)
   return model.num_layers * saved[model.remat] + transient + 2 * logits
 
