@@ -39,7 +39,7 @@ def get_config(arg: str = ''):
     c.retriever.search.transition_decay = (0.5, 0.7, 1.0)
   # bf16 weights and compute (fp32 accumulation, fp32 adapters); the backward pass keeps each layer's
   # projections and attention output and recomputes the rest ('dots'): the fastest LoRA step on a CPU
-  # (bench/train_step.py: 1.03x torch + peft at 0.69x its memory). `:quick` recomputes everything ('full',
+  # (bench/train_step.py: 1.25x torch + peft at 0.68x its memory). `:quick` recomputes everything ('full',
   # ~0.4 GB less, ~3 s slower there: its steps are few and short) to stay under 3 GB. Ranking runs in bf16 too.
   c.model.dtype = c.model.param_dtype = 'bfloat16'
   c.model.remat = 'full' if arg == 'quick' else 'dots'
