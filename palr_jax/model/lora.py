@@ -21,7 +21,7 @@ import numpy as np
 from palr_jax.model import llama
 
 TRAINABLE = nnx.LoRAParam
-FROZEN = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+FROZEN = llama.FROZEN
 
 
 def _mix32(x: jax.Array) -> jax.Array:
