@@ -289,14 +289,20 @@ def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, q_offset: jax.
   return (visible & (s <= t)[None]) | (s == t)[None]
 
 
+def _scores(q, k, mask):
+  """fp32 scaled scores [B, KV, G, T, S] of queries q [B, T, N, H] against keys k [B, S, KV, H], masked
+  with the most negative float."""
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  scores = jnp.einsum('btkgh,bskh->bkgts', q.reshape(b, t, kv, n // kv, h), k,
+                      preferred_element_type=jnp.float32) / math.sqrt(h)
+  return jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+
+
 def _attention_reference(q, k, v, mask):
   """Plain grouped einsum + fp32 softmax; the reference the fused kernels are tested against."""
   b, t, n, h = q.shape
-  kv = k.shape[2]
-  q = q.reshape(b, t, kv, n // kv, h)
-  logits = jnp.einsum('btkgh,bskh->bkgts', q, k, preferred_element_type=jnp.float32) / math.sqrt(h)
-  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  probs = jax.nn.softmax(_scores(q, k, mask), axis=-1).astype(v.dtype)
   return jnp.einsum('bkgts,bskh->btkgh', probs, v).reshape(b, t, n, h)
 
 
@@ -340,21 +346,11 @@ def _attention_blocked(q, k, v, mask):
   return _flash(q, k, v, mask)
 
 
-def _block_scores(q, k, mask):
-  """fp32 scaled scores [B, KV, G, tq, S] of query rows q [B, tq, N, H] against keys k [B, S, KV, H],
-  masked with the most negative float."""
-  b, t, n, h = q.shape
-  kv = k.shape[2]
-  scores = jnp.einsum('btkgh,bskh->bkgts', q.reshape(b, t, kv, n // kv, h), k,
-                      preferred_element_type=jnp.float32) / math.sqrt(h)
-  return jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-
-
 def _flash_forward(q, k, v, mask):
   b, t, n, h = q.shape
   outs, lses = [], []
   for lo, hi in attention_blocks(t):
-    scores = _block_scores(q[:, lo:hi], k[:, :hi], mask[:, lo:hi, :hi])
+    scores = _scores(q[:, lo:hi], k[:, :hi], mask[:, lo:hi, :hi])
     top = jnp.max(scores, axis=-1, keepdims=True)
     weights = jnp.exp(scores - top)
     total = jnp.sum(weights, axis=-1, keepdims=True)
@@ -375,7 +371,7 @@ def _flash_backward(residuals, d_out):
   grouped = lambda x, lo, hi: x[:, lo:hi].reshape(b, hi - lo, kv, g, h)
   dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
   for lo, hi in attention_blocks(t):
-    probs = jnp.exp(_block_scores(q[:, lo:hi], k[:, :hi], mask[:, lo:hi, :hi]) - lse[..., lo:hi, None])
+    probs = jnp.exp(_scores(q[:, lo:hi], k[:, :hi], mask[:, lo:hi, :hi]) - lse[..., lo:hi, None])
     d_block = grouped(d_out, lo, hi)
     dv = dv.at[:, :hi].add(jnp.einsum('bkgts,btkgh->bskh', probs.astype(v.dtype), d_block,
                                       preferred_element_type=jnp.float32))
