@@ -37,8 +37,8 @@ class HashDropout(nnx.Dropout):
   """`nnx.Dropout` whose mask comes from a keyed hash of each element's index (two words drawn from the
   rng stream per call), not from threefry bits per element.
 
-  Why: threefry took ~4.5 ms per [4, 512, 576] mask on a 2-core CPU, 60 masks per SmolLM2 LoRA step, drawn
-  again when remat recomputes them: ~15% of a bf16 step (bench/RESULTS.md). The hash takes ~1/3 of that.
+  Why: threefry took 2.2 ms per [4, 512, 576] mask on a 2-core CPU, 60 masks per SmolLM2 LoRA step, drawn
+  again when remat recomputes them: ~16% of a bf16 step (bench/RESULTS.md). The hash takes ~1/3 of that.
   The keep probability is rounded to a multiple of 2^-24, and the kept values are scaled by exactly its
   inverse. Same switches as `nnx.Dropout`: `deterministic`, `model.eval()`, `nnx.view`.
   """
