@@ -92,16 +92,18 @@ def check_parity(smoke: bool) -> list[dict]:
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from palr_jax.model import llama  # pylint: disable=g-import-not-at-top
+  from palr_jax.hub import llama_names  # pylint: disable=g-import-not-at-top
+  from palr_jax.model import attention, llama  # pylint: disable=g-import-not-at-top
   shape = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2,
                head_dim=64, max_position_embeddings=512, rope_theta=10000.0)
   base = llama.LlamaConfig(**shape)
   torch.manual_seed(0)
-  hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**base.to_hf(), attn_implementation='eager')).eval()
+  hf_config = transformers.LlamaConfig(**llama_names.config_to_hf(base), attn_implementation='eager')
+  hf = transformers.LlamaForCausalLM(hf_config).eval()
   with torch.no_grad():
     for name, p in hf.named_parameters():
       p.copy_(1.0 + 0.1 * torch.randn_like(p) if name.endswith('norm.weight') else 0.05 * torch.randn_like(p))
-  weights = llama.params_from_hf_state_dict(base, {k: v.numpy() for k, v in hf.state_dict().items()})
+  weights = llama_names.params_from_hf_state_dict(base, {k: v.numpy() for k, v in hf.state_dict().items()})
   rng = np.random.default_rng(0)
   lengths, t = [128, 96, 128, 40], 128  # even lengths: cuDNN's flash kernel applies
   ids = np.zeros((len(lengths), t), np.int32)
@@ -113,17 +115,17 @@ def check_parity(smoke: bool) -> list[dict]:
     ref = hf(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits.numpy()
   valid = mask.astype(bool)
   rows = []
-  for dtype, attention, limit in (('float32', 'xla', 2e-3), ('bfloat16', 'auto', 5e-2), ('bfloat16', 'xla', 5e-2)):
-    config = llama.LlamaConfig(**shape, dtype=dtype, param_dtype=dtype, attention=attention)
+  for dtype, impl, limit in (('float32', 'xla', 2e-3), ('bfloat16', 'auto', 5e-2), ('bfloat16', 'xla', 5e-2)):
+    config = llama.LlamaConfig(**shape, dtype=dtype, param_dtype=dtype, attention=impl)
     model = llama.Llama(config, rngs=nnx.Rngs(0))
     llama.assign_params(model, weights)
-    kind = llama.attention_kind(attention, jax.default_backend(), jnp.dtype(dtype), config.head_dim, (t, t))
+    kind = attention.attention_kind(impl, jax.default_backend(), jnp.dtype(dtype), config.head_dim, (t, t))
     with jax.default_matmul_precision('highest' if dtype == 'float32' else 'default'):
       ours = np.asarray(nnx.jit(lambda m, *a: m(*a))(model, ids, positions, mask), np.float32)
     diff = float(np.abs(ours - ref)[valid].max() / np.abs(ref[valid]).max())
     top1 = float((ours.argmax(-1) == ref.argmax(-1))[valid].mean())
     ok = diff <= limit and top1 >= (0.999 if dtype == 'float32' else 0.9)
-    rows.append({'check': f'logits {dtype}, attention={attention} (runs {kind})', 'max abs diff / max abs logit': diff,
+    rows.append({'check': f'logits {dtype}, attention={impl} (runs {kind})', 'max abs diff / max abs logit': diff,
                  'top-1 agreement': top1, 'limit': limit, 'ok': ok})
   return rows
 

@@ -40,18 +40,18 @@ def timed(fn, reps: int) -> float:
 def jax_side(impl: str, t: int, reps: int) -> float:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from palr_jax.model import llama  # pylint: disable=g-import-not-at-top
+  from palr_jax.model import attention  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.standard_normal((B, t, n, HEAD_DIM)), jnp.bfloat16)
              for n in (HEADS, KV_HEADS, KV_HEADS))
   segments = jnp.ones((B, t), jnp.int32)
-  mask = llama.attention_mask(segments, segments)
-  want = llama.dot_product_attention(*(x.astype(jnp.float32) for x in (q, k, v)), mask, 'reference')
-  got = jax.jit(lambda q, k, v: llama.dot_product_attention(q, k, v, mask, impl))(q, k, v)
+  mask = attention.attention_mask(segments, segments)
+  want = attention.dot_product_attention(*(x.astype(jnp.float32) for x in (q, k, v)), mask, 'reference')
+  got = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, mask, impl))(q, k, v)
   error = float(jnp.abs(got.astype(jnp.float32) - want).max())
   if error > 0.05:
     raise AssertionError(f'{impl} attention at T={t}: max error {error} against the fp32 reference')
-  grad = jax.jit(jax.grad(lambda q, k, v: (llama.dot_product_attention(q, k, v, mask, impl)
+  grad = jax.jit(jax.grad(lambda q, k, v: (attention.dot_product_attention(q, k, v, mask, impl)
                                            .astype(jnp.float32) ** 2).sum(), argnums=(0, 1, 2)))
   return timed(lambda: jax.block_until_ready(grad(q, k, v)), reps)
 
@@ -90,11 +90,11 @@ def main() -> None:
     print(rows[-1], flush=True)
     if t == 512:
       at_512 = xla / blocked
-  from palr_jax.model import llama  # pylint: disable=g-import-not-at-top
+  from palr_jax.model import attention  # pylint: disable=g-import-not-at-top
   head = (f'`python bench/attention.py --reps {args.reps}` ({platform.machine()}, {os.cpu_count()} cores, '
           f'{datetime.date.today()}, load average {load:.2f} before). Forward + backward of one layer\'s causal '
           f'attention, B={B}, {HEADS}/{KV_HEADS} heads, head_dim {HEAD_DIM}, bf16; medians in ms. Blocked: '
-          f'{llama.ATTENTION_BLOCK} query rows per block.\n\n'
+          f'{attention.ATTENTION_BLOCK} query rows per block.\n\n'
           '| T | XLA (jax.nn.dot_product_attention) | palr_jax blocked | torch SDPA | blocked vs XLA | '
           'blocked vs torch |\n|---|---|---|---|---|---|\n')
   if args.write:

@@ -68,12 +68,12 @@ def naive_load(folder: str, config) -> dict:
   import jax
   from safetensors.numpy import load_file
   from palr_jax.hub import hf
-  from palr_jax.model import llama
+  from palr_jax.hub import llama_names
   tensors = {}
   for file in sorted({t.file for t in hf.stored_tensors(folder).values()}):
     tensors.update(load_file(os.path.join(folder, file)))
   return {path: jax.device_put(np.ascontiguousarray(tensors[name].T if transpose else tensors[name]))
-          for path, (name, transpose) in llama.hf_param_names(config).items()}
+          for path, (name, transpose) in llama_names.hf_param_names(config).items()}
 
 
 def child(folder: str, devices: int, loader: str) -> None:

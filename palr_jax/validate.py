@@ -25,7 +25,8 @@ from palr_jax import files
 from palr_jax.data import interactions
 from palr_jax.data import profiles as profiles_lib
 from palr_jax.data import prompts
-from palr_jax.model import llama
+from palr_jax.model import attention
+from palr_jax.model import scan
 from palr_jax.stages import export
 from palr_jax.stages import rank
 from palr_jax.train import step
@@ -65,8 +66,9 @@ _CHOICES = {
     'data.source': interactions.SOURCES, 'data.repeats': interactions.REPEATS,
     'retriever.model': RETRIEVERS, 'rank.reduce': REDUCES, 'profiles.kind': profiles_lib.KINDS,
     'prompts.candidate_order': prompts.CANDIDATE_ORDERS, 'prompts.missed_target': prompts.MISSED_TARGETS,
-    'model.dtype': DTYPES, 'model.param_dtype': DTYPES, 'model.remat': tuple(llama.REMAT_POLICIES),
-    'model.attention': llama.ATTENTION_IMPLEMENTATIONS, 'lora.dtype': DTYPES, 'train.lr_decay': step.LR_DECAYS,
+    'model.dtype': DTYPES, 'model.param_dtype': DTYPES, 'model.remat': tuple(scan.REMAT_POLICIES),
+    'model.attention': attention.ATTENTION_IMPLEMENTATIONS, 'lora.dtype': DTYPES,
+    'train.lr_decay': step.LR_DECAYS,
 }
 _SPEC = re.compile(r'smollm2|(hf|gguf):.+')
 

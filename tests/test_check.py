@@ -14,6 +14,7 @@ import pytest
 from palr_jax.tools import check
 from palr_jax import sharding
 from palr_jax.train import step as train_step
+from palr_jax.hub import llama_names
 from palr_jax.model import llama
 from palr_jax.model import lora as lora_lib
 
@@ -164,13 +165,13 @@ def test_activation_estimate_scales():
   """Activations shrink with the batch split over devices, and with remat full < dots < none (given
   enough layers: remat adds one recomputed layer)."""
   deep = dict(TINY, num_hidden_layers=16)
-  shape = llama.LlamaConfig.from_hf(deep, dtype='bfloat16')
+  shape = llama_names.config_from_hf(deep, dtype='bfloat16')
   rules = common.get_config().mesh.rules
   one = jax.sharding.AbstractMesh((1, 1, 1, 1), sharding.MESH_AXES)
   four = jax.sharding.AbstractMesh((1, 4, 1, 1), sharding.MESH_AXES)
   est = lambda m, s: check.activation_bytes(m, s, rules, 8, 32, 8, 'tpu')  # noqa: E731
   assert est(shape, one) == 4 * est(shape, four)
-  by_remat = [est(llama.LlamaConfig.from_hf(deep, dtype='bfloat16', remat=r), four)
+  by_remat = [est(llama_names.config_from_hf(deep, dtype='bfloat16', remat=r), four)
               for r in ('full', 'dots', 'none')]
   assert by_remat == sorted(by_remat) and len(set(by_remat)) == 3
   # cuDNN flash attention (GPU, 16-bit) keeps no [heads, T, T] probabilities.

@@ -14,7 +14,7 @@ from flax import nnx
 
 from palr_jax.defaults import get_config
 from palr_jax import sharding
-from palr_jax.hub import gguf, hf
+from palr_jax.hub import gguf, hf, llama_names
 from palr_jax.hub.load import load_model
 from palr_jax.train import checkpointing
 from palr_jax.model import llama, lora
@@ -193,7 +193,7 @@ def test_sharded_import_onto_mesh(tmp_path):
   on_mesh = hf.load_params(tmp_path, cfg, mesh, c.mesh.rules)
   single = hf.load_params(tmp_path, cfg)
   state = {n: p.detach().float().numpy() for n, p in ref.state_dict().items()}
-  for path, (hf_name, transposed) in llama.hf_param_names(cfg).items():
+  for path, (hf_name, transposed) in llama_names.hf_param_names(cfg).items():
     want = state[hf_name].T if transposed else state[hf_name]
     np.testing.assert_array_equal(np.asarray(on_mesh[path]), want)
     np.testing.assert_array_equal(np.asarray(single[path]), want)

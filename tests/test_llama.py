@@ -10,6 +10,8 @@ import pytest
 import torch
 import transformers
 
+from palr_jax.hub import llama_names
+from palr_jax.model import attention
 from palr_jax.model import llama
 
 BASE = dict(vocab_size=97, hidden_size=48, intermediate_size=100, num_layers=2, num_heads=6,
@@ -36,7 +38,7 @@ def make_config(name='mha_odd_sizes', **overrides) -> llama.LlamaConfig:
 
 def torch_model(config: llama.LlamaConfig, seed=0) -> transformers.LlamaForCausalLM:
   """A random fp32 HF model of the same architecture; weights large enough for O(1) logits."""
-  hf = transformers.LlamaConfig(**config.to_hf(), attn_implementation='eager')
+  hf = transformers.LlamaConfig(**llama_names.config_to_hf(config), attn_implementation='eager')
   torch.manual_seed(seed)
   model = transformers.LlamaForCausalLM(hf).eval()
   with torch.no_grad():
@@ -48,7 +50,7 @@ def torch_model(config: llama.LlamaConfig, seed=0) -> transformers.LlamaForCausa
 def jax_model(config: llama.LlamaConfig, tm: transformers.LlamaForCausalLM) -> llama.Llama:
   model = llama.Llama(config, rngs=nnx.Rngs(1))
   state = {k: v.numpy() for k, v in tm.state_dict().items()}
-  llama.assign_params(model, llama.params_from_hf_state_dict(config, state))
+  llama.assign_params(model, llama_names.params_from_hf_state_dict(config, state))
   return model
 
 
@@ -137,9 +139,9 @@ def test_xla_and_reference_attention_agree():
   k = jnp.asarray(rng.normal(size=(2, 7, 2, 8)), jnp.float32)
   v = jnp.asarray(rng.normal(size=(2, 7, 2, 8)), jnp.float32)
   segments = jnp.array([[0, 0, 1, 1, 1, 2, 2], [1, 1, 1, 1, 2, 2, 0]], jnp.int32)
-  mask = llama.attention_mask(segments, segments)
-  ref = llama.dot_product_attention(q, k, v, mask, 'reference')
-  np.testing.assert_allclose(llama.dot_product_attention(q, k, v, mask, 'xla'), ref, atol=1e-5)
+  mask = attention.attention_mask(segments, segments)
+  ref = attention.dot_product_attention(q, k, v, mask, 'reference')
+  np.testing.assert_allclose(attention.dot_product_attention(q, k, v, mask, 'xla'), ref, atol=1e-5)
   # Reference semantics by hand: row 1, query 3 attends to keys 0..3 of segment 1 only.
   logits = np.einsum('nh,sh->ns', q[1, 3].reshape(2, 3, 8)[0], k[1, :4, 0]) / np.sqrt(8)
   p = np.exp(logits - logits.max(-1, keepdims=True))
@@ -150,7 +152,7 @@ def test_xla_and_reference_attention_agree():
 def test_blocked_attention_matches_reference_values_and_gradients():
   # Longer than two blocks with a short last one, packed segments and padding: the blocks below the
   # diagonal must give exactly what the full [T, T] softmax gives, and so must the gradients.
-  t = 2 * llama.ATTENTION_BLOCK + 17
+  t = 2 * attention.ATTENTION_BLOCK + 17
   rng = np.random.default_rng(5)
   q = jnp.asarray(rng.normal(size=(2, t, 6, 8)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(2, t, 2, 8)), jnp.float32)
@@ -158,20 +160,20 @@ def test_blocked_attention_matches_reference_values_and_gradients():
   segments = np.ones((2, t), np.int32)
   segments[0, 70:] = 2
   segments[1, t - 40:] = 0
-  mask = llama.attention_mask(jnp.asarray(segments), jnp.asarray(segments))
-  ref = llama.dot_product_attention(q, k, v, mask, 'reference')
-  np.testing.assert_allclose(llama.dot_product_attention(q, k, v, mask, 'blocked'), ref, atol=1e-5)
+  mask = attention.attention_mask(jnp.asarray(segments), jnp.asarray(segments))
+  ref = attention.dot_product_attention(q, k, v, mask, 'reference')
+  np.testing.assert_allclose(attention.dot_product_attention(q, k, v, mask, 'blocked'), ref, atol=1e-5)
 
   def loss(impl):
-    return lambda q, k, v: (llama.dot_product_attention(q, k, v, mask, impl) ** 2).sum()
+    return lambda q, k, v: (attention.dot_product_attention(q, k, v, mask, impl) ** 2).sum()
   for got, want in zip(jax.grad(loss('blocked'), (0, 1, 2))(q, k, v), jax.grad(loss('reference'), (0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(got, want, atol=1e-4)
   # 'auto' takes it on CPU for self-attention longer than a block, not for a prefill against a cache.
-  assert llama.attention_kind('auto', 'cpu', jnp.bfloat16, 64, (t, t)) == 'blocked'
-  assert llama.attention_kind('auto', 'cpu', jnp.bfloat16, 64, (t, t + 8)) == 'xla'
-  assert llama.attention_kind('auto', 'gpu', jnp.bfloat16, 64, (t, t)) == 'xla'  # odd: no cuDNN either
+  assert attention.attention_kind('auto', 'cpu', jnp.bfloat16, 64, (t, t)) == 'blocked'
+  assert attention.attention_kind('auto', 'cpu', jnp.bfloat16, 64, (t, t + 8)) == 'xla'
+  assert attention.attention_kind('auto', 'gpu', jnp.bfloat16, 64, (t, t)) == 'xla'  # odd: no cuDNN either
   with pytest.raises(ValueError, match='self-attention'):
-    llama.dot_product_attention(q, k[:, :-1], v[:, :-1], mask[:, :, :-1], 'blocked')
+    attention.dot_product_attention(q, k[:, :-1], v[:, :-1], mask[:, :, :-1], 'blocked')
 
 
 def test_attention_mask_rule():
@@ -180,7 +182,7 @@ def test_attention_mask_rule():
                        [0, 1, 0, 0],
                        [0, 1, 1, 0],
                        [0, 0, 0, 1]], bool)
-  np.testing.assert_array_equal(llama.attention_mask(seg, seg)[0], expected)
+  np.testing.assert_array_equal(attention.attention_mask(seg, seg)[0], expected)
 
 
 def test_attention_mask_shared_prefix():
@@ -193,7 +195,7 @@ def test_attention_mask_shared_prefix():
                        [0, 1, 1, 1, 1, 0, 0],
                        [0, 1, 1, 0, 0, 1, 0],   # answer 2 does not see answer 1
                        [0, 0, 0, 0, 0, 0, 1]], bool)
-  np.testing.assert_array_equal(llama.attention_mask(seg, seg)[0], expected)
+  np.testing.assert_array_equal(attention.attention_mask(seg, seg)[0], expected)
 
 
 def test_logits_at_gathers_positions():
@@ -320,7 +322,7 @@ def test_bfloat16_compute_with_float32_params_is_close():
 def test_every_param_has_logical_axes_and_hf_paths():
   config = make_config('gqa_4to1')
   params = llama.named_params(llama.Llama(config))
-  assert set(params) == set(llama.hf_param_names(config))
+  assert set(params) == set(llama_names.hf_param_names(config))
   for path, var in params.items():
     axes = var.get_metadata().get('logical_axes')
     assert axes is not None and len(axes) == var.value.ndim, path
@@ -338,12 +340,12 @@ def test_hf_state_dict_errors_name_the_tensor():
   missing = dict(state)
   del missing['model.layers.1.mlp.up_proj.weight']
   with pytest.raises(ValueError, match=r'missing tensor .*layers\.1\.mlp\.up_proj'):
-    llama.params_from_hf_state_dict(config, missing)
+    llama_names.params_from_hf_state_dict(config, missing)
   with pytest.raises(ValueError, match='unexpected tensor.*extra'):
-    llama.params_from_hf_state_dict(config, dict(state, extra=np.zeros(1)))
+    llama_names.params_from_hf_state_dict(config, dict(state, extra=np.zeros(1)))
   bad = dict(state, **{'model.norm.weight': np.zeros(47, np.float32)})
   with pytest.raises(ValueError, match=r"model\.norm\.weight.*\(47,\), expected \(48,\)"):
-    llama.params_from_hf_state_dict(config, bad)
+    llama_names.params_from_hf_state_dict(config, bad)
   model = llama.Llama(config)
   with pytest.raises(ValueError, match='missing path'):
     llama.assign_params(model, {})
@@ -353,9 +355,9 @@ def test_config_from_hf_roundtrip_and_validation():
   config = make_config('llama3_rope', eos_token_id=[2, 5])
   assert config.eos_token_id == (2, 5)
   assert hash(config) == hash(make_config('llama3_rope', eos_token_id=(2, 5)))
-  hf = transformers.LlamaConfig(**config.to_hf()).to_dict()  # transformers 5 `rope_parameters` layout
-  assert llama.LlamaConfig.from_hf(hf) == config
-  assert llama.LlamaConfig.from_hf(config.to_hf(), dtype='bfloat16').dtype == 'bfloat16'
+  hf = transformers.LlamaConfig(**llama_names.config_to_hf(config)).to_dict()  # transformers 5 `rope_parameters` layout
+  assert llama_names.config_from_hf(hf) == config
+  assert llama_names.config_from_hf(llama_names.config_to_hf(config), dtype='bfloat16').dtype == 'bfloat16'
   with pytest.raises(ValueError, match='num_kv_heads'):
     make_config(num_kv_heads=4)
   with pytest.raises(ValueError, match='yarn'):
@@ -363,4 +365,4 @@ def test_config_from_hf_roundtrip_and_validation():
   with pytest.raises(ValueError, match='remat'):
     make_config(remat='some')
   with pytest.raises(ValueError, match='missing key'):
-    llama.LlamaConfig.from_hf({'vocab_size': 3})
+    llama_names.config_from_hf({'vocab_size': 3})

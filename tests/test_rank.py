@@ -10,7 +10,7 @@ from flax import nnx
 
 from palr_jax import defaults
 from palr_jax.model import decode
-from palr_jax.model import llama
+from palr_jax.model import attention
 from palr_jax.model import rerank as rank
 from palr_jax.stages import rank as rank_stage
 from palr_jax import sharding as sharding_lib
@@ -233,7 +233,7 @@ def test_score_continuations_equals_manual_sum(model, reduce):
 
 def test_score_continuations_with_blocked_attention(model):
   # Rows longer than one attention block: on CPU 'auto' runs the blocked kernel over prompt + answers.
-  assert llama.attention_kind('auto', 'cpu', jnp.float32, 8, (120, 120)) == 'blocked'
+  assert attention.attention_kind('auto', 'cpu', jnp.float32, 8, (120, 120)) == 'blocked'
   rng = np.random.default_rng(7)
   prompts = random_prompts(rng, (70, 41))
   continuations = [[rng.integers(3, VOCAB, n) for n in (5, 8, 3)], [rng.integers(3, VOCAB, 6)]]

@@ -4,7 +4,7 @@ Loading maps one stored tensor at a time (offsets from the safetensors header, `
 each addressable device only its slice (`jax.make_array_from_callback`), so a process reads just what
 its devices hold and a 7B checkpoint never sits whole in host memory (bench/load_memory.py measures it).
 Writing streams each file tensor by tensor for the same reason (bench/export_memory.py measures it).
-Parameter paths and the HF name table come from `palr_jax.model.llama` (`hf_param_names`).
+Parameter paths and the HF name table come from `llama_names` (`hf_param_names`).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSh
 
 from palr_jax import files
 from palr_jax import sharding as sharding_lib
+from palr_jax.hub import llama_names
 from palr_jax.model import llama
 
 SINGLE_FILE = 'model.safetensors'
@@ -70,9 +71,9 @@ def llama_config(folder, model_config) -> llama.LlamaConfig:
     raise ValueError(f"{path}: model_type={model_type!r}, architectures={archs}; expected 'llama' / "
                      "LlamaForCausalLM")
   try:
-    return llama.LlamaConfig.from_hf(hf, dtype=model_config.dtype, param_dtype=model_config.param_dtype,
-                                     remat=model_config.remat, attention=model_config.attention,
-                                     scan_layers=bool(model_config.get('scan_layers', True)))
+    return llama_names.config_from_hf(hf, dtype=model_config.dtype, param_dtype=model_config.param_dtype,
+                                      remat=model_config.remat, attention=model_config.attention,
+                                      scan_layers=bool(model_config.get('scan_layers', True)))
   except ValueError as e:
     raise ValueError(f'{path}: {e}') from None
 
@@ -179,7 +180,7 @@ def load_params(folder, config: llama.LlamaConfig, mesh: Mesh | None = None, rul
   if mesh is not None and rules is None:
     raise ValueError('load_params: a mesh needs logical-axis rules (config.mesh.rules)')
   stored = stored_tensors(folder)
-  table = llama.hf_param_names(config)
+  table = llama_names.hf_param_names(config)
   abstract = llama.named_params(llama.abstract_model(config))
   known = {hf_name for hf_name, _ in table.values()}
   ignored = {'lm_head.weight'} if config.tie_word_embeddings else set()
@@ -341,8 +342,8 @@ def export_specs(config: llama.LlamaConfig, params: Mapping[str, jax.Array | Cal
   it} base params; each is computed (a merged LoRA kernel, say), converted on its devices and fetched to
   the host only when its shard is written, so the model is never held twice."""
   specs = []
-  shapes = llama.param_shapes(config)
-  for path, (hf_name, transpose) in llama.hf_param_names(config).items():
+  shapes = llama_names.param_shapes(config)
+  for path, (hf_name, transpose) in llama_names.hf_param_names(config).items():
     array = params[path]
     shape = shapes[path][::-1] if transpose else shapes[path]
 
@@ -358,7 +359,7 @@ def save_folder(out_dir, config: llama.LlamaConfig, params: Mapping[str, jax.Arr
                 tokenizer,
                 dtype: str, max_shard_bytes: int | None) -> None:
   """A complete HF folder (config.json, safetensors, generation_config.json, tokenizer), atomically."""
-  hf_config = dict(config.to_hf(), torch_dtype=str(np.dtype(dtype)))
+  hf_config = dict(llama_names.config_to_hf(config), torch_dtype=str(np.dtype(dtype)))
   with atomic_dir(out_dir) as tmp:
     write_json(tmp / 'config.json', hf_config)
     write_json(tmp / 'generation_config.json', generation_config(hf_config))

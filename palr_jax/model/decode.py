@@ -219,10 +219,10 @@ def continuation_logprobs(graphdef, mean, state, ids, positions, segments, conti
   """Sum (or mean) log p(continuation | prompt) [B, K]; continuations [B, K, L] right-padded.
 
   One forward per row laid out as [prompt | continuation 1 | ... | continuation K]: the prompt is a shared
-  prefix (segment -1, `llama.attention_mask`) that every continuation sees, continuation k (segment k + 1)
-  sees only itself beyond it, and each continues at the prompt's length. So the prompt is encoded once and
-  the program is the layer scan of training and score mode: a KV cache would unroll every layer (twice),
-  which took ~6 s to compile for SmolLM2 on a 2-core CPU, against ~2 s.
+  prefix (segment -1, `attention.attention_mask`) that every continuation sees, continuation k
+  (segment k + 1) sees only itself beyond it, and each continues at the prompt's length. So the prompt is
+  encoded once and the program is the layer scan of training and score mode: a KV cache would unroll every
+  layer (twice), which compiles several times slower (bench/RESULTS.md, "Main job").
   """
   model = nnx.merge(graphdef, state)
   batch, width = ids.shape

@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from palr_jax.model import llama
+from palr_jax.model import scan
 
 TRAINABLE = nnx.LoRAParam
-FROZEN = llama.FROZEN
+FROZEN = scan.FROZEN
 
 
 def _mix32(x: jax.Array) -> jax.Array:
@@ -37,8 +38,9 @@ class HashDropout(nnx.Dropout):
   """`nnx.Dropout` whose mask comes from a keyed hash of each element's index (two words drawn from the
   rng stream per call), not from threefry bits per element.
 
-  Why: threefry took 2.2 ms per [4, 512, 576] mask on a 2-core CPU, 60 masks per SmolLM2 LoRA step, drawn
-  again when remat recomputes them: ~16% of a bf16 step (bench/RESULTS.md). The hash takes ~1/3 of that.
+  Why: threefry bits per element are slow on CPU, a LoRA step draws a mask per adapted projection, and
+  remat draws them again when it recomputes them: a sizeable part of a bf16 step, which the hash cuts
+  (bench/RESULTS.md, "Train step: reading and remat policies").
   The keep probability is rounded to a multiple of 2^-24, and the kept values are scaled by exactly its
   inverse. Same switches as `nnx.Dropout`: `deterministic`, `model.eval()`, `nnx.view`.
   """
@@ -86,7 +88,7 @@ class LoRALinear(llama.Linear):
     h = x if self.dropout is None else self.dropout(x)
     h = llama.matmul(h, self.lora_a[...], self.dtype)
     h = llama.matmul(h.astype(self.dtype), self.lora_b[...], self.dtype)
-    return checkpoint_name((y + self.scale * h).astype(self.out_dtype), llama.PROJECTION)
+    return checkpoint_name((y + self.scale * h).astype(self.out_dtype), scan.PROJECTION)
 
 
 def _modules(model: nnx.Module, kind: type) -> dict[str, nnx.Module]:

@@ -35,7 +35,9 @@ from palr_jax import cli
 from palr_jax import sharding
 from palr_jax import validate
 from palr_jax.hub import gguf as gguf_lib
+from palr_jax.hub import llama_names
 from palr_jax.hub import load
+from palr_jax.model import attention
 from palr_jax.model import llama
 
 GIB = 1 << 30
@@ -127,7 +129,7 @@ def model_shape(model_config, hf_config: str | None = None) -> tuple[llama.Llama
       raise FileNotFoundError(
           f'config.model.spec={model_config.spec!r}: {path / "config.json"} not found and the folder name is '
           f'no known checkpoint ({sorted(KNOWN_SHAPES)}); copy its config.json here and pass --hf-config FILE')
-  return llama.LlamaConfig.from_hf(hf, **runtime), source
+  return llama_names.config_from_hf(hf, **runtime), source
 
 
 # ---------------------------------------------------------------------------------------- memory
@@ -145,7 +147,7 @@ def _values(state: nnx.State) -> list[jax.ShapeDtypeStruct]:
 
 
 def _attention_kind(model: llama.LlamaConfig, platform: str | None, length: int) -> str:
-  return llama.attention_kind(model.attention, platform, model.dtype, model.head_dim, (length, length))
+  return attention.attention_kind(model.attention, platform, model.dtype, model.head_dim, (length, length))
 
 
 def activation_bytes(model: llama.LlamaConfig, mesh: AbstractMesh, rules, batch: int, length: int,
@@ -189,7 +191,7 @@ def activation_bytes(model: llama.LlamaConfig, mesh: AbstractMesh, rules, batch:
     # and one block of query rows' fp32 scores and probabilities is alive at a time
     scores = size((batch, model.num_heads, length), ('batch', 'heads', 'length'), 4)
     attention_kept = heads + scores
-    block = 2 * size((batch, model.num_heads, min(llama.ATTENTION_BLOCK, length), length),
+    block = 2 * size((batch, model.num_heads, min(attention.ATTENTION_BLOCK, length), length),
                      ('batch', 'heads', 'length', 'length'), 4)
   dropped = sum(size((batch, length, n), ('batch', 'length', axis)) for n, axis in dropout_inputs)
   layer = 5 * embed + 2 * heads + 2 * kv_heads + 3 * mlp + scores + dropped
