@@ -355,7 +355,8 @@ def test_config_from_hf_roundtrip_and_validation():
   config = make_config('llama3_rope', eos_token_id=[2, 5])
   assert config.eos_token_id == (2, 5)
   assert hash(config) == hash(make_config('llama3_rope', eos_token_id=(2, 5)))
-  hf = transformers.LlamaConfig(**llama_names.config_to_hf(config)).to_dict()  # transformers 5 `rope_parameters` layout
+  # transformers 5 writes the `rope_parameters` layout.
+  hf = transformers.LlamaConfig(**llama_names.config_to_hf(config)).to_dict()
   assert llama_names.config_from_hf(hf) == config
   assert llama_names.config_from_hf(llama_names.config_to_hf(config), dtype='bfloat16').dtype == 'bfloat16'
   with pytest.raises(ValueError, match='num_kv_heads'):
@@ -366,3 +367,5 @@ def test_config_from_hf_roundtrip_and_validation():
     make_config(remat='some')
   with pytest.raises(ValueError, match='missing key'):
     llama_names.config_from_hf({'vocab_size': 3})
+  with pytest.raises(TypeError, match='unexpected keyword'):
+    llama_names.config_from_hf(hf, rope_theta=1.0)  # only runtime settings, not architecture

@@ -98,7 +98,8 @@ def matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
 
   Under a 16-bit compute dtype the backward pass multiplies in that dtype too (`_matmul16`): JAX's own
   transpose of an fp32-accumulating dot takes the fp32 cotangent, so XLA would run both backward matmuls
-  in fp32, at half the speed of bf16 with fp32 accumulation on CPUs with bf16 dot instructions.
+  in fp32, slower than bf16 with fp32 accumulation on CPUs with bf16 dot instructions (the matmul peaks
+  are in bench/RESULTS.md, "Train step").
   """
   if jnp.dtype(dtype).itemsize == 2:
     return _matmul16(x, w, jnp.dtype(dtype).name)
@@ -206,9 +207,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
   return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-
-
 class Attention(nnx.Module):
+  """Grouped-query self-attention with RoPE; the kernel is `attention.dot_product_attention`'s."""
 
   def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
     d, n, kv, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
