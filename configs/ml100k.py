@@ -42,7 +42,7 @@ def get_config(arg: str = ''):
     c.retriever.search.transition_decay = (0.5, 0.7, 1.0)
   # bf16 weights and compute (fp32 accumulation, fp32 adapters); the backward pass keeps each layer's
   # projections and attention output and recomputes the rest ('dots'): the fastest LoRA step measured on a
-  # CPU (bench/RESULTS.md, "Train step vs torch + peft"). `:quick` recomputes everything ('full': less
+  # CPU (bench/RESULTS.md, "Train step"). `:quick` recomputes everything ('full': less
   # memory, hardly slower there since its steps are few and short) to stay under its memory target
   # (bench/RESULTS.md, ":quick end to end"). Ranking runs in bf16 too.
   c.model.dtype = c.model.param_dtype = 'bfloat16'

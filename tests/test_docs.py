@@ -153,13 +153,14 @@ def test_readme_links_exist():
 
 
 def test_results_sections_named_by_code_exist():
-  """A comment that points at a RESULTS.md section ("bench/RESULTS.md, "Train step vs torch + peft"")
-  names one that exists."""
+  """A comment or doc that points at a RESULTS.md section (`bench/RESULTS.md, "Train step"`) names one
+  that exists."""
   sections = {m.group(1).strip() for m in re.finditer(r'^##+ (.+)$', (ROOT / 'bench' / 'RESULTS.md').read_text(),
                                                         re.M)}
   named = []
-  for path, rel in scanned_files(skip=()):
-    for m in re.finditer(r'RESULTS\.md[,:]?\s*(?:#\s*)?(?:section\s+)?"([^"]+)"', path.read_text()):
+  docs = [(p, p.relative_to(ROOT).as_posix()) for p in [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]]
+  for path, rel in [*scanned_files(skip=()), *docs]:
+    for m in re.finditer(r'RESULTS\.md(?:`|\]\([^)]*\))?[,:]?\s*(?:section\s+)?"([^"]+)"', path.read_text()):
       named.append((rel, m.group(1)))
   missing = [(rel, name) for rel, name in named if name not in sections]
   assert not missing, (missing, sorted(sections))
