@@ -148,7 +148,7 @@ def test_readme_links_exist():
   readme = (ROOT / 'README.md').read_text()
   links = re.findall(r'\]\(((?!https?:)[^)#\s]+)', readme)
   assert 'docs/ARCHITECTURE.md' in links and 'bench/RESULTS.md' in links
-  missing = [l for l in links if not (ROOT / l).exists()]
+  missing = [link for link in links if not (ROOT / link).exists()]
   assert not missing, missing
 
 
