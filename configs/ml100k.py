@@ -4,8 +4,8 @@ Variants (`configs/ml100k.py:ARG`):
   ''      the default run
   quick   a smoke run of the whole pipeline on a laptop CPU: stats profiles, 10 candidates, short prompts,
           16 LoRA steps of 8 prompts per variant, a seeded subset of 32 users for the LLM evaluation
-  full    all users, LLM profiles, the paper's two tasks; sized for <= 8 hours on a 2-core CPU
-bench/RESULTS.md holds the measured times and the README the results.
+  full    all users, LLM profiles, the paper's two tasks; sized for an 8-hour budget on a 2-core CPU
+bench/RESULTS.md holds the measured times and results (":quick end to end", ":full quality").
 
 Run:
   python -m palr_jax.main --config configs/ml100k.py:quick --workdir runs/ml100k-quick
@@ -33,17 +33,18 @@ def get_config(arg: str = ''):
   c.retriever.transition_window = 3
   c.retriever.transition_decay = 0.7
   if arg in ('', 'full'):
-    # K = 26, every single-token tag: the retriever's top 26 holds the test target for 35.6% of users
-    # against 30.3% for its top 20 (mean of 3 seeds, README's retriever table); `:quick` keeps 10.
+    # K = 26, every single-token tag: the retriever's top 26 holds the test target for more users than its
+    # top 20 (bench/RESULTS.md, "Retriever quality"); `:quick` keeps 10.
     c.retriever.num_candidates = 26
     c.retriever.search.transition_weight = (0.2, 0.3, 0.4, 0.5)
     c.retriever.search.transition_items = (2, 3, 5, 8)
     c.retriever.search.transition_window = (1, 2, 3, 5)
     c.retriever.search.transition_decay = (0.5, 0.7, 1.0)
   # bf16 weights and compute (fp32 accumulation, fp32 adapters); the backward pass keeps each layer's
-  # projections and attention output and recomputes the rest ('dots'): the fastest LoRA step on a CPU
-  # (bench/train_step.py: 1.25x torch + peft at 0.68x its memory). `:quick` recomputes everything ('full',
-  # ~0.4 GB less, ~3 s slower there: its steps are few and short) to stay under 3 GB. Ranking runs in bf16 too.
+  # projections and attention output and recomputes the rest ('dots'): the fastest LoRA step measured on a
+  # CPU (bench/RESULTS.md, "Train step"). `:quick` recomputes everything ('full': less
+  # memory, hardly slower there since its steps are few and short) to stay under its memory target
+  # (bench/RESULTS.md, ":quick end to end"). Ranking runs in bf16 too.
   c.model.dtype = c.model.param_dtype = 'bfloat16'
   c.model.remat = 'full' if arg == 'quick' else 'dots'
   if arg == 'quick':
@@ -74,7 +75,7 @@ def get_config(arg: str = ''):
   elif arg == 'full':
     # Sizing rule: the profiles' source (max_examples_per_user = 10) is the default run's, so both share
     # one profiles.jsonl (--shared_dir); 300 LoRA steps of 8 prompts per variant and the ranking of every
-    # valid/test user by three LLM methods fill the rest of the 8 hours.
+    # valid/test user by three LLM methods fill the rest of the 8-hour budget.
     c.profiles.kind = 'llm'
     c.prompts.max_examples_per_user = 10
     c.prompts.max_history = 10

@@ -160,8 +160,9 @@ def use_compilation_cache(path: str) -> str | None:
   """Points XLA's persistent compilation cache at `path`/<`host_kind()`> and returns the folder in use
   (None: off).
 
-  Each train-step shape takes 8-12 s to compile on a 2-core CPU (minutes for a 7B model on a pod); with
-  the cache, a rerun, a job resumed after preemption or a sweep point that runs the same program loads
+  Each train-step shape takes seconds to compile on a CPU and minutes for a 7B model on a pod (a cold
+  `:quick` run spends a good part of its time compiling: bench/RESULTS.md, ":quick end to end"); with the
+  cache, a rerun, a job resumed after preemption or a sweep point that runs the same program loads
   the executable instead. Entries are keyed by the program, the devices and the compile options, so a
   changed model or mesh compiles afresh. $JAX_COMPILATION_CACHE_DIR, when set, wins over `path`.
   """

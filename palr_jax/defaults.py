@@ -225,7 +225,7 @@ def _variant(tasks, rank_task, rank_mode, task_repeats=None, retrieval_loss='tag
 
 def with_pod(c: ml_collections.ConfigDict, pod: str) -> ml_collections.ConfigDict:
   """Llama-2-7B + LoRA on one of `POD_MESHES`. LoRA leaves the base frozen, so on GPUs with 80 GiB the bf16
-  base (13.5 GB) is replicated and the batch is split over `data` (no weight all-gathers); on TPU v5e
+  base (two bytes per parameter) is replicated and the batch is split over `data` (no weight all-gathers); on TPU v5e
   (16 GiB HBM) and v4 (32 GiB) the base is sharded over `fsdp`."""
   if pod not in POD_MESHES:
     raise ValueError(f'config argument: unknown pod {pod!r}; expected one of {sorted(POD_MESHES)}')

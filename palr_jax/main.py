@@ -145,7 +145,8 @@ def main(argv):
   if logs and distributed.is_leader():
     print(f'logs: {logs} (--verbose shows them here)')
   # The ~440k objects of the imports (jax, TensorFlow, transformers) live as long as the process: frozen, the
-  # gc.collect() between stages no longer walks them (0.2-0.5 s per stage on a 2-core CPU).
+  # gc.collect() between stages no longer walks them (a visible cost per stage on a small CPU:
+  # bench/RESULTS.md, ":quick end to end").
   gc.freeze()
   start = time.perf_counter()
   say = print if distributed.is_leader() else (lambda line: None)

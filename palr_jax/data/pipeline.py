@@ -298,8 +298,8 @@ def _local(ds: tf.data.Dataset, rows: np.ndarray, prefetch: int) -> tf.data.Data
   """This process's rows of each global batch, without tf.data's autotuning.
 
   A step takes seconds and a batch milliseconds, so autotuning has nothing to gain, and its model thread
-  costs: an iterator's destructor waits for that thread's next wake-up, up to a minute, which held each
-  training stage for 19-57 s after its last step on a 2-core CPU.
+  costs: an iterator's destructor waits for that thread's next wake-up, up to a minute, which held training
+  stages for tens of seconds after their last step on a CPU (bench/RESULTS.md, ":quick end to end").
   """
   idx = tf.constant(np.asarray(rows, np.int32))
   ds = ds.map(lambda b: {k: tf.gather(b[k], idx) for k in BATCH_KEYS})

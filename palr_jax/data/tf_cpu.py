@@ -3,8 +3,9 @@ import contextlib
 import sys
 
 # TensorFlow's import eagerly imports Keras (`keras.src.optimizers`, which pulls in matplotlib) unless that
-# import fails, which it tolerates. tf.data needs neither: blocked for TF's import only, it saves ~0.5 s
-# and ~45 MB, and `import keras` (or `tf.keras`) still works afterwards.
+# import fails, which it tolerates. tf.data needs neither: blocked for TF's import only, it saves import
+# time and memory (bench/RESULTS.md, ":quick end to end"), and `import keras` (or `tf.keras`) still works
+# afterwards.
 _KERAS_EAGER = 'keras.src.optimizers'
 
 

@@ -6,7 +6,7 @@ query is their last `items` events, most recent first, weighted `decay ** k`; th
 item j is `sum_k w_k counts[last_k, j]`. The retriever (retrieval/topk.py) fuses it with the MF score:
 `(1 - weight) z(MF) + weight z(transitions)`, z standardizing each user's scores over the catalog.
 
-The table is dense [I, I] (float32): 11 MB for ML-100K, 55 MB for ML-1M, 0.6 GB at 12k items; with
+The table is dense [I, I] (float32, 4 I^2 bytes: small for ML-100K and ML-1M, large from ~10k items); with
 `retriever.shard_items` its columns are split over the mesh like the item factors.
 
 No leakage: counts come from exactly the histories the MF model is fitted on (valid: train; test: train +

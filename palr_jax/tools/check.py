@@ -166,8 +166,8 @@ def activation_bytes(model: llama.LlamaConfig, mesh: AbstractMesh, rules, batch:
     full: the layer input only.
   On top: one layer's `none` set of cotangents while the backward pass is in that layer, the same again
   while a remat layer is recomputed, and the fp32 logits at the loss positions with their gradient.
-  Layers as a scan with remat=none: XLA measured up to ~1.4x this (it keeps the stacked residuals while
-  slicing them); with full or dots remat the scan needs less than the unrolled loop.
+  Layers as a scan with remat=none: XLA was measured to hold more than this (it keeps the stacked residuals
+  while slicing them); with full or dots remat the scan needs less than the unrolled loop.
   Each tensor is laid out on the mesh by its logical axes (batch over the batch axes, heads and mlp over
   tensor), like the real activations.
   """
