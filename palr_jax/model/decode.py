@@ -222,7 +222,7 @@ def continuation_logprobs(graphdef, mean, state, ids, positions, segments, conti
   prefix (segment -1, `attention.attention_mask`) that every continuation sees, continuation k
   (segment k + 1) sees only itself beyond it, and each continues at the prompt's length. So the prompt is
   encoded once and the program is the layer scan of training and score mode: a KV cache would unroll every
-  layer (twice), which compiles several times slower (bench/RESULTS.md, "Main job").
+  layer (twice), which compiles several times slower (bench/RESULTS.md, ":quick end to end").
   """
   model = nnx.merge(graphdef, state)
   batch, width = ids.shape

@@ -353,7 +353,7 @@ def abstract_model(config: LlamaConfig) -> Llama:
   """A Llama of shapes (`nnx.eval_shape`: no weights, nothing computed) with Variables of its own.
 
   A job builds the same model in several stages (load, adapters merged, export), and tracing the
-  constructor's initializers is not free (bench/RESULTS.md, "Main job"): it is traced once per config and
+  constructor's initializers is not free (bench/RESULTS.md, ":quick end to end"): it is traced once per config and
   process.
   """
   key = repr(config)  # LlamaConfig holds a dict (rope_scaling), so it cannot be hashed
