@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 import results as results_md
+from palr_jax import adapters
 from palr_jax import metrics
 from palr_jax.data import interactions
 from palr_jax.data import profiles
@@ -33,7 +34,6 @@ from palr_jax.model import rerank
 from palr_jax.retrieval import candidates as candidates_lib
 from palr_jax.retrieval import mf
 from palr_jax.stages import rank
-from palr_jax.train import checkpointing
 
 
 def load_config(spec: str):
@@ -83,7 +83,7 @@ def main():
   model, tokenizer, _ = load.load_model(config.model)
   source = 'zero-shot'
   if args.adapter:
-    source, _ = checkpointing.apply_trained_adapter(model, args.adapter)
+    source, _ = adapters.apply_trained_adapter(model, args.adapter)
 
   config.prompts.candidate_order = 'retriever'
   builder = prompts.PromptBuilder(config, inter, tokenizer, ('recommend_retrieval',))

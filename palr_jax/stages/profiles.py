@@ -16,26 +16,26 @@ import tqdm
 
 from palr_jax import distributed
 from palr_jax import files
-from palr_jax import runner
 from palr_jax.data import interactions
 from palr_jax.data import profiles as lib
 from palr_jax.hub import load
 from palr_jax.model import decode
+from palr_jax.stages import base
 
 PARTS = 'profiles.parts'
 
 
-def declare(config) -> runner.Stage:
+def declare(config) -> base.Stage:
   hashes = ('data', 'profiles', 'prompts.max_examples_per_user')
   inputs = tuple(interactions.source_files(config.data))
   if config.profiles.kind == 'llm':
     hashes += ('model.spec', 'model.dtype', 'model.param_dtype', 'batching.length_buckets')
     source = load.model_source(config.model.spec)
     inputs += (str(source.path / 'config.json') if source.kind == 'hf' else str(source.path),)
-  return runner.Stage(
+  return base.Stage(
       name='profiles', run=run, merge=merge, hashes=hashes, outputs=('profiles.jsonl',),
-      processes=runner.SHARDED, inputs=inputs, scratch=(PARTS,), resumes=resumes,
-      what='every process generates the profiles of its share of the users on its host-local mesh and '
+      processes=base.SHARDED, inputs=inputs, scratch=(PARTS,), resumes=resumes,
+      per_process='every process generates the profiles of its share of the users on its host-local mesh and '
            'writes them as part files; process 0 joins them into profiles.jsonl')
 
 
