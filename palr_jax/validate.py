@@ -25,7 +25,7 @@ from palr_jax import exporter
 from palr_jax import fingerprint
 from palr_jax import variants
 from palr_jax.data import interactions
-from palr_jax.data import profiles as profiles_lib
+from palr_jax.data import profile_text
 from palr_jax.data import prompts
 from palr_jax.model import llama
 from palr_jax.train import step
@@ -63,7 +63,7 @@ _NUMBERS = {
 }
 _CHOICES = {
     'data.source': interactions.SOURCES, 'data.repeats': interactions.REPEATS,
-    'retriever.model': RETRIEVERS, 'rank.reduce': REDUCES, 'profiles.kind': profiles_lib.KINDS,
+    'retriever.model': RETRIEVERS, 'rank.reduce': REDUCES, 'profiles.kind': profile_text.KINDS,
     'prompts.candidate_order': prompts.CANDIDATE_ORDERS, 'prompts.missed_target': prompts.MISSED_TARGETS,
     'model.dtype': DTYPES, 'model.param_dtype': DTYPES, 'model.remat': tuple(llama.REMAT_POLICIES),
     'model.attention': llama.ATTENTION_IMPLEMENTATIONS, 'lora.dtype': DTYPES, 'train.lr_decay': step.LR_DECAYS,
@@ -210,7 +210,7 @@ def uses_tags(config) -> bool:
 
 def _check_prompts(config) -> None:
   _reraise(prompts.check_config, config.prompts, prompts.TASKS)
-  _reraise(profiles_lib.check_template, config.profiles)
+  _reraise(profile_text.check_template, config.profiles)
   tags = value(config, 'prompts.tags')
   if not isinstance(tags, (tuple, list)) or not all(isinstance(t, str) and t for t in tags):
     raise bad('prompts.tags', tags, 'a tuple of non-empty strings')

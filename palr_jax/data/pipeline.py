@@ -141,7 +141,7 @@ def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence
   """Builds and writes the train and valid examples of `variant` unless this fingerprint's are on disk;
   returns the folder `W/examples/<fingerprint>`.
 
-  `profiles[u]` per user (`palr_jax.data.profiles`), None without profiles. recommend_retrieval reads
+  `profiles[u]` per user (`palr_jax.data.profile_text`), None without profiles. recommend_retrieval reads
   `W/candidates/{train,valid}.jsonl`.
   """
   fingerprint = examples_fingerprint(config, variant, upstream)
