@@ -1,6 +1,6 @@
 """Host memory of exporting a merged model: does the export stage hold the model only once?
 
-The export stage (`stages/export.export_model`, process 0 of a pod on its own devices) loads the base in
+The export stage (`exporter.export_model`, process 0 of a pod on its own devices) loads the base in
 fp32, adds a trained adapter from its PEFT folder and writes W + (alpha/r) A B tensor by tensor
 (`lora.merged_params` + `hf.save_folder`). On the CPU backend the "devices" are host memory, so the loaded
 fp32 base counts in the RSS; what matters is what writing adds on top of the loaded model: one merged
@@ -75,10 +75,10 @@ def control(c, run: str, out: str, mark) -> None:
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   from palr_jax.hub import hf, load  # pylint: disable=g-import-not-at-top
   from palr_jax.model import lora  # pylint: disable=g-import-not-at-top
-  from palr_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
+  from palr_jax import adapters  # pylint: disable=g-import-not-at-top
   mesh, rules = _mesh(c), c.mesh.rules
   model, _, config = load.load_model(c.model, mesh=mesh, rules=rules)
-  checkpointing.apply_trained_adapter(model, run, 1, mesh=mesh, rules=rules)
+  adapters.apply_trained_adapter(model, run, 1, mesh=mesh, rules=rules)
   specs = hf.export_specs(config, lora.merged_params(model), hf.stored_dtype(load.hf_folder(c.model)))
   mark()
   os.makedirs(out)
@@ -96,7 +96,7 @@ def child(folder: str, run: str, devices: int, mode: str) -> None:
   jax.config.update('jax_num_cpu_devices', devices)
   import psutil  # pylint: disable=g-import-not-at-top
   from palr_jax.hub import hf  # pylint: disable=g-import-not-at-top
-  from palr_jax.stages import export  # pylint: disable=g-import-not-at-top
+  from palr_jax import exporter  # pylint: disable=g-import-not-at-top
   proc = psutil.Process()
   c = model_config(folder)
   jax.numpy.zeros(1).block_until_ready()  # backend up before the baseline
@@ -127,7 +127,7 @@ def child(folder: str, run: str, devices: int, mode: str) -> None:
     if mode == 'control':
       control(c, run, out, mark)
     else:
-      export.export_model(c.model, out, 'merged', workdir=run, step=1, mesh=_mesh(c), rules=c.mesh.rules)
+      exporter.export_model(c.model, out, 'merged', workdir=run, step=1, mesh=_mesh(c), rules=c.mesh.rules)
     seconds = time.perf_counter() - start
     done.set()
     thread.join()

@@ -24,16 +24,16 @@ import jax
 import numpy as np
 
 import results as results_md
+from palr_jax import adapters
 from palr_jax import metrics
 from palr_jax.data import interactions
-from palr_jax.data import profiles
+from palr_jax.data import profile_text
 from palr_jax.data import prompts
 from palr_jax.hub import load
 from palr_jax.model import rerank
 from palr_jax.retrieval import candidates as candidates_lib
 from palr_jax.retrieval import mf
 from palr_jax.stages import rank
-from palr_jax.train import checkpointing
 
 
 def load_config(spec: str):
@@ -83,14 +83,14 @@ def main():
   model, tokenizer, _ = load.load_model(config.model)
   source = 'zero-shot'
   if args.adapter:
-    source, _ = checkpointing.apply_trained_adapter(model, args.adapter)
+    source, _ = adapters.apply_trained_adapter(model, args.adapter)
 
   config.prompts.candidate_order = 'retriever'
   builder = prompts.PromptBuilder(config, inter, tokenizer, ('recommend_retrieval',))
   user_profiles = [''] * len(split.train)
   for u in users:
-    items = profiles.profile_items(split, u, config.prompts.max_examples_per_user)
-    user_profiles[u] = profiles.stats_profile(inter, items, config.profiles)
+    items = profile_text.profile_items(split, u, config.prompts.max_examples_per_user)
+    user_profiles[u] = profile_text.stats_profile(inter, items, config.profiles)
   table = prompts.Candidates('(bench)', 'test', {int(u): top_k[n] for n, u in enumerate(users)})
   examples = prompts.build_examples(builder, split, 'test', user_profiles, table, users=users,
                                     insert_target=False)

@@ -160,8 +160,8 @@ def get_config():
       ('length', None),
   )
 
-  # User profiles (palr_jax/data/profiles.py, stage palr_jax/stages/profiles.py). One profile per user,
-  # written from the part of train[u] that precedes every training target (see data/profiles.py).
+  # User profiles (palr_jax/data/profile_text.py, stage palr_jax/stages/profiles.py). One profile per user,
+  # written from the part of train[u] that precedes every training target (see data/profile_text.py).
   c.profiles = ml_collections.ConfigDict()
   c.profiles.kind = 'llm'          # llm (the model writes it) | stats (genre/keyword counts, fast)
   c.profiles.max_history = 10      # most recent titles of the profile's source shown to the LLM

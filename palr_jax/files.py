@@ -1,4 +1,4 @@
-"""Files under the workdir: config fingerprints, atomic writes, JSON lines, copies.
+"""Files under the workdir: atomic writes, JSON lines, copies (config fingerprints: palr_jax/fingerprint.py).
 
 Every path goes through `etils.epath`, so a workdir may be local, `gs://` or any filesystem epath knows.
 A file is written under a unique temporary name next to it and then moved into place: readers never see
@@ -6,46 +6,13 @@ a half-written file, and two writers never share a temporary name.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-import hashlib
+from collections.abc import Iterable
 import json
 import os
 import uuid
 from typing import Any
 
 from etils import epath
-
-
-def plain(value: Any) -> Any:
-  """Config values as JSON-stable plain Python (ConfigDicts, tuples, numpy scalars)."""
-  if hasattr(value, 'to_dict'):
-    value = value.to_dict()
-  if isinstance(value, dict):
-    return {str(k): plain(v) for k, v in sorted(value.items())}
-  if isinstance(value, (list, tuple)):
-    return [plain(v) for v in value]
-  if hasattr(value, 'item') and callable(value.item):
-    return value.item()
-  return value
-
-
-def config_value(config, key: str) -> Any:
-  """`config.a.b` for the dotted key 'a.b'."""
-  node = config
-  for part in key.split('.'):
-    node = node[part]
-  return node
-
-
-def fingerprint(config, keys: Sequence[str], upstream: Iterable[str] = (), extra: Any = None) -> str:
-  """Hash of `config.<key>` for each dotted key (a section or a value), upstream fingerprints and `extra`
-  (anything JSON-able, e.g. the identity of input files)."""
-  payload = {key: plain(config_value(config, key)) for key in keys}
-  payload['_upstream'] = list(upstream)
-  if extra is not None:
-    payload['_extra'] = plain(extra)
-  blob = json.dumps(payload, sort_keys=True, default=str).encode()
-  return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def is_local(path) -> bool:

@@ -46,6 +46,7 @@ from palr_jax import distributed
 from palr_jax import files
 from palr_jax import runner
 from palr_jax import validate
+from palr_jax.stages import base
 from palr_jax.stages import context
 from palr_jax.stages import export
 from palr_jax.stages import finetune
@@ -58,7 +59,7 @@ from palr_jax.stages import retriever
 STAGES = (retriever.declare, profiles.declare, finetune.declare, rank.declare, report.declare, export.declare)
 
 
-def stages(config) -> list[runner.Stage]:
+def stages(config) -> list[base.Stage]:
   out = []
   for declare in STAGES:
     declared = declare(config)
@@ -66,7 +67,7 @@ def stages(config) -> list[runner.Stage]:
   return out
 
 
-def plan(config, workdir, *, only=(), rerun=()) -> list[runner.Stage]:
+def plan(config, workdir, *, only=(), rerun=()) -> list[base.Stage]:
   """The stages a run goes through (`only` those and their upstream), after checking the config and, for
   those stages, the files, model, mesh and workdir it names: a `validate.ConfigError` here means nothing
   was computed."""

@@ -1,7 +1,8 @@
 """The one runner: runs declared stages in order, each only when its outputs are not current.
 
-A `Stage` is data: its name, the config keys its fingerprint hashes, the stages whose outputs it reads,
-the outputs it writes under the workdir W, how it runs on N processes, and its function. Its fingerprint
+A `Stage` (declared in palr_jax/stages/base.py) is data: its name, the config keys its fingerprint hashes,
+the stages whose outputs it reads, the outputs it writes under the workdir W, how it runs on N processes,
+and its function. Its fingerprint
 hashes those config values, the digests of its upstream stages' outputs and the identity of the files
 outside W it reads (`inputs`: a content hash up to `INPUT_HASH_LIMIT`, size and mtime above). When a stage
 finishes, `W/<stage>.fingerprint.json` records the fingerprint and a digest of every output (content hash
@@ -30,10 +31,8 @@ points that share upstream work copy it instead of recomputing.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-import dataclasses
 import hashlib
 import time
-from typing import Any
 
 from absl import logging
 from etils import epath
@@ -41,32 +40,12 @@ import jax
 
 from palr_jax import distributed
 from palr_jax import files
+from palr_jax import fingerprint
+from palr_jax import memory
+from palr_jax.stages.base import COLLECTIVE, SHARDED, Stage
 
-COLLECTIVE, SHARDED, HOST = 'collective', 'sharded', 'host'
 HASH_LIMIT = 256 << 20  # outputs up to this size are content-hashed; larger ones by size
 INPUT_HASH_LIMIT = 64 << 20  # inputs up to this size are content-hashed; larger ones by size and mtime
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-  name: str
-  run: Callable[[Any], Any]              # run(ctx); on the processes `processes` says
-  hashes: tuple[str, ...]                # config keys (dotted) its fingerprint hashes
-  upstream: tuple[str, ...] = ()         # stages whose outputs it reads
-  outputs: tuple[str, ...] = ()          # paths under W it writes (files or folders)
-  processes: str = HOST                  # collective | sharded | host
-  merge: Callable[[Any], Any] | None = None   # sharded: process 0 joins the parts
-  inputs: tuple[str, ...] = ()           # files outside W it reads (data, model)
-  extra: Any = None                      # anything else its result depends on (JSON-able)
-  scratch: tuple[str, ...] = ()          # paths under W of partial work a rerun would resume from
-  what: str = ''                         # what each process does, for the log and docs/pods.md
-  resumes: Callable[[Any], str | None] | None = None  # resumes(ctx): the partial work a run picks up, in words
-
-  def __post_init__(self):
-    if self.processes not in (COLLECTIVE, SHARDED, HOST):
-      raise ValueError(f'stage {self.name}: processes={self.processes!r}')
-    if self.processes == SHARDED and self.merge is None:
-      raise ValueError(f'stage {self.name}: a sharded stage needs a merge')
 
 
 def record_path(workdir, stage: str) -> epath.Path:
@@ -161,8 +140,8 @@ class Runner:
       if record is None or record.get('fingerprint') != self.fingerprints.get(name):
         raise RuntimeError(f'stage {stage.name}: its upstream stage {name} has not finished')
       upstream.append([name, record['outputs']])
-    return files.fingerprint(config, stage.hashes, upstream=[str(u) for u in upstream],
-                          extra={'inputs': input_identity(stage.inputs), 'extra': stage.extra})
+    return fingerprint.of(config, stage.hashes, upstream=[str(u) for u in upstream],
+                          extra={'inputs': input_identity(stage.inputs), 'extra': stage.also_hashes})
 
   def why_not_current(self, stage: Stage, fp: str) -> str | None:
     """None when the stage's recorded outputs are current and intact, else the reason it must run."""
@@ -181,7 +160,7 @@ class Runner:
         return f'its output {name} changed or is damaged since it was written'
     return None
 
-  def plan(self, stage: Stage, config) -> tuple[str, str | None]:
+  def decide(self, stage: Stage, config) -> tuple[str, str | None]:
     """(fingerprint, why the stage must run or None), decided by process 0 and shared with every process:
     each host hashes its own copy of the inputs (their mtimes differ), and all must name the same part
     files and take the same branch. Current outputs kept in `shared_dir` are copied in first."""
@@ -202,14 +181,14 @@ class Runner:
 
   def run(self, stage: Stage, ctx) -> None:
     """Runs `stage` unless current; raises whatever the stage raises (distributed.Preempted included)."""
-    fp, reason = self.plan(stage, ctx.config)
+    fp, reason = self.decide(stage, ctx.config)
     if reason is None:
       return
     self.say(f'{stage.name}: running ({reason})')
     if jax.process_count() > 1:
-      self.say(f'{stage.name}: {stage.processes}: {stage.what}')
+      self.say(f'{stage.name}: {stage.processes}: {stage.per_process}')
     start = time.perf_counter()
-    reset_peak_rss()
+    memory.reset_peak_rss()
     ctx.stage, ctx.fingerprint = stage.name, fp
     ctx.upstream = {name: read_record(self.workdir, name)['outputs'] for name in stage.upstream}
     if stage.resumes is not None and distributed.is_leader():
@@ -229,9 +208,9 @@ class Runner:
           'outputs': {name: digest(self.workdir / name) for name in stage.outputs}})
       self._to_shared(stage, fp)
     distributed.barrier(f'{stage.name}-done')
-    release_memory()
+    memory.release_memory()
     self.ran.append(stage.name)
-    self.say(f'{stage.name}: done in {time.perf_counter() - start:.1f} s (peak RSS {peak_rss_gib():.2f} GiB)')
+    self.say(f'{stage.name}: done in {time.perf_counter() - start:.1f} s (peak RSS {memory.peak_rss_gib():.2f} GiB)')
 
   def _shared(self, stage: Stage, fp: str) -> epath.Path | None:
     return None if self.shared_dir is None else self.shared_dir / stage.name / fp
@@ -268,44 +247,3 @@ def with_upstream(stages: Sequence[Stage], names: Sequence[str]) -> list[Stage]:
       wanted.add(name)
       todo.extend(by_name[name].upstream)
   return [s for s in stages if s.name in wanted]
-
-
-def release_memory() -> None:
-  """Between stages: drops compiled executables and garbage, and hands freed heap back to the OS, so the
-  next stage's peak is its own (a stage's compiled shapes are not reused by the next one)."""
-  import ctypes
-  import gc
-
-  import jax
-  gc.collect()
-  jax.clear_caches()
-  try:
-    ctypes.CDLL('libc.so.6').malloc_trim(0)
-  except (OSError, AttributeError):  # not glibc
-    pass
-
-
-def reset_peak_rss() -> None:
-  """Restarts the process's peak-RSS counter (Linux: /proc/self/clear_refs), so each stage reports its own."""
-  try:
-    with open('/proc/self/clear_refs', 'w') as f:
-      f.write('5')
-  except OSError:
-    pass
-
-
-def peak_rss_gib() -> float:
-  """The process's peak resident memory since the last `reset_peak_rss` (Linux), else since it started."""
-  try:
-    with open('/proc/self/status') as f:
-      return next(int(line.split()[1]) for line in f if line.startswith('VmHWM')) / 2**20
-  except (OSError, StopIteration):
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def process_table(stages: Sequence[Stage]) -> str:
-  """Markdown: each stage, how it runs on N processes and what each process does (docs/pods.md)."""
-  rows = ['| stage | processes | what each process does |', '|---|---|---|']
-  return '\n'.join(rows + [f'| `{s.name}` | {s.processes} | {s.what} |' for s in stages])
-

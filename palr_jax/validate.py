@@ -21,14 +21,14 @@ import uuid
 
 from etils import epath
 
-from palr_jax import files
+from palr_jax import exporter
+from palr_jax import fingerprint
+from palr_jax import variants
 from palr_jax.data import interactions
-from palr_jax.data import profiles as profiles_lib
+from palr_jax.data import profile_text
 from palr_jax.data import prompts
 from palr_jax.model import attention
 from palr_jax.model import scan
-from palr_jax.stages import export
-from palr_jax.stages import rank
 from palr_jax.train import step
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -64,7 +64,7 @@ _NUMBERS = {
 }
 _CHOICES = {
     'data.source': interactions.SOURCES, 'data.repeats': interactions.REPEATS,
-    'retriever.model': RETRIEVERS, 'rank.reduce': REDUCES, 'profiles.kind': profiles_lib.KINDS,
+    'retriever.model': RETRIEVERS, 'rank.reduce': REDUCES, 'profiles.kind': profile_text.KINDS,
     'prompts.candidate_order': prompts.CANDIDATE_ORDERS, 'prompts.missed_target': prompts.MISSED_TARGETS,
     'model.dtype': DTYPES, 'model.param_dtype': DTYPES, 'model.remat': tuple(scan.REMAT_POLICIES),
     'model.attention': attention.ATTENTION_IMPLEMENTATIONS, 'lora.dtype': DTYPES,
@@ -84,7 +84,7 @@ def bad(key: str, value, expected: str) -> ConfigError:
 def value(config, key: str):
   """`config.<key>`, or a ConfigError naming the missing key."""
   try:
-    return files.config_value(config, key)
+    return fingerprint.config_value(config, key)
   except (KeyError, AttributeError):
     raise ConfigError(f'config.{key}: missing; configs start from palr_jax.defaults.get_config()') from None
 
@@ -176,11 +176,6 @@ def _check_eval(config) -> None:
     raise bad('eval.fusion_metric', metric, "'NDCG@k' or 'HR@k'")
 
 
-def trained_variants(config) -> list[str]:
-  """The variants that are fine-tuned (they have training tasks), in config order."""
-  return [name for name, v in config.variants.items() if tuple(v.tasks)]
-
-
 def _check_variants(config) -> None:
   for name, v in value(config, 'variants').items():
     key = f'variants.{name}'
@@ -191,8 +186,8 @@ def _check_variants(config) -> None:
       raise bad(f'{key}.rank_task', v.rank_task, f'one of {prompts.TASKS}')
     if value(config, f'{key}.retrieval_loss') not in prompts.RETRIEVAL_LOSSES:
       raise bad(f'{key}.retrieval_loss', v.retrieval_loss, f'one of {prompts.RETRIEVAL_LOSSES}')
-    if value(config, f'{key}.rank_mode') not in rank.MODES:
-      raise bad(f'{key}.rank_mode', v.rank_mode, f'one of {rank.MODES}')
+    if value(config, f'{key}.rank_mode') not in variants.RANK_MODES:
+      raise bad(f'{key}.rank_mode', v.rank_mode, f'one of {variants.RANK_MODES}')
     if v.rank_mode == 'score' and v.rank_task != 'recommend_retrieval':
       raise bad(f'{key}.rank_mode', v.rank_mode, "'generate' or 'likelihood' for rank_task "
                 f"{v.rank_task!r} ('score' reads candidate tags: rank_task 'recommend_retrieval')")
@@ -201,22 +196,23 @@ def _check_variants(config) -> None:
     raise bad('rank.orders', config.rank.orders, "1 unless config.prompts.candidate_order is 'shuffle' (the "
               'other orders are other seeded shuffles of the candidates)')
   chosen = value(config, 'export.variant')
-  if chosen not in trained_variants(config):
-    raise bad('export.variant', chosen, f'a trained variant (one with tasks): {tuple(trained_variants(config))}')
+  trained = tuple(variants.trained_variants(config))
+  if chosen not in trained:
+    raise bad('export.variant', chosen, f'a trained variant (one with tasks): {trained}')
   formats = value(config, 'export.formats')
-  if not isinstance(formats, (tuple, list)) or not formats or not set(formats) <= set(export.FORMATS):
-    raise bad('export.formats', formats, f'a non-empty tuple of {export.FORMATS}')
+  if not isinstance(formats, (tuple, list)) or not formats or not set(formats) <= set(exporter.FORMATS):
+    raise bad('export.formats', formats, f'a non-empty tuple of {exporter.FORMATS}')
 
 
 def uses_tags(config) -> bool:
   """Whether any trained or evaluated variant shows tagged candidates (recommend_retrieval)."""
-  used = set(trained_variants(config)) | {m for m in config.eval.methods if m in config.variants}
+  used = set(variants.trained_variants(config)) | {m for m in config.eval.methods if m in config.variants}
   return any('recommend_retrieval' in (*config.variants[v].tasks, config.variants[v].rank_task) for v in used)
 
 
 def _check_prompts(config) -> None:
   _reraise(prompts.check_config, config.prompts, prompts.TASKS)
-  _reraise(profiles_lib.check_template, config.profiles)
+  _reraise(profile_text.check_template, config.profiles)
   tags = value(config, 'prompts.tags')
   if not isinstance(tags, (tuple, list)) or not all(isinstance(t, str) and t for t in tags):
     raise bad('prompts.tags', tags, 'a tuple of non-empty strings')

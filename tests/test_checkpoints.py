@@ -13,10 +13,10 @@ import transformers
 from flax import nnx
 
 from palr_jax.defaults import get_config
+from palr_jax import adapters
 from palr_jax import sharding
 from palr_jax.hub import gguf, hf, llama_names
 from palr_jax.hub.load import load_model
-from palr_jax.train import checkpointing
 from palr_jax.model import llama, lora
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -490,7 +490,7 @@ def test_peft_folder_loads_in_peft_with_same_logits(base_folder, tmp_path, targe
   np.testing.assert_allclose(eval_logits(model, ids, pos, seg), torch_logits(tuned, ids), atol=1e-4, rtol=0)
   # ... and reads back (a run's `adapter/` folder) into a fresh model as the same function.
   fresh, _, _ = load_model(model_config(f'hf:{base_folder}'))
-  source, section = checkpointing.apply_trained_adapter(fresh, tmp_path)
+  source, section = adapters.apply_trained_adapter(fresh, tmp_path)
   assert source == f'{tmp_path / "adapter"} (PEFT)' and (section.rank, section.alpha) == (4, 8.0)
   np.testing.assert_allclose(eval_logits(fresh, ids, pos, seg), eval_logits(model, ids, pos, seg), atol=1e-6)
 
@@ -510,7 +510,7 @@ def test_peft_adapter_config_errors(base_folder, tmp_path, change, message):
   (tmp_path / 'adapter' / peft.CONFIG_FILE).write_text(json.dumps(dict(cfg, **change)))
   fresh, _, _ = load_model(model_config(f'hf:{base_folder}'))
   with pytest.raises(ValueError, match=f'adapter_config.json: {message}'):
-    checkpointing.apply_trained_adapter(fresh, tmp_path)
+    adapters.apply_trained_adapter(fresh, tmp_path)
 
 
 def save_like_trainer(workdir, model, lora_config, step=7):
@@ -533,15 +533,15 @@ def save_like_trainer(workdir, model, lora_config, step=7):
 
 def test_export_cli_merged_and_peft_from_trainer_checkpoint(base_folder, tmp_path):
   import peft as hf_peft
-  from palr_jax.stages import export
+  from palr_jax import exporter
   lora_config = lora_section((r'.*self_attn\.(q_proj|k_proj|v_proj|o_proj)', r'.*mlp\.up_proj'), rank=2)
   model, _, cfg = tuned_model(base_folder, lora_config, seed=5)
   save_like_trainer(tmp_path / 'run', model, lora_config)
   ids, pos, seg = batch(cfg.vocab_size, seed=1)
   ours = eval_logits(model, ids, pos, seg)
 
-  export.export_model(model_config(f'hf:{base_folder}'), tmp_path / 'merged', 'merged', workdir=tmp_path / 'run',
-                      max_shard_bytes=export.parse_size('30KB'))
+  exporter.export_model(model_config(f'hf:{base_folder}'), tmp_path / 'merged', 'merged', workdir=tmp_path / 'run',
+                        max_shard_bytes=exporter.parse_size('30KB'))
   merged = tmp_path / 'merged'
   assert {'config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json',
           hf.INDEX_FILE} <= {p.name for p in merged.iterdir()}
@@ -553,8 +553,8 @@ def test_export_cli_merged_and_peft_from_trainer_checkpoint(base_folder, tmp_pat
   tok = transformers.AutoTokenizer.from_pretrained(merged)
   assert tok.convert_ids_to_tokens(tok('the movie')['input_ids']) == ['t', 'he', 'Ġmovie']
 
-  export.export_model(model_config(f'hf:{base_folder}'), tmp_path / 'export' / 'peft', 'peft',
-                      workdir=tmp_path / 'run')
+  exporter.export_model(model_config(f'hf:{base_folder}'), tmp_path / 'export' / 'peft', 'peft',
+                        workdir=tmp_path / 'run')
   (tmp_path / 'run' / 'export').mkdir()
   shutil.copytree(tmp_path / 'export' / 'peft', tmp_path / 'run' / 'export' / 'peft')
   base = transformers.AutoModelForCausalLM.from_pretrained(base_folder)
@@ -564,14 +564,14 @@ def test_export_cli_merged_and_peft_from_trainer_checkpoint(base_folder, tmp_pat
   # Without the orbax checkpoints the run's PEFT folder is found instead: same adapters.
   shutil.rmtree(tmp_path / 'run' / 'checkpoints')
   fresh, _, _ = load_model(model_config(f'hf:{base_folder}'))
-  source, section = checkpointing.apply_trained_adapter(fresh, tmp_path / 'run')
+  source, section = adapters.apply_trained_adapter(fresh, tmp_path / 'run')
   assert source.endswith('export/peft (PEFT)') and section.rank == 2
   np.testing.assert_allclose(eval_logits(fresh, ids, pos, seg), ours, atol=1e-5, rtol=0)
 
 
 def test_export_bf16_and_errors(base_folder, tmp_path):
-  from palr_jax.stages import export
-  export.export_model(model_config(f'hf:{base_folder}'), tmp_path / 'bf16', 'merged', dtype='bfloat16')
+  from palr_jax import exporter
+  exporter.export_model(model_config(f'hf:{base_folder}'), tmp_path / 'bf16', 'merged', dtype='bfloat16')
   assert json.loads((tmp_path / 'bf16' / 'config.json').read_text())['torch_dtype'] == 'bfloat16'
   assert {str(t.dtype) for t in hf.stored_tensors(tmp_path / 'bf16').values()} == {'bfloat16'}
   # The fp32 base, rounded to bf16 (round-to-nearest-even, as torch does), read by transformers.
@@ -580,12 +580,12 @@ def test_export_bf16_and_errors(base_folder, tmp_path):
   assert set(bf16) == set(ref)
   for name, value in ref.items():
     torch.testing.assert_close(bf16[name], value.to(torch.bfloat16), rtol=0, atol=0)
-  assert export.parse_size('5GB') == 5 * 10**9 and export.parse_size('30KB') == 30000
+  assert exporter.parse_size('5GB') == 5 * 10**9 and exporter.parse_size('30KB') == 30000
   with pytest.raises(ValueError, match='--format peft needs --workdir'):
-    export.export_model(model_config(f'hf:{base_folder}'), tmp_path / 'x', 'peft')
+    exporter.export_model(model_config(f'hf:{base_folder}'), tmp_path / 'x', 'peft')
   (tmp_path / 'untrained').mkdir()
   with pytest.raises(FileNotFoundError, match='no trained adapter'):
-    export.export_model(model_config(f'hf:{base_folder}'), tmp_path / 'x', 'merged', workdir=tmp_path / 'untrained')
+    exporter.export_model(model_config(f'hf:{base_folder}'), tmp_path / 'x', 'merged', workdir=tmp_path / 'untrained')
   assert not (tmp_path / 'x').exists()
 
 
@@ -597,7 +597,7 @@ def snapshot(root):
 def test_export_never_destroys(base_folder, tmp_path, monkeypatch):
   """Issue: export deleted a non-empty --out, the run's own folder (its checkpoints and TensorBoard
   events), and on `--out .` failed leaving a 517 MB temporary folder."""
-  from palr_jax.stages import export
+  from palr_jax import exporter
   spec, lora_config = model_config(f'hf:{base_folder}'), lora_section(rank=2)
   run = tmp_path / 'W' / 'palr_v2'
   save_like_trainer(run, tuned_model(base_folder, lora_config, seed=1)[0], lora_config)
@@ -607,24 +607,24 @@ def test_export_never_destroys(base_folder, tmp_path, monkeypatch):
   (tmp_path / 'D' / 'notes.txt').write_text('mine')
   before = snapshot(tmp_path)
   with pytest.raises(ValueError, match=r'D exists and is not empty; pass --overwrite to replace it'):
-    export.export_model(spec, tmp_path / 'D', 'merged', workdir=run)
+    exporter.export_model(spec, tmp_path / 'D', 'merged', workdir=run)
   for out in (run, run / 'merged', tmp_path / 'W'):  # the run folder, inside it, holding it: even with overwrite
     with pytest.raises(ValueError, match='would write into the run folder'):
-      export.export_model(spec, out, 'merged', workdir=run, overwrite=True)
+      exporter.export_model(spec, out, 'merged', workdir=run, overwrite=True)
   monkeypatch.chdir(tmp_path / 'D')
   for out in ('.', '..'):
     with pytest.raises(ValueError, match='is the current directory or holds it; choose a new folder'):
-      export.export_model(spec, out, 'merged', overwrite=True)
+      exporter.export_model(spec, out, 'merged', overwrite=True)
   assert snapshot(tmp_path) == before  # nothing deleted, no temporary folder left
 
 
 def test_a_failed_export_leaves_the_old_one_and_no_temporary_folder(base_folder, tmp_path, monkeypatch):
   from palr_jax.hub import peft
-  from palr_jax.stages import export
+  from palr_jax import exporter
   spec, lora_config = model_config(f'hf:{base_folder}'), lora_section(rank=2)
   save_like_trainer(tmp_path / 'run', tuned_model(base_folder, lora_config, seed=1)[0], lora_config)
-  export.export_model(spec, tmp_path / 'merged', 'merged')
-  export.export_model(spec, tmp_path / 'peft', 'peft', workdir=tmp_path / 'run')
+  exporter.export_model(spec, tmp_path / 'merged', 'merged')
+  exporter.export_model(spec, tmp_path / 'peft', 'peft', workdir=tmp_path / 'run')
   before = snapshot(tmp_path)
 
   def full_disk(folder, *args, **kwargs):
@@ -635,7 +635,7 @@ def test_a_failed_export_leaves_the_old_one_and_no_temporary_folder(base_folder,
   monkeypatch.setattr(peft, 'save_adapter', full_disk)
   for out, fmt, workdir in (('merged', 'merged', ''), ('new', 'merged', ''), ('peft', 'peft', tmp_path / 'run')):
     with pytest.raises(OSError, match='No space left'):
-      export.export_model(spec, tmp_path / out, fmt, workdir=workdir, overwrite=True)
+      exporter.export_model(spec, tmp_path / out, fmt, workdir=workdir, overwrite=True)
   assert snapshot(tmp_path) == before
 
 
@@ -647,7 +647,7 @@ def test_trained_adapter_restores_onto_mesh(base_folder, tmp_path):
   c.mesh.fsdp, c.mesh.tensor = 4, 2
   mesh = sharding.make_mesh(c.mesh)
   sharded, _, _ = load_model(model_config(f'hf:{base_folder}'), mesh=mesh, rules=c.mesh.rules)
-  source, _ = checkpointing.apply_trained_adapter(sharded, tmp_path, mesh=mesh, rules=c.mesh.rules)
+  source, _ = adapters.apply_trained_adapter(sharded, tmp_path, mesh=mesh, rules=c.mesh.rules)
   assert source == f'{tmp_path / "checkpoints"}/7 (orbax)'
   a = llama.named_params(sharded, nnx.LoRAParam)['layers.1.self_attn.v_proj.lora_a'].value
   assert a.sharding.spec == jax.sharding.PartitionSpec('fsdp', None)  # ('embed', 'lora_rank')
@@ -656,6 +656,6 @@ def test_trained_adapter_restores_onto_mesh(base_folder, tmp_path):
                              atol=1e-5, rtol=0)
   # A model that already has (other) adapters gets the checkpoint's values.
   other, _, _ = tuned_model(base_folder, lora_config, seed=10)
-  checkpointing.apply_trained_adapter(other, tmp_path)
+  adapters.apply_trained_adapter(other, tmp_path)
   np.testing.assert_allclose(eval_logits(other, ids, pos, seg), eval_logits(model, ids, pos, seg),
                              atol=1e-6, rtol=0)

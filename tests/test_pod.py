@@ -191,8 +191,9 @@ def test_preempted_pod_resumes_to_the_same_results(fixtures, one, tmp_path):
 
 
 def test_pods_doc_says_what_each_process_does():
-  """docs/pods.md's table is the stages' own declaration (`Stage.what`), so it cannot drift from them."""
-  from palr_jax import defaults, main, runner  # pylint: disable=g-import-not-at-top
-  table = runner.process_table(main.stages(defaults.get_config()))
+  """docs/pods.md's table is the stages' own declaration (`Stage.per_process`), so it cannot drift from them."""
+  from palr_jax import defaults, main  # pylint: disable=g-import-not-at-top
+  from palr_jax.stages import base  # pylint: disable=g-import-not-at-top
+  table = base.process_table(main.stages(defaults.get_config()))
   assert '| `rank` | sharded |' in table
   assert table in (ROOT / 'docs' / 'pods.md').read_text()

@@ -6,7 +6,7 @@ import pytest
 
 from palr_jax import runner
 from palr_jax.data import interactions, prompts
-from palr_jax.data import profiles
+from palr_jax.data import profile_text
 from palr_jax.model import decode, llama
 from palr_jax.stages import context
 from palr_jax.stages import profiles as stage
@@ -29,7 +29,7 @@ def make_profiles(config, workdir, inter, split, model=None, tok=None):
     ctx.tokenizer = tok
     ctx.base_model = lambda mesh: model
   runner.Runner(workdir).run(stage.declare(config), ctx)
-  return profiles.read_profiles(workdir / 'profiles.jsonl', inter)
+  return profile_text.read_profiles(workdir / 'profiles.jsonl', inter)
 
 
 def test_stats_profile_for_fixture_user():
@@ -37,18 +37,18 @@ def test_stats_profile_for_fixture_user():
   split = interactions.leave_one_out(inter)
   config = tiny_config()
   # User 3: train = items 1 0 2 3 5 6 7 8 9 10 11 12, first training target at position 12 - 3 = 9.
-  items = profiles.profile_items(split, 3, config.prompts.max_examples_per_user)
+  items = profile_text.profile_items(split, 3, config.prompts.max_examples_per_user)
   assert items.tolist() == [1, 0, 2, 3, 5, 6, 7, 8, 9]
-  assert profiles.stats_profile(inter, items, config.profiles) == (
+  assert profile_text.stats_profile(inter, items, config.profiles) == (
       'Favourite genres: Comedy 44%, Drama 44%, Crime 33%, Action 22%, Animation 11%.')
   titled = tiny_interactions(titles=['Love Story', 'Love Actually', 'Story of Love', 'The Night', 'Night Moves']
                              + tiny_interactions().titles[5:])
   config.profiles.top_genres = 1
-  assert profiles.stats_profile(titled, [0, 1, 2, 3, 4], config.profiles) == (
+  assert profile_text.stats_profile(titled, [0, 1, 2, 3, 4], config.profiles) == (
       'Favourite genres: Comedy 60%. Frequent title words: love, story.')   # 'night' is a stopword
   empty = tiny_interactions()
   empty.genres[:] = [()] * len(empty.genres)
-  assert profiles.stats_profile(empty, [0, 1], config.profiles) == ''
+  assert profile_text.stats_profile(empty, [0, 1], config.profiles) == ''
 
 
 def test_llm_request_renders_template():
@@ -56,24 +56,24 @@ def test_llm_request_renders_template():
   split = interactions.leave_one_out(inter)
   config = tiny_config()
   config.profiles.max_history = 4
-  items = profiles.profile_items(split, 3, config.prompts.max_examples_per_user)
-  assert profiles.llm_request(inter, items, 3, config.profiles) == (
+  items = profile_text.profile_items(split, 3, config.prompts.max_examples_per_user)
+  assert profile_text.llm_request(inter, items, 3, config.profiles) == (
       'A user watched these movies, oldest first:\n- Fargo\n- Babe\n- Clueless\n- Rob Roy\n'
       'Genres they watched most: Comedy 44%, Drama 44%, Crime 33%, Action 22%, Animation 11%.\n'
       'About the user: age 33, gender F, occupation artist.\n'
       "In two sentences, describe this user's taste in movies: favourite genres, themes and eras. "
       'Do not list titles.')
   config.profiles.user_features = ('zip_code', 'income')      # unknown names are skipped
-  assert 'About the user: zip_code 15213.\n' in profiles.llm_request(inter, items, 3, config.profiles)
+  assert 'About the user: zip_code 15213.\n' in profile_text.llm_request(inter, items, 3, config.profiles)
   config.profiles.template = 'Describe {user}'
   with pytest.raises(ValueError, match='config.profiles.template'):
-    profiles.check_template(config.profiles)
+    profile_text.check_template(config.profiles)
 
 
 def test_clean_profile():
-  assert profiles.clean_profile('Likes **Drama**.\n They are') == 'Likes Drama.'
-  assert profiles.clean_profile('Likes drama. Also comedy!') == 'Likes drama. Also comedy!'
-  assert profiles.clean_profile('no sentence end') == 'no sentence end'
+  assert profile_text.clean_profile('Likes **Drama**.\n They are') == 'Likes Drama.'
+  assert profile_text.clean_profile('Likes drama. Also comedy!') == 'Likes drama. Also comedy!'
+  assert profile_text.clean_profile('no sentence end') == 'no sentence end'
 
 
 def test_profile_precedes_every_training_target_and_holds_no_heldout_item(tok, tmp_path):
@@ -82,25 +82,25 @@ def test_profile_precedes_every_training_target_and_holds_no_heldout_item(tok, t
   config = tiny_config()
   config.prompts.max_examples_per_user = 5
   texts = make_profiles(config, tmp_path, inter, split)
-  assert texts == profiles.read_profiles(tmp_path / 'profiles.jsonl', inter)
+  assert texts == profile_text.read_profiles(tmp_path / 'profiles.jsonl', inter)
   write_candidates(tmp_path / 'candidates', inter, split, count=6)
   builder = prompts.PromptBuilder(config, inter, tok)
   train = prompts.build_examples(builder, split, 'train', texts,
                                  prompts.read_candidates(tmp_path / 'candidates/train.jsonl', split, 'train'))
   for u in range(len(REPEATS)):
     heldout = {int(split.valid[u]), int(split.test[u])}
-    source = profiles.profile_items(split, u, 5)
+    source = profile_text.profile_items(split, u, 5)
     start = prompts.training_positions(len(split.train[u]), 5).start
     assert all(e.position >= start for e in train if e.user == u)
     # The source is train[u][:start] minus the held-out items: before every training target.
     assert source.tolist() == [int(i) for i in split.train[u][:start] if int(i) not in heldout]
     assert not heldout & set(source.tolist())
     # And it is the profile the prompts carry (stats of exactly those items).
-    expected = profiles.stats_profile(inter, source, config.profiles)
+    expected = profile_text.stats_profile(inter, source, config.profiles)
     assert texts[u] == expected and expected
     assert all(f'Profile: {expected}\n' in e.prompt for e in train if e.user == u)
   assert {1, 3} <= set(int(i) for i in split.train[0][:6])     # repeats of user 0's held-out items before s_0
-  assert profiles.profile_items(split, 0, 5).tolist() == [0, 2, 5]
+  assert profile_text.profile_items(split, 0, 5).tolist() == [0, 2, 5]
 
 
 def _model(tok):
@@ -129,15 +129,15 @@ def test_llm_profiles_batched_equal_one_by_one(tok, tmp_path):
   assert [r['user_index'] for r in rows] == [0, 1, 2, 3] and [r['user'] for r in rows] == ['u0', 'u1', 'u2', 'u3']
   assert not (tmp_path / stage.PARTS).exists()
   for u, row in enumerate(rows):
-    items = profiles.profile_items(split, u, config.prompts.max_examples_per_user)
+    items = profile_text.profile_items(split, u, config.prompts.max_examples_per_user)
     assert row['items'] == len(items)
-    request = profiles.llm_request(inter, items, u, config.profiles)
+    request = profile_text.llm_request(inter, items, u, config.profiles)
     ids = tok(tok.apply_chat_template([{'role': 'user', 'content': request}], tokenize=False,
                                       add_generation_prompt=True), add_special_tokens=False)['input_ids']
     [alone] = decode.generate(model, [ids], max_new_tokens=6, eos_ids=[tok.eos_token_id],
                               pad_id=tok.pad_token_id, buckets=config.batching.length_buckets)
     assert len(alone) <= 6
-    assert texts[u] == profiles.clean_profile(tok.decode(alone, skip_special_tokens=True))
+    assert texts[u] == profile_text.clean_profile(tok.decode(alone, skip_special_tokens=True))
   assert any(texts)
 
 
@@ -184,14 +184,14 @@ def test_profile_file_and_config_errors(tmp_path):
   rows = (tmp_path / 'profiles.jsonl').read_text().splitlines()
   (tmp_path / 'short.jsonl').write_text('\n'.join(rows[:3]) + '\n')
   with pytest.raises(ValueError, match=r"no profile for 1 users \(first: \['u3'\]\)"):
-    profiles.read_profiles(tmp_path / 'short.jsonl', inter)
+    profile_text.read_profiles(tmp_path / 'short.jsonl', inter)
   bad = json.loads(rows[1])
   bad['user'] = 'someone'
   (tmp_path / 'bad.jsonl').write_text('\n'.join([rows[0], json.dumps(bad)]) + '\n')
   with pytest.raises(ValueError, match=r'bad.jsonl:2: user_index 1 / user .someone. do not match'):
-    profiles.read_profiles(tmp_path / 'bad.jsonl', inter)
+    profile_text.read_profiles(tmp_path / 'bad.jsonl', inter)
   with pytest.raises(FileNotFoundError, match='run the profiles stage first'):
-    profiles.read_profiles(tmp_path / 'none.jsonl', inter)
+    profile_text.read_profiles(tmp_path / 'none.jsonl', inter)
   config.profiles.kind = 'bio'
   with pytest.raises(ValueError, match="config.profiles.kind = 'bio'"):
     make_profiles(config, tmp_path / 'bio', inter, split)

@@ -9,6 +9,7 @@ import pytest
 
 from palr_jax import main as palr_main
 from palr_jax import runner
+from palr_jax.stages import base
 from palr_jax.defaults import get_config
 from palr_jax.train import progress
 from tests.pipeline_fixtures import config as _config, write_dataset as _write_dataset, write_model as _write_model
@@ -28,8 +29,8 @@ def _stage(calls, inputs=(), scratch=()):
     (ctx.workdir / 'part').mkdir(exist_ok=True)
     (ctx.workdir / 'part' / '0').write_text('partial')
 
-  return runner.Stage(name='s', run=run, hashes=('seed',), outputs=('out.jsonl',), inputs=tuple(inputs),
-                      scratch=tuple(scratch))
+  return base.Stage(name='s', run=run, hashes=('seed',), outputs=('out.jsonl',), inputs=tuple(inputs),
+                    scratch=tuple(scratch))
 
 
 def _run(stage, workdir, shared=None):

@@ -11,8 +11,9 @@ import matplotlib.image
 import ml_collections
 import pytest
 
-from palr_jax.tools import sweep
-from palr_jax.tools.sweep import axis, product, zip_
+from palr_jax import cli
+from palr_jax.sweep import launch, report, run, spec
+from palr_jax.sweep.spec import axis, product, zip_
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -52,43 +53,43 @@ def test_product_and_zip_expand_in_order():
   nested = product(axis('s', [0, 1]), zip_(axis('a', [1, 2]), axis('b', [3, 4])))
   assert nested == [{'s': 0, 'a': 1, 'b': 3}, {'s': 0, 'a': 2, 'b': 4},
                     {'s': 1, 'a': 1, 'b': 3}, {'s': 1, 'a': 2, 'b': 4}]
-  with pytest.raises(sweep.SweepError, match='different lengths'):
+  with pytest.raises(spec.SweepError, match='different lengths'):
     zip_(axis('a', [1, 2]), axis('b', [3]))
-  with pytest.raises(sweep.SweepError, match=r"\['a'\] appear in more than one axis"):
+  with pytest.raises(spec.SweepError, match=r"\['a'\] appear in more than one axis"):
     product(axis('a', [1]), axis('a', [2]))
-  with pytest.raises(sweep.SweepError, match='non-empty list'):
+  with pytest.raises(spec.SweepError, match='non-empty list'):
     axis('a', 'abc')
 
 
 def test_load_sweep_validates(tmp_path):
   good = tmp_path / 'good.py'
-  good.write_text('from palr_jax.tools.sweep import axis\nBASE_CONFIG = "c.py:x"\n'
+  good.write_text('from palr_jax.sweep.spec import axis\nBASE_CONFIG = "c.py:x"\n'
                   'def get_sweep():\n  return axis("lora.rank", [4, 8])\n')
-  assert sweep.load_sweep(str(good)) == ([{'lora.rank': 4}, {'lora.rank': 8}], 'c.py:x')
+  assert spec.load_sweep(str(good)) == ([{'lora.rank': 4}, {'lora.rank': 8}], 'c.py:x')
   bad = tmp_path / 'bad.py'
   bad.write_text('X = 1\n')
-  with pytest.raises(sweep.SweepError, match=f'{bad}: defines no get_sweep'):
-    sweep.load_sweep(str(bad))
+  with pytest.raises(spec.SweepError, match=f'{bad}: defines no get_sweep'):
+    spec.load_sweep(str(bad))
   dup = tmp_path / 'dup.py'
   dup.write_text('def get_sweep():\n  return [{"seed": 1}, {"seed": 1}]\n')
-  with pytest.raises(sweep.SweepError, match=r"points repeat: \['seed=1'\]"):
-    sweep.load_sweep(str(dup))
-  with pytest.raises(sweep.SweepError, match='not found'):
-    sweep.load_sweep(str(tmp_path / 'missing.py'))
+  with pytest.raises(spec.SweepError, match=r"points repeat: \['seed=1'\]"):
+    spec.load_sweep(str(dup))
+  with pytest.raises(spec.SweepError, match='not found'):
+    spec.load_sweep(str(tmp_path / 'missing.py'))
 
 
 def test_point_names_and_overrides():
-  assert sweep.point_name({'lora.rank': 8, 'lora.targets': ('q', 'v')}) == \
+  assert spec.point_name({'lora.rank': 8, 'lora.targets': ('q', 'v')}) == \
       "lora.rank=8,lora.targets=__q_,__v__"
   config = base_config()
-  out = sweep.apply_overrides(config, {'lora.rank': 4, 'lora.targets': ['k', 'v']})
+  out = spec.apply_overrides(config, {'lora.rank': 4, 'lora.targets': ['k', 'v']})
   assert (out.lora.rank, out.lora.targets, config.lora.rank) == (4, ('k', 'v'), 8)
-  with pytest.raises(sweep.SweepError, match=r"p1: config has no key 'lora.rnak'"):
-    sweep.apply_overrides(config, {'lora.rnak': 4}, 'p1')
-  with pytest.raises(sweep.SweepError, match=r"config has no key 'seed.x'"):
-    sweep.apply_overrides(config, {'seed.x': 4})
-  with pytest.raises(sweep.SweepError, match=r"cannot set 'lora.rank' to 'big'"):
-    sweep.apply_overrides(config, {'lora.rank': 'big'})
+  with pytest.raises(spec.SweepError, match=r"p1: config has no key 'lora.rnak'"):
+    spec.apply_overrides(config, {'lora.rnak': 4}, 'p1')
+  with pytest.raises(spec.SweepError, match=r"config has no key 'seed.x'"):
+    spec.apply_overrides(config, {'seed.x': 4})
+  with pytest.raises(spec.SweepError, match=r"cannot set 'lora.rank' to 'big'"):
+    spec.apply_overrides(config, {'lora.rank': 'big'})
 
 
 def test_run_resume_and_reports(tmp_path):
@@ -96,26 +97,26 @@ def test_run_resume_and_reports(tmp_path):
   names = ['lora.rank=4,seed=0', 'lora.rank=16,seed=0', 'lora.rank=8,seed=0']
   killed = FakeRunner(fail_on=8)
   with pytest.raises(KeyboardInterrupt):
-    sweep.run_sweep(base_config(), points, tmp_path, runner=killed)
+    run.run_sweep(base_config(), points, tmp_path, runner=killed)
   assert [c[1] for c in killed.calls] == [tmp_path / n for n in names]
   assert all(c[2] == tmp_path / '_shared' for c in killed.calls)
   assert [c[0].lora.rank for c in killed.calls] == [4, 16, 8]
 
   resumed = FakeRunner()
-  assert sweep.run_sweep(base_config(), points, tmp_path, runner=resumed) == [names[2]]
+  assert run.run_sweep(base_config(), points, tmp_path, runner=resumed) == [names[2]]
   assert [c[1] for c in resumed.calls] == [tmp_path / names[2]]
-  assert sweep.run_sweep(base_config(), points, tmp_path, runner=resumed) == []
+  assert run.run_sweep(base_config(), points, tmp_path, runner=resumed) == []
   record = json.loads((tmp_path / names[0] / 'sweep_point.json').read_text())
   assert record['overrides'] == {'lora.rank': 4, 'seed': 0} and record['config']['lora']['rank'] == 4
 
   changed = base_config()
   changed.lora.alpha = 32.0  # The base config changed: every recorded config is stale.
   rerun = FakeRunner()
-  assert sweep.run_sweep(changed, points, tmp_path, runner=rerun, only=[names[1]]) == [names[1]]
-  with pytest.raises(sweep.SweepError, match='unknown point'):
-    sweep.run_sweep(changed, points, tmp_path, runner=rerun, only=['nope'])
+  assert run.run_sweep(changed, points, tmp_path, runner=rerun, only=[names[1]]) == [names[1]]
+  with pytest.raises(spec.SweepError, match='unknown point'):
+    run.run_sweep(changed, points, tmp_path, runner=rerun, only=['nope'])
 
-  rows = sweep.write_reports(points, tmp_path)
+  rows = report.write_reports(points, tmp_path)
   assert [r['point'] for r in rows] == names
   with open(tmp_path / 'sweep.csv') as f:
     table = list(csv.DictReader(f))
@@ -132,16 +133,16 @@ def test_run_resume_and_reports(tmp_path):
 
 def test_unfinished_points_are_listed_not_reported(tmp_path):
   points = axis('lora.rank', [4, 8])
-  sweep.run_sweep(base_config(), points, tmp_path, runner=FakeRunner(), only=['lora.rank=4'])
-  rows = sweep.write_reports(points, tmp_path)
+  run.run_sweep(base_config(), points, tmp_path, runner=FakeRunner(), only=['lora.rank=4'])
+  rows = report.write_reports(points, tmp_path)
   assert [r['point'] for r in rows] == ['lora.rank=4']
   assert 'Not finished: lora.rank=8' in (tmp_path / 'sweep.md').read_text()
   (tmp_path / 'lora.rank=4' / 'results.json').write_text('{"test": ')
-  with pytest.raises(sweep.SweepError, match=r'lora.rank=4/results.json: not JSON'):
-    sweep.collect(points, tmp_path)
+  with pytest.raises(spec.SweepError, match=r'lora.rank=4/results.json: not JSON'):
+    report.collect(points, tmp_path)
   (tmp_path / 'lora.rank=4' / 'results.json').write_text('{"test": {"retriever": {"HR@10": 0.1}}}')
-  with pytest.raises(sweep.SweepError, match=r'lora.rank=4/results.json: expected .*"metrics"'):
-    sweep.collect(points, tmp_path)
+  with pytest.raises(spec.SweepError, match=r'lora.rank=4/results.json: expected .*"metrics"'):
+    report.collect(points, tmp_path)
 
 
 def test_launch_commands_exact():
@@ -149,13 +150,13 @@ def test_launch_commands_exact():
   common = ['python', '-m', 'palr_jax.tools.sweep', '--sweep', 'configs/sweeps/lora_rank.py', '--workdir',
             'gs://b/sw', '--config', 'configs/ml1m_llama2_7b.py:v5e-16',
             "--config.lora.targets=('q', 'v')", '--only']
-  tpu = sweep.launch_commands(
+  tpu = launch.launch_commands(
       'tpu_vm', points, sweep_path='configs/sweeps/lora_rank.py', workdir='gs://b/sw',
       config_spec='configs/ml1m_llama2_7b.py:v5e-16', config_overrides={'lora.targets': ('q', 'v')},
       launch_args=['--name', 'palr', '--zone', 'us-west4-a'])
   assert tpu == [shlex.join(['launch/tpu_vm.sh', '--name', 'palr', '--zone', 'us-west4-a', '--watch', '--',
                              *common, f'lora.rank={r}']) for r in (4, 8)]
-  slurm = sweep.launch_commands(
+  slurm = launch.launch_commands(
       'slurm', points, sweep_path='configs/sweeps/lora_rank.py', workdir='gs://b/sw',
       config_spec='configs/ml1m_llama2_7b.py:v5e-16', config_overrides={'lora.targets': ('q', 'v')},
       launch_args=['--nodes=2'])
@@ -171,11 +172,11 @@ def test_cli_emits_unfinished_points_and_collects(tmp_path):
       '  c = defaults.get_config()\n  c.lora.rank = 8\n'
       '  return c\n')
   (tmp_path / 'sw.py').write_text(
-      f'from palr_jax.tools.sweep import axis\nBASE_CONFIG = "{tmp_path}/cfg.py"\n'
+      f'from palr_jax.sweep.spec import axis\nBASE_CONFIG = "{tmp_path}/cfg.py"\n'
       'def get_sweep():\n  return axis("lora.rank", [4, 8])\n')
   work = tmp_path / 'w'
-  sweep.run_sweep(sweep.load_config(f'{tmp_path}/cfg.py'), [{'lora.rank': 4}], work,
-                  runner=FakeRunner())
+  run.run_sweep(cli.load_config(f'{tmp_path}/cfg.py'), [{'lora.rank': 4}], work,
+                runner=FakeRunner())
   cmd = [sys.executable, '-m', 'palr_jax.tools.sweep', f'--sweep={tmp_path}/sw.py', f'--workdir={work}']
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   out = subprocess.run(cmd + ['--emit-launch=slurm', '--launch-args=--nodes=2'], capture_output=True,
@@ -209,11 +210,11 @@ def test_two_point_sweep_of_the_whole_pipeline(tmp_path, monkeypatch):
   names = ['rank.max_items=1', 'rank.max_items=3']
   work = tmp_path / 'sweep'
 
-  assert sweep.run_sweep(config, points, work) == names
+  assert run.run_sweep(config, points, work) == names
   assert trained == [work / names[0] / 'palr_v1', work / names[0] / 'palr_v2']
-  assert sweep.run_sweep(config, points, work) == []  # Finished points are skipped.
+  assert run.run_sweep(config, points, work) == []  # Finished points are skipped.
 
-  rows = sweep.write_reports(points, work)
+  rows = report.write_reports(points, work)
   assert [r['point'] for r in rows] == names
   with open(work / 'sweep.csv') as f:
     table = list(csv.DictReader(f))

@@ -315,7 +315,7 @@ def test_restore_errors_are_one_line(tmp_path, capfd):
   # The adapters alone (what ranking and export read) fail the same way, without the config to compare.
   model = tc.tiny_model(other)
   with pytest.raises(ValueError, match=r'checkpoints/2: its LoRA adapters do not fit this model \(layers.0'):
-    checkpointing._restore_adapters(model, tmp_path / 'checkpoints', 2)  # pylint: disable=protected-access
+    checkpointing.restore_adapters(model, tmp_path / 'checkpoints', 2)
 
   for chunk in (tmp_path / 'checkpoints' / '2' / 'state' / 'd').iterdir():  # cut every data chunk in half
     with open(chunk, 'r+b') as f:

@@ -5,7 +5,7 @@
 Data, retriever and profiles do not depend on `lora`, so they are computed once in W/_shared; each point
 fine-tunes, ranks and evaluates. Results: W/sweep.csv, W/sweep.md, W/sweep.png.
 """
-from palr_jax.tools.sweep import axis, zip_
+from palr_jax.sweep.spec import axis, zip_
 
 BASE_CONFIG = 'configs/ml100k.py:quick'
 

@@ -32,6 +32,7 @@ from etils import epath
 import numpy as np
 
 from palr_jax import files
+from palr_jax import fingerprint
 from palr_jax.batching import BATCH_KEYS
 from palr_jax.data import prompts
 from palr_jax.data import tf_cpu
@@ -60,7 +61,7 @@ def examples_fingerprint(config, variant: str, upstream: Sequence[str] = ()) -> 
   extra = {'tasks': tasks, 'repeats': {t: repeats[t] for t in tasks if repeats[t] != 1}}
   if 'recommend_retrieval' in tasks:
     extra['retrieval_loss'] = retrieval_loss(config, variant)
-  return files.fingerprint(config, EXAMPLE_KEYS, upstream, extra=extra)
+  return fingerprint.of(config, EXAMPLE_KEYS, upstream, extra=extra)
 
 
 def retrieval_loss(config, variant: str) -> str:
@@ -140,7 +141,7 @@ def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence
   """Builds and writes the train and valid examples of `variant` unless this fingerprint's are on disk;
   returns the folder `W/examples/<fingerprint>`.
 
-  `profiles[u]` per user (`palr_jax.data.profiles`), None without profiles. recommend_retrieval reads
+  `profiles[u]` per user (`palr_jax.data.profile_text`), None without profiles. recommend_retrieval reads
   `W/candidates/{train,valid}.jsonl`.
   """
   fingerprint = examples_fingerprint(config, variant, upstream)

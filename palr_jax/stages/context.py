@@ -15,7 +15,7 @@ from flax import nnx
 from palr_jax import rng
 from palr_jax import sharding
 from palr_jax.data import interactions
-from palr_jax.data import profiles as profiles_lib
+from palr_jax.data import profile_text
 from palr_jax.hub import hf, load
 from palr_jax.model import llama
 from palr_jax.sharding import Placement
@@ -45,7 +45,7 @@ class Context:
     """Each user's profile (W/profiles.jsonl), or None when prompts do not show profiles."""
     if not self.config.prompts.use_profile:
       return None
-    return profiles_lib.read_profiles(self.workdir / 'profiles.jsonl', self.inter)
+    return profile_text.read_profiles(self.workdir / 'profiles.jsonl', self.inter)
 
   # The model.
 

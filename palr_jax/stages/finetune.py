@@ -24,30 +24,30 @@ from absl import logging
 
 from palr_jax import distributed
 from palr_jax import files
-from palr_jax import runner
 from palr_jax import sharding
+from palr_jax import variants
 from palr_jax.data import pipeline
+from palr_jax.stages import base
 from palr_jax.train import checkpointing
 from palr_jax.train import loop
-from palr_jax.validate import trained_variants  # noqa: F401 - also read from here by report
 
 HASHES = ('seed', 'prompts', 'retriever.num_candidates', 'model.spec', 'model.dtype', 'model.param_dtype',
           'model.remat', 'model.attention', 'lora', 'train', 'batching', 'mesh')
 
 
-def declare(config) -> list[runner.Stage]:
-  return [runner.Stage(
+def declare(config) -> list[base.Stage]:
+  return [base.Stage(
       name=f'finetune_{variant}', run=functools.partial(run, variant=variant),
       hashes=HASHES + (f'variants.{variant}.tasks', f'variants.{variant}.task_repeats') + (
           (f'variants.{variant}.retrieval_loss',) if 'recommend_retrieval' in config.variants[variant].tasks
           else ()),
       upstream=('retriever', 'profiles'),
       outputs=(f'{variant}/checkpoints', f'{variant}/{checkpointing.ADAPTERS}', f'{variant}/tensorboard'),
-      processes=runner.COLLECTIVE, scratch=('examples', f'{variant}/run.json'),
+      processes=base.COLLECTIVE, scratch=('examples', f'{variant}/run.json'),
       resumes=functools.partial(resumes, variant=variant),
-      what='process 0 writes the examples once; then every process feeds its rows of each global batch '
+      per_process='process 0 writes the examples once; then every process feeds its rows of each global batch '
            'to the step on the global mesh; all write orbax checkpoints, process 0 the PEFT adapters')
-      for variant in trained_variants(config)]
+      for variant in variants.trained_variants(config)]
 
 
 def resumes(ctx, variant: str) -> str | None:

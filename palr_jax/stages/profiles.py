@@ -1,4 +1,4 @@
-"""Stage `profiles`: a short text about each user's taste -> `W/profiles.jsonl` (palr_jax/data/profiles.py
+"""Stage `profiles`: a short text about each user's taste -> `W/profiles.jsonl` (palr_jax/data/profile_text.py
 says what it is written from, and why that never leaks a target).
 
 Processes: sharded. Users are sorted by the length of their request and dealt round-robin to the
@@ -16,26 +16,26 @@ import tqdm
 
 from palr_jax import distributed
 from palr_jax import files
-from palr_jax import runner
 from palr_jax.data import interactions
-from palr_jax.data import profiles as lib
+from palr_jax.data import profile_text
 from palr_jax.hub import load
 from palr_jax.model import decode
+from palr_jax.stages import base
 
 PARTS = 'profiles.parts'
 
 
-def declare(config) -> runner.Stage:
+def declare(config) -> base.Stage:
   hashes = ('data', 'profiles', 'prompts.max_examples_per_user')
   inputs = tuple(interactions.source_files(config.data))
   if config.profiles.kind == 'llm':
     hashes += ('model.spec', 'model.dtype', 'model.param_dtype', 'batching.length_buckets')
     source = load.model_source(config.model.spec)
     inputs += (str(source.path / 'config.json') if source.kind == 'hf' else str(source.path),)
-  return runner.Stage(
+  return base.Stage(
       name='profiles', run=run, merge=merge, hashes=hashes, outputs=('profiles.jsonl',),
-      processes=runner.SHARDED, inputs=inputs, scratch=(PARTS,), resumes=resumes,
-      what='every process generates the profiles of its share of the users on its host-local mesh and '
+      processes=base.SHARDED, inputs=inputs, scratch=(PARTS,), resumes=resumes,
+      per_process='every process generates the profiles of its share of the users on its host-local mesh and '
            'writes them as part files; process 0 joins them into profiles.jsonl')
 
 
@@ -54,7 +54,7 @@ def finished(ctx) -> dict[int, dict]:
   done: dict[int, dict] = {}
   if folder.exists():
     for part in sorted(folder.glob('*.jsonl')):
-      for u, row in lib.rows_by_user(files.read_jsonl(part), ctx.inter, str(part)).items():
+      for u, row in profile_text.rows_by_user(files.read_jsonl(part), ctx.inter, str(part)).items():
         done.setdefault(u, row)
   return done
 
@@ -62,12 +62,12 @@ def finished(ctx) -> dict[int, dict]:
 def run(ctx) -> None:
   config = ctx.config
   cfg = config.profiles
-  if cfg.kind not in lib.KINDS:
-    raise ValueError(f'config.profiles.kind = {cfg.kind!r}: expected one of {lib.KINDS}')
-  lib.check_template(cfg)
+  if cfg.kind not in profile_text.KINDS:
+    raise ValueError(f'config.profiles.kind = {cfg.kind!r}: expected one of {profile_text.KINDS}')
+  profile_text.check_template(cfg)
   if cfg.kind == 'stats':
     if distributed.is_leader():
-      files.atomic_write_jsonl(_parts(ctx) / '0.jsonl', lib.stats_profiles(ctx.inter, ctx.split, config))
+      files.atomic_write_jsonl(_parts(ctx) / '0.jsonl', profile_text.stats_profiles(ctx.inter, ctx.split, config))
     return
   generate_profiles(ctx)
 
@@ -77,11 +77,12 @@ def generate_profiles(ctx) -> None:
   config, inter, split = ctx.config, ctx.inter, ctx.split
   cfg = config.profiles
   done = finished(ctx)
-  sources = {u: lib.profile_items(split, u, config.prompts.max_examples_per_user)
+  sources = {u: profile_text.profile_items(split, u, config.prompts.max_examples_per_user)
              for u in range(len(inter.user_ids))}
   todo = [u for u in sources if u not in done]
   tokenizer = ctx.tokenizer
-  requests = {u: lib.chat_ids(tokenizer, cfg.system, lib.llm_request(inter, sources[u], u, cfg)) for u in todo}
+  requests = {u: profile_text.chat_ids(tokenizer, cfg.system, profile_text.llm_request(inter, sources[u], u, cfg))
+              for u in todo}
   todo.sort(key=lambda u: (len(requests[u]), u))    # similar lengths share a batch and a bucket
   mine = distributed.share(todo)
   logging.info('profiles: %d users done, %d to write, %d of them by this process', len(done), len(todo),
@@ -99,8 +100,8 @@ def generate_profiles(ctx) -> None:
     out = decode.generate(model, [requests[u] for u in users], max_new_tokens=int(cfg.max_new_tokens),
                           eos_ids=eos, pad_id=pad, buckets=config.batching.length_buckets,
                           batch_size=batch_size, placement=ctx.placement)
-    rows = [lib.row(inter, u, lib.clean_profile(tokenizer.decode(ids, skip_special_tokens=True)),
-                    len(sources[u])) for u, ids in zip(users, out)]
+    rows = [profile_text.row(inter, u, profile_text.clean_profile(tokenizer.decode(ids, skip_special_tokens=True)),
+                             len(sources[u])) for u, ids in zip(users, out)]
     files.atomic_write_jsonl(_parts(ctx) / f'{users[0]}.jsonl', rows)
     logging.info('profiles: %d/%d users of this process (%.2f users/s)', b + len(users), len(mine),
                  (b + len(users)) / (time.perf_counter() - start))

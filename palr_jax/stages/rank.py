@@ -29,18 +29,19 @@ from etils import epath
 import jax
 import numpy as np
 
+from palr_jax import adapters
 from palr_jax import distributed
 from palr_jax import files
 from palr_jax import rng
-from palr_jax import runner
+from palr_jax import variants
 from palr_jax.data import prompts
 from palr_jax.hub import load
 from palr_jax.model import rerank
+from palr_jax.stages import base
 from palr_jax.stages import retriever
 from palr_jax.train import checkpointing
 
 SPLITS = ('valid', 'test')
-MODES = ('score', 'generate', 'likelihood')
 PARTS = 'rank_parts'
 
 
@@ -54,19 +55,19 @@ def llm_methods(config) -> list[str]:
   return out
 
 
-def declare(config) -> runner.Stage:
+def declare(config) -> base.Stage:
   methods = llm_methods(config)
   trained = [m for m in methods if tuple(config.variants[m].tasks)]
   source = load.model_source(config.model.spec)
-  return runner.Stage(
+  return base.Stage(
       name='rank', run=run, merge=merge,
       hashes=('seed', 'eval.max_users', 'eval.methods', 'rank', 'prompts', 'retriever.num_candidates',
               'model.spec', 'model.dtype', 'model.param_dtype', 'batching.length_buckets',
               *(f'variants.{m}' for m in methods)),
       upstream=('retriever', 'profiles', *(f'finetune_{m}' for m in trained)), outputs=('rankings.json',),
-      processes=runner.SHARDED, scratch=(PARTS,), resumes=resumes,
+      processes=base.SHARDED, scratch=(PARTS,), resumes=resumes,
       inputs=(str(source.path / 'config.json') if source.kind == 'hf' else str(source.path),),
-      what='every process ranks its share of the evaluation users on its host-local mesh (adapters from '
+      per_process='every process ranks its share of the evaluation users on its host-local mesh (adapters from '
            'their PEFT folders) and writes part files; process 0 joins them into rankings.json')
 
 
@@ -114,7 +115,7 @@ def rank_users(model, builder: prompts.PromptBuilder, examples: Sequence[prompts
     answers = [builder.candidate_answers(e, end_of_turn=True) for e in examples]  # gains nothing
     scores = rerank.score_continuations(model, ranking_prompts, answers, reduce=c.reduce, **common)
   else:
-    raise ValueError(f'rank_mode: expected one of {MODES}, got {mode!r}')
+    raise ValueError(f'rank_mode: expected one of {variants.RANK_MODES}, got {mode!r}')
   return [np.asarray(row[:len(e.candidates)], np.float64) for row, e in zip(scores, examples)]
 
 
@@ -234,7 +235,7 @@ def run(ctx) -> None:
       def compute():
         start = time.perf_counter()
         if step is not None:
-          checkpointing.apply_trained_adapter(model, ctx.workdir / method, step, mesh=ctx.local_mesh,
+          adapters.apply_trained_adapter(model, ctx.workdir / method, step, mesh=ctx.local_mesh,
                                               rules=config.mesh.rules)
         out = rank_split(ctx, model, builder, which, mine, mode)
         logging.info('rank: %s %s (checkpoint %s, %s): %d users in %.1f s', method, which, step, mode,

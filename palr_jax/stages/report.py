@@ -13,8 +13,8 @@ import numpy as np
 
 from palr_jax import files
 from palr_jax import metrics
-from palr_jax import runner
-from palr_jax.stages import finetune
+from palr_jax import variants
+from palr_jax.stages import base
 from palr_jax.stages import rank
 from palr_jax.train import progress
 
@@ -22,12 +22,12 @@ FUSED = '+fusion'
 OUTPUTS = ('results.json', 'results.md', 'predictions/test.jsonl', 'plots/hr_at_k.png', 'plots/loss.png')
 
 
-def declare(config) -> runner.Stage:
-  return runner.Stage(
+def declare(config) -> base.Stage:
+  return base.Stage(
       name='report', run=run, hashes=('seed', 'eval', 'export.variant'),
-      upstream=('rank', *(f'finetune_{v}' for v in finetune.trained_variants(config))), outputs=OUTPUTS,
-      processes=runner.HOST,
-      what='process 0 computes the metrics and writes the report, predictions and plots; the others wait')
+      upstream=('rank', *(f'finetune_{v}' for v in variants.trained_variants(config))), outputs=OUTPUTS,
+      processes=base.HOST,
+      per_process='process 0 computes the metrics and writes the report, predictions and plots; the others wait')
 
 
 def run(ctx) -> None:
@@ -66,7 +66,7 @@ def run(ctx) -> None:
       for u, t, r, items in zip(users.tolist(), test['targets'], test['ranks'], test['items'])])
   files.atomic_write_bytes(workdir / 'plots' / 'hr_at_k.png', plot_hr_at_k(results, ks))
   files.atomic_write_bytes(workdir / 'plots' / 'loss.png', plot_losses(
-      {v: read_losses(workdir / v / 'tensorboard') for v in finetune.trained_variants(config)}))
+      {v: read_losses(workdir / v / 'tensorboard') for v in variants.trained_variants(config)}))
 
 
 def fused_methods(config, methods: dict) -> dict:

@@ -27,22 +27,22 @@ import tqdm
 from palr_jax import files
 from palr_jax import metrics
 from palr_jax import rng
-from palr_jax import runner
 from palr_jax import sharding
 from palr_jax.data import interactions
 from palr_jax.retrieval import candidates
 from palr_jax.retrieval import mf
+from palr_jax.stages import base
 
 BASELINES = 'retriever_baselines.json'  # the MF model alone: every user's valid/test rank and top K
 OUTPUTS = ('candidates/train.jsonl', 'candidates/valid.jsonl', 'candidates/test.jsonl',
            'retriever_results.json', BASELINES)
 
 
-def declare(config) -> runner.Stage:
-  return runner.Stage(
+def declare(config) -> base.Stage:
+  return base.Stage(
       name='retriever', run=run, hashes=('seed', 'data', 'retriever', 'eval.ks'), outputs=OUTPUTS,
-      processes=runner.HOST, inputs=tuple(interactions.source_files(config.data)),
-      what='process 0 fits the retriever (CPU) and writes the candidate files; the others wait')
+      processes=base.HOST, inputs=tuple(interactions.source_files(config.data)),
+      per_process='process 0 fits the retriever (CPU) and writes the candidate files; the others wait')
 
 
 def search_grid(retriever_config) -> list[dict]:

@@ -256,24 +256,24 @@ class Report:
 def check(config, devices: Devices, *, hf_config: str | None = None, usable_fraction: float = 0.9
           ) -> Report:
   """Per-device bytes of the base, adapters, optimizer state, gradients and activations."""
-  from palr_jax.model import lora as lora_lib
-  from palr_jax.train import step as train
+  from palr_jax.model import lora
+  from palr_jax.train import step
 
   model_config, source = model_shape(config.model, hf_config)
   mesh = abstract_mesh(config.mesh, devices.count)
   rules = config.mesh.rules
   c = config.train
-  train.check_batch_layout(c, mesh, rules)
+  step.check_batch_layout(c, mesh, rules)
 
   def build():
     model = llama.Llama(model_config, rngs=nnx.Rngs(0))
-    lora_lib.apply_lora(model, config.lora, rngs=nnx.Rngs(1))
+    lora.apply_lora(model, config.lora, rngs=nnx.Rngs(1))
     return model
 
-  parts, values, frozen = train.split_model(nnx.eval_shape(build))
-  optimizer = train.make_optimizer(c)
-  abstract = jax.eval_shape(lambda v: train.init_state(v, optimizer), values)
-  shardings = train.state_shardings(abstract, parts, optimizer, mesh, rules)
+  parts, values, frozen = step.split_model(nnx.eval_shape(build))
+  optimizer = step.make_optimizer(c)
+  abstract = jax.eval_shape(lambda v: step.init_state(v, optimizer), values)
+  shardings = step.state_shardings(abstract, parts, optimizer, mesh, rules)
   base = device_bytes(_values(frozen), jax.tree.leaves(sharding.state_shardings(frozen, mesh, rules)))
   adapters = device_bytes(abstract['lora'], shardings['lora'])
   optimizer_state = device_bytes([abstract['opt_state'], abstract['step']],

@@ -22,8 +22,8 @@ from ml_collections import config_flags
 
 from palr_jax import cli
 from palr_jax import defaults
+from palr_jax import exporter
 from palr_jax import validate
-from palr_jax.stages import export
 
 def _define_flags() -> None:
   """Only when run as a program (tests import this module beside others that define --config)."""
@@ -31,7 +31,7 @@ def _define_flags() -> None:
                                   'Config path.py[:arg]; only its model section is read.')
   flags.DEFINE_string('workdir', '', 'Run folder holding the trained LoRA adapter.')
   flags.DEFINE_string('out', None, 'Folder to write.', required=True)
-  flags.DEFINE_enum('format', 'merged', export.FORMATS, 'What to write.')
+  flags.DEFINE_enum('format', 'merged', exporter.FORMATS, 'What to write.')
   flags.DEFINE_integer('step', None, 'Checkpoint step of the adapter (default: the latest).')
   flags.DEFINE_string('max_shard_size', '5GB', 'merged: split model.safetensors above this size.')
   flags.DEFINE_enum('dtype', '', ['', 'float32', 'bfloat16', 'float16'],
@@ -49,9 +49,9 @@ def main(argv):
   model_config = f.config.model
   model_config.param_dtype = 'float32'  # merge W + (alpha/r) A B in fp32, then cast to --dtype
   try:  # export_model refuses a destination it would destroy before it loads anything
-    source = export.export_model(model_config, f.out, f.format, workdir=f.workdir, step=f.step,
-                                 max_shard_bytes=export.parse_size(f.max_shard_size), dtype=f.dtype,
-                                 overwrite=f.overwrite)
+    source = exporter.export_model(model_config, f.out, f.format, workdir=f.workdir, step=f.step,
+                                   max_shard_bytes=exporter.parse_size(f.max_shard_size), dtype=f.dtype,
+                                   overwrite=f.overwrite)
   except (ValueError, FileNotFoundError) as e:
     raise validate.ConfigError(str(e)) from None
   if source:

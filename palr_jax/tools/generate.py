@@ -6,7 +6,7 @@
 
 Greedy unless --temperature > 0. `--chat` wraps the prompt as one user turn with the tokenizer's chat
 template (and the generation prompt). `--workdir` adds the run's trained adapter
-(`palr_jax.train.checkpointing.apply_trained_adapter`). `--config` defaults to palr_jax/defaults.py; the
+(`palr_jax.adapters.apply_trained_adapter`). `--config` defaults to palr_jax/defaults.py; the
 model section is read (spec, dtype, cache_dir), and the one length policy (`batching.length_buckets`).
 """
 from __future__ import annotations
@@ -18,12 +18,12 @@ from etils import epath
 import jax
 from ml_collections import config_flags
 
+from palr_jax import adapters
 from palr_jax import cli
 from palr_jax import defaults
 from palr_jax import validate
 from palr_jax.hub import load
 from palr_jax.model import decode
-from palr_jax.train import checkpointing
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
   """Token ids of the prompt: as one chat user turn plus the assistant header, or as plain text."""
@@ -70,7 +70,7 @@ def main(argv):
     raise validate.ConfigError(f'--workdir {f.workdir}: no such folder (the run folder that trained the adapter)')
   model, tokenizer, llama_config = load.load_model(config.model)
   if f.workdir:
-    source, _ = checkpointing.apply_trained_adapter(model, f.workdir)
+    source, _ = adapters.apply_trained_adapter(model, f.workdir)
     print(f'[adapter: {source}]')
   ids = prompt_ids(tokenizer, f.prompt, f.chat)
   eos, pad = stop_ids(llama_config, tokenizer)

@@ -21,7 +21,7 @@ import numpy as np
 from palr_jax import cli
 from palr_jax import validate
 from palr_jax.data import interactions
-from palr_jax.data import profiles as profiles_lib
+from palr_jax.data import profile_text
 from palr_jax.data import prompts
 from palr_jax.hub import hf, load
 
@@ -83,9 +83,9 @@ def main(argv):
   if config.prompts.use_profile:
     path = workdir / 'profiles.jsonl'
     if path.exists() or config.profiles.kind != 'stats':
-      texts = profiles_lib.read_profiles(path, inter)
+      texts = profile_text.read_profiles(path, inter)
     else:
-      texts = [r['profile'] for r in profiles_lib.stats_profiles(inter, split, config)]
+      texts = [r['profile'] for r in profile_text.stats_profiles(inter, split, config)]
   candidates = (prompts.read_candidates(workdir / 'candidates' / f'{which}.jsonl', split, which)
                 if 'recommend_retrieval' in tasks else None)
   print(show_examples(config, inter, split, tokenizer, texts, candidates, which, f.show, tasks))

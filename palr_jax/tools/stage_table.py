@@ -17,16 +17,12 @@ import sys
 from etils import epath
 
 from palr_jax import files
+from palr_jax.stages import base
 
 BEGIN, END = '<!-- stage-table:begin -->', '<!-- stage-table:end -->'
 ROOT = epath.Path(__file__).parent.parent.parent
 # Which document holds which table.
 DOCS = {'docs/ARCHITECTURE.md': 'fingerprints', 'docs/pods.md': 'processes'}
-
-
-def _per_process(stage) -> str:
-  # `per_process` after the Stage type moved to stages/base.py; `what` before.
-  return getattr(stage, 'per_process', None) or getattr(stage, 'what', '')
 
 
 def _code(items: Sequence[str]) -> str:
@@ -49,12 +45,6 @@ def fingerprint_table(stages) -> str:
   return '\n'.join(rows)
 
 
-def process_table(stages) -> str:
-  """Markdown: each stage, how it runs on N processes and what each process does (docs/pods.md)."""
-  rows = ['| stage | processes | what each process does |', '|---|---|---|']
-  return '\n'.join(rows + [f'| `{s.name}` | {s.processes} | {_per_process(s)} |' for s in stages])
-
-
 def default_stages():
   """The stage list the runner gets from palr_jax/main.py for palr_jax/defaults.py's config."""
   from palr_jax import defaults  # pylint: disable=g-import-not-at-top
@@ -64,7 +54,7 @@ def default_stages():
 
 def tables(stages=None) -> dict[str, str]:
   stages = default_stages() if stages is None else stages
-  return {'fingerprints': fingerprint_table(stages), 'processes': process_table(stages)}
+  return {'fingerprints': fingerprint_table(stages), 'processes': base.process_table(stages)}
 
 
 def between_markers(text: str, where: str = '') -> str:

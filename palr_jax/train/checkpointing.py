@@ -2,8 +2,8 @@
 
 A checkpoint under `W/<variant>/checkpoints/<step>` holds the train state (adapters, optimizer state,
 step), every process's data-iterator state and the config, never the frozen base; orbax writes it
-asynchronously, and only finalized steps count. `apply_trained_adapter` adds a run's adapters to a model,
-from a checkpoint or from a PEFT folder.
+asynchronously, and only finalized steps count. `write_adapters` writes each kept checkpoint's adapters
+as a PEFT folder; palr_jax/adapters.py adds a run's adapters to a model for inference.
 
 Restoring fails in one line, never in orbax's traceback: adapters of other shapes than the model's are
 found before any array is read, with the config keys whose saved value differs from this run's (say
@@ -24,18 +24,16 @@ from etils import epath
 from flax import nnx
 import jax
 from jax.experimental import multihost_utils
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 from palr_jax import files
-from palr_jax.hub import load, peft
+from palr_jax import fingerprint
+from palr_jax.hub import peft
 from palr_jax.model import lora
 
 ITEMS = ('state', 'data', 'config')  # the items of a checkpoint step
 ADAPTERS = 'adapters'   # W/adapters/step_<N>: each kept checkpoint's adapters as a PEFT folder
-# Where a run folder may keep an exported adapter in PEFT layout, in order of preference.
-ADAPTER_DIRS = ('export/peft', 'adapter')
 
 
 # Where orbax (tensorstore) can write the arrays itself: local paths and gs://. Elsewhere (any other
@@ -204,7 +202,7 @@ def check_adapter_shapes(manager: ocp.CheckpointManager, step: int, expected: di
 
 def changed_keys(saved: dict, config) -> list[tuple[str, Any, Any]]:
   """(dotted key, saved value, current value) of every config value that differs, in key order."""
-  return [(k, a, b) for k, a, b in _leaf_pairs(saved, files.plain(config)) if a != b]
+  return [(k, a, b) for k, a, b in _leaf_pairs(saved, fingerprint.plain(config)) if a != b]
 
 
 def _leaf_pairs(a, b, prefix: str = ''):
@@ -235,15 +233,6 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract_state
                    f'they cannot be spread over {jax.process_count()} processes')
 
 
-def find_adapter(workdir) -> epath.Path | None:
-  """The PEFT adapter folder of a run (`W/export/peft` or `W/adapter`), or None."""
-  for name in ADAPTER_DIRS:
-    folder = epath.Path(workdir) / name
-    if (folder / peft.CONFIG_FILE).exists():
-      return folder
-  return None
-
-
 def adapter_dir(workdir, step: int) -> epath.Path:
   return epath.Path(workdir) / ADAPTERS / f'step_{step}'
 
@@ -257,7 +246,7 @@ def adapter_steps(workdir) -> list[int]:
                 if p.name.startswith('step_') and p.name[5:].isdigit() and (p / peft.CONFIG_FILE).exists())
 
 
-def _restore_adapters(model: nnx.Module, directory: epath.Path, step: int) -> None:
+def restore_adapters(model: nnx.Module, directory: epath.Path, step: int) -> None:
   """Sets the model's adapters (in place, keeping their shardings) from orbax checkpoint `step`."""
   manager = orbax_manager(directory)
   if step not in manager.all_steps():
@@ -285,7 +274,7 @@ def write_adapters(workdir, model: nnx.Module, lora_config, base_name: str) -> l
   workdir = epath.Path(workdir)
   steps = checkpoint_steps(workdir)
   for step in steps:
-    _restore_adapters(model, workdir / 'checkpoints', step)
+    restore_adapters(model, workdir / 'checkpoints', step)
     values = {'.'.join(map(str, path)): _host(var.value) for path, var in nnx.to_flat_state(lora.lora_state(model))}
     if jax.process_index() == 0:
       peft.save_adapter(adapter_dir(workdir, step), model, lora_config, base_name, values)
@@ -293,43 +282,3 @@ def write_adapters(workdir, model: nnx.Module, lora_config, base_name: str) -> l
     for old in set(adapter_steps(workdir)) - set(steps):
       adapter_dir(workdir, old).rmtree()
   return steps
-
-
-def apply_trained_adapter(model: nnx.Module, workdir, step: int | None = None, *, mesh=None, rules=None
-                          ) -> tuple[str, ml_collections.ConfigDict]:
-  """Adds the adapters trained in `workdir` to `model` (in place, laid out on `mesh` by `rules`), from,
-  in this order: the PEFT folder of checkpoint `step` (`W/adapters/step_<N>`, default the latest), the
-  trainer's orbax checkpoint `step` (LoRA settings from the config saved with it), a PEFT folder of an
-  export (`find_adapter`, when no step is asked for). A model that has adapters already gets their values
-  replaced. Returns (where they came from, the lora config section)."""
-  workdir = epath.Path(workdir)
-  has_adapters = bool(lora.lora_state(model))
-  written = adapter_steps(workdir)
-  directory = workdir / 'checkpoints'
-  if written and (step is None or step in written):
-    folder = adapter_dir(workdir, written[-1] if step is None else step)
-  elif directory.exists() and orbax_manager(directory).all_steps():
-    manager = orbax_manager(directory)
-    step = manager.latest_step() if step is None else step
-    if step not in manager.all_steps():
-      raise FileNotFoundError(f'{directory}: no checkpoint for step {step}; have {sorted(manager.all_steps())}')
-    saved = saved_config(manager, step)
-    if 'lora' not in saved:
-      raise ValueError(f'{directory}/{step}: the saved config has no lora section')
-    lora_config = ml_collections.ConfigDict(saved['lora'])
-    if not has_adapters:
-      load.add_lora(model, lora_config, nnx.Rngs(0), mesh, rules)
-    _restore_adapters(model, directory, step)
-    return f'{directory}/{step} (orbax)', lora_config
-  elif step is not None:
-    raise FileNotFoundError(f'{workdir}: no adapters or checkpoint for step {step} (have {written})')
-  else:
-    folder = find_adapter(workdir)
-    if folder is None:
-      raise FileNotFoundError(f'{workdir}: no trained adapter (no {ADAPTERS}/step_N, no checkpoint under '
-                              f'checkpoints/, no PEFT folder at {" or ".join(ADAPTER_DIRS)})')
-  lora_config = peft.lora_config_for(folder, model, 'float32')
-  if not has_adapters:
-    load.add_lora(model, lora_config, nnx.Rngs(0), mesh, rules)
-  peft.load_adapter(model, folder)
-  return f'{folder} (PEFT)', lora_config
