@@ -6,6 +6,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -303,3 +304,17 @@ def test_local_two_processes_form_one_job():
                'import os, sys, time; i = int(os.environ["JAX_PROCESS_ID"]); '
                'sys.exit(3) if i else time.sleep(60)')
   assert out.returncode == 3  # The first failure stops the other process and is the exit status.
+
+
+def test_local_job_whose_hosts_each_have_their_own_workdir_exits_2_at_once(tmp_path):
+  """The main job as 2 processes, each with its own local folder as --workdir (what a node-local disk is
+  on a pod): every process exits 2 at start with one line, before the config's data is even looked at."""
+  job = (f'exec python -m palr_jax.main --config {ROOT}/configs/ml100k.py:quick '
+         f'--workdir {tmp_path}/host$JAX_PROCESS_ID')
+  out = launch('local.sh', '--processes', '2', '--cpu-devices', '1', '--port', str(free_port()), '--venv',
+               sys.prefix, '--', 'sh', '-c', job, env={'PYTHONPATH': str(ROOT)})
+  assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
+  lines = sorted(l for l in out.stdout.splitlines() if 'palr_jax.main:' in l)
+  assert lines == [f'[{i}] palr_jax.main: --workdir {tmp_path}/host{i}: process(es) [1] of 2 do not see the file '
+                   'process 0 wrote there: each host has its own folder; a multi-process job needs a workdir every '
+                   'host shares (gs://BUCKET/..., or a shared filesystem)' for i in (0, 1)]
