@@ -393,53 +393,73 @@ def slurm_env(tmp_path):
           'SLURM_JOB_NODELIST': 'gpu-a[17-18]', 'SLURM_NNODES': '2', 'SLURM_GPUS_ON_NODE': '8'}
 
 
-@pytest.mark.parametrize('tasks,devices', [(2, '0,1,2,3,4,5,6,7'), (16, '$SLURM_LOCALID')])
+PER_GPU = 'case ${CUDA_VISIBLE_DEVICES:-} in ""|*,*) devices=$SLURM_LOCALID;; *) devices=0;; esac'
+
+
+@pytest.mark.parametrize('tasks,devices', [(2, 'devices=0,1,2,3,4,5,6,7'), (16, PER_GPU)])
 def test_slurm_dry_run_two_nodes(slurm_env, tasks, devices):
   out = launch('slurm_gpu.sbatch', '--dry-run', '--', *TRAIN,
                env={**slurm_env, 'SLURM_NTASKS': str(tasks)})
   assert out.returncode == 0, out.stderr
   port = 61440 + 4242 % 4096
-  task = (f'export JAX_PROCESS_ID=$SLURM_PROCID JAX_LOCAL_DEVICE_IDS={devices} && . .venv/bin/activate '
+  task = (f'{devices}; export JAX_PROCESS_ID=$SLURM_PROCID JAX_LOCAL_DEVICE_IDS=$devices && . .venv/bin/activate '
           '&& exec "$@"')
   assert out.stdout.splitlines() == [shlex.join([
       'env', f'JAX_COORDINATOR_ADDRESS=gpu-a17:{port}', f'JAX_NUM_PROCESSES={tasks}',
       'XLA_PYTHON_CLIENT_MEM_FRACTION=0.9', 'srun', '--wait=120', '--label', 'bash', '-c', task,
-      'bash', *TRAIN]), '# on exit code 75: scontrol requeue 4242']
+      'bash', *TRAIN]), '# on exit code 75 or 143 (or a failure after SIGTERM): scontrol requeue 4242']
 
 
-@pytest.mark.parametrize('code,restarts,requeued', [(75, 0, True), (75, 20, False), (1, 0, False), (0, 0, False)])
-def test_slurm_requeues_on_the_preemption_code(slurm_env, tmp_path, code, restarts, requeued):
-  """The job (a stand-in srun) exits with `code`: 75 (checkpoint saved on SIGTERM) requeues the job with
-  scontrol, unless it was requeued --max-requeues times already; the script exits with the job's code."""
+@pytest.mark.parametrize('tasks,visible,local_id,want', [
+    (16, '3', '3', '0'),                  # SLURM binds one GPU to each task: CUDA calls it 0
+    (16, '0,1,2,3,4,5,6,7', '3', '3'),    # every task sees the node's GPUs: its own is SLURM_LOCALID
+    (16, None, '5', '5'),
+    (2, '0,1,2,3,4,5,6,7', '0', '0,1,2,3,4,5,6,7')])
+def test_slurm_task_picks_the_gpus_cuda_numbers_for_it(slurm_env, tmp_path, tasks, visible, local_id, want):
+  """The task line srun runs, run here by bash in a task's environment: JAX_LOCAL_DEVICE_IDS as CUDA
+  numbers the task's GPUs."""
+  (tmp_path / 'venv' / 'bin').mkdir(parents=True)
+  (tmp_path / 'venv' / 'bin' / 'activate').write_text('')
+  out = launch('slurm_gpu.sbatch', '--dry-run', '--venv', str(tmp_path / 'venv'), '--', 'x',
+               env={**slurm_env, 'SLURM_NTASKS': str(tasks)})
+  words = shlex.split(out.stdout.splitlines()[0])
+  task = words[words.index('-c') + 1]
+  env = {k: v for k, v in os.environ.items() if k != 'CUDA_VISIBLE_DEVICES'}
+  env.update(SLURM_PROCID='11', SLURM_LOCALID=local_id, **({'CUDA_VISIBLE_DEVICES': visible} if visible else {}))
+  got = subprocess.run(['bash', '-c', task, 'bash', 'sh', '-c', 'echo $JAX_PROCESS_ID $JAX_LOCAL_DEVICE_IDS'],
+                       capture_output=True, text=True, env=env, check=True).stdout
+  assert got == f'11 {want}\n'
+
+
+@pytest.mark.parametrize('code,restarts,sigterm,requeued', [
+    (75, 0, False, True), (75, 0, True, True), (75, 20, False, False), (143, 0, False, True), (1, 0, False, False),
+    (1, 0, True, True), (2, 0, True, False), (0, 0, False, False), (0, 0, True, False)])
+def test_slurm_requeues_a_preempted_job(slurm_env, tmp_path, code, restarts, sigterm, requeued):
+  """The job (a stand-in srun) exits with `code`: 75 (SIGTERM in any stage) or 143 (killed by SIGTERM)
+  requeues the job with scontrol, unless it was requeued --max-requeues times already; after a SIGTERM
+  to the batch shell (preemption, the time limit) any failure but a bad config (2) does too; the script
+  exits with the job's code, and the requeued run appends to the same output file."""
   bin_dir = pathlib.Path(slurm_env['PATH'].split(':')[0])
-  (bin_dir / 'srun').write_text(f'#!/bin/sh\nexit {code}\n')
+  signal_it = f'touch {tmp_path}/started; sleep 2; ' if sigterm else ''
+  (bin_dir / 'srun').write_text(f'#!/bin/sh\n{signal_it}exit {code}\n')
   (bin_dir / 'srun').chmod(0o755)
   log = f'{{ echo "$*" >> {tmp_path}/calls; exit 0; }}'
   (bin_dir / 'scontrol').write_text((bin_dir / 'scontrol').read_text().replace('|| exit 1', f'|| {log}'))
-  out = launch('slurm_gpu.sbatch', '--', 'python', '-m', 'palr_jax.main',
-               env={**slurm_env, 'SLURM_NTASKS': '2', 'SLURM_RESTART_COUNT': str(restarts)})
-  assert out.returncode == code, out.stderr
+  proc = subprocess.Popen(['bash', str(LAUNCH / 'slurm_gpu.sbatch'), '--', 'python', '-m', 'palr_jax.main'],
+                          stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, **slurm_env, 'SLURM_NTASKS': '2', 'SLURM_RESTART_COUNT': str(restarts)})
+  if sigterm:
+    while not (tmp_path / 'started').exists():
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=60) == code
+  err = proc.stderr.read()
   calls = (tmp_path / 'calls').read_text().splitlines() if (tmp_path / 'calls').exists() else []
-  assert calls == (['requeue 4242'] if requeued else [])
-  assert ('not requeueing' in out.stderr) == (code == 75 and not requeued)
-  assert '#SBATCH --requeue' in (LAUNCH / 'slurm_gpu.sbatch').read_text()
-
-
-def test_slurm_script_outlives_a_sigterm_to_requeue(slurm_env, tmp_path):
-  """SLURM's preemption signals the batch shell too: it waits for the job to save and exit, then requeues."""
-  bin_dir = pathlib.Path(slurm_env['PATH'].split(':')[0])
-  (bin_dir / 'srun').write_text(f'#!/bin/sh\ntouch {tmp_path}/started; sleep 2; exit 75\n')
-  (bin_dir / 'srun').chmod(0o755)
-  log = f'{{ echo "$*" >> {tmp_path}/calls; exit 0; }}'
-  (bin_dir / 'scontrol').write_text((bin_dir / 'scontrol').read_text().replace('|| exit 1', f'|| {log}'))
-  proc = subprocess.Popen(['bash', str(LAUNCH / 'slurm_gpu.sbatch'), '--', 'python'], stderr=subprocess.PIPE,
-                          text=True, env={**os.environ, **slurm_env, 'SLURM_NTASKS': '2'})
-  while not (tmp_path / 'started').exists():
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
-  assert proc.wait(timeout=30) == 75, proc.stderr.read()
-  assert 'waiting for the job to save and exit' in proc.stderr.read()
-  assert (tmp_path / 'calls').read_text() == 'requeue 4242\n'
+  assert calls == (['requeue 4242'] if requeued else []), err
+  assert ('not requeueing' in err) == (code == 75 and not requeued)
+  assert ('SIGTERM: waiting for the job to save and exit' in err) == sigterm  # it outlived the signal
+  text = (LAUNCH / 'slurm_gpu.sbatch').read_text()
+  assert '#SBATCH --requeue' in text and '#SBATCH --open-mode=append' in text
 
 
 def test_slurm_refuses_bad_layouts(slurm_env):
