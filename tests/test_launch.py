@@ -501,11 +501,11 @@ def test_local_two_processes_form_one_job():
   """The variables local.sh sets are the ones palr_jax.distributed reads: 2 x 4 CPU devices = 8."""
   code = ('import jax; from palr_jax import distributed; distributed.initialize(); '
           'print("job", jax.process_index(), jax.process_count(), jax.device_count())')
-  out = launch('local.sh', '--processes', '2', '--cpu-devices', '4', '--port', str(free_port()), '--',
-               'python', '-c', code)
+  out = launch('local.sh', '--processes', '2', '--cpu-devices', '4', '--port', str(free_port()), '--venv', sys.prefix,
+               '--', 'python', '-c', code, env={'PYTHONPATH': str(ROOT)})
   assert out.returncode == 0, out.stdout + out.stderr
   assert sorted(l for l in out.stdout.splitlines() if 'job' in l) == ['[0] job 0 2 8', '[1] job 1 2 8']
-  out = launch('local.sh', '--processes', '2', '--', 'python', '-c',
+  out = launch('local.sh', '--processes', '2', '--venv', sys.prefix, '--', 'python', '-c',
                'import os, sys, time; i = int(os.environ["JAX_PROCESS_ID"]); '
                'sys.exit(3) if i else time.sleep(60)')
   assert out.returncode == 3  # The first failure stops the other process and is the exit status.
@@ -523,3 +523,22 @@ def test_local_job_whose_hosts_each_have_their_own_workdir_exits_2_at_once(tmp_p
   assert lines == [f'[{i}] palr_jax.main: --workdir {tmp_path}/host{i}: process(es) [1] of 2 do not see the file '
                    'process 0 wrote there: each host has its own folder; a multi-process job needs a workdir every '
                    'host shares (gs://BUCKET/..., or a shared filesystem)' for i in (0, 1)]
+
+
+def test_local_passes_sigterm_on_and_exits_with_the_preemption_code(tmp_path):
+  """SIGTERM to local.sh (a scheduler stopping it) reaches both processes, blocked outside training;
+  local.sh waits for them and exits 75, the code every launcher resubmits."""
+  code = ('import pathlib, sys, time; from palr_jax import distributed; distributed.install_signal_handlers(); '
+          f'pathlib.Path("{tmp_path}", "ready." + sys.argv[1]).touch(); time.sleep(60)')
+  proc = subprocess.Popen(['bash', str(LAUNCH / 'local.sh'), '--processes', '2', '--venv', sys.prefix, '--', 'sh',
+                           '-c', f'exec python -c \'{code}\' $JAX_PROCESS_ID'], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env={**os.environ, 'PYTHONPATH': str(ROOT)})
+  deadline = time.time() + 60
+  while len(list(tmp_path.glob('ready.*'))) < 2 and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=60)[0]
+  assert proc.returncode == 75, out[-3000:]
+  assert sorted(l for l in out.splitlines() if 'palr_jax: SIGTERM' in l) == [
+      f'[{i}] palr_jax: SIGTERM outside training; exiting with code 75: rerun the same command to resume'
+      for i in (0, 1)]
