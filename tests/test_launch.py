@@ -162,10 +162,11 @@ def test_tpu_vm_detached_job_outlives_its_session_and_records_its_status(tmp_pat
   """The job returns at once, runs detached, appends its output to the log and records its exit status;
   the watcher's probe says running, then the status."""
   home = tmp_path / 'worker'
-  start = time.time()
-  probe = start_job(tmp_path, gcloud, ['sh', '-c', "sleep 1; echo \"it's done\"; exit 75"], home)
-  assert time.time() - start < 1
-  assert probe() == 'running'
+  go = home / 'palr-jax' / 'go'
+  probe = start_job(tmp_path, gcloud, ['sh', '-c', "while [ ! -e go ]; do sleep 0.05; done; echo \"it's done\"; exit 75"],
+                    home)
+  assert probe() == 'running'  # the submission returned while the job waits
+  go.touch()
   assert wait_for(probe, 'exit 75') == 'exit 75'
   assert (home / 'palr-jax' / 'job logs' / 'd.exit').read_text() == '75\n'
   assert (home / 'palr-jax' / 'job logs' / 'd.log').read_text() == "it's done\n"
