@@ -305,6 +305,9 @@ def _watch(poll_seconds: float) -> None:
       if failed.startswith(_PREEMPTED_PREFIX):
         logging.warning('%s; ending this one with code %d', failed, PREEMPTED_EXIT_CODE)
         print(f'palr_jax: {failed}; exiting with code {PREEMPTED_EXIT_CODE}', file=sys.stderr)
+        if is_leader():  # the service lives here: let the other processes' watchdogs read the key too
+          _state['failing'] = True
+          time.sleep(3 * poll_seconds)
         _exit(PREEMPTED_EXIT_CODE)
       logging.error('another process failed (%s); ending this one', failed)
       print(f'palr_jax: another process failed ({failed}); exiting', file=sys.stderr)
