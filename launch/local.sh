@@ -63,18 +63,26 @@ done
 if ((dry_run)); then printf '%s\n' "${lines[@]}"; exit; fi
 
 # Each process leads its own process group (setsid), its lines prefixed with its id; the first failure,
-# or Ctrl-C, stops the others, and the exit status is the first failure's.
+# or Ctrl-C, stops the others, and the exit status is the first failure's. SIGTERM is passed on to every
+# process and waited for: the job exits 75 (palr_jax.distributed: preempted, the same command resumes).
 pids=()
 stop() { for pid in "${pids[@]}"; do kill -- "-$pid" 2>/dev/null || true; done; }
-trap 'stop; exit 130' INT TERM
+interrupted=0
+trap 'stop; exit 130' INT
+trap 'interrupted=1; stop' TERM
 for i in "${!lines[@]}"; do
-  setsid bash -c "set -o pipefail; { ${lines[$i]}; } 2>&1 | sed -u 's/^/[$i] /'" &
+  # Only the process acts on SIGTERM: its wrapper shell and the prefixing sed outlive it, to pass on its
+  # last lines and its exit status.
+  setsid bash -c "trap : TERM; set -o pipefail; { ${lines[$i]}; } 2>&1 | (trap '' TERM; exec sed -u 's/^/[$i] /')" &
   pids+=($!)
 done
-rc=0
-for _ in "${pids[@]}"; do
-  wait -n && continue
-  code=$?
+rc=0 left=${#pids[@]}
+while ((left)); do
+  wait -n && code=0 || code=$?
+  if ((interrupted)); then interrupted=0; continue; fi  # the TERM trap cut the wait short: wait again
+  ((code == 127)) && break                              # no process left
+  ((left--))
+  ((code)) || continue
   ((rc)) || rc=$code
   stop
 done

@@ -8,7 +8,7 @@ stderr and exit code 2 (`USAGE_EXIT_CODE`), never a traceback:
   - a bad config value (`validate.ConfigError`, raised by main's checks) and `app.UsageError`.
 The programs that run models share `--compilation_cache` (XLA's persistent cache, below).
 Exit codes of the programs: 0 done; 1 failed; 2 bad flags or config (nothing computed);
-`distributed.PREEMPTED_EXIT_CODE` (75) a preempted run that saved and can be resumed.
+`distributed.PREEMPTED_EXIT_CODE` (75) stopped by SIGTERM (preempted): the same command resumes it.
 """
 from __future__ import annotations
 

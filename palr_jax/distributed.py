@@ -13,10 +13,15 @@ What a multi-process job needs beyond that, and how it is done here:
   few polls so that the others read the key). A process killed outright stops heartbeating; the service
   then fails the others after `HEARTBEAT_SECONDS`; a lost process 0 takes the service with it, and the
   others' coordination clients abort.
-- Preemption: in training, SIGTERM sets a flag (`preemption_requested`); the trainer asks `any_process` at
-  every step whether any process got one, so all stop at the same step, save, and the job exits with
-  `PREEMPTED_EXIT_CODE`. A SIGTERM outside training, or a second one, ends the process at once (the
-  default action: whatever the main thread is blocked in).
+- Preemption: every stage resumes (training from its last checkpoint, profiles and ranking from their
+  part files, the others by running again), so any SIGTERM ends the job with `PREEMPTED_EXIT_CODE` (75),
+  which the launchers resubmit. In training the first SIGTERM only sets a flag (`preemption_requested`);
+  the trainer asks `any_process` at every step whether any process got one, so all stop at the same step,
+  save, and exit 75. Outside training, or on a second SIGTERM, the process exits 75 at once, whatever its
+  main thread is blocked in (a thread acts on the signal, `install_signal_handlers`), and on a
+  multi-process job the others' watchdogs follow with 75 too.
+- A shared workdir (`check_shared_workdir`): every process must see the files process 0 writes there; a
+  folder on each host's own disk is refused at start, not found out stages later.
 """
 from __future__ import annotations
 
@@ -31,11 +36,15 @@ import threading
 import time
 import traceback
 from typing import Any
+import uuid
 
 from absl import flags
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
+
+from palr_jax import files
 
 COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0; default $JAX_COORDINATOR_ADDRESS, or '
@@ -49,6 +58,9 @@ HEARTBEAT_SECONDS = 30
 _FAILED_KEY = 'palr_jax/failed'
 _BARRIER_TIMEOUT_MS = 7 * 24 * 3600 * 1000  # a host-only stage can keep the others waiting for hours
 _barriers = itertools.count()
+
+
+_PREEMPTED_PREFIX = 'preempted: '  # a _FAILED_KEY value that makes the other processes exit 75, not 1
 
 
 class Preempted(Exception):
@@ -139,6 +151,53 @@ def from_leader(name: str, value: Any) -> Any:
   return json.loads(_client().blocking_key_value_get(key, _BARRIER_TIMEOUT_MS))
 
 
+def all_processes(name: str, value: Any) -> list:
+  """Every process's JSON-able `value`, in process order, on every process (coordination service, no
+  device). Every process calls it, in the same order."""
+  if jax.process_count() == 1:
+    return [value]
+  key = f'palr_jax/{next(_barriers)}/{name}'
+  _client().key_value_set(f'{key}/{jax.process_index()}', json.dumps(value))
+  return [json.loads(_client().blocking_key_value_get(f'{key}/{i}', _BARRIER_TIMEOUT_MS))
+          for i in range(jax.process_count())]
+
+
+def check_shared_workdir(workdir) -> str | None:
+  """On a multi-process job, None when every process reads the file process 0 writes under `workdir`;
+  else one line naming the processes that do not (a workdir on each host's own disk, which would fail
+  stages later, when one host looks for another's outputs). Every process calls it, at start."""
+  if jax.process_count() == 1:
+    return None
+  workdir = epath.Path(workdir)
+  token = uuid.uuid4().hex
+  probe = workdir / f'.palr-shared-probe-{token}'
+  if is_leader():
+    try:
+      workdir.mkdir(parents=True, exist_ok=True)
+      files.atomic_write_text(probe, token)
+    except OSError:
+      token = None  # an unusable workdir: validate.check_workdir says why, in every process
+  token = from_leader('shared-workdir', token)
+  if token is None:
+    return None
+  probe = workdir / f'.palr-shared-probe-{token}'
+  try:
+    seen = probe.read_text() == token
+  except Exception:  # noqa: BLE001 - missing (FileNotFoundError, tf's NotFoundError) or unreadable
+    seen = False
+  blind = [i for i, ok in enumerate(all_processes('shared-workdir-read', seen)) if not ok]
+  if is_leader():
+    try:
+      probe.unlink()
+    except Exception:  # noqa: BLE001 - a leftover probe file is harmless
+      pass
+  if not blind:
+    return None
+  return (f'--workdir {workdir}: process(es) {blind} of {jax.process_count()} do not see the file process 0 '
+          'wrote there: each host has its own folder; a multi-process job needs a workdir every host shares '
+          '(gs://BUCKET/..., or a shared filesystem)')
+
+
 def any_process(flag: bool) -> bool:
   """True on every process when `flag` is true on any; a collective: every process must call it."""
   if jax.process_count() == 1:
@@ -162,37 +221,65 @@ def preemption_requested() -> bool:
 
 
 class training_window:
-  """While inside, a first SIGTERM only asks the trainer to save and stop (our handler is installed on
-  entry, from the main thread); on exit SIGTERM ends the process again (`install_signal_handlers`)."""
+  """While inside, a first SIGTERM only asks the trainer to save and stop; outside (and on a second one)
+  SIGTERM ends the process with PREEMPTED_EXIT_CODE (`install_signal_handlers`)."""
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      signal.signal(signal.SIGTERM, _on_sigterm)
     _state['training'] = True
     return self
 
   def __exit__(self, *exc):
     _state['training'] = False
-    if threading.current_thread() is threading.main_thread():
-      install_signal_handlers()
 
 
-def _on_sigterm(signum, frame):
-  """The first SIGTERM in training: a flag the trainer reads at the end of its step. A second one gets
-  the default action (the process ends at once)."""
-  del frame
-  install_signal_handlers()
-  if not _state['training']:
-    _exit(128 + signum)
-  _state['requested'] = True
-  logging.warning('SIGTERM: saving a checkpoint at the next step, then exiting with code %d', PREEMPTED_EXIT_CODE)
+_signals = {'read': None, 'write': None}
 
 
 def install_signal_handlers() -> None:
-  """SIGTERM ends the process: the kernel's default action, replacing the handler jax.distributed
-  installs, which never ends it. A Python handler would not do: Python runs it only when the main thread
-  next runs Python code, and a process blocked at a barrier or in a collective may not for hours."""
-  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  """SIGTERM: in training the first one asks the trainer to save and stop; any other ends the process with
+  PREEMPTED_EXIT_CODE. Replaces the handler jax.distributed installs, which never ends the process.
+
+  A Python handler alone would not do: Python runs it only when the main thread next runs Python code,
+  and a process blocked at a barrier or in a collective may not for hours. Python's C-level handler also
+  writes the signal's number to the wakeup fd, from whichever thread the kernel picked; a daemon thread
+  reads it there and acts. Call it from the main thread (elsewhere it does nothing).
+  """
+  if threading.current_thread() is not threading.main_thread():
+    return
+  if _signals['read'] is None:
+    _signals['read'], _signals['write'] = os.pipe()
+    os.set_blocking(_signals['write'], False)
+    threading.Thread(target=_read_signals, args=(_signals['read'],), daemon=True, name='palr-signals').start()
+  signal.signal(signal.SIGTERM, lambda signum, frame: None)  # the thread acts (the C handler wakes it)
+  signal.set_wakeup_fd(_signals['write'], warn_on_full_buffer=False)
+
+
+def _read_signals(fd: int) -> None:
+  while True:
+    for signum in os.read(fd, 64):
+      if signum == signal.SIGTERM:
+        _on_sigterm()
+
+
+def _on_sigterm() -> None:
+  if _state['training'] and not _state['requested']:
+    _state['requested'] = True
+    logging.warning('SIGTERM: saving a checkpoint at the next step, then exiting with code %d', PREEMPTED_EXIT_CODE)
+    return
+  where = 'in training, a second time' if _state['training'] else 'outside training'
+  logging.warning('SIGTERM %s: exiting with code %d (the stage resumes from its files)', where,
+                  PREEMPTED_EXIT_CODE)
+  print(f'palr_jax: SIGTERM {where}; exiting with code {PREEMPTED_EXIT_CODE}: rerun the same command to resume',
+        file=sys.stderr)
+  if jax.process_count() > 1 and not _state['failing']:
+    _state['failing'] = True  # its own watchdog leaves the exit to this thread
+    try:  # the others' watchdogs (fail_fast) exit 75 too, rather than 1 or a heartbeat timeout
+      _client().key_value_set(_FAILED_KEY, f'{_PREEMPTED_PREFIX}process {jax.process_index()} got SIGTERM')
+    except Exception:  # noqa: BLE001 - another process set it first, or the service is gone
+      pass
+    if is_leader():  # the coordination service lives here: let the others' watchdogs read the key
+      time.sleep(3)
+  _exit(PREEMPTED_EXIT_CODE)
 
 
 def _exit(code: int) -> None:
@@ -215,6 +302,13 @@ def _watch(poll_seconds: float) -> None:
       if not jax.distributed.is_initialized():
         return
     if failed and not _state['failing']:
+      if failed.startswith(_PREEMPTED_PREFIX):
+        logging.warning('%s; ending this one with code %d', failed, PREEMPTED_EXIT_CODE)
+        print(f'palr_jax: {failed}; exiting with code {PREEMPTED_EXIT_CODE}', file=sys.stderr)
+        if is_leader():  # the service lives here: let the other processes' watchdogs read the key too
+          _state['failing'] = True
+          time.sleep(3 * poll_seconds)
+        _exit(PREEMPTED_EXIT_CODE)
       logging.error('another process failed (%s); ending this one', failed)
       print(f'palr_jax: another process failed ({failed}); exiting', file=sys.stderr)
       _exit(1)

@@ -20,9 +20,10 @@ fingerprint and shared.
 
 Before anything is computed, `plan` checks the config and what it points at (palr_jax/validate.py).
 Exit codes: 0 done; 1 failed (on a multi-process job: in any process, and every process exits); 2 a bad
-config or flag (one line on stderr; nothing was computed); distributed.PREEMPTED_EXIT_CODE (75): training
-saved a checkpoint on SIGTERM, rerun to resume; killed by SIGTERM (143 in a shell) outside training or on
-a second SIGTERM. docs/pods.md says what each process of a pod does.
+config or flag, or a multi-process job whose workdir is not shared between its hosts (one line on stderr;
+nothing was computed); distributed.PREEMPTED_EXIT_CODE (75): stopped by SIGTERM in any stage (training
+saves a checkpoint first; the other stages resume from their part files), rerun to resume. docs/pods.md
+says what each process of a pod does and what the launchers do on each exit code.
 """
 from __future__ import annotations
 
@@ -142,6 +143,9 @@ def main(argv):
   cli.use_compilation_cache(f.compilation_cache)
   distributed.initialize_from_flags()
   distributed.install_signal_handlers()
+  problem = distributed.check_shared_workdir(f.workdir)  # a node-local workdir: exit 2 at once, every process
+  if problem:
+    raise validate.ConfigError(problem)
   plan(f.config, f.workdir, only=f.stages, rerun=f.rerun)  # bad config: exit 2 on every process, at once
   if logs and distributed.is_leader():
     print(f'logs: {logs} (--verbose shows them here)')

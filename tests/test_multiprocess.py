@@ -118,12 +118,17 @@ if sys.argv[1] == 'training':
     print('asked to stop:', distributed.preemption_requested(), flush=True)
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(10)
-elif sys.argv[1] == 'barrier':  # process 1 waits for process 0, which is busy elsewhere for a minute
+elif sys.argv[1] in ('barrier', 'fail_fast'):  # process 1 waits for process 0, busy elsewhere for a minute
   distributed.initialize(sys.argv[2], 2, int(sys.argv[3]))
-  if sys.argv[3] == '0':
-    time.sleep(60)
-  print('waiting', flush=True)
-  distributed.barrier('x')
+  def job():
+    if sys.argv[3] == '0':
+      time.sleep(60)
+    print('waiting', flush=True)
+    distributed.barrier('x')
+  if sys.argv[1] == 'fail_fast':
+    distributed.fail_fast(job, poll_seconds=0.2)
+  else:
+    job()
 else:
   os.kill(os.getpid(), signal.SIGTERM)
   time.sleep(10)
@@ -137,27 +142,64 @@ def sigterm_child(*args) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize('where', ['training', 'outside'])
-def test_sigterm_outside_training_or_a_second_one_ends_the_process(where):
+def test_sigterm_outside_training_or_a_second_one_exits_with_the_preemption_code(where):
   """A first SIGTERM in training only asks the trainer to save and stop; any other ends the process at once
-  (a job stuck elsewhere must not outlive its slice's billing)."""
-  out, err = sigterm_child(where).communicate(timeout=120)
+  with 75 (every stage resumes from its files, so the launchers resubmit; a job stuck elsewhere must not
+  outlive its slice's billing)."""
+  child = sigterm_child(where)
+  out, err = child.communicate(timeout=120)
   assert 'survived' not in out, err[-3000:]
   assert ('asked to stop: True' in out) == (where == 'training'), err[-3000:]
+  assert child.returncode == distributed.PREEMPTED_EXIT_CODE, err[-3000:]
 
 
-def test_sigterm_ends_a_process_blocked_at_a_barrier():
+@pytest.mark.parametrize('mode', ['barrier', 'fail_fast'])
+def test_sigterm_ends_a_process_blocked_at_a_barrier_with_the_preemption_code(mode):
   """What once hung a pod: a process waiting at a host barrier (C++, for hours in a host-only stage)
-  never ran a Python handler; the default action ends it."""
+  never ran a Python handler; the signal thread ends it with 75. Under fail_fast the other process (busy
+  in Python, not at the barrier) follows with 75, not 1: the job as a whole is resumable."""
   port = free_port()
-  procs = [sigterm_child('barrier', f'127.0.0.1:{port}', str(i)) for i in range(2)]
+  procs = [sigterm_child(mode, f'127.0.0.1:{port}', str(i)) for i in range(2)]
   try:
     assert procs[1].stdout.readline() == 'waiting\n'
     time.sleep(1)
     start = time.time()
     procs[1].send_signal(signal.SIGTERM)
-    assert procs[1].wait(timeout=20) == -signal.SIGTERM
+    assert procs[1].wait(timeout=20) == distributed.PREEMPTED_EXIT_CODE, procs[1].stderr.read()[-3000:]
     assert time.time() - start < 5
+    if mode == 'fail_fast':
+      assert procs[0].wait(timeout=20) == distributed.PREEMPTED_EXIT_CODE, procs[0].stderr.read()[-3000:]
   finally:
     for p in procs:
       p.kill()
       p.communicate()
+
+
+SHARED = """
+import sys
+from palr_jax import distributed
+distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+print('verdict:', distributed.check_shared_workdir(sys.argv[3 + int(sys.argv[2])]), flush=True)
+"""
+
+
+@pytest.mark.parametrize('shared', [True, False])
+def test_a_workdir_each_host_has_its_own_copy_of_is_refused(tmp_path, shared):
+  """Two processes on one machine with two different local folders stand for hosts with node-local
+  workdirs: process 0's probe file is not seen by process 1, and both get the same one-line verdict."""
+  port = free_port()
+  dirs = [str(tmp_path / 'w'), str(tmp_path / 'w')] if shared else [str(tmp_path / 'a'), str(tmp_path / 'b')]
+  procs = [subprocess.Popen([sys.executable, '-c', SHARED, f'127.0.0.1:{port}', str(i), *dirs],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, 'PYTHONPATH': os.pathsep.join(sys.path), 'JAX_PLATFORMS': 'cpu'})
+           for i in range(2)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
+  verdicts = [next(l for l in o[0].splitlines() if l.startswith('verdict:')) for o in outs]
+  if shared:
+    assert verdicts == ['verdict: None'] * 2
+    assert list((tmp_path / 'w').iterdir()) == []  # the probe file is removed
+  else:  # each names its own --workdir
+    assert verdicts == [f'verdict: --workdir {d}: process(es) [1] of 2 do not see the file process 0 wrote there: '
+                        'each host has its own folder; a multi-process job needs a workdir every host shares '
+                        '(gs://BUCKET/..., or a shared filesystem)' for d in dirs]
