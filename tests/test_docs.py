@@ -31,14 +31,14 @@ ALLOWED = {
     ('palr_jax/defaults.py', '16 GiB'): 'a TPU v5e chip has 16 GiB of HBM',
     ('palr_jax/defaults.py', '80 GiB'): 'an H100 has 80 GiB',
     # A setting and its format, not a measurement.
-    ('palr_jax/stages/export.py', '5GB'): "parse_size's example",
-    ('palr_jax/stages/export.py', '500MB'): "parse_size's example",
+    ('palr_jax/exporter.py', '5GB'): "parse_size's example",
+    ('palr_jax/exporter.py', '500MB'): "parse_size's example",
     ('palr_jax/tools/export.py', '5GB'): "--max_shard_size's default, transformers' own",
     # A confidence level, not a measurement.
     ('palr_jax/stages/report.py', '95%'): 'the bootstrap interval',
     # An example of the text the function writes.
-    ('palr_jax/data/profiles.py', '41%'): "stats_profile's docstring",
-    ('palr_jax/data/profiles.py', '28%'): "stats_profile's docstring",
+    ('palr_jax/data/profile_text.py', '41%'): "stats_profile's docstring",
+    ('palr_jax/data/profile_text.py', '28%'): "stats_profile's docstring",
 }
 
 
