@@ -3,14 +3,15 @@
 A user's score for item i is the MF score `U[u] @ V[i]`, or, with a transition table (retrieval/
 transitions.py), `(1 - w) z(MF) + w z(T)`, where `T[u, i] = sum_k q_k counts[recent_k(u), i]` and z
 standardizes each user's scores over the catalog. The table is sparse (CSR): T is the gather of the
-recent items' rows, [B, R, M] entries, scatter-added into the batch's [B, I] scores. The items a user already has are masked to -inf from a
-padded index array [B, H] (-1 = padding), never a dense [U, I] mask, so memory is O(B * I + B * H) per
-batch. A target's rank is the number of other unmasked items that score at least as high (0-based, ties
-counted against the target: a scorer that cannot tell items apart ranks the target last, never first).
-With a mesh, V's item axis is split over every device (the sparse table, O(I * M), is replicated and each
-shard scatters only the entries of its own columns): each shard scores and masks its own slice, keeps its local top-K (indices made global), and the shards' [B, K] candidate lists,
-laid side by side, are merged by one more top-K; so the catalog only has to fit in the memory of all
-devices together and only B * K * devices candidates cross between them.
+recent items' rows, [B, R, M] entries, scatter-added into the batch's [B, I] scores. The items a user
+already has are masked to -inf from a padded index array [B, H] (-1 = padding), never a dense [U, I]
+mask, so memory is O(B * I + B * H) per batch. A target's rank is the number of other unmasked items that
+score at least as high (0-based, ties counted against the target: a scorer that cannot tell items apart
+ranks the target last, never first). With a mesh, V's item axis is split over every device (the sparse
+table, O(I * M), is replicated and each shard scatters only the entries of its own columns): each shard
+scores and masks its own slice, keeps its local top-K (indices made global), and the shards' [B, K]
+candidate lists, laid side by side, are merged by one more top-K; so the catalog only has to fit in the
+memory of all devices together and only B * K * devices candidates cross between them.
 """
 from __future__ import annotations
 
