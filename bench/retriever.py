@@ -176,8 +176,11 @@ def synthetic(args) -> int:
     start = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = 0
-    lines = []
-    reader = threading.Thread(target=lambda: lines.extend(child.stdout), daemon=True)
+
+    def echo():  # the child's log as it comes (tqdm redraws arrive with the next newline)
+      for line in child.stdout:
+        print(line.rstrip()[-300:], flush=True)
+    reader = threading.Thread(target=echo, daemon=True)
     reader.start()
     while child.poll() is None:
       peak = max(peak, tree_rss(child.pid))
@@ -185,11 +188,11 @@ def synthetic(args) -> int:
     wall = time.perf_counter() - start
     reader.join()
     high_water = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    print(''.join(lines[-20:]), flush=True)
     gib = max(peak, high_water) / 2**30
     print(f'retriever stage on {num_users} users x {num_items} items x {num_events} events: exit '
-          f'{child.returncode}, wall {wall:.1f} s, peak RSS of the process tree {gib:.2f} GiB (sampled {peak / 2**30:.2f} GiB, child high-water {high_water / 2**30:.2f} GiB); load '
-          f'average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores', flush=True)
+          f'{child.returncode}, wall {wall:.1f} s, peak RSS of the process tree {gib:.2f} GiB (sampled '
+          f'{peak / 2**30:.2f} GiB, child high-water {high_water / 2**30:.2f} GiB); load average '
+          f'{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores', flush=True)
     return child.returncode
 
 

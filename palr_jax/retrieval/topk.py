@@ -21,6 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from palr_jax.retrieval import transitions as transitions_lib
@@ -197,7 +198,8 @@ def top_k(user_factors, item_factors, histories: Sequence[np.ndarray], k: int, *
   history_width = int(2 ** np.ceil(np.log2(max([len(h) for h in histories] + [1]))))  # few compiled shapes
   batch = int(min(user_batch, num_users))
   outputs = []
-  for lo in range(0, num_users, batch):
+  batches = range(0, num_users, batch)  # progress only where there are many (catalog-scale train rows)
+  for lo in tqdm.tqdm(batches, desc='top-K batches', leave=False, mininterval=30, disable=len(batches) < 64):
     hi = min(lo + batch, num_users)
     pad = batch - (hi - lo)
     users = np.zeros((batch, user_factors.shape[1]), np.float32)
