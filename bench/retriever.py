@@ -25,7 +25,9 @@ import datetime
 import importlib.util
 import os
 import platform
+import re
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -174,16 +176,25 @@ def synthetic(args) -> int:
            f'--config.data.name={name}'] + [f'--config.{o}' for o in args.override]
     print(' '.join(cmd), flush=True)
     start = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     peak = 0
 
-    def echo():  # the child's log as it comes (tqdm redraws arrive with the next newline)
-      for line in child.stdout:
-        print(line.rstrip()[-300:], flush=True)
+    def echo():  # the child's log as it comes, tqdm redraws (\r) included, each line cut to 300 characters
+      pending = b''
+      while chunk := os.read(child.stdout.fileno(), 1 << 16):
+        *done, pending = re.split(rb'[\r\n]', pending + chunk)
+        for line in done:
+          if line.strip():
+            print(line.decode(errors='replace')[-300:], flush=True)
+
     reader = threading.Thread(target=echo, daemon=True)
     reader.start()
+    # A SIGTERM (e.g. `timeout`) or --timeout_s stops the stage too, and the figures so far are printed.
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(child.pid, signal.SIGKILL))
     while child.poll() is None:
       peak = max(peak, tree_rss(child.pid))
+      if args.timeout_s and time.perf_counter() - start > args.timeout_s:
+        os.killpg(child.pid, signal.SIGKILL)
       time.sleep(0.2)
     wall = time.perf_counter() - start
     reader.join()
@@ -205,6 +216,8 @@ def main():
                       help='with --synthetic: a config override KEY=VALUE (repeatable)')
   parser.add_argument('--chain', type=float, default=0.3, help='with --synthetic: P(next item = item + 1)')
   parser.add_argument('--zipf', type=float, default=1.0, help='with --synthetic: popularity exponent')
+  parser.add_argument('--timeout_s', type=float, default=0,
+                      help='with --synthetic: stop the stage after this many seconds (0: never)')
   parser.add_argument('--config', default='configs/ml100k.py')
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--seeds', type=int, default=3, help='quality: mean over this many seeds')
