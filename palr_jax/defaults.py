@@ -58,7 +58,7 @@ def get_config():
   c.retriever.max_train_positions = 20  # most recent target positions per user in candidates/train.jsonl
   c.retriever.user_batch = 1024      # users per jitted top-K call
   c.retriever.score_chunk = 1 << 25  # top-K: users x items per jitted call at most (memory bound at scale)
-  c.retriever.shard_items = False    # shard the item table over the mesh for top-K
+  c.retriever.shard_items = False    # shard the item factors over the mesh for top-K (one process only)
   c.retriever.search = ml_collections.ConfigDict()  # grid, chosen on valid Recall@num_candidates
   c.retriever.search.factors = ()
   c.retriever.search.reg = ()
