@@ -50,10 +50,15 @@ def get_config():
   c.retriever.transition_items = 3
   c.retriever.transition_window = 1
   c.retriever.transition_decay = 1.0
+  # Successors kept per item in the sparse transition table (retrieval/transitions.py): ML-100K's longest
+  # row holds 570 at window 5 (the largest of configs/ml100k.py's search), so 1024 keeps its scores exact;
+  # the table holds at most min(items * top_m, events * window) entries.
+  c.retriever.transition_top_m = 1024
   c.retriever.folds = 5              # cross-fitting folds for candidates/train.jsonl
   c.retriever.max_train_positions = 20  # most recent target positions per user in candidates/train.jsonl
   c.retriever.user_batch = 1024      # users per jitted top-K call
-  c.retriever.shard_items = False    # shard the item table over the mesh for top-K
+  c.retriever.score_chunk = 1 << 25  # top-K: users x items per jitted call at most (memory bound at scale)
+  c.retriever.shard_items = False    # shard the item factors over the mesh for top-K (one process only)
   c.retriever.search = ml_collections.ConfigDict()  # grid, chosen on valid Recall@num_candidates
   c.retriever.search.factors = ()
   c.retriever.search.reg = ()

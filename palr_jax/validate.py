@@ -39,7 +39,7 @@ REDUCES = ('sum', 'mean')
 _SIZES = {
     'retriever': {'factors': 1, 'iterations': 1, 'num_candidates': 1, 'folds': 2, 'max_train_positions': 0,
                   'user_batch': 1, 'solve_chunk': 1, 'epochs': 1, 'batch_size': 1, 'transition_items': 1,
-                  'transition_window': 1},
+                  'transition_window': 1, 'transition_top_m': 1, 'score_chunk': 1},
     'eval': {'max_users': 0, 'bootstrap_samples': 1},
     'rank': {'batch_size': 1, 'max_items': 1, 'orders': 1},
     'lora': {'rank': 1},
@@ -324,6 +324,10 @@ def check_mesh(config, *, train: bool, rank: bool, profiles: bool, retriever: bo
   training over the global mesh, ranking and LLM profiles over each process's host-local mesh."""
   if not (train or rank or profiles or retriever):
     return
+  import jax
+  if retriever and jax.process_count() > 1:  # the stage runs on process 0 alone: a global mesh would hang
+    raise bad('retriever.shard_items', True, f'False on several processes ({jax.process_count()} here): '
+              'the retriever runs on process 0 alone and cannot shard over other hosts\' devices')
   from palr_jax import sharding
   rules = config.mesh.rules
   try:

@@ -335,3 +335,125 @@ def test_search_grid():
   config.search.alpha = 5.0
   with pytest.raises(ValueError, match='search.alpha=5.0: expected a tuple'):
     retrieve.search_grid(config)
+
+
+# ------------------------------------------------------------------ sparse transitions (issue 28)
+
+
+def loop_counts(histories, num_items, window, decay):
+  """Dense [I, I] decayed successor counts by the definition (the retriever's table before issue 28)."""
+  out = np.zeros((num_items, num_items))
+  for h in histories:
+    for t in range(len(h)):
+      for d in range(1, window + 1):
+        if t + d < len(h):
+          out[h[t], h[t + d]] += decay ** (d - 1)
+  return out
+
+
+def test_sparse_table_equals_dense_counts_and_keeps_each_rows_top_m():
+  from palr_jax.retrieval import transitions
+  rng = np.random.default_rng(3)
+  histories = [rng.integers(0, 40, rng.integers(0, 25)) for _ in range(30)] + [np.zeros(0, np.int64)]
+  dense = loop_counts(histories, 40, 3, 0.6)
+  full = transitions.transition_table(histories, 40, 3, 0.6, top_m=40)
+  np.testing.assert_allclose(full.dense(), dense, rtol=1e-6)
+  assert full.width == (dense > 0).sum(1).max()
+  cut = transitions.transition_table(histories, 40, 3, 0.6, top_m=3)
+  for i in range(40):
+    row = cut.indices[cut.indptr[i]:cut.indptr[i + 1]]
+    support = np.flatnonzero(dense[i] > 0)
+    expected = sorted(support, key=lambda j: (-round(dense[i, j], 5), j))[:3]  # largest, then smaller item
+    assert row.tolist() == expected
+    np.testing.assert_allclose(cut.values[cut.indptr[i]:cut.indptr[i + 1]], dense[i, expected], rtol=1e-6)
+  with pytest.raises(ValueError, match='transition_top_m'):
+    transitions.transition_table(histories, 40, 1, 1.0, top_m=0)
+  with pytest.raises(ValueError, match='num_items=40'):
+    transitions.transition_table([np.array([1, 40])], 40, 1, 1.0, top_m=4)
+
+
+@pytest.mark.parametrize('top_m', [2, 64])
+def test_sparse_fused_rank_equals_dense_scorer_single_and_sharded(top_m):
+  """candidates.rank with the sparse table equals the fused scores by definition over the kept counts
+  (all of them when top_m >= every row's support), on one device and item-sharded over 8."""
+  from palr_jax.retrieval import transitions
+  rng = np.random.default_rng(4)
+  num_users, num_items = 29, 61
+  users = rng.normal(size=(num_users, 5)).astype(np.float32)
+  items = rng.normal(size=(num_items, 5)).astype(np.float32)
+  histories = [rng.choice(num_items, rng.integers(2, 15), replace=False) for _ in range(num_users)]
+  targets = np.array([rng.choice(np.setdiff1d(np.arange(num_items), h)) for h in histories])
+  config = retriever_config(transition_weight=0.35, transition_items=3, transition_window=2,
+                            transition_decay=0.7, transition_top_m=top_m, num_candidates=6)
+  table = candidates.transition_table(histories, num_items, config)
+  dense = loop_counts(histories, num_items, 2, 0.7)
+  if top_m == 64:
+    np.testing.assert_allclose(table.dense(), dense, rtol=1e-6)
+  recent, weights = transitions.recent_items(histories, 3, 0.7)
+  mf_scores = users.astype(np.float64) @ items.T.astype(np.float64)
+  tr = np.stack([sum(w * table.dense()[i].astype(np.float64) for i, w in zip(r, ws) if i >= 0)
+                 for r, ws in zip(recent, weights)])
+  z = lambda x: (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)  # noqa: E731
+  scores = 0.65 * z(mf_scores) + 0.35 * z(tr)
+  target_scores = scores[np.arange(num_users), targets]
+  for u, h in enumerate(histories):
+    scores[u, h] = -np.inf
+  expected_ranks = (scores >= target_scores[:, None]).sum(1) - 1
+  expected_items = np.argsort(-scores, axis=1, kind='stable')[:, :6]
+  mesh = sharding.make_mesh(common.get_config().mesh)
+  for m in (None, mesh):
+    got = candidates.rank(users, items, histories, np.arange(num_users), targets, config, m, table=table)
+    np.testing.assert_array_equal(got.ranks, expected_ranks)
+    np.testing.assert_array_equal(got.items, expected_items)
+
+
+def test_catalog_of_200k_items_with_few_events_needs_no_i_squared_memory():
+  """The table of 200,000 items (a dense one: 160 GB) and a fused top-K over them, in little memory."""
+  import resource
+  import tracemalloc
+  from palr_jax.retrieval import transitions
+  num_items = 200_000
+  rng = np.random.default_rng(5)
+  histories = [rng.choice(num_items, 20, replace=False) for _ in range(40)]
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  tracemalloc.start()
+  table = transitions.transition_table(histories, num_items, 3, 0.7, top_m=512)
+  peak = tracemalloc.get_traced_memory()[1]
+  tracemalloc.stop()
+  assert peak < 32 * 2**20                     # I x I float32 would be 160 GB
+  assert table.num_items == num_items and len(table.indices) == 40 * (19 + 18 + 17)
+  config = retriever_config(factors=4, iterations=2, transition_weight=0.3, transition_items=2,
+                            transition_window=3, transition_decay=0.7, num_candidates=10)
+  user_factors, item_factors = mf.fit(histories, num_items, config, jax.random.key(0))
+  targets = np.array([h[-1] for h in histories])
+  prefixes = [h[:-1] for h in histories]
+  ranking = candidates.rank(user_factors, item_factors, prefixes, np.arange(40), targets, config,
+                            table=candidates.transition_table(histories, num_items, config))
+  # The table counts the whole histories: each query's last two items lead to its target, which no other
+  # item of the 200,000 is led to from them, so it ranks first and heads its candidates.
+  np.testing.assert_array_equal(ranking.ranks, 0)
+  np.testing.assert_array_equal(ranking.items[:, 0], targets)
+  grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss
+  assert grown < 2 * 2**30
+
+
+def test_score_chunk_bounds_the_user_batch():
+  config = retriever_config(user_batch=1024, score_chunk=1 << 21)
+  assert candidates.user_batch(config, 1682) == 1024
+  assert candidates.user_batch(config, 100_000) == 20
+  assert candidates.user_batch(config, 10_000_000) == 1
+
+
+def test_validation_refuses_shard_items_on_several_processes(monkeypatch):
+  """The retriever runs on process 0 alone: a global-mesh top-K there would wait for the other processes
+  forever (issue 27). One process: the sharded path runs (test above) and validation lets it through."""
+  from palr_jax import validate
+  config = common.get_config()
+  config.retriever.shard_items = True
+  validate.check_mesh(config, train=False, rank=False, profiles=False, retriever=True)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  with pytest.raises(validate.ConfigError, match=r'^config.retriever.shard_items=True: expected False on '
+                                                 r'several processes \(2 here\)'):
+    validate.check_mesh(config, train=False, rank=False, profiles=False, retriever=True)
+  config.retriever.shard_items = False  # check_environment passes retriever=shard_items
+  validate.check_mesh(config, train=False, rank=False, profiles=False, retriever=False)

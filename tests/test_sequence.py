@@ -12,10 +12,23 @@ from palr_jax.retrieval import topk
 from palr_jax.retrieval import transitions
 
 
+def dense_counts(histories, num_items, window, decay):
+  """The dense [I, I] table the retriever used before the sparse one (issue 28), as a reference."""
+  counts = np.zeros(num_items * num_items, np.float64)
+  for d in range(1, window + 1):
+    src = [np.asarray(h[:-d], np.int64) for h in histories if len(h) > d]
+    if not src:
+      break
+    dst = np.concatenate([np.asarray(h[d:], np.int64) for h in histories if len(h) > d])
+    counts += decay ** (d - 1) * np.bincount(np.concatenate(src) * num_items + dst,
+                                             minlength=num_items * num_items)
+  return counts.reshape(num_items, num_items).astype(np.float32)
+
+
 def test_transition_counts_and_queries_equal_loops():
   rng = np.random.default_rng(0)
   histories = [rng.integers(0, 9, rng.integers(0, 12)) for _ in range(15)]
-  counts = transitions.transition_counts(histories, 9, window=3, decay=0.5)
+  counts = transitions.transition_table(histories, 9, window=3, decay=0.5, top_m=9).dense()
   expected = np.zeros((9, 9))
   for h in histories:
     for t in range(len(h)):
@@ -29,7 +42,7 @@ def test_transition_counts_and_queries_equal_loops():
     assert row.tolist() == last + [-1] * (4 - len(last))
     np.testing.assert_allclose(w, [0.7 ** k if k < len(last) else 0.0 for k in range(4)], rtol=1e-6)
   with pytest.raises(ValueError, match='transition_window'):
-    transitions.transition_counts(histories, 9, window=0, decay=1.0)
+    transitions.transition_table(histories, 9, window=0, decay=1.0, top_m=9)
 
 
 def numpy_fused(users, items, table, recent, weights, w, histories, targets, k):
@@ -52,7 +65,7 @@ def fused_problem(seed=0, num_users=23, num_items=37):
   items = rng.normal(size=(num_items, 6)).astype(np.float32)
   histories = [rng.choice(num_items, rng.integers(1, 12), replace=False) for _ in range(num_users)]
   targets = np.array([rng.choice(np.setdiff1d(np.arange(num_items), h)) for h in histories])
-  table = transitions.transition_counts(histories, num_items, 2, 0.5) + rng.random((num_items, num_items)) * 0.01
+  table = dense_counts(histories, num_items, 2, 0.5) + rng.random((num_items, num_items)) * 0.01
   recent, weights = transitions.recent_items(histories, 3, 0.8)
   return users, items, histories, targets, table.astype(np.float32), recent, weights
 
@@ -62,7 +75,7 @@ def test_fused_top_k_equals_numpy(sharded):
   users, items, histories, targets, table, recent, weights = fused_problem()
   mesh = sharding.make_mesh(defaults.get_config().mesh) if sharded else None
   _, got, ranks = topk.top_k(users, items, histories, 5, user_batch=8, targets=targets, mesh=mesh,
-                             transitions=table, recent=recent, recent_weights=weights, transition_weight=0.4)
+                             transitions=transitions.Table.from_dense(table), recent=recent, recent_weights=weights, transition_weight=0.4)
   order, expected_ranks = numpy_fused(users, items, table, recent, weights, 0.4, histories, targets, 5)
   np.testing.assert_array_equal(got, order)
   np.testing.assert_array_equal(ranks, expected_ranks)
@@ -78,7 +91,7 @@ def test_a_scorer_that_cannot_tell_items_apart_ranks_the_target_last():
   np.testing.assert_array_equal(ranks, 50 - 5 - 1)
   assert metrics.metrics_from_ranks(ranks, [10])['HR@10'] == 0.0
   # The same through the fused path: zero factors and an all-zero transition table.
-  table = np.zeros((50, 50), np.float32)
+  table = transitions.Table.from_dense(np.zeros((50, 50), np.float32))
   recent, weights = transitions.recent_items(histories, 3, 1.0)
   _, _, ranks = topk.top_k(np.zeros((12, 4), np.float32), np.ones((50, 4), np.float32), histories, 10,
                            user_batch=16, targets=targets, transitions=table, recent=recent,
@@ -100,11 +113,12 @@ def test_cross_fitted_transitions_never_count_the_users_own_events():
   ranking = candidates.cross_fit_fold(train, 32, folds, 0, users, positions, config, jax.random.key(0))
   (row,) = np.flatnonzero(ranking.users == 0)
   assert ranking.targets[row] == 31 and ranking.positions[row] == 9
-  table = candidates.transition_table([h if folds[u] else h[:0] for u, h in enumerate(train)], 32, config)
+  table = candidates.transition_table([h if folds[u] else h[:0] for u, h in enumerate(train)], 32,
+                                      config).dense()
   assert table[30, 31] == 0 and table[:, 31].sum() == 0 and table[:, 30].sum() == 0
   assert ranking.ranks[row] == 32 - 9 - 1                  # tied with every unmasked item: ranked last
   leaky = candidates.transition_table(train, 32, config)
-  assert leaky[30, 31] == 1
+  assert leaky.dense()[30, 31] == 1
   leaky_ranking = candidates.rank(np.zeros((1, 4), np.float32), np.ones((32, 4), np.float32),
                                   [train[0][:9]], np.array([0]), np.array([31]), config, table=leaky)
   assert leaky_ranking.ranks[0] == 0

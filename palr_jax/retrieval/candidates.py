@@ -9,7 +9,7 @@ ranker would learn to trust the retriever's order more than it deserves.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 import dataclasses
 
 import jax
@@ -56,17 +56,23 @@ def train_positions(train: Sequence[np.ndarray], max_positions: int) -> tuple[np
   return np.asarray(users, np.int64), np.asarray(positions, np.int64)
 
 
-def transition_table(histories: Sequence[np.ndarray], num_items: int, config) -> np.ndarray | None:
-  """The transition counts of `histories` when the retriever fuses them (`transition_weight` > 0)."""
+def transition_table(histories: Sequence[np.ndarray], num_items: int, config) -> transitions.Table | None:
+  """The sparse transition table of `histories` when the retriever fuses them (`transition_weight` > 0)."""
   if float(config.transition_weight) <= 0:
     return None
-  return transitions.transition_counts(histories, num_items, int(config.transition_window),
-                                       float(config.transition_decay))
+  return transitions.transition_table(histories, num_items, int(config.transition_window),
+                                      float(config.transition_decay), int(config.transition_top_m))
+
+
+def user_batch(config, num_items: int) -> int:
+  """Users per jitted top-K call: `user_batch`, fewer where users x items would pass `score_chunk` (the
+  [B, I] score arrays of a call are what grows with the catalog)."""
+  return int(max(1, min(int(config.user_batch), int(config.score_chunk) // max(num_items, 1))))
 
 
 def rank(user_factors, item_factors, histories: Sequence[np.ndarray], users: np.ndarray,
          targets: np.ndarray, config, mesh=None, positions: np.ndarray | None = None,
-         table: np.ndarray | None = None) -> Ranking:
+         table: transitions.Table | None = None) -> Ranking:
   """Top-`config.num_candidates` and target ranks for query rows `users` (config: retriever section),
   by MF scores, or fused with the transition `table` (`transition_table`) queried by each history's last
   items.
@@ -82,7 +88,8 @@ def rank(user_factors, item_factors, histories: Sequence[np.ndarray], users: np.
                  transition_weight=float(config.transition_weight))
   histories = [h[h != t] for h, t in zip(histories, np.asarray(targets))]
   scores, items, ranks = topk.top_k(user_factors, item_factors, histories, config.num_candidates,
-                                    user_batch=config.user_batch, targets=targets, mesh=mesh, **fused)
+                                    user_batch=user_batch(config, item_factors.shape[0]), targets=targets,
+                                    mesh=mesh, **fused)
   if not np.isfinite(scores).all():
     row = int(np.flatnonzero(~np.isfinite(scores).all(axis=1))[0])
     raise ValueError(f'user index {users[row]}: fewer than config.retriever.num_candidates='
@@ -118,9 +125,9 @@ def concat(rankings: Sequence[Ranking]) -> Ranking:
   return Ranking(**{k: v[order] for k, v in joined.items()})
 
 
-def rows(ranking: Ranking, user_ids: np.ndarray, item_ids: np.ndarray) -> list[dict]:
-  """JSON rows per docs/ARCHITECTURE.md (plus `target_id`, the target's raw id)."""
-  out = []
+def rows(ranking: Ranking, user_ids: np.ndarray, item_ids: np.ndarray) -> Iterator[dict]:
+  """JSON rows per docs/ARCHITECTURE.md (plus `target_id`, the target's raw id), one at a time: train has
+  a row per (user, position), too many to hold as dicts at catalog scale."""
   for n in range(len(ranking.users)):
     u, target, items = int(ranking.users[n]), int(ranking.targets[n]), ranking.items[n].tolist()
     row = {'user': str(user_ids[u]), 'user_index': u, 'target': target,
@@ -130,5 +137,4 @@ def rows(ranking: Ranking, user_ids: np.ndarray, item_ids: np.ndarray) -> list[d
            'target_rank': int(ranking.ranks[n])}
     if ranking.positions is not None:
       row['position'] = int(ranking.positions[n])
-    out.append(row)
-  return out
+    yield row

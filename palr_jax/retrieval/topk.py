@@ -2,14 +2,16 @@
 
 A user's score for item i is the MF score `U[u] @ V[i]`, or, with a transition table (retrieval/
 transitions.py), `(1 - w) z(MF) + w z(T)`, where `T[u, i] = sum_k q_k counts[recent_k(u), i]` and z
-standardizes each user's scores over the catalog. The items a user already has are masked to -inf from a
-padded index array [B, H] (-1 = padding), never a dense [U, I] mask, so memory is O(B * I + B * H) per
-batch. A target's rank is the number of other unmasked items that score at least as high (0-based, ties
-counted against the target: a scorer that cannot tell items apart ranks the target last, never first).
-With a mesh, V's item axis (and the table's columns) is split over every device: each shard scores and
-masks its own slice, keeps its local top-K (indices made global), and the shards' [B, K] candidate lists,
-laid side by side, are merged by one more top-K; so the catalog only has to fit in the memory of all
-devices together and only B * K * devices candidates cross between them.
+standardizes each user's scores over the catalog. The table is sparse (CSR): T is the gather of the
+recent items' rows, [B, R, M] entries, scatter-added into the batch's [B, I] scores. The items a user
+already has are masked to -inf from a padded index array [B, H] (-1 = padding), never a dense [U, I]
+mask, so memory is O(B * I + B * H) per batch. A target's rank is the number of other unmasked items that
+score at least as high (0-based, ties counted against the target: a scorer that cannot tell items apart
+ranks the target last, never first). With a mesh, V's item axis is split over every device (the sparse
+table, O(I * M), is replicated and each shard scatters only the entries of its own columns): each shard
+scores and masks its own slice, keeps its local top-K (indices made global), and the shards' [B, K]
+candidate lists, laid side by side, are merged by one more top-K; so the catalog only has to fit in the
+memory of all devices together and only B * K * devices candidates cross between them.
 """
 from __future__ import annotations
 
@@ -19,7 +21,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from palr_jax.retrieval import transitions as transitions_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -48,13 +53,28 @@ def _standardize(x, valid, axes):
   return (x - mean[:, None]) / std[:, None]
 
 
-def _scores(users, items, recent, recent_weights, transitions, weight, valid, axes=None):
+def _transition_scores(table, recent, recent_weights, width: int, n: int, offset):
+  """[B, n] transition scores of the n items from `offset`: the recent items' CSR rows (at most `width`
+  entries each), weighted, scatter-added; entries of other shards' columns are dropped."""
+  starts, lengths, indices, values = table
+  r = jnp.maximum(recent, 0)                                                  # [B, R]
+  pos = jnp.arange(width)
+  ok = (pos < lengths[r][..., None]) & (recent >= 0)[..., None]               # [B, R, W]
+  at = jnp.where(ok, starts[r][..., None] + pos, 0)
+  cols = indices[at] - offset
+  vals = jnp.where(ok, values[at] * recent_weights[..., None], 0.0)
+  local = jnp.where(ok & (cols >= 0) & (cols < n), cols, n)                   # n: dropped by the scatter
+  b = recent.shape[0]
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None, None], local.shape)
+  return jnp.zeros((b, n), jnp.float32).at[rows, local].add(vals, mode='drop')
+
+
+def _scores(users, items, recent, recent_weights, table, width, weight, valid, offset=0, axes=None):
   """Scores [B, n] of the n items of this slice: MF alone, or fused with the transition scores."""
   mf = jnp.matmul(users, items.T, precision=_HIGHEST)
-  if transitions is None:
+  if table is None:
     return mf
-  rows = transitions[jnp.maximum(recent, 0)]                                  # [B, R, n]
-  tr = jnp.einsum('br,brn->bn', recent_weights, rows, precision=_HIGHEST)
+  tr = _transition_scores(table, recent, recent_weights, width, items.shape[0], offset)
   return (1.0 - weight) * _standardize(mf, valid, axes) + weight * _standardize(tr, valid, axes)
 
 
@@ -72,11 +92,11 @@ def _rank_of(masked, target_scores):
   return jnp.sum(masked >= target_scores[:, None], axis=1, dtype=jnp.int32) - 1
 
 
-@functools.partial(jax.jit, static_argnames='k')
-def masked_top_k(users, items, history, targets, recent, recent_weights, transitions, weight, k: int):
+@functools.partial(jax.jit, static_argnames=('k', 'width'))
+def masked_top_k(users, items, history, targets, recent, recent_weights, table, weight, k: int, width: int):
   """Top-k (scores, item indices) [B, k] over items minus history, and targets' ranks [B] (or None)."""
   valid = jnp.ones(items.shape[0], bool)
-  masked = _mask(_scores(users, items, recent, recent_weights, transitions, weight, valid), history, 0)
+  masked = _mask(_scores(users, items, recent, recent_weights, table, width, weight, valid), history, 0)
   values, indices = jax.lax.top_k(masked, k)
   if targets is None:
     return values, indices, None
@@ -89,18 +109,18 @@ def _item_axes(mesh: Mesh) -> tuple[str, ...]:
   return tuple(mesh.axis_names)
 
 
-@functools.partial(jax.jit, static_argnames=('k', 'num_items', 'mesh'))
-def sharded_masked_top_k(users, items, history, targets, recent, recent_weights, transitions, weight, k: int,
-                         num_items: int, mesh: Mesh):
-  """`masked_top_k` with `items` [I_pad, F] (and the table's columns) split over every mesh axis; rows >=
-  num_items are padding."""
+@functools.partial(jax.jit, static_argnames=('k', 'width', 'num_items', 'mesh'))
+def sharded_masked_top_k(users, items, history, targets, recent, recent_weights, table, weight, k: int,
+                         width: int, num_items: int, mesh: Mesh):
+  """`masked_top_k` with `items` [I_pad, F] split over every mesh axis (rows >= num_items are padding) and
+  the sparse table replicated: each shard scatters its own columns."""
   axes = _item_axes(mesh)
 
-  def local(users, items, history, targets, recent, recent_weights, transitions):
+  def local(users, items, history, targets, recent, recent_weights, table):
     n = items.shape[0]
     offset = jax.lax.axis_index(axes) * n
     valid = offset + jnp.arange(n) < num_items
-    scores = _scores(users, items, recent, recent_weights, transitions, weight, valid, axes)
+    scores = _scores(users, items, recent, recent_weights, table, width, weight, valid, offset, axes)
     masked = jnp.where(valid, _mask(scores, history, offset), -jnp.inf)
     values, indices = jax.lax.top_k(masked, min(k, n))
     if targets is None:
@@ -111,18 +131,19 @@ def sharded_masked_top_k(users, items, history, targets, recent, recent_weights,
     ranks = jax.lax.psum(jnp.sum(masked >= target_scores[:, None], axis=1, dtype=jnp.int32), axes) - 1
     return values, indices + offset, ranks
 
-  table = None if transitions is None else P(None, axes)
+  table_spec = None if table is None else (P(), P(), P(), P())
   # Each shard's local top-k lands side by side on axis 1; the merge picks the global top-k.
   values, indices, ranks = jax.shard_map(
-      local, mesh=mesh, in_specs=(P(), P(axes), P(), P(), P(), P(), table),
+      local, mesh=mesh, in_specs=(P(), P(axes), P(), P(), P(), P(), table_spec),
       out_specs=(P(None, axes), P(None, axes), P()))(users, items, history, targets, recent, recent_weights,
-                                                     transitions)
+                                                     table)
   values, pos = jax.lax.top_k(values, k)
   return values, jnp.take_along_axis(indices, pos, axis=1), ranks
 
 
 def top_k(user_factors, item_factors, histories: Sequence[np.ndarray], k: int, *, user_batch: int,
-          targets: np.ndarray | None = None, mesh: Mesh | None = None, transitions: np.ndarray | None = None,
+          targets: np.ndarray | None = None, mesh: Mesh | None = None,
+          transitions: transitions_lib.Table | None = None,
           recent: np.ndarray | None = None, recent_weights: np.ndarray | None = None,
           transition_weight: float = 0.0):
   """Top-k unseen items for every user, in jitted batches of `user_batch` users.
@@ -133,9 +154,9 @@ def top_k(user_factors, item_factors, histories: Sequence[np.ndarray], k: int, *
     k: items kept per user; must not exceed I.
     targets: optional int [N] items whose 0-based rank among the unmasked items is returned.
     mesh: shard the item axis over all of this mesh's devices (None = one device).
-    transitions, recent, recent_weights, transition_weight: the transition table [I, I] and each user's
-      query ([N, R] item indices, -1 padding, and weights) fused with weight w (retrieval/transitions.py);
-      None: MF scores alone.
+    transitions, recent, recent_weights, transition_weight: the sparse transition table (a
+      retrieval/transitions.py Table over I items) and each user's query ([N, R] item indices, -1
+      padding, and weights) fused with weight w; None: MF scores alone.
   Returns:
     numpy (scores [N, k] float32, items [N, k] int32, ranks [N] int32 or None). A user with fewer than
     k unmasked items gets -inf scores in the tail.
@@ -152,33 +173,38 @@ def top_k(user_factors, item_factors, histories: Sequence[np.ndarray], k: int, *
   if transitions is None:
     recent = np.full((num_users, 1), -1, np.int32)
     recent_weights = np.zeros((num_users, 1), np.float32)
-  elif transitions.shape != (num_items, num_items) or recent is None or len(recent) != num_users:
-    raise ValueError(f'top_k: transitions must be [{num_items}, {num_items}] with a query per user')
+  elif transitions.num_items != num_items or recent is None or len(recent) != num_users:
+    raise ValueError(f'top_k: transitions must be a table over {num_items} items with a query per user')
   weight = np.float32(transition_weight)
+  table, width = None, 1
+  if transitions is not None:  # one dummy entry, so an empty table still gathers
+    width = int(2 ** np.ceil(np.log2(transitions.width)))  # few compiled shapes across refits
+    table = (jnp.asarray(transitions.indptr[:-1], jnp.int32),
+             jnp.asarray(np.diff(transitions.indptr), jnp.int32),
+             jnp.asarray(np.append(transitions.indices, 0), jnp.int32),
+             jnp.asarray(np.append(transitions.values, 0), jnp.float32))
   if mesh is None:
     items = jnp.asarray(item_factors)
-    table = None if transitions is None else jnp.asarray(transitions)
-    kernel = functools.partial(masked_top_k, k=k)
+    kernel = functools.partial(masked_top_k, k=k, width=width)
   else:
     shards = mesh.devices.size
     padded = -(-num_items // shards) * shards
     items = jnp.pad(jnp.asarray(item_factors), ((0, padded - num_items), (0, 0)))
     items = jax.device_put(items, NamedSharding(mesh, P(_item_axes(mesh))))
-    table = None
-    if transitions is not None:
-      table = jax.device_put(np.pad(transitions, ((0, 0), (0, padded - num_items))),
-                             NamedSharding(mesh, P(None, _item_axes(mesh))))
-    kernel = functools.partial(sharded_masked_top_k, k=k, num_items=num_items, mesh=mesh)
+    if table is not None:
+      table = jax.device_put(table, NamedSharding(mesh, P()))
+    kernel = functools.partial(sharded_masked_top_k, k=k, width=width, num_items=num_items, mesh=mesh)
   user_factors = np.asarray(user_factors, np.float32)
-  width = int(2 ** np.ceil(np.log2(max([len(h) for h in histories] + [1]))))  # few compiled shapes
+  history_width = int(2 ** np.ceil(np.log2(max([len(h) for h in histories] + [1]))))  # few compiled shapes
   batch = int(min(user_batch, num_users))
   outputs = []
-  for lo in range(0, num_users, batch):
+  batches = range(0, num_users, batch)  # progress only where there are many (catalog-scale train rows)
+  for lo in tqdm.tqdm(batches, desc='top-K batches', leave=False, mininterval=30, disable=len(batches) < 64):
     hi = min(lo + batch, num_users)
     pad = batch - (hi - lo)
     users = np.zeros((batch, user_factors.shape[1]), np.float32)
     users[:hi - lo] = user_factors[lo:hi]
-    history = pad_histories(list(histories[lo:hi]) + [()] * pad, width)
+    history = pad_histories(list(histories[lo:hi]) + [()] * pad, history_width)
     batch_targets = None if targets is None else np.pad(targets[lo:hi], (0, pad))
     query = np.pad(recent[lo:hi], ((0, pad), (0, 0)), constant_values=-1)
     query_weights = np.pad(recent_weights[lo:hi], ((0, pad), (0, 0)))

@@ -17,6 +17,7 @@ Processes: host (process 0 fits and writes; seconds on a CPU for ML-100K/ML-1M).
 from __future__ import annotations
 
 import itertools
+import json
 import time
 
 from absl import logging
@@ -72,6 +73,17 @@ def _fit(histories, num_items, retriever_config, key):
   start = time.perf_counter()
   users, items = jax.block_until_ready(mf.fit(histories, num_items, retriever_config, key))
   return users, items, time.perf_counter() - start
+
+
+def _write_jsonl(path, rows, total: int, name: str) -> None:
+  """Streams JSON lines to a temp sibling, then renames: train has a row per (user, position), more
+  than fits in memory as one string at catalog scale."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = files.temp_path(path)
+  with tmp.open('w') as f:
+    for row in tqdm.tqdm(rows, total=total, desc=f'candidates/{name}.jsonl', mininterval=10):
+      f.write(json.dumps(row, ensure_ascii=False) + '\n')
+  tmp.replace(path)
 
 
 def run(ctx) -> dict:
@@ -130,8 +142,8 @@ def run(ctx) -> dict:
   train = candidates.concat(fold_rankings)
 
   for name, ranking in (('train', train), ('valid', valid), ('test', test)):
-    files.atomic_write_jsonl(workdir / 'candidates' / f'{name}.jsonl',
-                              candidates.rows(ranking, inter.user_ids, inter.item_ids))
+    _write_jsonl(workdir / 'candidates' / f'{name}.jsonl',
+                 candidates.rows(ranking, inter.user_ids, inter.item_ids), len(ranking.users), name)
   ks = [int(x) for x in config.eval.ks]
   chosen = rconfig.to_dict()
   chosen.pop('search')
