@@ -100,7 +100,7 @@ def main():
 
   def ordered(mode, rows):
     scores = rank.rank_users(model, builder, [examples[n] for n in rows], mode, config, placement)
-    return [rerank.order_from_scores(s[None])[0] for s in scores]
+    return [(rerank.order_from_scores(s[None])[0], s) for s in scores]  # ranks count ties against the target
 
   def score(rows):
     return ordered('score', rows)
@@ -109,7 +109,7 @@ def main():
     return ordered('generate', rows)
 
   rows = list(range(len(users)))
-  results = {'retriever': ([list(range(len(c))) for c in cands], 0.0, 0.0)}
+  results = {'retriever': ([(list(range(len(c))), None) for c in cands], 0.0, 0.0)}
   results['score'] = timed(score, rows)
   results['generate'] = timed(generate, rows)
 
@@ -127,12 +127,13 @@ def main():
       '|---|---|---|---|---|---|---|',
   ]
   for mode, (orders, first_seconds, seconds) in results.items():
-    ranks = [rank.catalog_rank([c[j] for j in o] + [i for i in c if i not in {c[j] for j in o}], t, r)
-             for c, o, t, r in zip(cands, orders, targets, retriever_ranks)]
+    ranks = [rank.catalog_rank([c[j] for j in o] + [i for i in c if i not in {c[j] for j in o}], t, r,
+                               None if s is None else dict(zip(c, np.asarray(s).tolist())))
+             for c, (o, s), t, r in zip(cands, orders, targets, retriever_ranks)]
     scores = metrics.metrics_from_ranks(ranks, (10,))
     speed = f'{len(users) / seconds:.3f} | {seconds:.1f} | {first_seconds:.1f}' if seconds else '- | - | -'
     lines.append(f'| {mode} | {speed} | {scores["HR@10"]:.4f} | '
-                 f'{scores["NDCG@10"]:.4f} | {np.mean([len(o) for o in orders]):.1f} |')
+                 f'{scores["NDCG@10"]:.4f} | {np.mean([len(o) for o, _ in orders]):.1f} |')
   print('\n'.join(lines))
   if args.write:
     results_md.write_section('Ranking', '`python bench/rank.py`\n\n' + '\n'.join(lines), args.write)

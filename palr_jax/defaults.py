@@ -28,6 +28,8 @@ def get_config():
   c.data.k_core = 0              # iterative k-core filter on users and items (0 = off)
   c.data.min_history = 3         # users need >= this many events (train >= 1 + valid + test)
   c.data.repeats = 'keep'        # keep | drop_targets: repeat consumptions as targets (data/interactions.py)
+  c.data.max_missing_item_fraction = 0.05  # catalog items without an item-file row (titled "item <id>")
+                                           # above this fraction: refused, as a wrong or partial item file
 
   # Matrix-factorization retriever (palr_jax/retrieval/, stage palr_jax/stages/retriever.py).
   c.retriever = ml_collections.ConfigDict()

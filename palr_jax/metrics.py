@@ -101,14 +101,16 @@ def compare(per_user: dict[str, dict[str, np.ndarray]], ks: Sequence[int], sampl
   return out
 
 
-def reordering(items: dict[str, Sequence[Sequence[int]]], targets: Sequence[int], k: int = 10) -> dict:
+def reordering(items: dict[str, Sequence[Sequence[int]]], targets: Sequence[int], k: int = 10,
+               ranks: dict[str, Sequence[float]] | None = None) -> dict:
   """How each method reorders the retriever's candidate list, per user then averaged.
 
   `items[method][u]` is the method's order of user u's candidates (`items['retriever']` the retriever's,
   which bounds every reranker: a target it did not retrieve cannot be found). Returns
   {'candidates', 'target_in_candidates', 'methods': {m: {'top1_as_retriever', f'top{k}_overlap',
   f'HR@{k}_when_retrieved'}}}: a reranker that only learned the retriever's position prior has top-1
-  agreement and overlap near 1; `HR@k_when_retrieved` is its skill on the users it could help.
+  agreement and overlap near 1; `HR@k_when_retrieved` is its skill on the users it could help, from the
+  method's `ranks` (pessimistic: ties count against the target) where given, else from the list positions.
   """
   if BASELINE not in items:
     raise ValueError(f'reordering needs the {BASELINE!r} order, got methods {sorted(items)}')
@@ -122,7 +124,10 @@ def reordering(items: dict[str, Sequence[Sequence[int]]], targets: Sequence[int]
          'methods': {}}
   for method, lists in items.items():
     lists = [list(x) for x in lists]
-    hit = np.asarray([t in x[:k] for t, x in zip(targets, lists)])
+    if ranks is not None and method in ranks:
+      hit = np.asarray(ranks[method], np.float64) < k
+    else:
+      hit = np.asarray([t in x[:k] for t, x in zip(targets, lists)])
     out['methods'][method] = {
         'top1_as_retriever': float(np.mean([bool(x) and bool(r) and x[0] == r[0]
                                             for x, r in zip(lists, ref)])),
@@ -134,6 +139,8 @@ def reordering(items: dict[str, Sequence[Sequence[int]]], targets: Sequence[int]
 # ------------------------------------------------------------------------------------------------
 # Score fusion: the retriever's knowledge added back to an LLM reranker.
 
+TIE_RTOL = 1e-5  # scores closer than this (relative) are equal (palr_jax/model/rerank.py says why)
+
 
 def _standardized(scores) -> np.ndarray:
   """z-scores over one user's candidates; candidates without a score (None, -inf) go below every other."""
@@ -141,7 +148,10 @@ def _standardized(scores) -> np.ndarray:
   finite = np.isfinite(x)
   if not finite.any():
     return np.zeros(len(x))
-  z = (x - x[finite].mean()) / max(x[finite].std(), 1e-12)
+  mean, std = x[finite].mean(), x[finite].std()
+  if std <= TIE_RTOL * max(1.0, abs(mean)):  # equal up to rounding: no preference to scale up into z-scores
+    std = np.inf
+  z = (x - mean) / std
   z[~finite] = z[finite].min() - 1.0
   return z
 

@@ -5,7 +5,8 @@ and exit with code 2 (palr_jax/cli.py). Two layers:
   check_config(config)       the values alone: sizes, choices, names that refer to each other. Pure and
                              fast, so it also runs for every point of a sweep before the first one starts.
   check_environment(...)     what the values point at on this machine, for the stages about to run: the
-                             data files, the model (its spec resolvable, config, tokenizer and weight files
+                             data (read, filtered and split as the stages will; K against each user's
+                             unwatched items), the model (its spec resolvable, config, tokenizer and weight files
                              present and whole; no weights read), the mesh and the batch sizes that must
                              divide over it, the workdir (created, written to).
 The libraries keep their own checks, so a config built in code is still checked where it is used; these
@@ -20,6 +21,7 @@ import re
 import uuid
 
 from etils import epath
+import numpy as np
 
 from palr_jax import exporter
 from palr_jax import fingerprint
@@ -272,6 +274,7 @@ def check_environment(config, stages: Sequence[str], workdir=None) -> None:
     check_model(config.model)
   check_mesh(config, train=trains, rank='rank' in stages, profiles=llm_profiles,
              retriever='retriever' in stages and config.retriever.shard_items)
+  check_data(config)  # last: reading the data takes seconds, the checks above none
 
 
 def check_workdir(path) -> epath.Path:
@@ -299,6 +302,30 @@ def check_data_files(data_config) -> None:
     if not os.path.exists(path):
       raise ConfigError(f'config.data (source {data_config.source!r}, path {data_config.path!r}, name '
                         f'{data_config.name!r}): {path} not found')
+
+
+def check_data(config) -> None:
+  """Reads the data as the stages will (`interactions.load` keeps it for them), so a bad row is one line
+  naming the file and row now; then `retriever.num_candidates` against the catalog and against each user's
+  unwatched items (the retriever ranks the catalog minus the history, the target excepted)."""
+  try:
+    inter = interactions.load(config.data)
+    split = interactions.leave_one_out(inter)
+  except interactions.DataError as e:
+    raise ConfigError(str(e).splitlines()[0]) from None
+  files_ = interactions.source_files(config.data)
+  where = files_[0] if files_ else f'tfds {config.data.name!r}'
+  k, num_items = int(config.retriever.num_candidates), len(inter.item_ids)
+  if k > num_items:
+    raise bad('retriever.num_candidates', k, f'at most the {num_items} items of the catalog ({where}, after '
+              'filtering)')
+  for u, train in enumerate(split.train):
+    for history, target in ((train, split.valid[u]), (np.append(train, split.valid[u]), split.test[u])):
+      watched = len(set(history.tolist()) - {int(target)})
+      if num_items - watched < k:
+        raise bad('retriever.num_candidates', k, f'at most {num_items - watched}: user '
+                  f'{str(inter.user_ids[u])!r} of {where} has watched {watched} of the {num_items} items before '
+                  'a held-out item, and the candidates are items not watched')
 
 
 def check_model(model_config) -> None:

@@ -41,6 +41,7 @@ def write(path, text, encoding='utf-8'):
 
 def data_config(**overrides):
   c = get_config().data
+  c.max_missing_item_fraction = 1.0  # the fixtures leave items out of their item files; tested on its own
   c.update(overrides)
   return c
 
@@ -554,3 +555,95 @@ def test_ml100k_reader_agrees_with_recbole(ml100k, tmp_path):
   np.testing.assert_array_equal(other.item_ids, inter.item_ids)
   assert all(np.array_equal(a, b) for a, b in zip(other.sequences, inter.sequences))
   assert other.titles == inter.titles and other.genres == inter.genres
+
+
+# ------------------------------------------------------------------------------------------------
+# Data errors through the program: one line naming the file and row, exit 2, before any compute.
+
+GOOD_INTER = 'user_id:token\titem_id:token\ttimestamp:float\n' + ''.join(
+    f'u{u}\ti{(3 * u + k) % 10}\t{100 * u + k}\n' for u in range(5) for k in range(5))
+GOOD_ITEM = 'item_id:token\tmovie_title:token_seq\n' + ''.join(f'i{i}\tTitle {i}\n' for i in range(10))
+
+
+def program_config(tmp_path, inter=GOOD_INTER, item=GOOD_ITEM, **data):
+  write(tmp_path / 'toy.inter', inter)
+  write(tmp_path / 'toy.item', item)
+  c = get_config()
+  c.data.update(source='recbole', path=str(tmp_path), name='toy', **data)
+  c.retriever.num_candidates = 4
+  return c
+
+
+def _lines(text, first, replace):
+  lines = text.splitlines(keepends=True)
+  lines[first - 1] = replace
+  return ''.join(lines)
+
+
+@pytest.mark.parametrize('files, words', [
+    (dict(inter=''), r'toy\.inter:1: empty header'),
+    (dict(inter=GOOD_INTER.splitlines(keepends=True)[0]), r'toy\.inter: no interactions \(no data rows\)'),
+    (dict(inter=GOOD_INTER.replace('timestamp:float', 'time:float')),
+     r"toy\.inter:1: missing required column\(s\) \['timestamp'\]"),
+    (dict(inter=_lines(GOOD_INTER, 3, 'u0\ti4\tyesterday\n')),
+     r"toy\.inter:3: timestamp must be a finite number, got 'yesterday'"),
+    (dict(item=''), r'toy\.item:1: empty header'),
+    (dict(inter='user_id:token\titem_id:token\ttimestamp:float\n' + ''.join(
+        f'u{u}\ti{u + k}\t{k}\n' for u in range(4) for k in range(2))),
+     r'toy\.inter: no interactions left after filtering .*each user needs 3 events, and the 4 users have at '
+     r'most 2'),
+    (dict(item=_lines(GOOD_ITEM, 3, 'i1\tTitle\tone\n')),
+     r"toy\.item:3: expected 2 '\\t'-separated fields, found 3 \(a tab or line break inside a value\?\)"),
+    (dict(item=_lines(GOOD_ITEM, 3, 'i1\tTitle\none\n')), r"toy\.item:4: expected 2 '\\t'-separated fields, found 1"),
+    (dict(item=_lines(GOOD_ITEM, 4, 'i1\tAnother title\n')),
+     r"toy\.item:4: item 'i1' has a second row, different from line 3; expected one row per item"),
+    (dict(item=''.join(GOOD_ITEM.splitlines(keepends=True)[:8])),
+     r"toy\.item: no row for 3 of the 10 items of .*toy\.inter \(e\.g\. \['i7', 'i8', 'i9'\]\); expected at "
+     r'most 5\.0% missing \(config\.data\.max_missing_item_fraction\)'),
+    (dict(num_candidates=11), r'config\.retriever\.num_candidates=11: expected at most the 10 items of the '
+                              r'catalog \(.*toy\.inter, after filtering\)'),
+    (dict(num_candidates=7), r"config\.retriever\.num_candidates=7: expected at most 6: user 'u0' of "
+                             r'.*toy\.inter has watched 4 of the 10 items'),
+])
+def test_data_errors_are_one_line_before_compute(tmp_path, files, words):
+  from palr_jax import main as palr_main
+  from palr_jax import validate
+  k = files.pop('num_candidates', 4)
+  c = program_config(tmp_path, **files)
+  c.retriever.num_candidates = k
+  with pytest.raises(validate.ConfigError, match=words) as e:
+    palr_main.plan(c, tmp_path / 'w', only=('retriever',))
+  assert len(str(e.value).splitlines()) == 1
+
+
+def test_data_errors_exit_2_with_one_line(tmp_path):
+  """Through the program: the error line names the file and row; exit 2; no stage ran."""
+  import subprocess
+  import sys
+  program_config(tmp_path, inter=_lines(GOOD_INTER, 3, 'u0\ti4\tyesterday\n'))
+  out = subprocess.run(
+      [sys.executable, '-m', 'palr_jax.main', '--config=configs/ml100k.py:quick', f'--workdir={tmp_path / "w"}',
+       '--stages=retriever', '--config.data.source=recbole', f'--config.data.path={tmp_path}',
+       '--config.data.name=toy', '--config.retriever.num_candidates=4'],
+      capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  lines = [line for line in out.stderr.splitlines() if line.startswith('palr_jax.main: ')]
+  assert out.returncode == 2 and len(lines) == 1 and 'Traceback' not in out.stderr, out.stderr[-3000:]
+  assert f"{tmp_path / 'toy.inter'}:3: timestamp must be a finite number, got 'yesterday'" in lines[0]
+  assert not (tmp_path / 'w' / 'candidates').exists()
+
+
+def test_item_file_gaps_and_repeats_are_counted(tmp_path, caplog):
+  """Under the threshold, missing item rows, repeated identical item rows and users dropped for too few
+  events are counted on the terminal (warnings); the first row of a repeated id is the one kept."""
+  item = GOOD_ITEM.splitlines(keepends=True)
+  item = ''.join(item[:10] + [item[2]])           # i9 has no row (1 of 10), i1's row twice
+  inter = GOOD_INTER + 'u9\ti1\t5\nu9\ti2\t6\n'  # u9: 2 events
+  c = program_config(tmp_path, inter=inter, item=item, max_missing_item_fraction=0.1)
+  with caplog.at_level(logging.WARNING):
+    loaded = I.load(c.data)
+  assert 'toy.item: 1 repeated item rows' in caplog.text
+  assert '1 of 10 items of' in caplog.text and 'have no row in' in caplog.text
+  assert 'dropped 1 of the 6 users of' in caplog.text and 'fewer than 3 events' in caplog.text
+  assert [loaded.titles[list(loaded.item_ids).index(f'i{i}')] for i in (1, 9)] == ['Title 1', '']
+  assert len(loaded.user_ids) == 5

@@ -127,6 +127,11 @@ def test_reordering_hand_computed():
                                               'reordering': out}}, [2])
   assert "the retriever's 3 candidates (the target is among them for 66.7% of users" in text
   assert '| llm | 0.3333 | 0.6667 | 1.0000 |' in text
+  # With the methods' (pessimistic) ranks, a target first in a list of ties is no hit.
+  tied = evaluate.reordering({'retriever': retriever, 'llm': retriever}, targets, k=2,
+                             ranks={'retriever': [1, 2, 50], 'llm': [2, 2, 50]})
+  assert tied['methods']['llm']['HR@2_when_retrieved'] == 0.0
+  assert tied['methods']['retriever']['HR@2_when_retrieved'] == 0.5
   with pytest.raises(ValueError, match="needs the 'retriever' order"):
     evaluate.reordering({'llm': llm}, targets)
   with pytest.raises(ValueError, match='expected the same users everywhere'):
@@ -152,6 +157,11 @@ def test_fusion_weight_is_chosen_on_valid_and_carried_to_test():
   assert evaluate.fuse(flat, {'scores': [[None, None]]}, 1.0)['ranks'] == [1.0]
   missed = {'items': [[1, 2]], 'scores': [[1.0, 0.5]], 'targets': [9], 'ranks': [17.0]}
   assert evaluate.fuse(missed, {'scores': [[0.0, 2.0]]}, 1.0)['ranks'] == [17.0]
+  # LLM scores equal up to float32 rounding (a constant model's mean log-likelihoods) add nothing: the
+  # retriever's order stands, not rounding noise blown up to unit z-scores.
+  ordered = {'items': [[1, 2, 3]], 'scores': [[3.0, 2.0, 1.0]], 'targets': [1], 'ranks': [0.0]}
+  noisy = {'scores': [[-5.9914646, -5.9914641, -5.9914650]]}
+  assert evaluate.fuse(ordered, noisy, 4.0) == {'ranks': [0.0], 'items': [[1, 2, 3]], 'targets': [1]}
 
 
 def test_report_fuses_each_llm_method_with_a_weight_from_valid():

@@ -1,6 +1,9 @@
 """palr_jax.model.rerank against plain references: unpadded full forwards, brute-force constrained greedy decoding
 without a KV cache, hand-summed log-probabilities and hand-computed catalog ranks."""
+import json
 from types import SimpleNamespace
+
+from etils import epath
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,9 @@ import pytest
 from flax import nnx
 
 from palr_jax import defaults
+from palr_jax import metrics
+from palr_jax.data import interactions
+from palr_jax.data import prompts
 from palr_jax.model import decode
 from palr_jax.model import attention
 from palr_jax.model import rerank as rank
@@ -16,6 +22,7 @@ from palr_jax.stages import rank as rank_stage
 from palr_jax import sharding as sharding_lib
 from palr_jax.sharding import Placement
 from palr_jax.model.llama import Llama, LlamaConfig, init_cache
+from prompt_fixtures import tiny_config, tiny_interactions, tiny_tokenizer, write_candidates
 
 VOCAB = 64
 BUCKETS = (8, 16, 32)
@@ -334,3 +341,78 @@ def test_catalog_rank():
   assert rank_stage.catalog_rank(candidates, 3, retriever_rank=1) == 1
   with pytest.raises(ValueError, match='not among the candidates'):
     rank_stage.catalog_rank(ranked, 2, retriever_rank=1)
+  # With the LLM's scores, ties count against the target; unscored candidates tie with each other.
+  scores = {9: -1.0, 7: -1.0, 3: -np.inf}
+  assert rank_stage.catalog_rank(ranked, 9, 2, scores) == 1
+  assert rank_stage.catalog_rank(ranked, 7, 0, scores) == 1
+  assert rank_stage.catalog_rank(ranked, 3, 1, scores) == 3
+  assert rank_stage.catalog_rank(ranked, 4, 3, scores) == 3
+  assert rank_stage.catalog_rank(ranked, 2, 5, scores) == 5
+
+
+def test_pessimistic_rank_counts_ties_against_the_target():
+  scores = np.array([0.5, 2.0, 0.5, 0.5, -np.inf, -np.inf])
+  assert [rank.pessimistic_rank(scores, k) for k in range(6)] == [3, 0, 3, 3, 5, 5]
+  assert [rank.pessimistic_rank(np.zeros(8), k) for k in range(8)] == [7] * 8
+
+
+def test_decoder_scores_share_a_score_across_tied_choices():
+  decoder = rank._Decoder([np.array([5]), np.array([6]), np.array([7]), np.array([8]), np.array([9])], [1], 4)
+  decoder.order = [2, 0, 4, 1]  # 3 unwritten
+  np.testing.assert_array_equal(decoder.scores(5), [-1, -3, 0, -np.inf, -2])
+  decoder.ties = {1: {1}}       # position 1 could as well have been item 1 (written at 3): 1..3 tie
+  np.testing.assert_array_equal(decoder.scores(5), [-3, -3, 0, -np.inf, -3])
+  decoder.ties = {0: {4}, 2: {3}}  # 0..2 tie; 2 could have been the unwritten 3: 0..3 tie with the tail
+  assert np.isneginf(decoder.scores(5)).all()
+
+
+def test_generate_scores_without_ties_are_the_written_order(model):
+  rng = np.random.default_rng(3)
+  prompts_ = random_prompts(rng, (7, 3, 15))
+  candidates = [tagged_candidates(rng, 6) for _ in prompts_]
+  kw = dict(separator=[1, 2], max_items=4, batch_size=2, buckets=BUCKETS)
+  orders = rank.generate_ranking(model, prompts_, candidates, **kw)
+  scores = rank.generate_scores(model, prompts_, candidates, **kw)
+  for order, row in zip(orders, scores):
+    expected = np.full(6, -np.inf)
+    expected[order] = -np.arange(len(order))
+    np.testing.assert_array_equal(row, expected)
+
+
+def constant_llama(vocab):
+  """Every logit 0: the model cannot tell any candidate from another."""
+  config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
+                       num_kv_heads=2, head_dim=8)
+  model = Llama(config, nnx.Rngs(0))
+  model.lm_head.kernel.value = jnp.zeros_like(model.lm_head.kernel.value)
+  return model
+
+
+@pytest.mark.parametrize('mode,task,max_items', [('score', 'recommend_retrieval', 4),
+                                                 ('likelihood', 'recommend_retrieval', 4),
+                                                 ('likelihood', 'recommend', 4),
+                                                 ('generate', 'recommend_retrieval', 4),
+                                                 ('generate', 'recommend', 2)])
+def test_a_constant_model_ranks_every_target_last(tmp_path, mode, task, max_items):
+  """The issue's all-zero model: every candidate ties, so the target is last among the (up to) 4, in every
+  mode (its prompt position gave HR@1 > 0 before)."""
+  inter = tiny_interactions()
+  split = interactions.leave_one_out(inter)
+  write_candidates(tmp_path / 'candidates', inter, split, count=4)
+  tok = tiny_tokenizer()
+  config = tiny_config(num_candidates=4)
+  config.prompts.candidate_order = 'retriever'
+  config.rank.reduce, config.rank.max_items, config.rank.batch_size = 'mean', max_items, 2
+  builder = prompts.PromptBuilder(config, inter, tok, tasks=(task,))
+  ctx = SimpleNamespace(workdir=epath.Path(tmp_path), split=split, config=config, placement=Placement(),
+                        profiles=lambda: None)
+  users = np.arange(len(split.train))
+  out = rank_stage.rank_split(ctx, constant_llama(len(tok)), builder, 'test', users, mode)
+  rows = [json.loads(line) for line in (tmp_path / 'candidates' / 'test.jsonl').read_text().splitlines()]
+  retrieved = [r['target'] in r['items'] for r in rows]
+  assert any(retrieved) and not all(retrieved)  # (user 3 has 3 unwatched items: 3 candidates)
+  assert out['ranks'] == [len(r['items']) - 1 if hit else r['target_rank'] for hit, r in zip(retrieved, rows)]
+  if mode != 'likelihood':  # exact ties keep the retriever's order (mean log-likelihoods differ in their last bits)
+    assert out['items'] == [r['items'] for r in rows]
+  assert [sorted(x) for x in out['items']] == [sorted(r['items']) for r in rows]
+  assert all(metrics.metrics_from_ranks(out['ranks'], [1, 2])[f'HR@{k}'] == 0 for k in (1, 2))  # K < ties

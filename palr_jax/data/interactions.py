@@ -36,17 +36,24 @@ Conventions that decide results:
   * Filtering: keep rating >= `rating_threshold` (0 keeps all), then drop users with fewer than
     max(`k_core`, `min_history`) events and items with fewer than `k_core` events, repeated until
     nothing changes. `leave_one_out` needs 3 events per user, so configs use `min_history >= 3`.
-  * The catalog is the items that keep at least one event; metadata of other items is ignored.
+  * The catalog is the items that keep at least one event; metadata of other items is ignored. Catalog
+    items without a row in the item file (shown as "item <id>") are counted on the terminal and refused
+    above `config.data.max_missing_item_fraction`; an item id with two rows is one item when the rows are
+    the same (counted on the terminal), an error when they differ.
+  * Users dropped for having fewer than `min_history` events are counted on the terminal; when none is
+    left, the error says how many events the users had and how many are needed.
   * Text files may start with a UTF-8 byte-order mark; a GroupLens file (latin-1) that has one is read
     as UTF-8, which the mark says it is.
 
-Bad input raises `DataError` naming the file and, where there is one, the line (`path:line: ...`).
+Bad input raises `DataError` naming the file and, where there is one, the line (`path:line: ...`);
+validate.py loads the data before anything is computed, so the programs print it as one line (exit 2).
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
 import gzip
+import hashlib
 import importlib.util
 import json
 import math
@@ -116,6 +123,7 @@ class Events:
   titles: dict[str, str]        # raw item id -> title
   genres: dict[str, tuple[str, ...]]  # raw item id -> genres
   user_features: dict[str, dict[str, str]]  # raw user id -> {feature: value}
+  item_path: str = ''           # the item metadata file (named in messages)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,10 +133,30 @@ class Events:
 def load(data_config) -> Interactions:
   """Reads `data_config.source`, drops duplicates, filters (threshold, repeats, k-core, min_history) and
   indexes it."""
-  return to_interactions(
-      read_events(data_config), name=data_config.name,
-      rating_threshold=float(data_config.rating_threshold), k_core=int(data_config.k_core),
-      min_history=int(data_config.min_history), repeats=data_config.repeats)
+  key = (json.dumps(data_config.to_dict(), sort_keys=True, default=str),
+         tuple((p, *_stat(p)) for p in source_files(data_config)))
+  if _LOADED.get('key') != key:  # validate.py loads it before compute; the stages then reuse it
+    _LOADED.clear()
+    _LOADED.update(key=key, value=to_interactions(
+        read_events(data_config), name=data_config.name,
+        rating_threshold=float(data_config.rating_threshold), k_core=int(data_config.k_core),
+        min_history=int(data_config.min_history), repeats=data_config.repeats,
+        max_missing_item_fraction=float(data_config.get('max_missing_item_fraction', 1.0))))
+  return _LOADED['value']
+
+
+_LOADED: dict = {}  # the last data `load` read, with the config and file contents it was read from
+
+
+def _stat(path: str) -> tuple[int, str]:
+  """The file's size and content digest (a rewrite within the clock's resolution still shows)."""
+  if not os.path.isfile(path):
+    return -1, ''  # read_events says so
+  h = hashlib.blake2b(digest_size=16)
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 22), b''):
+      h.update(block)
+  return os.path.getsize(path), h.hexdigest()
 
 
 def read_events(data_config) -> Events:
@@ -199,10 +227,11 @@ def embedded_ml100k_dir() -> str:
 
 
 def to_interactions(events: Events, *, name: str, rating_threshold: float, k_core: int,
-                    min_history: int, repeats: str = 'keep') -> Interactions:
+                    min_history: int, repeats: str = 'keep', max_missing_item_fraction: float = 1.0
+                    ) -> Interactions:
   """Drops duplicate rows, filters `events` and builds dense, time-ordered per-user sequences."""
   if not len(events.users):
-    raise DataError(f'{events.path}: no interactions')
+    raise DataError(f'{events.path}: no interactions (no data rows); expected one row per interaction')
   if repeats not in REPEATS:
     raise DataError(f'config.data.repeats={repeats!r}: expected one of {REPEATS}')
   keep = ~_duplicates(events.users, events.items, events.timestamps)
@@ -216,6 +245,7 @@ def to_interactions(events: Events, *, name: str, rating_threshold: float, k_cor
     keep &= events.ratings >= rating_threshold
     logging.info('%s: rating >= %g keeps %d of %d interactions', name, rating_threshold, keep.sum(),
                  len(keep))
+  before = keep
   while True:  # each filter can make the other drop more: repeat until nothing changes
     keep = _core_filter(events.users, events.items, keep, max(k_core, min_history), k_core, name)
     if repeats == 'keep' or not keep.any():
@@ -228,8 +258,16 @@ def to_interactions(events: Events, *, name: str, rating_threshold: float, k_cor
     keep = kept
   rows = np.flatnonzero(keep)
   if not rows.size:
+    most = int(np.bincount(events.users[before]).max()) if before.any() else 0
     raise DataError(f'{events.path}: no interactions left after filtering (rating_threshold='
-                    f'{rating_threshold}, k_core={k_core}, min_history={min_history})')
+                    f'{rating_threshold}, k_core={k_core}, min_history={min_history}): each user needs '
+                    f'{max(k_core, min_history)} events, and the {len(events.user_ids)} users have at most '
+                    f'{most}')
+  dropped = _distinct(events.users, before) - _distinct(events.users, keep)
+  if dropped:
+    logging.warning('%s: dropped %d of the %d users of %s (fewer than %d events: the max of '
+                    'config.data.min_history and k_core, after k-core filtering of items)', name, dropped,
+                    _distinct(events.users, before), events.path, max(k_core, min_history))
   users, user_order = _first_appearance(events.users[rows])
   items, item_order = _first_appearance(events.items[rows])
   times = events.timestamps[rows]
@@ -240,9 +278,15 @@ def to_interactions(events: Events, *, name: str, rating_threshold: float, k_cor
   bounds = np.cumsum(np.bincount(users, minlength=len(user_order)))[:-1]
   user_ids = events.user_ids[user_order]
   item_ids = events.item_ids[item_order]
-  missing = sum(i not in events.titles for i in item_ids.tolist())
+  missing = [i for i in item_ids.tolist() if i not in events.titles]
   if missing:
-    logging.info('%s: %d of %d items have no entry in the item file', name, missing, len(item_ids))
+    where = events.item_path or 'the item file'
+    if len(missing) > max_missing_item_fraction * len(item_ids):
+      raise DataError(f'{where}: no row for {len(missing)} of the {len(item_ids)} items of {events.path} '
+                      f'(e.g. {missing[:3]}); expected at most {max_missing_item_fraction:.1%} missing '
+                      '(config.data.max_missing_item_fraction)')
+    logging.warning('%s: %d of %d items of %s have no row in %s; prompts name them "item <id>"', name,
+                    len(missing), len(item_ids), events.path, where)
   return Interactions(
       name=name,
       user_ids=user_ids,
@@ -373,7 +417,7 @@ def _columns(raw: bytes, sep: str, num_fields: int, encoding: str, path: str,
   if bad.size:
     j = int(bad[0])
     raise DataError(f'{path}:{first_line + j}: expected {num_fields} {sep!r}-separated fields, '
-                    f'found {fields[j]}')
+                    f'found {fields[j]}' + (' (a tab or line break inside a value?)' if sep == '\t' else ''))
   flat = _decode(raw, encoding, path, first_line).replace(unit, '\n').split('\n')
   return [flat[j::num_fields] for j in range(num_fields)]
 
@@ -410,13 +454,32 @@ def _encode(values) -> tuple[np.ndarray, list]:
   return np.fromiter(map(index.__getitem__, values), np.int64, len(values)), distinct
 
 
-def _events(path, users, items, ratings, timestamps, titles, genres, user_features) -> Events:
+def _events(path, users, items, ratings, timestamps, titles, genres, user_features, item_path='') -> Events:
   user_codes, user_ids = _encode(users)
   item_codes, item_ids = _encode(items)
   return Events(
       path=path, user_ids=np.array(user_ids, dtype=str), item_ids=np.array(item_ids, dtype=str),
       users=user_codes, items=item_codes, ratings=ratings, timestamps=timestamps, titles=titles,
-      genres=genres, user_features=user_features)
+      genres=genres, user_features=user_features, item_path=item_path)
+
+
+def _item_rows(columns: list[list[str]], path: str, first_line: int) -> list[list[str]]:
+  """The item file's columns (ids first) with one row per id: a row repeating an earlier row of its id
+  exactly is dropped (counted on the terminal); one that differs from it is a DataError naming both lines."""
+  ids, first, repeats = columns[0], {}, []
+  for j, item in enumerate(ids):
+    k = first.setdefault(item, j)
+    if k != j:
+      if any(c[j] != c[k] for c in columns):
+        raise DataError(f'{path}:{first_line + j}: item {item!r} has a second row, different from line '
+                        f'{first_line + k}; expected one row per item')
+      repeats.append(j)
+  if not repeats:
+    return columns
+  logging.warning('%s: %d repeated item rows (each the same as its id\'s first row, e.g. line %d) ignored',
+                  path, len(repeats), first_line + repeats[0])
+  kept = sorted(first.values())
+  return [[c[j] for j in kept] for c in columns]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -428,7 +491,10 @@ def read_recbole(path: str, name: str) -> Events:
   prefix = os.path.join(path, name) if os.path.isdir(path) else path
   inter_path = prefix + '.inter'
   inter = _recbole_table(inter_path, required=('user_id', 'item_id', 'timestamp'))
-  items = _recbole_table(prefix + '.item', required=('item_id',))
+  item_path = prefix + '.item'
+  items = _recbole_table(item_path, required=('item_id',))
+  names = ['item_id'] + [c for c in items if c != 'item_id']
+  items = dict(zip(names, _item_rows([items[c] for c in names], item_path, 2)))
   title_col = next((c for c in RECBOLE_TITLE_COLUMNS if c in items), None)
   genre_col = next((c for c in RECBOLE_GENRE_COLUMNS if c in items), None)
   titles = dict(zip(items['item_id'], items[title_col] if title_col else [''] * len(items['item_id'])))
@@ -445,7 +511,7 @@ def read_recbole(path: str, name: str) -> Events:
   ratings = _numbers(inter['rating'], 'rating', inter_path, 2) if 'rating' in inter else None
   return _events(inter_path, inter['user_id'], inter['item_id'], ratings,
                  _numbers(inter['timestamp'], 'timestamp', inter_path, 2), titles, genres,
-                 user_features)
+                 user_features, item_path)
 
 
 def _recbole_table(path: str, required: tuple[str, ...]) -> dict[str, list[str]]:
@@ -475,7 +541,7 @@ def read_ml100k(directory: str) -> Events:
   data_path = os.path.join(directory, 'u.data')
   user, item, rating, ts = _table(data_path, '\t', 4)
   item_path = os.path.join(directory, 'u.item')
-  item_cols = _table(item_path, '|', 5 + len(ML100K_GENRES))
+  item_cols = _item_rows(_table(item_path, '|', 5 + len(ML100K_GENRES)), item_path, 1)
   flags = np.stack([_numbers(c, 'genre flag', item_path, 1) for c in item_cols[5:]], axis=1)
   genres = {i: tuple(g for g, f in zip(ML100K_GENRES, row) if f)
             for i, row in zip(item_cols[0], flags.tolist())}
@@ -487,7 +553,7 @@ def read_ml100k(directory: str) -> Events:
       user_features[u] = dict(age=age, gender=gender, occupation=occupation, zip_code=zip_code)
   return _events(data_path, user, item, _numbers(rating, 'rating', data_path, 1),
                  _numbers(ts, 'timestamp', data_path, 1), dict(zip(item_cols[0], item_cols[1])),
-                 genres, user_features)
+                 genres, user_features, item_path)
 
 
 def read_ml1m(directory: str) -> Events:
@@ -495,7 +561,7 @@ def read_ml1m(directory: str) -> Events:
   data_path = os.path.join(directory, 'ratings.dat')
   user, item, rating, ts = _table(data_path, '::', 4)
   movie_path = os.path.join(directory, 'movies.dat')
-  movie, title, genre = _table(movie_path, '::', 3)
+  movie, title, genre = _item_rows(_table(movie_path, '::', 3), movie_path, 1)
   user_features = {}
   user_path = os.path.join(directory, 'users.dat')
   if os.path.exists(user_path):
@@ -511,7 +577,8 @@ def read_ml1m(directory: str) -> Events:
                               occupation=ML1M_OCCUPATIONS[occupation], zip_code=zip_code)
   return _events(data_path, user, item, _numbers(rating, 'rating', data_path, 1),
                  _numbers(ts, 'timestamp', data_path, 1), dict(zip(movie, title)),
-                 {m: tuple(g.split('|')) if g else () for m, g in zip(movie, genre)}, user_features)
+                 {m: tuple(g.split('|')) if g else () for m, g in zip(movie, genre)}, user_features,
+                 movie_path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -534,7 +601,7 @@ def read_amazon(directory: str, category: str) -> Events:
     for out, v in zip((users, items, ratings, times), values):
       out.append(v)
   wanted = set(items)
-  titles, genres = {}, {}
+  titles, genres, repeats = {}, {}, 0
   meta_path = os.path.join(directory, f'meta_{category}.json.gz')
   for n, line in _gzip_lines(meta_path):
     asin = _ASIN.search(line)
@@ -546,12 +613,17 @@ def read_amazon(directory: str, category: str) -> Events:
     except (ValueError, SyntaxError, TypeError, KeyError, MemoryError, RecursionError) as e:
       raise DataError(f'{meta_path}:{n}: expected a Python dict literal with an '
                       f'asin ({type(e).__name__}: {e})') from None
+    if asin in titles:
+      repeats += 1
+      continue  # the first row of an id is kept, as for the other sources
     titles[asin] = str(row.get('title') or '')
     paths = row.get('categories') or ()  # a list of category paths, each a list of names
     genres[asin] = tuple(dict.fromkeys(
         c for p in paths for c in ([p] if isinstance(p, str) else p)))
+  if repeats:
+    logging.warning('%s: %d repeated item rows ignored (the first row of each asin is kept)', meta_path, repeats)
   return _events(path, users, items, np.array(ratings, np.float64), np.array(times, np.float64),
-                 titles, genres, {})
+                 titles, genres, {}, meta_path)
 
 
 def _gzip_lines(path: str):

@@ -35,6 +35,7 @@ from etils import epath
 import numpy as np
 
 from palr_jax import files
+from palr_jax.data import chat
 from palr_jax.data import prompts
 
 KINDS = ('llm', 'stats')
@@ -114,10 +115,10 @@ def clean_profile(text: str) -> str:
 
 
 def chat_ids(tokenizer, system: str, text: str) -> list[int]:
-  """Token ids of one user turn in the tokenizer's chat template, with the generation prompt."""
+  """Token ids of one user turn in the tokenizer's chat template, with the generation prompt; the turn's
+  text (titles: data) never becomes control tokens (palr_jax/data/chat.py)."""
   messages = ([{'role': 'system', 'content': system}] if system else []) + [{'role': 'user', 'content': text}]
-  prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-  return tokenizer(prompt, add_special_tokens=False)['input_ids']
+  return chat.Template(tokenizer).ids(messages)
 
 
 def row(inter, user: int, profile: str, items: int) -> dict:

@@ -38,6 +38,8 @@ verbalizer), so the model is taught which candidate, not how to spell its title
 example longer than `max_length` loses its oldest history titles first; instruction, profile and
 candidates are never cut (an example that still does not fit is an error). Titles are cut to
 `max_title_tokens` tokens once, so a title reads the same in histories, candidate lists and answers.
+Only the template writes control tokens: titles, profiles and the instruction text are encoded with
+special-token parsing off (palr_jax/data/chat.py), so a title holding `<|im_end|>` stays text.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ from etils import epath
 import numpy as np
 
 from palr_jax import files
+from palr_jax.data import chat
 
 TASKS = ('recommend', 'recommend_retrieval')
 RETRIEVAL_LOSSES = ('tokens', 'tag')   # how a Recommend_Retrieval answer is learned (see "Tokens" above)
@@ -153,7 +156,7 @@ def read_candidates(path, split, which: str) -> Candidates:
 def cut_title(title: str, tokenizer, max_tokens: int) -> str:
   """One-line title of at most `max_tokens` tokens (cut at a token boundary)."""
   title = ' '.join(title.split())
-  ids = tokenizer(title, add_special_tokens=False)['input_ids']
+  ids = chat.encode_text(tokenizer, [title])[0]
   if len(ids) <= max_tokens:
     return title
   return tokenizer.decode(ids[:max_tokens]).replace('\ufffd', '').strip()
@@ -225,6 +228,7 @@ class PromptBuilder:
       raise ValueError(f'retrieval_loss {retrieval_loss!r}: expected one of {RETRIEVAL_LOSSES}')
     self.cfg, self.tokenizer, self.seed, self.tasks = cfg, tokenizer, int(config.seed), tuple(tasks)
     self.retrieval_loss = retrieval_loss
+    self.template = chat.Template(tokenizer)
     self.num_candidates = int(config.retriever.num_candidates)
     self.titles = [cut_title(t or f'item {i}', tokenizer, cfg.max_title_tokens)
                    for t, i in zip(inter.titles, inter.item_ids)]
@@ -239,8 +243,11 @@ class PromptBuilder:
     return system + [{'role': 'user', 'content': user_text}]
 
   def chat_prompt(self, user_text: str) -> str:
-    return self.tokenizer.apply_chat_template(self._messages(user_text), tokenize=False,
-                                              add_generation_prompt=True)
+    return self.template.render(self._messages(user_text))
+
+  def prompt_segments(self, user_text: str) -> list[tuple[str, bool]]:
+    """The chat prompt as (text, from the template) pieces: the messages' contents are data."""
+    return self.template.segments(self._messages(user_text))[1]
 
   def _probe_answer_framing(self) -> tuple[str, str]:
     """What the template puts around an assistant message: (text before it, text through end-of-turn)."""
@@ -270,24 +277,31 @@ class PromptBuilder:
                       for j, i in enumerate(candidates))
     return cfg[task].format(history=lines, profile=block, candidates=cands)
 
-  def answer_text(self, task: str, target: int, candidates: Sequence[int] = ()) -> str:
-    """The answer as rendered after the prompt (content + end-of-turn); '' if the target is absent."""
+  def answer_segments(self, task: str, target: int, candidates: Sequence[int] = ()) -> list[tuple[str, bool]]:
+    """The answer as rendered after the prompt: the template's prefix, the content (data), its end-of-turn;
+    [] if the target is absent."""
     if task == 'recommend':
       content = self.cfg.recommend_response.format(title=self.titles[target])
     else:
       hits = [j for j, i in enumerate(candidates) if i == target]
       if not hits:
-        return ''
+        return []
       content = self.cfg.recommend_retrieval_response.format(tag=self.tags[hits[0]],
                                                              title=self.titles[target])
-    return self.answer_prefix + content + self.answer_suffix
+    return [(self.answer_prefix, True), (content, False), (self.answer_suffix, True)]
+
+  def answer_text(self, task: str, target: int, candidates: Sequence[int] = ()) -> str:
+    """The answer as rendered after the prompt (content + end-of-turn); '' if the target is absent."""
+    return ''.join(t for t, _ in self.answer_segments(task, target, candidates))
 
   def encode(self, text: str) -> list[int]:
-    """Token ids of rendered text (the chat template already holds any special tokens)."""
-    return self.tokenizer(text, add_special_tokens=False)['input_ids'] if text else []
+    """Token ids of text the chat template wrote (its special-token strings are control tokens); data
+    goes through `encode_text` or `chat.encode_segments`."""
+    return chat.encode_segments(self.tokenizer, [[(text, True)]])[0] if text else []
 
-  def _encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)['input_ids']]
+  def encode_text(self, text: str) -> list[int]:
+    """Token ids of plain text (data, config text shown as text): no control tokens."""
+    return chat.encode_text(self.tokenizer, [text])[0] if text else []
 
   # Tags.
 
@@ -336,8 +350,16 @@ class PromptBuilder:
 
   def _prompt(self, spec: Spec, n: int) -> str:
     """The chat-templated prompt of `spec` with its `n` most recent history titles."""
+    return self.chat_prompt(self._user_text(spec, n))
+
+  def _user_text(self, spec: Spec, n: int) -> str:
     history = spec.history[len(spec.history) - n:]
-    return self.chat_prompt(self.user_text(spec.task, history, spec.profile, spec.candidates))
+    return self.user_text(spec.task, history, spec.profile, spec.candidates)
+
+  def _prompt_ids(self, specs: Sequence[Spec], counts: Sequence[int]) -> tuple[list[str], list[list[int]]]:
+    """The chat-templated prompts of `specs` with `counts` history titles, and their token ids."""
+    rendered = [self.template.segments(self._messages(self._user_text(s, n))) for s, n in zip(specs, counts)]
+    return [text for text, _ in rendered], chat.encode_segments(self.tokenizer, [p for _, p in rendered])
 
   def _truncate(self, spec: Spec, answer_len: int) -> tuple[int, str, list[int]]:
     """The most recent history titles (at least one) whose prompt fits beside the answer."""
@@ -345,8 +367,7 @@ class PromptBuilder:
     found, lo, hi = None, 1, len(spec.history) - 1
     while lo <= hi:
       mid = (lo + hi) // 2
-      prompt = self._prompt(spec, mid)
-      ids = self.encode(prompt)
+      (prompt,), (ids,) = self._prompt_ids([spec], [mid])
       if len(ids) <= budget:
         found, lo = (mid, prompt, ids), mid + 1
       else:
@@ -355,7 +376,7 @@ class PromptBuilder:
       n = min(len(spec.history), 1)
       raise ValueError(
           f'{spec.task} example of user {spec.user} (position {spec.position}) takes '
-          f'{len(self.encode(self._prompt(spec, n))) + answer_len} tokens with {n} history title(s) > '
+          f'{len(self._prompt_ids([spec], [n])[1][0]) + answer_len} tokens with {n} history title(s) > '
           f'config.prompts.max_length = {self.cfg.max_length}; instruction, profile and candidates are '
           'never cut: raise max_length or lower max_title_tokens / profiles.max_new_tokens')
     return found
@@ -364,10 +385,10 @@ class PromptBuilder:
     """Renders and tokenizes (batched); an example over `max_length` loses its oldest titles first."""
     specs = [s._replace(history=tuple(int(i) for i in s.history)[-self.cfg.max_history:],
                         candidates=tuple(int(i) for i in s.candidates)) for s in specs]
-    answers = [self.answer_text(s.task, s.target, s.candidates) for s in specs]
-    prompts = [self._prompt(s, len(s.history)) for s in specs]
-    answer_ids = self._encode_batch(answers)
-    prompt_ids = self._encode_batch(prompts)
+    answer_segments = [self.answer_segments(s.task, s.target, s.candidates) for s in specs]
+    answers = [''.join(t for t, _ in a) for a in answer_segments]
+    answer_ids = chat.encode_segments(self.tokenizer, answer_segments)
+    prompts, prompt_ids = self._prompt_ids(specs, [len(s.history) for s in specs])
     out = []
     for s, prompt, p_ids, answer, a_ids in zip(specs, prompts, prompt_ids, answers, answer_ids):
       n = len(s.history)
@@ -410,7 +431,7 @@ class PromptBuilder:
                for j, i in enumerate(example.candidates)]
     else:
       texts = [self.cfg.recommend_response.format(title=self.titles[i]) for i in example.candidates]
-    return [self.encode(t + end) for t in texts]
+    return chat.encode_segments(self.tokenizer, [[(t, False), (end, True)] for t in texts])
 
   def visible_candidates(self, retrieved: np.ndarray, exclude: frozenset[int]) -> list[int]:
     """The K candidates as retrieved: the retriever's list minus `exclude`, cut to K."""

@@ -169,16 +169,18 @@ def generate(model: llama.Llama, prompt_ids: Sequence[Sequence[int]], *, max_new
 # ------------------------------------------------------------------------------ constrained decoding
 
 
-def pick(logits: jax.Array, allowed: jax.Array) -> jax.Array:
-  """Greedy choice among the allowed token ids [B, W] (-1 = none): the token id [B]."""
-  scores = jnp.take_along_axis(logits, jnp.maximum(allowed, 0), axis=-1)
-  best = jnp.argmax(jnp.where(allowed >= 0, scores, -jnp.inf), axis=-1)
-  return jnp.take_along_axis(allowed, best[:, None], axis=-1)[:, 0]
+def pick(logits: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Greedy choice among the allowed token ids [B, W] (-1 = none): the token id [B], and which allowed
+  tokens tie with it [B, W] (the same logit: the choice among them was arbitrary, see rerank)."""
+  scores = jnp.where(allowed >= 0, jnp.take_along_axis(logits, jnp.maximum(allowed, 0), axis=-1), -jnp.inf)
+  best = jnp.argmax(scores, axis=-1)
+  tied = (allowed >= 0) & (scores == jnp.take_along_axis(scores, best[:, None], axis=-1))
+  return jnp.take_along_axis(allowed, best[:, None], axis=-1)[:, 0], tied
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def prefill(graphdef, placement, cache_len, state, ids, positions, segments, allowed):
-  """Encodes the prompts into a new cache of `cache_len` slots; the first pick among `allowed`."""
+  """Encodes the prompts into a new cache of `cache_len` slots; the first pick among `allowed` (`pick`)."""
   model = nnx.merge(graphdef, state)
   cache = empty_cache(model, placement, ids.shape[0], cache_len)
   logits, cache = model(ids, positions, segments, cache=cache, logits_at=_last_column(ids))

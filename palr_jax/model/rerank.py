@@ -7,9 +7,13 @@ per user, scores or an order over the candidates as given.
   log-probability of its one-token tag at the answer position.
 - `generate_ranking` (the paper's way): the model writes items one after another, greedily, every token
   constrained by a prefix trie over the candidates' token ids, so each item written is a distinct
-  candidate.
+  candidate; `generate_scores` turns what was written into scores whose ties are the arbitrary choices.
 - `score_continuations`: each candidate answer's log-likelihood after the prompt, all K in one forward
   where the prompt is a prefix that every candidate continues.
+
+Ties count against the target (`pessimistic_rank`): a model that cannot tell the candidates apart ranks the
+target last among them, never at the position the prompt happened to show it (an all-zero model would
+otherwise score HR@5 = 5/K).
 
 Batching, padding and placement are the decoder's (palr_jax/model/decode.py).
 """
@@ -71,10 +75,24 @@ def score_tags(model: nnx.Module, prompts: Sequence[Sequence[int]], tag_token_id
 
 def order_from_scores(scores: np.ndarray) -> list[np.ndarray]:
   """Candidate indices by descending score per user; ties keep the given (retriever) order, -inf
-  (absent) dropped."""
+  (absent) dropped. The order is what is written out; a target's rank is `pessimistic_rank`, not its
+  place here."""
   scores = np.asarray(scores)
   return [row_order[np.isfinite(row[row_order])]
           for row, row_order in zip(scores, np.argsort(-scores, axis=-1, kind='stable'))]
+
+
+# Scores closer than this (relative) are equal: float32 sums of equal per-token log-probabilities differ
+# in their last bits (a constant model's mean log-likelihoods), which is rounding, not a preference.
+TIE_RTOL = 1e-5
+
+
+def pessimistic_rank(scores, target: int) -> int:
+  """0-based rank of candidate `target` among one user's `scores` [K]: the number of other candidates
+  scoring at least its score, within `TIE_RTOL` (-inf, no score, ties with every other -inf)."""
+  scores = np.asarray(scores, np.float64)
+  s = scores[target]
+  return int(np.sum(scores >= s - TIE_RTOL * max(1.0, abs(s)) if np.isfinite(s) else scores >= s)) - 1
 
 
 # ------------------------------------------------------------------------------- generate mode
@@ -122,6 +140,7 @@ class _Decoder:
     self.order: list[int] = []
     self.node = 0
     self.pending: list[int] = []  # separator tokens still to write
+    self.ties: dict[int, set[int]] = {}  # position -> candidates the model could as well have written there
 
   @property
   def done(self) -> bool:
@@ -153,9 +172,11 @@ class _Decoder:
     if not self._live_children(child):
       self._complete(self.separator)
 
-  def feed(self, token: int) -> list[int]:
-    """Takes the model's pick, then every token that has no alternative (the rest of a tagged item, the
-    separator); returns those tokens, which the model must read before its next pick ([] once done)."""
+  def feed(self, token: int, tied: Sequence[int] = ()) -> list[int]:
+    """Takes the model's pick (`tied`: the allowed tokens whose logit equals the pick's), then every token
+    that has no alternative (the rest of a tagged item, the separator); returns those tokens, which the
+    model must read before its next pick ([] once done)."""
+    self._note_ties(token, tied)
     chunk = [token]
     self.advance(token)
     while not self.done and len(allowed := self.allowed()) == 1:
@@ -163,10 +184,47 @@ class _Decoder:
       self.advance(allowed[0])
     return [] if self.done else chunk
 
+  def _note_ties(self, token: int, tied: Sequence[int]) -> None:
+    """The candidates another tied token leads to could as well be the item being written."""
+    children = self._live_children(self.node)
+    for other in tied:
+      if other == token:
+        continue
+      child = children.get(other)
+      alternatives = self.trie.through[child] if child is not None else self.trie.ending[self.node]
+      self.ties.setdefault(len(self.order), set()).update(self._unwritten(alternatives))
+
+  def scores(self, num: int) -> np.ndarray:
+    """float64 [num]: minus the position each candidate was written at, -inf for the unwritten, where an
+    item written by an arbitrary choice (a tie) shares the score of the last item it could have been
+    swapped with, and so does every item written between them (the unwritten: -inf). So a target's
+    `pessimistic_rank` is never better than its position, and a model that ties everywhere ranks every
+    candidate last."""
+    written = len(self.order)
+    position = {k: p for p, k in enumerate(self.order)}
+    out = np.full(num, -np.inf)
+
+    def close(start, end):  # the run of positions [start, end] shares the score of its last
+      if end < written:
+        out[self.order[start:end + 1]] = -float(end)
+
+    start, end = 0, -1
+    for p in range(written):
+      if p > end:
+        close(start, end)
+        start = p
+      end = max(end, p, *(position.get(k, written) for k in self.ties.get(p, ())))
+    close(start, end)
+    return out
+
   def _complete(self, separator_left: list[int]) -> None:
     self.order.append(self._unwritten(self.trie.ending[self.node])[0])
     self.node = 0
     self.pending = [] if self.done else list(separator_left)
+
+
+def _tied_tokens(allowed: np.ndarray, tied: np.ndarray) -> list[list[int]]:
+  return [row[mask].tolist() for row, mask in zip(allowed, tied)]
 
 
 def _allowed_array(decoders: list[_Decoder], width: int) -> np.ndarray:
@@ -182,7 +240,29 @@ def generate_ranking(model: nnx.Module, prompts: Sequence[Sequence[int]],
                      candidates: Sequence[Sequence[Sequence[int]]], *, separator: Sequence[int],
                      max_items: int, batch_size: int, buckets: Sequence[int],
                      placement: Placement | None = None) -> list[list[int]]:
-  """Candidate indices in the order the model writes them, up to `max_items` distinct ones per user.
+  """Candidate indices in the order the model writes them, up to `max_items` distinct ones per user
+  (`_generate`)."""
+  return [d.order for d in _generate(model, prompts, candidates, separator=separator, max_items=max_items,
+                                     batch_size=batch_size, buckets=buckets, placement=placement)]
+
+
+def generate_scores(model: nnx.Module, prompts: Sequence[Sequence[int]],
+                    candidates: Sequence[Sequence[Sequence[int]]], *, separator: Sequence[int],
+                    max_items: int, batch_size: int, buckets: Sequence[int],
+                    placement: Placement | None = None) -> np.ndarray:
+  """What `generate_ranking` writes, as float64 [N, K_max] scores: minus the position written at, -inf
+  for the unwritten, items written by a tied (arbitrary) choice sharing a score (`_Decoder.scores`)."""
+  decoders = _generate(model, prompts, candidates, separator=separator, max_items=max_items,
+                       batch_size=batch_size, buckets=buckets, placement=placement)
+  width = max((len(c) for c in candidates), default=0)
+  return np.stack([d.scores(width) for d in decoders]) if decoders else np.zeros((0, width))
+
+
+def _generate(model: nnx.Module, prompts: Sequence[Sequence[int]],
+              candidates: Sequence[Sequence[Sequence[int]]], *, separator: Sequence[int],
+              max_items: int, batch_size: int, buckets: Sequence[int],
+              placement: Placement | None = None) -> list[_Decoder]:
+  """Each user's decoder after writing up to `max_items` distinct candidates (its `order`, its `ties`).
 
   `candidates[n][k]` are the token ids user n's candidate k is written as (tag + title for PALR v2,
   title alone for v1), tokenized as they appear in a response; `separator` (non-empty) is written between
@@ -205,18 +285,18 @@ def generate_ranking(model: nnx.Module, prompts: Sequence[Sequence[int]],
   placement.check_batch(batch_size, 'config.rank.batch_size')
   graphdef, state = decode.eval_split(model)
   width = max(len(c) for c in candidates) + 1 if candidates else 1  # live children + "ends here"
-  out: list[list[int]] = [[] for _ in prompts]
+  out: list[_Decoder] = [_Decoder([], separator, max_items) for _ in prompts]
   for rows, ids, positions, segments in batching.left_padded_batches(prompts, batch_size, buckets):
     decoders = [_Decoder(candidates[n], separator, max_items) for n in rows]
     decoders += [_Decoder([], separator, max_items) for _ in range(batch_size - len(rows))]
     cache_len = ids.shape[1] + decode.round_up(max(d.max_tokens for d in decoders), CACHE_ROUND)
     end, next_position = ids.shape[1], segments.sum(axis=1).astype(np.int32)
-    token, cache = decode.prefill(graphdef, placement, cache_len, state,
-                                  *map(placement.put, (ids, positions, segments,
-                                                       _allowed_array(decoders, width))))
+    allowed = _allowed_array(decoders, width)
+    (token, tied), cache = decode.prefill(graphdef, placement, cache_len, state,
+                                          *map(placement.put, (ids, positions, segments, allowed)))
     while True:
-      token = placement.to_host(token)
-      chunks = [[] if d.done else d.feed(int(t)) for d, t in zip(decoders, token)]
+      token, tied = placement.to_host(token), _tied_tokens(allowed, placement.to_host(tied))
+      chunks = [[] if d.done else d.feed(int(t), ties) for d, t, ties in zip(decoders, token, tied)]
       lengths = np.array([len(c) for c in chunks], np.int32)
       if not lengths.any():
         break
@@ -228,13 +308,13 @@ def generate_ranking(model: nnx.Module, prompts: Sequence[Sequence[int]],
       for b, chunk in enumerate(chunks):
         tokens[b, :len(chunk)], chunk_segments[b, :len(chunk)] = chunk, 1
       chunk_positions = next_position[:, None] + np.arange(size, dtype=np.int32)
-      token, cache = decode.decode_chunk(
+      allowed = _allowed_array(decoders, width)
+      (token, tied), cache = decode.decode_chunk(
           graphdef, state, cache,
-          *map(placement.put, (tokens, chunk_positions, chunk_segments, np.maximum(lengths - 1, 0),
-                               _allowed_array(decoders, width))))
+          *map(placement.put, (tokens, chunk_positions, chunk_segments, np.maximum(lengths - 1, 0), allowed)))
       end, next_position = end + size, next_position + lengths
     for b, n in enumerate(rows):
-      out[n] = decoders[b].order
+      out[n] = decoders[b]
   return out
 
 

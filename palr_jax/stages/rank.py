@@ -4,7 +4,9 @@ The methods are the variants named in `config.eval.methods`: the base model (zer
 variant, each ranking with the prompt of its `rank_task` by its `rank_mode` (`rank_users`). A tuned
 variant is evaluated on test with the kept checkpoint that has the best valid HR@10. The candidates the
 LLM does not order keep the retriever's order, and a target the retriever missed keeps its retriever rank,
-so every method's ranks are over the whole catalog minus the history.
+so every method's ranks are over the whole catalog minus the history. Ranks are pessimistic: a target
+counts every candidate the LLM scored at least as high (`catalog_rank`), an unscored target every
+candidate, so ties (an untrained model's, generation's arbitrary choices) never put it ahead.
 
 Processes: sharded. The evaluation users are dealt to the processes; each ranks its share on its own
 devices (the host-local mesh: the model is loaded per host, no collective crosses hosts, a slow host
@@ -92,8 +94,8 @@ def rank_users(model, builder: prompts.PromptBuilder, examples: Sequence[prompts
                placement) -> list[np.ndarray]:
   """For each example, the LLM's score of each of its `candidates` (float [K], higher is better; -inf for
   a candidate it did not rank): the tag's log-probability (score), the answer's log-likelihood
-  (likelihood), or minus the position it was written at (generate, at most `rank.max_items` written).
-  `order_from_scores` turns them into orders."""
+  (likelihood), or minus the position it was written at (generate, at most `rank.max_items` written;
+  tied choices share a score, `rerank.generate_scores`). `order_from_scores` turns them into orders."""
   c = config.rank
   ranking_prompts = [builder.ranking_prompt(e) for e in examples]
   common = dict(batch_size=int(c.batch_size), buckets=tuple(config.batching.length_buckets),
@@ -106,11 +108,8 @@ def rank_users(model, builder: prompts.PromptBuilder, examples: Sequence[prompts
     scores = rerank.score_tags(model, ranking_prompts, tags, **common)
   elif mode == 'generate':  # generation stops items by the trie: the answers' content is enough
     answers = [builder.candidate_answers(e, end_of_turn=False) for e in examples]
-    orders = rerank.generate_ranking(model, ranking_prompts, answers, separator=builder.encode(c.separator),
-                                     max_items=int(c.max_items), **common)
-    scores = np.full((len(examples), max((len(e.candidates) for e in examples), default=0)), -np.inf)
-    for row, order in zip(scores, orders):
-      row[order] = -np.arange(len(order), dtype=np.float64)
+    scores = rerank.generate_scores(model, ranking_prompts, answers, separator=builder.encode_text(c.separator),
+                                    max_items=int(c.max_items), **common)
   elif mode == 'likelihood':  # whole answers, end-of-turn included: a title that is a prefix of another
     answers = [builder.candidate_answers(e, end_of_turn=True) for e in examples]  # gains nothing
     scores = rerank.score_continuations(model, ranking_prompts, answers, reduce=c.reduce, **common)
@@ -133,12 +132,19 @@ def mean_over_orders(runs: Sequence[tuple[Sequence[prompts.Example], Sequence[np
   return out
 
 
-def catalog_rank(ranked: Sequence[int], target: int, retriever_rank: int) -> int:
-  """0-based rank of the target over the catalog: its place in the reordered candidate list, or, when
-  the retriever missed it, its retriever rank (items before it: the K candidates, then the same others)."""
+def catalog_rank(ranked: Sequence[int], target: int, retriever_rank: int,
+                 scores: dict[int, float] | None = None) -> int:
+  """0-based rank of the target over the catalog. Among the candidates `ranked`: with the LLM's `scores`
+  (item -> score, -inf or absent = none), the number of other candidates scoring at least the target's
+  (ties count against it; an unscored target ties with every unscored candidate, so it ranks last);
+  without, its place in `ranked`. When the retriever missed it: its retriever rank (items before it: the K
+  candidates, then the same others)."""
   ranked = list(ranked)
   if target in ranked:
-    return ranked.index(target)
+    if scores is None:
+      return ranked.index(target)
+    row = np.asarray([scores.get(i, -np.inf) for i in ranked], np.float64)
+    return rerank.pessimistic_rank(row, ranked.index(target))
   if retriever_rank < len(ranked):
     raise ValueError(f'rank: target {target} has retriever rank {retriever_rank} < {len(ranked)} but is '
                      f'not among the candidates {ranked}')
@@ -164,8 +170,8 @@ def rank_split(ctx, model, builder, which: str, users: np.ndarray, mode: str) ->
     chosen = [e.candidates[j] for j in rerank.order_from_scores(row_scores[None])[0]]
     ranked = chosen + [i for i in row['items'] if i not in set(chosen)]
     items.append(ranked)
-    ranks.append(catalog_rank(ranked, e.target, int(row['target_rank'])))
     by_item = dict(zip(e.candidates, row_scores.tolist()))
+    ranks.append(catalog_rank(ranked, e.target, int(row['target_rank']), by_item))
     scores.append([by_item[i] if np.isfinite(by_item.get(i, -np.inf)) else None for i in row['items']])
   return {'users': [int(u) for u in users], 'targets': [e.target for e in examples], 'items': items,
           'ranks': ranks, 'scores': scores}

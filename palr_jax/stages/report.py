@@ -52,7 +52,8 @@ def run(ctx) -> None:
                       **metrics.compare(per_user, ks, int(config.eval.bootstrap_samples), int(config.seed)),
                       'reordering': metrics.reordering(
                           {m: v[which]['items'] for m, v in methods.items()},
-                          methods['retriever'][which]['targets'])}
+                          methods['retriever'][which]['targets'],
+                          ranks={m: v[which]['ranks'] for m, v in methods.items()})}
   files.atomic_write_json(workdir / 'results.json', results)
   files.atomic_write_text(workdir / 'results.md', markdown_report(results, ks))
 
