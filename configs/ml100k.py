@@ -40,11 +40,13 @@ def get_config(arg: str = ''):
     c.retriever.search.transition_items = (2, 3, 5, 8)
     c.retriever.search.transition_window = (1, 2, 3, 5)
     c.retriever.search.transition_decay = (0.5, 0.7, 1.0)
-  # bf16 weights and compute (fp32 accumulation, fp32 adapters); the backward pass keeps each layer's
-  # projections and attention output and recomputes the rest ('dots'): the fastest LoRA step on a CPU
-  # (bench/train_step.py: 1.25x torch + peft at 0.68x its memory). `:quick` recomputes everything ('full',
-  # ~0.4 GB less, ~3 s slower there: its steps are few and short) to stay under 3 GB. Ranking runs in bf16 too.
-  c.model.dtype = c.model.param_dtype = 'bfloat16'
+  # Precision by the machine (palr_jax/precision.py): bf16 weights and compute (fp32 accumulation, fp32
+  # adapters) where the CPU has native bf16 (avx512_bf16 / AMX), fp32 where bf16 would be emulated and
+  # slower (bench/RESULTS.md, "Train step", per instruction set); ranking runs in the same precision.
+  c.model.dtype = c.model.param_dtype = 'auto'
+  # The backward pass keeps each layer's projections and attention output and recomputes the rest ('dots'):
+  # the fastest LoRA step on a CPU (bench/RESULTS.md, "Train step"). `:quick` recomputes everything ('full':
+  # less memory, a little slower, and its steps are few and short) to stay under 3 GB.
   c.model.remat = 'full' if arg == 'quick' else 'dots'
   if arg == 'quick':
     c.retriever.num_candidates = 10

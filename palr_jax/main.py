@@ -44,6 +44,7 @@ from ml_collections import config_flags
 from palr_jax import cli
 from palr_jax import distributed
 from palr_jax import files
+from palr_jax import precision
 from palr_jax import runner
 from palr_jax import validate
 from palr_jax.stages import context
@@ -71,6 +72,7 @@ def plan(config, workdir, *, only=(), rerun=()) -> list[runner.Stage]:
   those stages, the files, model, mesh and workdir it names: a `validate.ConfigError` here means nothing
   was computed."""
   validate.check_config(config)
+  config = precision.resolve(config)  # 'auto' dtypes: the stages are declared with what they will run
   try:
     todo = stages(config)
     if only:
@@ -88,9 +90,13 @@ def run(config, workdir, shared_dir=None, *, only=(), rerun=(), say=None) -> dic
   """Runs every stage that is not current (or `only` those and their upstream); returns results.json's
   content when the report exists."""
   workdir = epath.Path(workdir)
+  validate.check_config(config)
+  config = precision.resolve(config)  # once: every stage, fingerprint and config.json see the concrete dtypes
   todo = plan(config, workdir, only=only, rerun=rerun)
   ctx = context.Context(config, workdir)
   job = runner.Runner(workdir, shared_dir, say=say)
+  if any('model.dtype' in s.hashes for s in todo):  # a stage that runs the LLM: say in what precision
+    job.say(f'precision: {precision.note(config)}')
   if distributed.is_leader():
     files.atomic_write_text(workdir / 'config.json', config.to_json_best_effort(indent=2) + '\n')
   for stage in todo:

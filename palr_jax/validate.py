@@ -22,6 +22,7 @@ import uuid
 from etils import epath
 
 from palr_jax import files
+from palr_jax import precision
 from palr_jax.data import interactions
 from palr_jax.data import profiles as profiles_lib
 from palr_jax.data import prompts
@@ -31,6 +32,7 @@ from palr_jax.stages import rank
 from palr_jax.train import step
 
 DTYPES = ('float32', 'bfloat16', 'float16')
+MODEL_DTYPES = DTYPES + (precision.AUTO,)  # 'auto': palr_jax/precision.py
 RETRIEVERS = ('ials', 'bpr')
 REDUCES = ('sum', 'mean')
 
@@ -65,7 +67,7 @@ _CHOICES = {
     'data.source': interactions.SOURCES, 'data.repeats': interactions.REPEATS,
     'retriever.model': RETRIEVERS, 'rank.reduce': REDUCES, 'profiles.kind': profiles_lib.KINDS,
     'prompts.candidate_order': prompts.CANDIDATE_ORDERS, 'prompts.missed_target': prompts.MISSED_TARGETS,
-    'model.dtype': DTYPES, 'model.param_dtype': DTYPES, 'model.remat': tuple(llama.REMAT_POLICIES),
+    'model.dtype': MODEL_DTYPES, 'model.param_dtype': MODEL_DTYPES, 'model.remat': tuple(llama.REMAT_POLICIES),
     'model.attention': llama.ATTENTION_IMPLEMENTATIONS, 'lora.dtype': DTYPES, 'train.lr_decay': step.LR_DECAYS,
 }
 _SPEC = re.compile(r'smollm2|(hf|gguf):.+')
