@@ -91,18 +91,21 @@ def test_tpu_vm_dry_run_creates_installs_and_starts_detached(tmp_path, gcloud):
 
 
 def test_tpu_vm_detached_job_outlives_its_session_and_records_its_status(tmp_path, gcloud):
-  """The remote command of a submission, run here by bash as ssh would on a worker: it returns at once,
-  and the job writes its output and exit status into the log folder."""
+  """The remote command of a submission, run here by bash as ssh would on a worker: it returns while the
+  job still runs (the job waits for a file that is written only after the command returned), and the job
+  writes its output and exit status into the log folder."""
+  go = tmp_path / 'go'
   out, _ = gcloud('--name', 'd', '--zone', 'z', '--no-setup', '--log-dir', 'job logs', '--dry-run', '--',
-                  'sh', '-c', "sleep 1; echo \"it's done\"; exit 75")
+                  'sh', '-c', f"while [ ! -e '{go}' ]; do sleep 0.05; done; echo \"it's done\"; exit 75")
   words = shlex.split(commands(out.stdout)[-1])
   home = tmp_path / 'worker'
   (home / 'palr-jax' / '.venv' / 'bin').mkdir(parents=True)
   (home / 'palr-jax' / '.venv' / 'bin' / 'activate').write_text('')
-  start = time.time()
   subprocess.run(['bash', '-c', words[words.index('--command') + 1]], cwd=home, check=True, timeout=30)
-  assert time.time() - start < 1
   status = home / 'palr-jax' / 'job logs' / 'd.exit'
+  assert not status.exists()  # the job is still waiting: the command did not wait for it
+  go.write_text('')
+  start = time.time()
   while not status.exists() and time.time() - start < 30:
     time.sleep(0.1)
   assert status.read_text() == '75\n'
