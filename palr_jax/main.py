@@ -127,7 +127,8 @@ def _define_flags() -> None:
 
 def log_to_files(workdir: epath.Path) -> str:
   """Sends absl/Python logging (INFO and up) to a file per process under W/logs/ (a local temp folder when
-  W is not on a local disk) and keeps only warnings and errors on stderr; returns the folder."""
+  W is not on a local disk) and keeps only palr_jax's warnings and errors on stderr (libraries' warnings
+  stay in the file); returns the folder."""
   fallback = os.path.join(tempfile.gettempdir(), 'palr_jax-logs')
   folder = str(workdir / 'logs') if files.is_local(workdir) else fallback
   try:
@@ -137,6 +138,7 @@ def log_to_files(workdir: epath.Path) -> str:
     os.makedirs(folder, exist_ok=True)
   logging.get_absl_handler().use_absl_log_file('palr_jax.main', folder)
   flags.FLAGS.stderrthreshold = 'warning'
+  cli.library_logs_to_file()  # libraries' warnings (transformers, jax, orbax) only in the file
   return folder
 
 

@@ -11,11 +11,12 @@ per user, scores or an order over the candidates as given.
 - `score_continuations`: each candidate answer's log-likelihood after the prompt, all K in one forward
   where the prompt is a prefix that every candidate continues.
 
-Batching, padding and placement are the decoder's (palr_jax/model/decode.py).
+Batching, padding and placement are the decoder's (palr_jax/model/decode.py). Each takes an optional
+`progress(n)`, called after every batch with the number of prompts it finished (the stage's progress bar).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from flax import nnx
 import numpy as np
@@ -42,7 +43,8 @@ def _ragged(rows, what: str, fill) -> np.ndarray:
 
 
 def score_tags(model: nnx.Module, prompts: Sequence[Sequence[int]], tag_token_ids, *, batch_size: int,
-               buckets: Sequence[int], placement: Placement | None = None) -> np.ndarray:
+               buckets: Sequence[int], placement: Placement | None = None,
+               progress: Callable[[int], None] | None = None) -> np.ndarray:
   """Log-probability of each candidate's tag token at the answer position: float32 [N, K].
 
   `prompts[n]` ends where the answer starts (after the assistant header); `tag_token_ids[n][k]` is the
@@ -66,6 +68,8 @@ def score_tags(model: nnx.Module, prompts: Sequence[Sequence[int]], tag_token_id
     scores = decode.last_token_logprobs(graphdef, state, *map(placement.put, (ids, positions, segments,
                                                                                batch_tags)))
     out[rows] = placement.to_host(scores)[:len(rows)]
+    if progress is not None:
+      progress(len(rows))
   return out
 
 
@@ -181,7 +185,8 @@ def _allowed_array(decoders: list[_Decoder], width: int) -> np.ndarray:
 def generate_ranking(model: nnx.Module, prompts: Sequence[Sequence[int]],
                      candidates: Sequence[Sequence[Sequence[int]]], *, separator: Sequence[int],
                      max_items: int, batch_size: int, buckets: Sequence[int],
-                     placement: Placement | None = None) -> list[list[int]]:
+                     placement: Placement | None = None,
+                     progress: Callable[[int], None] | None = None) -> list[list[int]]:
   """Candidate indices in the order the model writes them, up to `max_items` distinct ones per user.
 
   `candidates[n][k]` are the token ids user n's candidate k is written as (tag + title for PALR v2,
@@ -235,6 +240,8 @@ def generate_ranking(model: nnx.Module, prompts: Sequence[Sequence[int]],
       end, next_position = end + size, next_position + lengths
     for b, n in enumerate(rows):
       out[n] = decoders[b].order
+    if progress is not None:
+      progress(len(rows))
   return out
 
 
@@ -243,8 +250,8 @@ def generate_ranking(model: nnx.Module, prompts: Sequence[Sequence[int]],
 
 def score_continuations(model: nnx.Module, prompts: Sequence[Sequence[int]],
                         continuations: Sequence[Sequence[Sequence[int]]], *, reduce: str,
-                        batch_size: int, buckets: Sequence[int], placement: Placement | None = None
-                        ) -> np.ndarray:
+                        batch_size: int, buckets: Sequence[int], placement: Placement | None = None,
+                        progress: Callable[[int], None] | None = None) -> np.ndarray:
   """Log-likelihood of each candidate's tokens after the prompt: float32 [N, K_max].
 
   `reduce` is 'sum' (log p of the whole answer) or 'mean' (per token, less biased against long titles);
@@ -274,4 +281,6 @@ def score_continuations(model: nnx.Module, prompts: Sequence[Sequence[int]],
     scores = decode.continuation_logprobs(graphdef, reduce == 'mean', state,
                                           *map(placement.put, (ids, positions, segments, tokens, lengths)))
     out[rows] = placement.to_host(scores)[:len(rows)]
+    if progress is not None:
+      progress(len(rows))
   return out
