@@ -280,6 +280,7 @@ def median(values):
 
 
 def main(argv) -> None:
+  global BATCH, LENGTH  # pylint: disable=global-statement; --batch / --length, in this process and children
   parser = argparse.ArgumentParser()
   parser.add_argument('--rounds', type=int, default=2, help='alternating rounds of every side')
   parser.add_argument('--steps', type=int, default=3, help='timed steps per measurement (after one warm-up)')
@@ -303,7 +304,6 @@ def main(argv) -> None:
   parser.add_argument('--side', choices=SIDES + ('peak',))
   parser.add_argument('--precision', choices=('fp32', 'bf16'))
   args = parser.parse_args(argv)
-  global BATCH, LENGTH  # pylint: disable=global-statement
   if args.length <= RESPONSE or args.batch < 1:
     parser.error(f'--length must exceed the response ({RESPONSE} tokens) and --batch be >= 1')
   BATCH, LENGTH = args.batch, args.length
