@@ -64,7 +64,7 @@ def test_shipped_configs_pass(spec):
     ('prompts.missed_target', 'drop', "('insert', 'skip')"),
     ('model.remat', 'some', "('none', 'full', 'dots')"),
     ('model.attention', 'flash', "('auto', 'xla', 'blocked', 'cudnn', 'reference')"),
-    ('model.dtype', 'float8', "('float32', 'bfloat16', 'float16')"),
+    ('model.dtype', 'float8', "('float32', 'bfloat16', 'float16', 'auto')"),
     ('model.spec', 'torch:foo', "'smollm2', 'hf:DIR' or 'gguf:FILE'"),
     ('train.lr_decay', 'exp', "('cosine', 'linear', 'constant')"),
     ('data.repeats', 'drop', "('keep', 'drop_targets')"),
