@@ -23,9 +23,17 @@ A measurement on a busy machine is not one: before every side the bench waits up
 own threads take ~1.5 min to decay), and if it does not, says so and exits 3 without writing anything.
 Sides run alternately (jax torch jax torch ...) for --rounds rounds; the table gives medians.
 
-  python bench/train_step.py [--rounds 2] [--steps 3] [--precisions fp32,bf16] [--sides jax,torch]
+  python bench/train_step.py [--rounds 2] [--steps 3] [--precisions fp32,bf16] [--sides jax,torch] [--isa avx2]
 The last line printed is `speedup_vs_torch_peft=<x>`: median tokens/s of the faster JAX precision whose
-first loss is within 1% of torch fp32's, over the best torch configuration under the same rule.
+first loss is within 1% of torch fp32's, over the best torch configuration under the same rule: each
+side's best precision on this machine. Measured with one precision only, the line is
+`speedup_vs_torch_peft_at_<precision>=<x>` instead (not each side's best: a precision may be one nobody
+would pick here, such as bf16 where it is emulated).
+
+`--isa avx2` (or $PALR_BENCH_ISA=avx2) measures an AVX2-only CPU (AVX2 + FMA, no AVX-512, no native bf16)
+on any newer x86 machine: every child process, both sides and the matmul peak, starts with XLA's codegen
+(XLA_FLAGS=--xla_cpu_max_isa=AVX2), oneDNN (ONEDNN_MAX_CPU_ISA), MKL (MKL_ENABLE_INSTRUCTIONS) and
+PyTorch's own kernels (ATEN_CPU_CAPABILITY) restricted to AVX2; the section is "Train step (AVX2)".
 """
 from __future__ import annotations
 
@@ -44,6 +52,21 @@ import numpy as np
 
 BATCH, LENGTH, RESPONSE, MAX_LOSS_TOKENS = 4, 512, 48, 64
 SIDES = ('jax', 'torch', 'torch_labels')
+PRECISIONS = ('fp32', 'bf16')
+# What each --isa sets in the children's environment before anything is imported ('native': nothing).
+ISA_ENV = {
+    'native': {},
+    'avx2': {'XLA_FLAGS': '--xla_cpu_max_isa=AVX2', 'ONEDNN_MAX_CPU_ISA': 'AVX2',
+             'MKL_ENABLE_INSTRUCTIONS': 'AVX2', 'ATEN_CPU_CAPABILITY': 'avx2'},
+}
+
+
+def isa_env(isa: str, environ=None) -> dict[str, str]:
+  """`environ` (default os.environ) with `isa`'s restrictions; XLA_FLAGS keeps the flags it had."""
+  env = dict(os.environ if environ is None else environ)
+  for key, value in ISA_ENV[isa].items():
+    env[key] = f'{env[key]} {value}'.strip() if key == 'XLA_FLAGS' and env.get(key) else value
+  return env
 
 
 def make_batch(vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -216,9 +239,11 @@ def child(args) -> None:
   print('RESULT ' + json.dumps(result), flush=True)
 
 
-def spawn(*argv: str, cap_s: float | None = None) -> tuple[dict, list[dict]]:
-  """(the child's RESULT, its STEP records); a child stopped at `cap_s` gives its STEPs only."""
-  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2', 'JAX_PLATFORMS': os.environ.get('JAX_PLATFORMS', 'cpu')}
+def spawn(*argv: str, cap_s: float | None = None, isa: str = 'native') -> tuple[dict, list[dict]]:
+  """(the child's RESULT, its STEP records); a child stopped at `cap_s` gives its STEPs only. The child
+  starts with `isa`'s environment (`ISA_ENV`), set before it imports jax or torch."""
+  env = {**isa_env(isa), 'TF_CPP_MIN_LOG_LEVEL': '2', 'JAX_PLATFORMS': os.environ.get('JAX_PLATFORMS', 'cpu')}
+  argv = (*argv, '--batch', str(BATCH), '--length', str(LENGTH))
   proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--child', *argv], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
   try:
@@ -255,6 +280,7 @@ def median(values):
 
 
 def main(argv) -> None:
+  global BATCH, LENGTH  # pylint: disable=global-statement; --batch / --length, in this process and children
   parser = argparse.ArgumentParser()
   parser.add_argument('--rounds', type=int, default=2, help='alternating rounds of every side')
   parser.add_argument('--steps', type=int, default=3, help='timed steps per measurement (after one warm-up)')
@@ -268,23 +294,33 @@ def main(argv) -> None:
                       help="the JAX side's remat policy ('': configs/ml100k.py's)")
   parser.add_argument('--layers', default='', choices=('', 'scan', 'unrolled'),
                       help="the JAX side's layers: a scan, or unrolled ('': configs/ml100k.py's)")
+  parser.add_argument('--isa', default=os.environ.get('PALR_BENCH_ISA', 'native'), choices=tuple(ISA_ENV),
+                      help='restrict both sides to this instruction set (default $PALR_BENCH_ISA or native)')
+  parser.add_argument('--batch', type=int, default=BATCH, help='rows per step (smoke runs only: the '
+                      'recorded table is at the default)')
+  parser.add_argument('--length', type=int, default=LENGTH, help=f'tokens per row, > {RESPONSE} (smoke runs only)')
   parser.add_argument('--results', default=os.path.join(ROOT, 'bench', 'RESULTS.md'))
   parser.add_argument('--child', action='store_true')
   parser.add_argument('--side', choices=SIDES + ('peak',))
   parser.add_argument('--precision', choices=('fp32', 'bf16'))
   args = parser.parse_args(argv)
+  if args.length <= RESPONSE or args.batch < 1:
+    parser.error(f'--length must exceed the response ({RESPONSE} tokens) and --batch be >= 1')
+  BATCH, LENGTH = args.batch, args.length
   if args.child:
     child(args)
     return
   import results as results_lib  # pylint: disable=g-import-not-at-top; bench/results.py, beside this file
   limit = results_lib.load_limit() if args.max_load is None else args.max_load
   sides, precisions = args.sides.split(','), args.precisions.split(',')
+  if set(precisions) - set(PRECISIONS):
+    parser.error(f'--precisions: expected some of {PRECISIONS}; got {args.precisions}')
   unknown = set(sides) - set(SIDES)
   if unknown or not set(sides) & {'jax'} or not set(sides) & {'torch', 'torch_labels'}:
     parser.error(f'--sides: expected jax and at least one of torch, torch_labels from {SIDES}; got {args.sides}')
 
   loads = [wait_quiet('matmul peak', limit, args.wait_s)]
-  peak, _ = spawn('--side', 'peak')
+  peak, _ = spawn('--side', 'peak', isa=args.isa)
   runs = []  # one dict per (round, precision, side)
   for round_ in range(args.rounds):
     for precision in precisions:
@@ -293,7 +329,8 @@ def main(argv) -> None:
         loads.append(load)
         result, steps = spawn('--side', side, '--precision', precision, '--steps', str(args.steps),
                               *(('--remat', args.remat) if args.remat else ()),
-                              *(('--layers', args.layers) if args.layers else ()), cap_s=args.cap_s)
+                              *(('--layers', args.layers) if args.layers else ()), cap_s=args.cap_s,
+                              isa=args.isa)
         timed = steps[1:] or steps
         runs.append({**result, 'side': side, 'precision': precision, 'round': round_, 'load_before': load,
                      'first_loss': steps[0]['loss'] if steps else float('nan'),
@@ -332,10 +369,12 @@ def main(argv) -> None:
       f'`python bench/train_step.py --rounds {args.rounds} --steps {args.steps} --precisions {args.precisions} '
       f'--sides {args.sides}' + (f' --remat {args.remat}' if args.remat else '')
       + (f' --layers {args.layers}' if args.layers else '')
+      + (f' --isa {args.isa}' if args.isa != 'native' else '')
+      + (f' --batch {BATCH} --length {LENGTH}' if (BATCH, LENGTH) != (4, 512) else '')
       + '`: one LoRA train step (r=8 on q_proj, v_proj; AdamW; clip 1.0) of '
       f'SmolLM2-135M-Instruct on B={BATCH} x T={LENGTH} tokens, loss on the last {RESPONSE} tokens of each '
       f'row; JAX {"with the options above" if args.remat or args.layers else "as the main job runs it"} '
-      f'({model}). {platform.machine()} CPU ({_cpu_name()}), '
+      f'({model}). {platform.machine()} CPU ({_cpu_name()}; {_isa_words(args.isa)}), '
       f'{os.cpu_count()} cores, every side on {os.cpu_count()} threads; {args.rounds} alternating rounds of '
       f'1 warm-up + {args.steps} timed steps per side, medians. Load average before each side: '
       f'{min(loads):.2f}-{max(loads):.2f} (limit {limit:.2f}). Model FLOPs per step {flops / 1e12:.3f} T '
@@ -355,9 +394,28 @@ def main(argv) -> None:
              f'{ours["peak_rss_step_mib"]:.0f} MiB); best torch + peft: {theirs["side"]} {theirs["precision"]} '
              f'({theirs["tokens_per_s"]:.0f} tokens/s, {theirs["peak_rss_step_mib"]:.0f} MiB). '
              f'RSS ratio jax / torch {rss_ratio:.2f}. Run {datetime.date.today().isoformat()}.']
-  body += ['', f'speedup_vs_torch_peft={speedup:.2f}']
-  results_lib.write_section('Train step', '\n'.join(body), args.results)
+  if set(precisions) >= set(PRECISIONS):
+    body += ['', f'speedup_vs_torch_peft={speedup:.2f}']
+  else:  # one precision: maybe one that nobody would pick on this machine, so not the headline ratio
+    body += ['', f'Only {args.precisions} measured: not each side\'s best precision on this machine (run '
+             f'--precisions {",".join(PRECISIONS)} for that).', '',
+             f'speedup_vs_torch_peft_at_{args.precisions}={speedup:.2f}']
+  title = 'Train step' if args.isa == 'native' else f'Train step ({args.isa.upper()})'
+  results_lib.write_section(title, '\n'.join(body), args.results)
   print('\n'.join(body))
+
+
+def _isa_words(isa: str) -> str:
+  """The instruction set the sides ran with, in words."""
+  if isa == 'native':
+    try:
+      with open('/proc/cpuinfo') as f:
+        flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
+    except OSError:
+      flags = []
+    wide = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in flags]
+    return 'native ISA' + (f': {", ".join(wide)}' if wide else '')
+  return f'restricted to {isa.upper()}: ' + ', '.join(f'{k}={v}' for k, v in ISA_ENV[isa].items())
 
 
 def _cpu_name() -> str:

@@ -2,8 +2,8 @@
 
 Variants (`configs/ml100k.py:ARG`):
   ''      the default run
-  quick   a smoke run of the whole pipeline on a laptop CPU: stats profiles, 10 candidates, short prompts,
-          16 LoRA steps of 8 prompts per variant, a seeded subset of 32 users for the LLM evaluation
+  quick   a smoke run of every stage on a laptop CPU: stats profiles, 6 candidates, short prompts, 6 LoRA
+          steps of 4 prompts per variant, a seeded subset of 16 users for the LLM evaluation
   full    all users, LLM profiles, the paper's two tasks; sized for an 8-hour budget on a 2-core CPU
 bench/RESULTS.md holds the measured times and results (":quick end to end", ":full quality").
 
@@ -34,42 +34,50 @@ def get_config(arg: str = ''):
   c.retriever.transition_decay = 0.7
   if arg in ('', 'full'):
     # K = 26, every single-token tag: the retriever's top 26 holds the test target for more users than its
-    # top 20 (bench/RESULTS.md, "Retriever quality"); `:quick` keeps 10.
+    # top 20 (bench/RESULTS.md, "Retriever quality"); `:quick` keeps 6.
     c.retriever.num_candidates = 26
     c.retriever.search.transition_weight = (0.2, 0.3, 0.4, 0.5)
     c.retriever.search.transition_items = (2, 3, 5, 8)
     c.retriever.search.transition_window = (1, 2, 3, 5)
     c.retriever.search.transition_decay = (0.5, 0.7, 1.0)
-  # bf16 weights and compute (fp32 accumulation, fp32 adapters); the backward pass keeps each layer's
-  # projections and attention output and recomputes the rest ('dots'): the fastest LoRA step measured on a
-  # CPU (bench/RESULTS.md, "Train step"). `:quick` recomputes everything ('full': less
-  # memory, hardly slower there since its steps are few and short) to stay under its memory target
-  # (bench/RESULTS.md, ":quick end to end"). Ranking runs in bf16 too.
-  c.model.dtype = c.model.param_dtype = 'bfloat16'
+  # Precision by the machine (palr_jax/precision.py): bf16 weights and compute (fp32 accumulation, fp32
+  # adapters) where the CPU has native bf16 (avx512_bf16 / AMX), fp32 where bf16 would be emulated and
+  # slower (bench/RESULTS.md, "Train step", per instruction set); ranking runs in the same precision.
+  c.model.dtype = c.model.param_dtype = 'auto'
+  # The backward pass keeps each layer's projections and attention output and recomputes the rest ('dots'):
+  # the fastest LoRA step on a CPU (bench/RESULTS.md, "Train step"). `:quick` recomputes everything ('full':
+  # less memory, a little slower, and its steps are few and short) to stay under its memory target
+  # (bench/RESULTS.md, ":quick end to end").
   c.model.remat = 'full' if arg == 'quick' else 'dots'
   if arg == 'quick':
-    c.retriever.num_candidates = 10
+    # A smoke run of every stage, sized for a 2-core CPU without native bf16 (fp32) within minutes and
+    # 3 GB (bench/RESULTS.md, ":quick"); the default and :full runs are the ones for results. Less of
+    # everything: 2 cross-fitting folds, 6 candidates, 4 history titles, one training target per user,
+    # 6 LoRA steps of 4 prompts, 16 evaluation users; two length buckets, so each variant compiles few
+    # shapes (compiling is most of a short stage).
+    c.retriever.num_candidates = 6
+    c.retriever.folds = 2
     c.profiles.kind = 'stats'
-    c.prompts.max_history = 6
+    c.prompts.max_history = 4
     c.prompts.max_examples_per_user = 1
-    c.prompts.max_title_tokens = 16
-    c.prompts.max_length = 512
+    c.prompts.max_title_tokens = 12
+    c.prompts.max_length = 256
     c.batching.pack = False
-    c.batching.length_buckets = (128, 192, 256, 384, 512)
-    c.train.batch_size = 8
-    c.train.microbatches = 2       # the peak memory of a step halves; its time does not change
-    c.train.num_steps = 16
-    c.train.warmup_steps = 3
+    c.batching.length_buckets = (128, 256)
+    c.train.batch_size = 4
+    c.train.microbatches = 1
+    c.train.num_steps = 6
+    c.train.warmup_steps = 1
     c.train.learning_rate = 1e-3
     c.train.max_loss_tokens = 32
-    c.train.log_every = 5
+    c.train.log_every = 2
     c.train.eval_every = 0          # validation loss once, at the end (its only checkpoint)
-    c.train.checkpoint_every = 16
+    c.train.checkpoint_every = 6
     c.train.keep_latest = 1
     c.train.keep_best = 1
-    c.train.valid_batches = 4
-    c.eval.max_users = 32
-    c.eval.bootstrap_samples = 1000
+    c.train.valid_batches = 2
+    c.eval.max_users = 16
+    c.eval.bootstrap_samples = 200
     c.rank.batch_size = 8
     c.variants.palr_v1.rank_mode = 'likelihood'
   elif arg == 'full':

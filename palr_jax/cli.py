@@ -17,6 +17,7 @@ import difflib
 import functools
 import hashlib
 import importlib.util
+import logging as py_logging
 import os
 import platform
 import sys
@@ -24,6 +25,7 @@ from typing import Any, NoReturn
 
 from absl import app
 from absl import flags
+from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
@@ -143,6 +145,60 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
+
+
+# ------------------------------------------------------------------------ library logs
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# Libraries that log through handlers of their own (not propagating to the root logger) at import.
+OWN_HANDLER_LOGGERS = ('transformers',)
+
+
+class LibrariesToFile(py_logging.Filter):
+  """On the absl handler: a record from outside palr_jax below ERROR (a library's warning: transformers'
+  'PyTorch was not found', jax's, orbax's, Python warnings) is written by `to_file` alone and kept off the
+  terminal; palr_jax's own records and every error pass as before."""
+
+  def __init__(self, to_file: Callable[[py_logging.LogRecord], None]):
+    super().__init__()
+    self.to_file = to_file
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if record.levelno >= py_logging.ERROR or is_ours(record):
+      return True
+    self.to_file(record)
+    return False
+
+
+class HandOver(py_logging.Filter):
+  """On a library's own logger: its records go to `handler` (the absl one) instead of its own handlers."""
+
+  def __init__(self, handler: py_logging.Handler):
+    super().__init__()
+    self.handler = handler
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    self.handler.handle(record)
+    return False
+
+
+def is_ours(record: py_logging.LogRecord) -> bool:
+  return os.path.abspath(record.pathname).startswith(PACKAGE_DIR + os.sep)
+
+
+def library_logs_to_file() -> None:
+  """Libraries' records below ERROR go to the absl log file only (use after `use_absl_log_file`): the
+  terminal keeps stage lines, progress bars, palr_jax's warnings, errors and the results."""
+  handler = logging.get_absl_handler()
+  python_handler = handler.python_handler
+  to_file = functools.partial(py_logging.StreamHandler.emit, python_handler)  # its stream, not stderr
+  if not any(isinstance(f, LibrariesToFile) for f in handler.filters):
+    handler.addFilter(LibrariesToFile(to_file))
+  for name in OWN_HANDLER_LOGGERS:  # before the library is imported: its handler is added later
+    logger = py_logging.getLogger(name)
+    if not any(isinstance(f, HandOver) for f in logger.filters):
+      logger.addFilter(HandOver(handler))
+  py_logging.captureWarnings(True)  # warnings.warn -> the 'py.warnings' logger -> the filter above
 
 
 # ------------------------------------------------------------------------ compilation cache

@@ -112,8 +112,12 @@ def get_config():
   c.model = ml_collections.ConfigDict()
   c.model.spec = 'smollm2'         # smollm2 | hf:DIR | gguf:FILE
   c.model.cache_dir = ''           # '' = ~/.cache/palr_jax (GGUF -> HF folder conversion)
-  c.model.dtype = 'float32'        # compute dtype
-  c.model.param_dtype = 'float32'  # frozen base weights
+  # Compute dtype and frozen base weights: float32 | bfloat16 | float16 | auto. 'auto' (palr_jax/precision.py):
+  # bfloat16 on TPU / GPU and on CPUs with native bf16 (avx512_bf16, AMX, ARM bf16), float32 on other CPUs,
+  # where emulated bf16 is slower than fp32; resolved when the run starts, so stages see the concrete dtype.
+  c.model.dtype = 'auto'
+  c.model.param_dtype = 'auto'
+  c.model.dtype_chosen = ''        # written by the run (precision.resolve): the dtypes and why; in config.json
   c.model.remat = 'none'           # none | full | dots
   c.model.attention = 'auto'       # auto | xla | blocked | cudnn | reference (auto: cudnn on GPU, blocked on CPU)
   c.model.scan_layers = True       # forward without a cache (training, scoring) as a scan over the layers
@@ -238,8 +242,7 @@ def with_pod(c: ml_collections.ConfigDict, pod: str) -> ml_collections.ConfigDic
     raise ValueError(f'config argument: unknown pod {pod!r}; expected one of {sorted(POD_MESHES)}')
   c.mesh.dcn_data, c.mesh.data, c.mesh.fsdp, c.mesh.tensor = POD_MESHES[pod]
   c.model.spec = 'hf:/path/to/Llama-2-7b-hf'   # override: --config.model.spec=hf:DIR
-  c.model.dtype = 'bfloat16'
-  c.model.param_dtype = 'bfloat16'
+  c.model.dtype = c.model.param_dtype = 'auto'  # bf16 on TPUs and on GPUs of compute capability >= 8.0
   c.model.remat = 'dots'
   c.lora.rank = 16
   c.lora.alpha = 32.0

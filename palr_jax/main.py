@@ -45,6 +45,7 @@ from ml_collections import config_flags
 from palr_jax import cli
 from palr_jax import distributed
 from palr_jax import files
+from palr_jax import precision
 from palr_jax import runner
 from palr_jax import validate
 from palr_jax.stages import base
@@ -73,6 +74,7 @@ def plan(config, workdir, *, only=(), rerun=()) -> list[base.Stage]:
   those stages, the files, model, mesh and workdir it names: a `validate.ConfigError` here means nothing
   was computed."""
   validate.check_config(config)
+  config = precision.resolve(config)  # 'auto' dtypes: the stages are declared with what they will run
   try:
     todo = stages(config)
     if only:
@@ -90,9 +92,13 @@ def run(config, workdir, shared_dir=None, *, only=(), rerun=(), say=None) -> dic
   """Runs every stage that is not current (or `only` those and their upstream); returns results.json's
   content when the report exists."""
   workdir = epath.Path(workdir)
+  validate.check_config(config)
+  config = precision.resolve(config)  # once: every stage, fingerprint and config.json see the concrete dtypes
   todo = plan(config, workdir, only=only, rerun=rerun)
   ctx = context.Context(config, workdir)
   job = runner.Runner(workdir, shared_dir, say=say)
+  if any('model.dtype' in s.hashes for s in todo):  # a stage that runs the LLM: say in what precision
+    job.say(f'precision: {precision.note(config)}')
   if distributed.is_leader():
     files.atomic_write_text(workdir / 'config.json', config.to_json_best_effort(indent=2) + '\n')
   for stage in todo:
@@ -123,7 +129,8 @@ def _define_flags() -> None:
 
 def log_to_files(workdir: epath.Path) -> str:
   """Sends absl/Python logging (INFO and up) to a file per process under W/logs/ (a local temp folder when
-  W is not on a local disk) and keeps only warnings and errors on stderr; returns the folder."""
+  W is not on a local disk) and keeps only palr_jax's warnings and errors on stderr (libraries' warnings
+  stay in the file); returns the folder."""
   fallback = os.path.join(tempfile.gettempdir(), 'palr_jax-logs')
   folder = str(workdir / 'logs') if files.is_local(workdir) else fallback
   try:
@@ -133,6 +140,7 @@ def log_to_files(workdir: epath.Path) -> str:
     os.makedirs(folder, exist_ok=True)
   logging.get_absl_handler().use_absl_log_file('palr_jax.main', folder)
   flags.FLAGS.stderrthreshold = 'warning'
+  cli.library_logs_to_file()  # libraries' warnings (transformers, jax, orbax) only in the file
   return folder
 
 

@@ -24,7 +24,9 @@ from etils import epath
 import numpy as np
 
 from palr_jax import exporter
+from palr_jax import files
 from palr_jax import fingerprint
+from palr_jax import precision
 from palr_jax import variants
 from palr_jax.data import interactions
 from palr_jax.data import profile_text
@@ -34,6 +36,7 @@ from palr_jax.model import scan
 from palr_jax.train import step
 
 DTYPES = ('float32', 'bfloat16', 'float16')
+MODEL_DTYPES = DTYPES + (precision.AUTO,)  # 'auto': palr_jax/precision.py
 RETRIEVERS = ('ials', 'bpr')
 REDUCES = ('sum', 'mean')
 
@@ -68,7 +71,7 @@ _CHOICES = {
     'data.source': interactions.SOURCES, 'data.repeats': interactions.REPEATS,
     'retriever.model': RETRIEVERS, 'rank.reduce': REDUCES, 'profiles.kind': profile_text.KINDS,
     'prompts.candidate_order': prompts.CANDIDATE_ORDERS, 'prompts.missed_target': prompts.MISSED_TARGETS,
-    'model.dtype': DTYPES, 'model.param_dtype': DTYPES, 'model.remat': tuple(scan.REMAT_POLICIES),
+    'model.dtype': MODEL_DTYPES, 'model.param_dtype': MODEL_DTYPES, 'model.remat': tuple(scan.REMAT_POLICIES),
     'model.attention': attention.ATTENTION_IMPLEMENTATIONS, 'lora.dtype': DTYPES,
     'train.lr_decay': step.LR_DECAYS,
 }

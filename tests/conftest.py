@@ -16,3 +16,11 @@ import pytest  # noqa: E402
 def _float32_matmuls():
   with jax.default_matmul_precision('float32'):
     yield
+
+
+@pytest.fixture(autouse=True)
+def _auto_precision_is_float32(monkeypatch):
+  """model.dtype 'auto' (the default) is float32 in every test on every machine: the tests compare with
+  fp32 references. tests/test_precision.py fakes the machine itself."""
+  from palr_jax import precision  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(precision, 'detect', lambda: ('float32', 'tests: float32 on every machine'))

@@ -63,6 +63,7 @@ def tiny_interactions(sequences=SEQUENCES, titles=TITLES) -> interactions.Intera
 
 def tiny_config(num_candidates: int = 4):
   c = get_config()
+  c.model.dtype = c.model.param_dtype = 'float32'  # not 'auto': subprocess runs match on every machine
   c.retriever.num_candidates = num_candidates
   c.prompts.max_examples_per_user = 3
   c.prompts.max_history = 5

@@ -31,7 +31,7 @@ def tiny_config(folder, mesh=(1, 4, 2), param_dtype='float32'):
   (folder / 'config.json').write_text(json.dumps(TINY))
   c = common.get_config()
   c.model.spec = f'hf:{folder}'
-  c.model.param_dtype = param_dtype
+  c.model.dtype, c.model.param_dtype = 'float32', param_dtype
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
   c.lora.rank = 4
   c.lora.targets = (r'.*self_attn\.(q_proj|v_proj)', r'.*mlp\.down_proj')

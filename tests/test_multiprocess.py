@@ -163,12 +163,10 @@ def test_sigterm_ends_a_process_blocked_at_a_barrier_with_the_preemption_code(mo
   try:
     assert procs[1].stdout.readline() == 'waiting\n'
     time.sleep(1)
-    start = time.time()
     procs[1].send_signal(signal.SIGTERM)
-    assert procs[1].wait(timeout=20) == distributed.PREEMPTED_EXIT_CODE, procs[1].stderr.read()[-3000:]
-    assert time.time() - start < 5
+    assert procs[1].wait(timeout=60) == distributed.PREEMPTED_EXIT_CODE, procs[1].stderr.read()[-3000:]
     if mode == 'fail_fast':
-      assert procs[0].wait(timeout=20) == distributed.PREEMPTED_EXIT_CODE, procs[0].stderr.read()[-3000:]
+      assert procs[0].wait(timeout=60) == distributed.PREEMPTED_EXIT_CODE, procs[0].stderr.read()[-3000:]
   finally:
     for p in procs:
       p.kill()

@@ -26,6 +26,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from palr_jax import files
+from palr_jax import precision
 from palr_jax import sharding as sharding_lib
 from palr_jax.hub import llama_names
 from palr_jax.model import llama
@@ -71,7 +72,8 @@ def llama_config(folder, model_config) -> llama.LlamaConfig:
     raise ValueError(f"{path}: model_type={model_type!r}, architectures={archs}; expected 'llama' / "
                      "LlamaForCausalLM")
   try:
-    return llama_names.config_from_hf(hf, dtype=model_config.dtype, param_dtype=model_config.param_dtype,
+    return llama_names.config_from_hf(hf, dtype=precision.concrete(model_config.dtype),
+                                      param_dtype=precision.concrete(model_config.param_dtype),
                                       remat=model_config.remat, attention=model_config.attention,
                                       scan_layers=bool(model_config.get('scan_layers', True)))
   except ValueError as e:

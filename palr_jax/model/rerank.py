@@ -15,11 +15,12 @@ Ties count against the target (`pessimistic_rank`): a model that cannot tell the
 target last among them, never at the position the prompt happened to show it (an all-zero model would
 otherwise score HR@5 = 5/K).
 
-Batching, padding and placement are the decoder's (palr_jax/model/decode.py).
+Batching, padding and placement are the decoder's (palr_jax/model/decode.py). Each takes an optional
+`progress(n)`, called after every batch with the number of prompts it finished (the stage's progress bar).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from flax import nnx
 import numpy as np
@@ -46,7 +47,8 @@ def _ragged(rows, what: str, fill) -> np.ndarray:
 
 
 def score_tags(model: nnx.Module, prompts: Sequence[Sequence[int]], tag_token_ids, *, batch_size: int,
-               buckets: Sequence[int], placement: Placement | None = None) -> np.ndarray:
+               buckets: Sequence[int], placement: Placement | None = None,
+               progress: Callable[[int], None] | None = None) -> np.ndarray:
   """Log-probability of each candidate's tag token at the answer position: float32 [N, K].
 
   `prompts[n]` ends where the answer starts (after the assistant header); `tag_token_ids[n][k]` is the
@@ -70,6 +72,8 @@ def score_tags(model: nnx.Module, prompts: Sequence[Sequence[int]], tag_token_id
     scores = decode.last_token_logprobs(graphdef, state, *map(placement.put, (ids, positions, segments,
                                                                                batch_tags)))
     out[rows] = placement.to_host(scores)[:len(rows)]
+    if progress is not None:
+      progress(len(rows))
   return out
 
 
@@ -239,21 +243,24 @@ def _allowed_array(decoders: list[_Decoder], width: int) -> np.ndarray:
 def generate_ranking(model: nnx.Module, prompts: Sequence[Sequence[int]],
                      candidates: Sequence[Sequence[Sequence[int]]], *, separator: Sequence[int],
                      max_items: int, batch_size: int, buckets: Sequence[int],
-                     placement: Placement | None = None) -> list[list[int]]:
+                     placement: Placement | None = None,
+                     progress: Callable[[int], None] | None = None) -> list[list[int]]:
   """Candidate indices in the order the model writes them, up to `max_items` distinct ones per user
   (`_generate`)."""
   return [d.order for d in _generate(model, prompts, candidates, separator=separator, max_items=max_items,
-                                     batch_size=batch_size, buckets=buckets, placement=placement)]
+                                     batch_size=batch_size, buckets=buckets, placement=placement,
+                                     progress=progress)]
 
 
 def generate_scores(model: nnx.Module, prompts: Sequence[Sequence[int]],
                     candidates: Sequence[Sequence[Sequence[int]]], *, separator: Sequence[int],
                     max_items: int, batch_size: int, buckets: Sequence[int],
-                    placement: Placement | None = None) -> np.ndarray:
+                    placement: Placement | None = None,
+                    progress: Callable[[int], None] | None = None) -> np.ndarray:
   """What `generate_ranking` writes, as float64 [N, K_max] scores: minus the position written at, -inf
   for the unwritten, items written by a tied (arbitrary) choice sharing a score (`_Decoder.scores`)."""
   decoders = _generate(model, prompts, candidates, separator=separator, max_items=max_items,
-                       batch_size=batch_size, buckets=buckets, placement=placement)
+                       batch_size=batch_size, buckets=buckets, placement=placement, progress=progress)
   width = max((len(c) for c in candidates), default=0)
   return np.stack([d.scores(width) for d in decoders]) if decoders else np.zeros((0, width))
 
@@ -261,7 +268,8 @@ def generate_scores(model: nnx.Module, prompts: Sequence[Sequence[int]],
 def _generate(model: nnx.Module, prompts: Sequence[Sequence[int]],
               candidates: Sequence[Sequence[Sequence[int]]], *, separator: Sequence[int],
               max_items: int, batch_size: int, buckets: Sequence[int],
-              placement: Placement | None = None) -> list[_Decoder]:
+              placement: Placement | None = None,
+              progress: Callable[[int], None] | None = None) -> list[_Decoder]:
   """Each user's decoder after writing up to `max_items` distinct candidates (its `order`, its `ties`).
 
   `candidates[n][k]` are the token ids user n's candidate k is written as (tag + title for PALR v2,
@@ -315,6 +323,8 @@ def _generate(model: nnx.Module, prompts: Sequence[Sequence[int]],
       end, next_position = end + size, next_position + lengths
     for b, n in enumerate(rows):
       out[n] = decoders[b]
+    if progress is not None:
+      progress(len(rows))
   return out
 
 
@@ -323,8 +333,8 @@ def _generate(model: nnx.Module, prompts: Sequence[Sequence[int]],
 
 def score_continuations(model: nnx.Module, prompts: Sequence[Sequence[int]],
                         continuations: Sequence[Sequence[Sequence[int]]], *, reduce: str,
-                        batch_size: int, buckets: Sequence[int], placement: Placement | None = None
-                        ) -> np.ndarray:
+                        batch_size: int, buckets: Sequence[int], placement: Placement | None = None,
+                        progress: Callable[[int], None] | None = None) -> np.ndarray:
   """Log-likelihood of each candidate's tokens after the prompt: float32 [N, K_max].
 
   `reduce` is 'sum' (log p of the whole answer) or 'mean' (per token, less biased against long titles);
@@ -354,4 +364,6 @@ def score_continuations(model: nnx.Module, prompts: Sequence[Sequence[int]],
     scores = decode.continuation_logprobs(graphdef, reduce == 'mean', state,
                                           *map(placement.put, (ids, positions, segments, tokens, lengths)))
     out[rows] = placement.to_host(scores)[:len(rows)]
+    if progress is not None:
+      progress(len(rows))
   return out

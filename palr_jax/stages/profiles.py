@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 
 from absl import logging
-import tqdm
 
 from palr_jax import distributed
 from palr_jax import files
@@ -21,6 +20,7 @@ from palr_jax.data import profile_text
 from palr_jax.hub import load
 from palr_jax.model import decode
 from palr_jax.stages import base
+from palr_jax.train import progress
 
 PARTS = 'profiles.parts'
 
@@ -94,8 +94,8 @@ def generate_profiles(ctx) -> None:
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
   start = time.perf_counter()
   batch_size = int(cfg.batch_size)
-  for b in tqdm.trange(0, len(mine), batch_size, desc='profiles', unit='batch',
-                       disable=not distributed.is_leader()):
+  bar = progress.bar(len(mine), 'profiles')
+  for b in range(0, len(mine), batch_size):
     users = mine[b:b + batch_size]
     out = decode.generate(model, [requests[u] for u in users], max_new_tokens=int(cfg.max_new_tokens),
                           eos_ids=eos, pad_id=pad, buckets=config.batching.length_buckets,
@@ -103,8 +103,10 @@ def generate_profiles(ctx) -> None:
     rows = [profile_text.row(inter, u, profile_text.clean_profile(tokenizer.decode(ids, skip_special_tokens=True)),
                              len(sources[u])) for u, ids in zip(users, out)]
     files.atomic_write_jsonl(_parts(ctx) / f'{users[0]}.jsonl', rows)
+    bar.update(len(users))
     logging.info('profiles: %d/%d users of this process (%.2f users/s)', b + len(users), len(mine),
                  (b + len(users)) / (time.perf_counter() - start))
+  bar.close()
 
 
 def merge(ctx) -> None:

@@ -23,7 +23,7 @@ alone is a method too (its own top K as `items`, no scores).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import time
 
 from absl import logging
@@ -42,6 +42,7 @@ from palr_jax.model import rerank
 from palr_jax.stages import base
 from palr_jax.stages import retriever
 from palr_jax.train import checkpointing
+from palr_jax.train import progress
 
 SPLITS = ('valid', 'test')
 PARTS = 'rank_parts'
@@ -91,15 +92,16 @@ def eval_users(num_users: int, config) -> np.ndarray:
 
 
 def rank_users(model, builder: prompts.PromptBuilder, examples: Sequence[prompts.Example], mode: str, config,
-               placement) -> list[np.ndarray]:
+               placement, advance: Callable[[int], None] | None = None) -> list[np.ndarray]:
   """For each example, the LLM's score of each of its `candidates` (float [K], higher is better; -inf for
   a candidate it did not rank): the tag's log-probability (score), the answer's log-likelihood
   (likelihood), or minus the position it was written at (generate, at most `rank.max_items` written;
-  tied choices share a score, `rerank.generate_scores`). `order_from_scores` turns them into orders."""
+  tied choices share a score, `rerank.generate_scores`). `order_from_scores` turns them into orders;
+  `advance(n)` is called as batches of n examples finish."""
   c = config.rank
   ranking_prompts = [builder.ranking_prompt(e) for e in examples]
   common = dict(batch_size=int(c.batch_size), buckets=tuple(config.batching.length_buckets),
-                placement=placement)
+                placement=placement, progress=advance)
   if mode == 'score':
     if any(e.task != 'recommend_retrieval' for e in examples):
       raise ValueError("rank_mode 'score' reads the candidates' tags: it needs rank_task "
@@ -151,10 +153,12 @@ def catalog_rank(ranked: Sequence[int], target: int, retriever_rank: int,
   return int(retriever_rank)
 
 
-def rank_split(ctx, model, builder, which: str, users: np.ndarray, mode: str) -> dict:
+def rank_split(ctx, model, builder, which: str, users: np.ndarray, mode: str,
+               advance: Callable[[float], None] | None = None) -> dict:
   """Ranks `users`' candidates of split `which`: {'users', 'targets', 'items' (each user's candidates as
   the LLM ordered them), 'ranks' (over the catalog), 'scores' (the LLM's score of each candidate in the
-  retriever's order, None where it gave none)}."""
+  retriever's order, None where it gave none)}. `advance(n)`: n more users ranked (a fraction per
+  candidate order when `rank.orders` > 1)."""
   rows = _candidate_rows(ctx, which)
   candidates = prompts.read_candidates(ctx.workdir / 'candidates' / f'{which}.jsonl', ctx.split, which)
   orders = int(ctx.config.rank.orders) if mode == 'score' else 1
@@ -162,7 +166,8 @@ def rank_split(ctx, model, builder, which: str, users: np.ndarray, mode: str) ->
   for order in range(orders):
     examples = prompts.build_examples(builder, ctx.split, which, profiles, candidates, users=user_list,
                                       insert_target=False, order=order)
-    runs.append((examples, rank_users(model, builder, examples, mode, ctx.config, ctx.placement)))
+    per_order = advance if advance is None or orders == 1 else (lambda n: advance(n / orders))
+    runs.append((examples, rank_users(model, builder, examples, mode, ctx.config, ctx.placement, per_order)))
   examples, llm_scores = runs[0][0], mean_over_orders(runs)
   items, ranks, scores = [], [], []
   for e, row_scores, u in zip(examples, llm_scores, users):
@@ -243,7 +248,9 @@ def run(ctx) -> None:
         if step is not None:
           adapters.apply_trained_adapter(model, ctx.workdir / method, step, mesh=ctx.local_mesh,
                                               rules=config.mesh.rules)
-        out = rank_split(ctx, model, builder, which, mine, mode)
+        at = '' if step is None else f' (checkpoint {step})'
+        with progress.bar(len(mine), f'rank {method} {which}{at}') as bar:
+          out = rank_split(ctx, model, builder, which, mine, mode, bar.update)
         logging.info('rank: %s %s (checkpoint %s, %s): %d users in %.1f s', method, which, step, mode,
                      len(mine), time.perf_counter() - start)
         return out

@@ -32,6 +32,7 @@ from jax.sharding import AbstractMesh, NamedSharding
 from ml_collections import config_flags
 
 from palr_jax import cli
+from palr_jax import precision
 from palr_jax import sharding
 from palr_jax import validate
 from palr_jax.hub import gguf as gguf_lib
@@ -107,9 +108,14 @@ def _known_shape(folder: str) -> tuple[str, dict] | None:
   return (name, KNOWN_SHAPES[name]) if name in KNOWN_SHAPES else None
 
 
-def model_shape(model_config, hf_config: str | None = None) -> tuple[llama.LlamaConfig, str]:
-  """The LlamaConfig to check (with config.model's dtypes, remat, attention) and where it came from."""
-  runtime = dict(dtype=model_config.dtype, param_dtype=model_config.param_dtype,
+def model_shape(model_config, hf_config: str | None = None, platform: str | None = None
+                ) -> tuple[llama.LlamaConfig, str]:
+  """The LlamaConfig to check (with config.model's dtypes, remat, attention) and where it came from; an
+  'auto' dtype is what palr_jax/precision.py picks on the target devices' `platform` (unknown: an
+  accelerator of bf16 units)."""
+  target = precision.choose(platform or 'tpu')[0]
+  runtime = dict(dtype=target if model_config.dtype == precision.AUTO else model_config.dtype,
+                 param_dtype=target if model_config.param_dtype == precision.AUTO else model_config.param_dtype,
                  remat=model_config.remat, attention=model_config.attention,
                  scan_layers=bool(model_config.get('scan_layers', True)))
   if hf_config:
@@ -259,7 +265,7 @@ def check(config, devices: Devices, *, hf_config: str | None = None, usable_frac
   from palr_jax.model import lora
   from palr_jax.train import step
 
-  model_config, source = model_shape(config.model, hf_config)
+  model_config, source = model_shape(config.model, hf_config, devices.platform)
   mesh = abstract_mesh(config.mesh, devices.count)
   rules = config.mesh.rules
   c = config.train

@@ -38,6 +38,12 @@ def step_flops(model_config, lora_params: int, batch: int, length: int, logit_po
                + 4 * d * m.vocab_size * batch * logit_positions)
 
 
+def bar(total: int, desc: str, unit: str = 'user') -> tqdm.tqdm:
+  """A progress bar (items/s) for a long loop of a stage, on process 0 only (disabled elsewhere): users
+  ranked, profiles written. Advance it with `.update(n)`; close it (or use it as a context manager)."""
+  return tqdm.tqdm(total=total, desc=desc, unit=unit, disable=jax.process_index() != 0)
+
+
 class MetricWriter:
   """TensorBoard scalars and a tqdm bar, from process 0 only (elsewhere every call is a no-op).
 
