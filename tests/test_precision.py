@@ -91,7 +91,7 @@ def test_resolve_keeps_set_dtypes_and_says_so(monkeypatch):
 def test_run_says_records_and_fingerprints_the_concrete_dtype(tmp_path, monkeypatch):
   """The run's first line names the precision and why, config.json records it, and the LLM stages hash the
   concrete dtype: a run folder moved from a bf16 CPU to one without reruns them instead of resuming."""
-  from palr_jax import files  # pylint: disable=g-import-not-at-top
+  from palr_jax import files, fingerprint  # pylint: disable=g-import-not-at-top
   from palr_jax import main as palr_main  # pylint: disable=g-import-not-at-top
   from palr_jax import runner  # pylint: disable=g-import-not-at-top
   from tests import pipeline_fixtures  # pylint: disable=g-import-not-at-top
@@ -112,6 +112,6 @@ def test_run_says_records_and_fingerprints_the_concrete_dtype(tmp_path, monkeypa
     assert (saved['dtype'], saved['param_dtype'], saved['dtype_chosen']) == (dtype, dtype, f'{dtype} (auto: {why})')
     stage, stage_config = next((s, c) for s, c in ran if s.name == 'finetune_palr_v1')
     assert stage_config.model.dtype == dtype and 'model.dtype' in stage.hashes
-    fingerprints[dtype] = files.fingerprint(stage_config, stage.hashes)
+    fingerprints[dtype] = fingerprint.of(stage_config, stage.hashes)
   assert fingerprints['bfloat16'] != fingerprints['float32']
   assert config.model.dtype == 'auto'

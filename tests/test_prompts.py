@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from palr_jax.data import chat, interactions, prompts
-from palr_jax.data import profiles as profiles_lib
+from palr_jax.data import profile_text
 from prompt_fixtures import (CHATML, SPECIAL, TITLES, tiny_config, tiny_interactions, tiny_tokenizer,
                              write_candidates)
 
@@ -389,7 +389,7 @@ def test_item_text_never_becomes_control_tokens(tok, data, cand_dir):
   assert controls(tok(INJECTED, add_special_tokens=False)['input_ids'])
   cut = prompts.cut_title(INJECTED, tok, 6)
   assert INJECTED.startswith(cut) and not controls(chat.encode_text(tok, [cut])[0])
-  request = profiles_lib.chat_ids(tok, 'sys', 'Watched: ' + INJECTED)
+  request = profile_text.chat_ids(tok, 'sys', 'Watched: ' + INJECTED)
   assert controls(request) == [tok.convert_tokens_to_ids(t) for t in ('<|im_start|>', '<|im_end|>',
                                                                      '<|im_start|>', '<|im_end|>',
                                                                      '<|im_start|>')]
