@@ -183,6 +183,10 @@ def get_config():
   c.prompts = ml_collections.ConfigDict()
   c.prompts.max_history = 20       # most recent history titles in a prompt
   c.prompts.max_examples_per_user = 10  # training targets per user and task: the last N of train[u]
+  # Training targets: 'last' (the last max_examples_per_user positions) or 'all' (every prefix; with
+  # Recommend_Retrieval only those candidates/train.jsonl covers: see retriever.max_train_positions).
+  # max_examples_per_user still marks where the profile's source ends (data/profile_text.py).
+  c.prompts.positions = 'last'
   c.prompts.tags = tuple('ABCDEFGHIJKLMNOPQRSTUVWXYZ')  # single-token tags, >= retriever.num_candidates
   c.prompts.candidate_order = 'shuffle'  # shuffle | retriever
   c.prompts.missed_target = 'insert'     # training target not retrieved: insert (paper) | skip the example
