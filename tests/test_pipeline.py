@@ -499,6 +499,7 @@ def test_every_prefix_examples_counted(tmp_path):
   assert meta['distinct_tasks'] == dict(tasks)
   assert meta['examples'] == tasks['recommend'] + 2 * tasks['recommend_retrieval']
   assert meta['tokens_per_example']['all']['max'] == max(len(e.input_ids) for e in built)
+  assert meta['distinct_tokens_per_example']['recommend']['examples'] == tasks['recommend']
   # Retrieval examples only where the target was retrieved ('skip'): fewer than Recommend's every prefix.
   assert all(e.target in e.candidates for e in built if e.task == 'recommend_retrieval')
   assert tasks['recommend'] == sum(len(set(range(1, len(t))) - {p for p in range(1, len(t)) if t[p] in t[:p]

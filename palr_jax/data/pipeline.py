@@ -175,6 +175,7 @@ def write_examples(out, max_length: int, examples_by_split: Mapping[str, Iterabl
     if distinct is not None and split in distinct:
       meta['splits'][split]['distinct_examples'] = distinct[split].examples
       meta['splits'][split]['distinct_tasks'] = distinct[split].tasks()
+      meta['splits'][split]['distinct_tokens_per_example'] = distinct[split].tokens_per_example()
   files.atomic_write_json(out / 'meta.json', meta)
   return out
 
