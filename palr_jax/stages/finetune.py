@@ -9,6 +9,11 @@ as a PEFT folder (what ranking, export and the tools read); the tokenized exampl
 Processes: collective. Process 0 builds and writes the examples once while the others wait; then every
 process feeds its rows of each global batch to the jitted step on the global mesh.
 
+Checkpoint choice: orbax keeps the latest and the best by `config.train.best_metric`; with
+'valid_ndcg10', a variant that ranks by tag scores ranks a seeded sample of valid users' candidates at each
+evaluation (`palr_jax/train/valid_rank.py`) and `train.early_stop_patience` may end training early (the
+stage then completes normally). Test data is never read here.
+
 Training state belongs to its fingerprint: `W/<variant>/run.json` names the fingerprint the checkpoints
 were written under, and when it differs (any training option, the examples, the base model changed) the
 old checkpoints are cleared, with a log line, instead of resumed. A run stopped by SIGTERM saves, and the
