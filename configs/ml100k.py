@@ -90,6 +90,9 @@ def get_config(arg: str = ''):
     # count and tokens per example are in W/examples/<fingerprint>/meta.json and the finetune log.
     c.prompts.positions = 'all'
     c.retriever.max_train_positions = 0
+    # Streamed, not held: a bounded shuffle buffer over a file written in a seeded user order.
+    c.prompts.train_order = 'shuffled'
+    c.batching.shuffle_buffer = 16384
     # v2 ranks with the Recommend_Retrieval prompt, but only about a fifth of its training prompts are of
     # that task: four copies make it half the mix.
     c.variants.palr_v2.task_repeats.recommend_retrieval = 4

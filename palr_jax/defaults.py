@@ -193,6 +193,9 @@ def get_config():
   # Recommend_Retrieval only those candidates/train.jsonl covers: see retriever.max_train_positions).
   # max_examples_per_user still marks where the profile's source ends (data/profile_text.py).
   c.prompts.positions = 'last'
+  # Order of the training examples in their TFRecord: 'users' (user by user) or 'shuffled' (users in a
+  # seeded order, so that a bounded batching.shuffle_buffer still mixes many users).
+  c.prompts.train_order = 'users'
   c.prompts.tags = tuple('ABCDEFGHIJKLMNOPQRSTUVWXYZ')  # single-token tags, >= retriever.num_candidates
   c.prompts.candidate_order = 'shuffle'  # shuffle | retriever
   c.prompts.missed_target = 'insert'     # training target not retrieved: insert (paper) | skip the example

@@ -70,6 +70,7 @@ _CHOICES = {
     'model.dtype': DTYPES, 'model.param_dtype': DTYPES, 'model.remat': tuple(scan.REMAT_POLICIES),
     'model.attention': attention.ATTENTION_IMPLEMENTATIONS, 'lora.dtype': DTYPES,
     'train.lr_decay': step.LR_DECAYS, 'prompts.positions': prompts.POSITIONS,
+    'prompts.train_order': ('users', 'shuffled'),
     'train.best_metric': valid_rank.METRICS,
 }
 _SPEC = re.compile(r'smollm2|(hf|gguf):.+')

@@ -505,3 +505,19 @@ def test_every_prefix_examples_counted(tmp_path):
   assert tasks['recommend'] == sum(len(set(range(1, len(t))) - {p for p in range(1, len(t)) if t[p] in t[:p]
                                                                   or t[p] in (split.valid[u], split.test[u])})
                                    for u, t in enumerate(split.train))
+
+
+def test_shuffled_train_order_writes_the_same_examples_users_permuted(tmp_path):
+  inter = tiny_interactions()
+  split = interactions.leave_one_out(inter)
+  write_candidates(tmp_path / 'candidates', inter, split, count=4)
+  config = tiny_config()
+  config.seed = 3
+  by_user = pipeline.build_and_write(config, tmp_path, inter, split, tiny_tokenizer(), None, 'palr_v2')
+  config.prompts.train_order = 'shuffled'
+  shuffled = pipeline.build_and_write(config, tmp_path, inter, split, tiny_tokenizer(), None, 'palr_v2')
+  assert shuffled != by_user
+  read = lambda d, s: [tuple(r['input_ids']) for r in pipeline.read_tfrecord(d / s).as_numpy_iterator()]  # noqa: E731
+  a, b = read(by_user, 'train.tfrecord'), read(shuffled, 'train.tfrecord')
+  assert sorted(a) == sorted(b) and a != b
+  assert read(by_user, 'valid.tfrecord') == read(shuffled, 'valid.tfrecord')

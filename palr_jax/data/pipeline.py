@@ -34,6 +34,7 @@ import numpy as np
 
 from palr_jax import files
 from palr_jax import fingerprint
+from palr_jax import rng
 from palr_jax.batching import BATCH_KEYS
 from palr_jax.data import prompts
 from palr_jax.data import tf_cpu
@@ -213,7 +214,11 @@ def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence
   def stream(which):
     cands = (prompts.read_candidates(epath.Path(workdir) / 'candidates' / f'{which}.jsonl', split, which)
              if 'recommend_retrieval' in tasks else None)
-    examples = prompts.iter_examples(builder, split, which, profiles, cands)
+    users = None
+    if which == 'train' and config.prompts.get('train_order', 'users') == 'shuffled':
+      # Users in a seeded order: a bounded shuffle buffer (batching.shuffle_buffer) then mixes many users.
+      users = [int(u) for u in rng.numpy_rng(config.seed, 'train_example_users').permutation(len(split.train))]
+    examples = prompts.iter_examples(builder, split, which, profiles, cands, users=users)
     for n, e in enumerate(examples, 1):
       distinct[which].add(e)
       if n % 10000 == 0:
