@@ -93,6 +93,14 @@ def get_config(arg: str = ''):
     # the retriever found the target: the examples look like the test prompts the LLM can change.
     c.prompts.candidate_order = 'shuffle'
     c.prompts.missed_target = 'skip'
+    # Every prefix of every user (issue 25): the cross-fitted retriever ranks every train position
+    # (max_train_positions 0 = all) and Recommend_Retrieval is trained wherever it found the target; the
+    # count and tokens per example are in W/examples/<fingerprint>/meta.json and the finetune log.
+    c.prompts.positions = 'all'
+    c.retriever.max_train_positions = 0
+    # Streamed, not held: a bounded shuffle buffer over a file written in a seeded user order.
+    c.prompts.train_order = 'shuffled'
+    c.batching.shuffle_buffer = 16384
     # v2 ranks with the Recommend_Retrieval prompt, but only about a fifth of its training prompts are of
     # that task: four copies make it half the mix.
     c.variants.palr_v2.task_repeats.recommend_retrieval = 4
@@ -113,5 +121,10 @@ def get_config(arg: str = ''):
     c.train.keep_latest = 1
     c.train.keep_best = 1
     c.train.valid_batches = 8
+    # Checkpoints kept, and training stopped, by NDCG@10 of a valid sample's candidates ranked by the tag
+    # scores (variants that rank so; the others by valid loss), never by test.
+    c.train.best_metric = 'valid_ndcg10'
+    c.train.rank_valid_users = 128
+    c.train.early_stop_patience = 3
     c.eval.max_users = 0
   return c

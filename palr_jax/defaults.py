@@ -149,7 +149,13 @@ def get_config():
   c.train.eval_every = 200         # validation loss every this many steps and at the end (0 = only at the end)
   c.train.checkpoint_every = 200   # async save every this many steps, and at the end
   c.train.keep_latest = 2          # checkpoints kept: the last keep_latest ...
-  c.train.keep_best = 1            # ... and the keep_best with the lowest validation loss
+  c.train.keep_best = 1            # ... and the keep_best by best_metric
+  # What the kept-best checkpoints and early stopping follow: 'valid_loss' or 'valid_ndcg10' (NDCG@10 of
+  # the candidates of rank_valid_users seeded valid users, ranked by the tag scores at each evaluation;
+  # variants ranked by tag scores only, the others fall back to the loss). Valid only, never test.
+  c.train.best_metric = 'valid_loss'
+  c.train.rank_valid_users = 128   # valid users ranked at each evaluation (0 = all)
+  c.train.early_stop_patience = 0  # stop after this many evaluations without improving (0 = off)
   c.train.async_checkpoints = True
   c.train.peak_tflops_per_device = 0.0  # dense peak for the MFU estimate (0 = MFU not reported)
 
@@ -194,6 +200,13 @@ def get_config():
   c.prompts = ml_collections.ConfigDict()
   c.prompts.max_history = 20       # most recent history titles in a prompt
   c.prompts.max_examples_per_user = 10  # training targets per user and task: the last N of train[u]
+  # Training targets: 'last' (the last max_examples_per_user positions) or 'all' (every prefix; with
+  # Recommend_Retrieval only those candidates/train.jsonl covers: see retriever.max_train_positions).
+  # max_examples_per_user still marks where the profile's source ends (data/profile_text.py).
+  c.prompts.positions = 'last'
+  # Order of the training examples in their TFRecord: 'users' (user by user) or 'shuffled' (users in a
+  # seeded order, so that a bounded batching.shuffle_buffer still mixes many users).
+  c.prompts.train_order = 'users'
   c.prompts.tags = tuple('ABCDEFGHIJKLMNOPQRSTUVWXYZ')  # single-token tags, >= retriever.num_candidates
   c.prompts.candidate_order = 'shuffle'  # shuffle | retriever
   c.prompts.missed_target = 'insert'     # training target not retrieved: insert (paper) | skip the example

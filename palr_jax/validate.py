@@ -34,6 +34,7 @@ from palr_jax.data import prompts
 from palr_jax.model import attention
 from palr_jax.model import scan
 from palr_jax.train import step
+from palr_jax.train import valid_rank
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 MODEL_DTYPES = DTYPES + (precision.AUTO,)  # 'auto': palr_jax/precision.py
@@ -50,7 +51,7 @@ _SIZES = {
     'lora': {'rank': 1},
     'train': {'num_steps': 1, 'batch_size': 1, 'microbatches': 1, 'max_loss_tokens': 0, 'warmup_steps': 0,
               'log_every': 1, 'valid_batches': 0, 'eval_every': 0, 'checkpoint_every': 1, 'keep_latest': 1,
-              'keep_best': 0},
+              'keep_best': 0, 'rank_valid_users': 0, 'early_stop_patience': 0},
     'profiles': {'max_history': 1, 'top_genres': 0, 'top_keywords': 0, 'max_new_tokens': 1, 'batch_size': 1},
     'prompts': {'max_history': 1, 'max_examples_per_user': 1, 'max_title_tokens': 1, 'max_length': 1},
     'batching': {'pack_window': 1, 'shuffle_buffer': 0, 'prefetch': 0},
@@ -73,7 +74,9 @@ _CHOICES = {
     'prompts.candidate_order': prompts.CANDIDATE_ORDERS, 'prompts.missed_target': prompts.MISSED_TARGETS,
     'model.dtype': MODEL_DTYPES, 'model.param_dtype': MODEL_DTYPES, 'model.remat': tuple(scan.REMAT_POLICIES),
     'model.attention': attention.ATTENTION_IMPLEMENTATIONS, 'lora.dtype': DTYPES,
-    'train.lr_decay': step.LR_DECAYS,
+    'train.lr_decay': step.LR_DECAYS, 'prompts.positions': prompts.POSITIONS,
+    'prompts.train_order': ('users', 'shuffled'),
+    'train.best_metric': valid_rank.METRICS,
 }
 _SPEC = re.compile(r'smollm2|(hf|gguf):.+')
 

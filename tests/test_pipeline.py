@@ -434,3 +434,90 @@ def test_tensorflow_imported_without_eager_keras():
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
                        env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'})
   assert out.returncode == 0 and 'keras ' in out.stdout, out.stderr[-3000:]
+
+
+class _Synthetic(collections.namedtuple('_Synthetic', 'task input_ids loss_mask')):
+  pass
+
+
+def _synthetic(n: int, seed: int = 0):
+  """A stand-in prompt builder's stream: n examples of 1..300 tokens, made on demand."""
+  rng = np.random.default_rng(seed)
+  for k in range(n):
+    length = int(rng.integers(1, 301))
+    mask = np.zeros(length, np.int32)
+    mask[-1] = 1
+    yield _Synthetic('recommend' if k % 3 else 'recommend_retrieval',
+                     rng.integers(0, 400, length).astype(np.int32), mask)
+
+
+def test_writer_streams_examples_in_bounded_memory(tmp_path):
+  import tracemalloc
+
+  def peak(n):
+    tracemalloc.start()
+    try:
+      pipeline.write_examples(tmp_path / f'ex{n}', 512, {'train': _synthetic(n)})
+      return tracemalloc.get_traced_memory()[1]
+    finally:
+      tracemalloc.stop()
+
+  small, large = peak(200), peak(4000)
+  held = sum(e.input_ids.nbytes + e.loss_mask.nbytes for e in _synthetic(4000))   # what a list would hold
+  assert large < small + held / 10, (small, large, held)
+  meta = json.loads((tmp_path / 'ex4000' / 'meta.json').read_text())['splits']['train']
+  lengths = np.asarray([len(e.input_ids) for e in _synthetic(4000)])
+  assert meta['examples'] == 4000 == pipeline.count_records(tmp_path / 'ex4000' / 'train.tfrecord')
+  assert meta['tokens'] == lengths.sum() and meta['max_length'] == lengths.max()
+  stats = meta['tokens_per_example']
+  assert stats['all']['mean'] == round(float(lengths.mean()), 1)
+  assert stats['all']['p95'] == int(np.percentile(lengths, 95, method='inverted_cdf'))
+  assert stats['all']['max'] == lengths.max()
+  retrieval = lengths[::3]
+  assert stats['recommend_retrieval']['examples'] == len(retrieval)
+  assert stats['recommend_retrieval']['max'] == retrieval.max()
+  assert meta['tasks'] == {'recommend': 4000 - len(retrieval), 'recommend_retrieval': len(retrieval)}
+
+
+def test_every_prefix_examples_counted(tmp_path):
+  inter = tiny_interactions()
+  split = interactions.leave_one_out(inter)
+  write_candidates(tmp_path / 'candidates', inter, split, count=4)
+  config = tiny_config()
+  config.prompts.missed_target = 'skip'
+  config.variants.palr_v2.task_repeats.recommend_retrieval = 2
+  last = json.loads((pipeline.build_and_write(config, tmp_path, inter, split, tiny_tokenizer(), None,
+                                              'palr_v2') / 'meta.json').read_text())['splits']['train']
+  config.prompts.positions = 'all'
+  out = pipeline.build_and_write(config, tmp_path, inter, split, tiny_tokenizer(), None, 'palr_v2')
+  meta = json.loads((out / 'meta.json').read_text())['splits']['train']
+  builder = prompts.PromptBuilder(config, inter, tiny_tokenizer())
+  built = prompts.build_examples(builder, split, 'train', None,
+                                 prompts.read_candidates(tmp_path / 'candidates/train.jsonl', split, 'train'))
+  assert meta['distinct_examples'] == len(built) > last['distinct_examples']
+  tasks = collections.Counter(e.task for e in built)
+  assert meta['distinct_tasks'] == dict(tasks)
+  assert meta['examples'] == tasks['recommend'] + 2 * tasks['recommend_retrieval']
+  assert meta['tokens_per_example']['all']['max'] == max(len(e.input_ids) for e in built)
+  assert meta['distinct_tokens_per_example']['recommend']['examples'] == tasks['recommend']
+  # Retrieval examples only where the target was retrieved ('skip'): fewer than Recommend's every prefix.
+  assert all(e.target in e.candidates for e in built if e.task == 'recommend_retrieval')
+  assert tasks['recommend'] == sum(len(set(range(1, len(t))) - {p for p in range(1, len(t)) if t[p] in t[:p]
+                                                                  or t[p] in (split.valid[u], split.test[u])})
+                                   for u, t in enumerate(split.train))
+
+
+def test_shuffled_train_order_writes_the_same_examples_users_permuted(tmp_path):
+  inter = tiny_interactions()
+  split = interactions.leave_one_out(inter)
+  write_candidates(tmp_path / 'candidates', inter, split, count=4)
+  config = tiny_config()
+  config.seed = 3
+  by_user = pipeline.build_and_write(config, tmp_path, inter, split, tiny_tokenizer(), None, 'palr_v2')
+  config.prompts.train_order = 'shuffled'
+  shuffled = pipeline.build_and_write(config, tmp_path, inter, split, tiny_tokenizer(), None, 'palr_v2')
+  assert shuffled != by_user
+  read = lambda d, s: [tuple(r['input_ids']) for r in pipeline.read_tfrecord(d / s).as_numpy_iterator()]  # noqa: E731
+  a, b = read(by_user, 'train.tfrecord'), read(shuffled, 'train.tfrecord')
+  assert sorted(a) == sorted(b) and a != b
+  assert read(by_user, 'valid.tfrecord') == read(shuffled, 'valid.tfrecord')

@@ -404,3 +404,77 @@ def test_a_template_that_rewrites_content_is_refused(data):
   with pytest.raises(ValueError, match='changes message content'):
     chat.Template(tok).segments([{'role': 'user', 'content': ' padded '}])
   assert chat.Template(tok).segments([{'role': 'user', 'content': 'x'}])[1][1] == ('x', False)
+def test_every_prefix_holds_no_heldout_or_later_event(tok, tmp_path):
+  # Planted items: 90 and 91 are user 0's valid and test targets and occur nowhere else; every item has a
+  # unique fixed-width title, so a title in a prompt names exactly one item.
+  num = 92
+  seqs = [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 90, 91], [10, 11, 12, 2, 13, 14, 15, 16],
+          [20, 21, 22, 23, 1, 24, 25, 26, 27]]
+  titles = [f'Film{i:02d}' for i in range(num)]
+  inter = tiny_interactions(sequences=seqs, titles=titles)
+  inter = inter.__class__(**{**inter.__dict__, 'genres': [('Drama',)] * num})
+  split = interactions.leave_one_out(inter)
+  assert (int(split.valid[0]), int(split.test[0])) == (90, 91)
+  write_candidates(tmp_path, inter, split, count=6)
+  config = tiny_config(num_candidates=6)
+  config.prompts.positions = 'all'
+  config.prompts.max_examples_per_user = 2   # the profile's source ends 2 positions before the end
+  config.prompts.max_history = 50
+  config.prompts.max_length = 1024
+  builder = prompts.PromptBuilder(config, inter, tok)
+  from palr_jax.data import profile_text
+  profiles = [' '.join(titles[int(i)] for i in profile_text.profile_items(split, u, 2)) for u in range(3)]
+  cands = prompts.read_candidates(tmp_path / 'train.jsonl', split, 'train')
+  train = prompts.build_examples(builder, split, 'train', profiles, cands)
+  for u in range(3):   # every prefix: positions 1 .. n-1 (no repeats in this fixture)
+    n = len(split.train[u])
+    assert sorted({e.position for e in train if e.user == u and e.task == 'recommend'}) == list(range(1, n))
+  planted = {90, 91}
+  shown_profile = 0
+  for e in train:
+    seq = [int(i) for i in split.train[e.user]]
+    text = e.prompt + e.answer + tok.decode(e.input_ids)
+    assert not planted & ({e.target} | set(e.history) | set(e.candidates))
+    assert 'Film90' not in text and 'Film91' not in text
+    assert set(e.history) <= set(seq[:e.position]) and e.target == seq[e.position]
+    # Nothing after position p outside the candidate list (a retriever may propose a later item; the
+    # history and the profile must not hold it).
+    context = e.prompt.split('Candidates:')[0]
+    for later in seq[e.position + 1:]:
+      assert titles[later] not in context, (e.user, e.position, titles[later])
+    shown_profile += 'Profile:' in context
+  assert shown_profile   # the profile is shown where its source precedes the target
+
+
+def test_positions_config_checked(tok, data):
+  config = tiny_config()
+  config.prompts.positions = 'every'
+  with pytest.raises(ValueError, match='config.prompts.positions'):
+    prompts.PromptBuilder(config, data[0], tok)
+  assert prompts.training_positions(6, 2, 'all') == range(1, 6)
+  assert prompts.training_positions(6, 2, 'last') == range(4, 6)
+
+
+def test_variant_use_profile_drops_the_profile(tok, data, cand_dir):
+  inter, split = data
+  config = tiny_config()
+  config.variants.palr_v2.use_profile = False
+  cands = prompts.read_candidates(cand_dir / 'valid.jsonl', split, 'valid')
+  with_p = prompts.PromptBuilder(config, inter, tok, use_profile=prompts.variant_use_profile(config, 'palr_v1'))
+  without = prompts.PromptBuilder(config, inter, tok, use_profile=prompts.variant_use_profile(config, 'palr_v2'))
+  a = prompts.build_examples(with_p, split, 'valid', ['likes comedy'] * 4, cands, users=[0])
+  b = prompts.build_examples(without, split, 'valid', ['likes comedy'] * 4, cands, users=[0])
+  assert all('Profile: likes comedy' in e.prompt for e in a)
+  assert not any('Profile:' in e.prompt for e in b)
+  assert all(len(y.input_ids) < len(x.input_ids) for x, y in zip(a, b))
+
+
+def test_iter_examples_is_a_stream(tok, data, cand_dir):
+  inter, split = data
+  builder = prompts.PromptBuilder(tiny_config(), inter, tok)
+  cands = prompts.read_candidates(cand_dir / 'train.jsonl', split, 'train')
+  stream = prompts.iter_examples(builder, split, 'train', None, cands)
+  assert iter(stream) is stream   # a generator, not a list
+  listed = prompts.build_examples(builder, split, 'train', None, cands)
+  assert [(e.user, e.position, e.task, e.input_ids.tolist()) for e in stream] == \
+      [(e.user, e.position, e.task, e.input_ids.tolist()) for e in listed]

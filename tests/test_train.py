@@ -327,3 +327,54 @@ def test_restore_errors_are_one_line(tmp_path, capfd):
   assert 'is not valid for value of size' in message and 'tensorstore_spec' not in message
   assert message.endswith('it is damaged or incomplete: delete its step folder to resume from an earlier '
                           'checkpoint, or rerun the stage from scratch (palr_jax.main --rerun STAGE)')
+
+
+class _ScriptedRanker:
+  """A valid ranker whose NDCG@10 at the n-th evaluation is `values[n]`; records the adapters it saw."""
+
+  def __init__(self, values):
+    self.values, self.seen = list(values), []
+
+  def __call__(self, model):
+    self.seen.append({k: np.array(v) for k, v in train_step.lora_values(nnx.state(model, nnx.LoRAParam)).items()})
+    return self.values[len(self.seen) - 1]
+
+
+def test_checkpoint_chosen_by_valid_ndcg(tmp_path):
+  config = tc.tiny_config((8, 1, 1), num_steps=8, eval_every=2, checkpoint_every=2, keep_latest=1, keep_best=1,
+                          best_metric='valid_ndcg10')
+  examples = tc.synthetic_examples(8, 16)
+  ranker = _ScriptedRanker([0.2, 0.5, 0.3, 0.1])   # the loss is lowest last; NDCG best at step 4
+  result = loop.train(config, tmp_path, tc.tiny_model(config), tc.ArrayIterator(examples, 8), [examples],
+                      valid_rank=ranker)
+  assert result['step'] == 8 and not result.get('stopped_early')
+  assert len(ranker.seen) == 4
+  # The ranker saw the adapters as trained so far: they change between evaluations.
+  assert any(not np.array_equal(ranker.seen[0][k], ranker.seen[1][k]) for k in ranker.seen[0])
+  recorded = {2: 0.2, 4: 0.5, 6: 0.3, 8: 0.1}
+  kept = checkpointing.checkpoint_steps(tmp_path)
+  assert kept == sorted({max(recorded, key=recorded.get), 8}) == [4, 8]
+  (events,) = (tmp_path / 'tensorboard').iterdir()
+  assert progress.scalars([events], 'valid/ndcg10') == pytest.approx(recorded)
+
+
+def test_early_stop_after_patience_evaluations(tmp_path):
+  config = tc.tiny_config((8, 1, 1), num_steps=20, eval_every=2, checkpoint_every=100, keep_latest=1, keep_best=1,
+                          best_metric='valid_ndcg10', early_stop_patience=2)
+  examples = tc.synthetic_examples(8, 16)
+  ranker = _ScriptedRanker([0.3, 0.6, 0.6, 0.4, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9])
+  result = loop.train(config, tmp_path, tc.tiny_model(config), tc.ArrayIterator(examples, 8), [examples],
+                      valid_rank=ranker)
+  # Best 0.6 at step 4; steps 6 (equal) and 8 (worse) do not improve: stop at step 8, never seeing 0.9.
+  assert result['step'] == 8 and result['stopped_early'] and len(ranker.seen) == 4
+  assert checkpointing.checkpoint_steps(tmp_path) == [4, 8]
+
+
+def test_best_metric_checked_and_falls_back_without_a_ranker(tmp_path):
+  config = tc.tiny_config((8, 1, 1), num_steps=2, eval_every=1, best_metric='valid_hr')
+  examples = tc.synthetic_examples(8, 16)
+  with pytest.raises(ValueError, match='config.train.best_metric'):
+    loop.train(config, tmp_path / 'a', tc.tiny_model(config), tc.ArrayIterator(examples, 8), [examples])
+  config.train.best_metric = 'valid_ndcg10'   # no ranker: kept by valid loss
+  result = loop.train(config, tmp_path / 'b', tc.tiny_model(config), tc.ArrayIterator(examples, 8), [examples])
+  assert result['step'] == 2 and 'valid/ndcg10' not in result

@@ -25,14 +25,16 @@ before any TF op.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from absl import logging
 from etils import epath
 import numpy as np
 
 from palr_jax import files
 from palr_jax import fingerprint
+from palr_jax import rng
 from palr_jax.batching import BATCH_KEYS
 from palr_jax.data import prompts
 from palr_jax.data import tf_cpu
@@ -61,6 +63,8 @@ def examples_fingerprint(config, variant: str, upstream: Sequence[str] = ()) -> 
   extra = {'tasks': tasks, 'repeats': {t: repeats[t] for t in tasks if repeats[t] != 1}}
   if 'recommend_retrieval' in tasks:
     extra['retrieval_loss'] = retrieval_loss(config, variant)
+  if config.variants[variant].get('use_profile', None) is not None:   # unset: the fingerprint of before
+    extra['use_profile'] = prompts.variant_use_profile(config, variant)
   return fingerprint.of(config, EXAMPLE_KEYS, upstream, extra=extra)
 
 
@@ -76,8 +80,50 @@ def _serialize(input_ids: np.ndarray, loss_mask: np.ndarray) -> bytes:
   return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
-def write_tfrecord(path, examples: Sequence) -> int:
-  """Writes examples (objects with int32 `input_ids`, `loss_mask`) to `path` atomically; returns tokens."""
+class TokenStats:
+  """Counts and token lengths of a stream of examples in constant memory: one histogram of lengths per
+  task (lengths are bounded by `prompts.max_length`), from which mean, p95 and max are exact."""
+
+  def __init__(self):
+    self.examples, self.tokens, self.loss_tokens = 0, 0, 0
+    self._hist: dict[str, np.ndarray] = {}
+
+  def add(self, ex) -> None:
+    n = len(ex.input_ids)
+    task = getattr(ex, 'task', '')
+    hist = self._hist.setdefault(task, np.zeros(64, np.int64))
+    if n >= len(hist):
+      hist = self._hist[task] = np.concatenate([hist, np.zeros(max(n + 1, 2 * len(hist)) - len(hist), np.int64)])
+    hist[n] += 1
+    self.examples += 1
+    self.tokens += n
+    self.loss_tokens += int(np.count_nonzero(ex.loss_mask))
+
+  @staticmethod
+  def _summary(hist: np.ndarray) -> dict:
+    count = int(hist.sum())
+    if not count:
+      return {'examples': 0, 'mean': 0.0, 'p95': 0, 'max': 0}
+    lengths = np.arange(len(hist))
+    cum = np.cumsum(hist)
+    return {'examples': count, 'mean': round(float((lengths * hist).sum() / count), 1),
+            'p95': int(np.searchsorted(cum, 0.95 * count)), 'max': int(lengths[hist > 0].max())}
+
+  def tokens_per_example(self) -> dict:
+    """{'all': {examples, mean, p95, max}, <task>: ...}: tokens per example (prompt + answer)."""
+    size = max((len(h) for h in self._hist.values()), default=1)
+    total = sum((np.pad(h, (0, size - len(h))) for h in self._hist.values()), np.zeros(size, np.int64))
+    out = {'all': self._summary(total)}
+    out.update({t: self._summary(h) for t, h in sorted(self._hist.items()) if t})
+    return out
+
+  def tasks(self) -> dict[str, int]:
+    return {t: int(h.sum()) for t, h in sorted(self._hist.items()) if t}
+
+
+def write_tfrecord(path, examples: Iterable, stats: TokenStats | None = None) -> int:
+  """Writes examples (objects with int32 `input_ids`, `loss_mask`; any iterable, consumed once as a
+  stream: nothing is kept) to `path` atomically; returns tokens. `stats` accumulates what was written."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = files.temp_path(path)
@@ -89,6 +135,8 @@ def write_tfrecord(path, examples: Sequence) -> int:
                          'entries; expected the same positive length')
       writer.write(_serialize(ex.input_ids, ex.loss_mask))
       tokens += len(ex.input_ids)
+      if stats is not None:
+        stats.add(ex)
   tmp.replace(path)
   return tokens
 
@@ -108,20 +156,27 @@ def read_tfrecord(path) -> tf.data.Dataset:
                                                 deterministic=True)
 
 
-def write_examples(out, max_length: int, examples_by_split: Mapping[str, Sequence],
-                   choice_ids: Sequence[int] | None = None) -> epath.Path:
-  """Writes `out/{split}.tfrecord` + `meta.json` (last); returns `out`. `choice_ids`: the candidates' tag
+def write_examples(out, max_length: int, examples_by_split: Mapping[str, Iterable],
+                   choice_ids: Sequence[int] | None = None, *,
+                   distinct: Mapping[str, TokenStats] | None = None) -> epath.Path:
+  """Writes `out/{split}.tfrecord` + `meta.json` (last); returns `out`. Each split's examples may be a
+  stream (a generator): they are written as they come, never held. `choice_ids`: the candidates' tag
   tokens, which the tag loss (loss_mask 2) chooses among; None when the tags are not usable (no
-  Recommend_Retrieval task and tags that are not single tokens)."""
+  Recommend_Retrieval task and tags that are not single tokens). `distinct[split]`: stats of the split's
+  examples before task repeats, filled while the stream is consumed (meta's `distinct_examples`)."""
   out = epath.Path(out)
   meta = {'fingerprint': out.name, 'max_length': int(max_length), 'choice_ids': choice_ids, 'splits': {}}
   for split, examples in examples_by_split.items():
-    tokens = write_tfrecord(out / f'{split}.tfrecord', examples)
-    lengths = [len(e.input_ids) for e in examples]
+    stats = TokenStats()
+    tokens = write_tfrecord(out / f'{split}.tfrecord', examples, stats)
+    per_example = stats.tokens_per_example()
     meta['splits'][split] = {
-        'examples': len(examples), 'tokens': tokens, 'max_length': max(lengths, default=0),
-        'loss_tokens': int(sum(int(np.count_nonzero(e.loss_mask)) for e in examples)),
-        'tasks': {t: sum(e.task == t for e in examples) for t in sorted({e.task for e in examples})}}
+        'examples': stats.examples, 'tokens': tokens, 'max_length': per_example['all']['max'],
+        'loss_tokens': stats.loss_tokens, 'tasks': stats.tasks(), 'tokens_per_example': per_example}
+    if distinct is not None and split in distinct:
+      meta['splits'][split]['distinct_examples'] = distinct[split].examples
+      meta['splits'][split]['distinct_tasks'] = distinct[split].tasks()
+      meta['splits'][split]['distinct_tokens_per_example'] = distinct[split].tokens_per_example()
   files.atomic_write_json(out / 'meta.json', meta)
   return out
 
@@ -142,21 +197,35 @@ def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence
   returns the folder `W/examples/<fingerprint>`.
 
   `profiles[u]` per user (`palr_jax.data.profile_text`), None without profiles. recommend_retrieval reads
-  `W/candidates/{train,valid}.jsonl`.
+  `W/candidates/{train,valid}.jsonl`. Examples are streamed from the prompt builder to the TFRecords
+  (`prompts.iter_examples`): memory does not grow with their number. Counts and tokens per example
+  (mean, p95, max) go to meta.json and the log.
   """
   fingerprint = examples_fingerprint(config, variant, upstream)
   done = examples_dir(workdir, fingerprint)
   if done is not None:
     return done
   tasks = tuple(config.variants[variant].tasks)
-  builder = prompts.PromptBuilder(config, inter, tokenizer, tasks, retrieval_loss(config, variant))
-  by_split = {}
-  for which in WRITTEN_SPLITS:
+  builder = prompts.PromptBuilder(config, inter, tokenizer, tasks, retrieval_loss(config, variant),
+                                  use_profile=prompts.variant_use_profile(config, variant))
+  repeats = prompts.task_repeats(config, variant)   # weights the training mix; valid stays one of each
+  distinct = {which: TokenStats() for which in WRITTEN_SPLITS}
+
+  def stream(which):
     cands = (prompts.read_candidates(epath.Path(workdir) / 'candidates' / f'{which}.jsonl', split, which)
              if 'recommend_retrieval' in tasks else None)
-    by_split[which] = prompts.build_examples(builder, split, which, profiles, cands)
-  repeats = prompts.task_repeats(config, variant)   # weights the training mix; valid stays one of each
-  by_split['train'] = [e for e in by_split['train'] for _ in range(repeats[e.task])]
+    users = None
+    if which == 'train' and config.prompts.get('train_order', 'users') == 'shuffled':
+      # Users in a seeded order: a bounded shuffle buffer (batching.shuffle_buffer) then mixes many users.
+      users = [int(u) for u in rng.numpy_rng(config.seed, 'train_example_users').permutation(len(split.train))]
+    examples = prompts.iter_examples(builder, split, which, profiles, cands, users=users)
+    for n, e in enumerate(examples, 1):
+      distinct[which].add(e)
+      if n % 10000 == 0:
+        logging.info('examples %s/%s: %d written', variant, which, n)
+      for _ in range(repeats[e.task] if which == 'train' else 1):
+        yield e
+
   # The tag tokens go with every variant's examples, tag loss or not: only loss tokens marked 2 (written
   # under the tag loss) use them, so the train step is one program for every variant, and a batch shape
   # compiled for one variant is loaded from the compilation cache for the next.
@@ -164,8 +233,16 @@ def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence
     choices = builder.choice_ids().tolist()
   except ValueError:  # tags a Recommend-only variant never writes need not be single tokens
     choices = None
-  return write_examples(epath.Path(workdir) / 'examples' / fingerprint, config.prompts.max_length, by_split,
-                        choice_ids=choices)
+  out = write_examples(epath.Path(workdir) / 'examples' / fingerprint, config.prompts.max_length,
+                       {which: stream(which) for which in WRITTEN_SPLITS}, choice_ids=choices,
+                       distinct=distinct)
+  for which in WRITTEN_SPLITS:
+    tok = distinct[which].tokens_per_example()['all']
+    logging.info('examples %s/%s: %d distinct (%s), %d written; tokens per example: mean %.1f, p95 %d, '
+                 'max %d', variant, which, distinct[which].examples, distinct[which].tasks(),
+                 files.read_json(out / 'meta.json')['splits'][which]['examples'], tok['mean'], tok['p95'],
+                 tok['max'])
+  return out
 
 
 # ------------------------------------------------------------------------------------- batching

@@ -9,15 +9,19 @@ Tasks (templates are str.format strings in `config.prompts`):
                        tag, never by its title.
 
 Targets and the no-leakage rule. H(u) = {valid[u], test[u]} are the user's held-out items.
-  train  targets slide over the last `max_examples_per_user` positions p >= 1 of train[u], history
+  train  targets slide over the last `max_examples_per_user` positions p >= 1 of train[u]
+         (`prompts.positions = 'last'`) or over every position p >= 1 (`'all'`: every prefix, LlamaRec's
+         way; Recommend_Retrieval then only where candidates/train.jsonl has a row), history
          train[u][:p]. Positions whose item is in H(u) are skipped and items of H(u) are removed from the
          history and from the candidate list (both only happen with repeat events), so no training prompt
          of u asks for, shows or offers a held-out item of u. Repeat targets (already in train[u][:p])
          are skipped too: the retriever masks the history, so at test time a repeat is never a
          candidate (and candidates/train.jsonl has no row for it).
   valid  history train[u], target valid[u].    test  history train[u] + [valid[u]], target test[u].
-  The profile is one text per user, written from train[u] before its first training target
-  (`palr_jax/profiles.py`), so it never contains a prompt's target or anything after it.
+  The profile is one text per user, written from train[u] before its first 'last' training target
+  (`palr_jax/profiles.py`), so it never contains a prompt's target or anything after it: with
+  `positions = 'all'`, a prompt whose target comes before that point shows no profile. A variant can
+  leave the profile out altogether (`variants.<v>.use_profile = False`: shorter prompts).
 
 Candidates: train prompts take row (u, p) of `candidates/train.jsonl`, valid/test prompts the user's row
 of `candidates/{valid,test}.jsonl`. With `insert_target`, a target the retriever missed replaces the last
@@ -43,7 +47,7 @@ special-token parsing off (palr_jax/data/chat.py), so a title holding `<|im_end|
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 import dataclasses
 import string
 from typing import NamedTuple
@@ -59,6 +63,8 @@ RETRIEVAL_LOSSES = ('tokens', 'tag')   # how a Recommend_Retrieval answer is lea
 SPLITS = ('train', 'valid', 'test')
 CANDIDATE_ORDERS = ('shuffle', 'retriever')
 MISSED_TARGETS = ('insert', 'skip')
+POSITIONS = ('last', 'all')     # training targets: the last max_examples_per_user of train[u], or all
+SPEC_CHUNK = 256                # specs rendered and tokenized per batch: bounds the memory of a stream
 _PROBE_TITLE = 'title'
 
 
@@ -113,11 +119,23 @@ class Candidates:
   rows: dict   # valid/test: user -> items; train: (user, position) -> items (retriever order)
 
 
-def training_positions(num_train: int, max_examples: int) -> range:
-  """Target positions in train[u] for the training prompts: the last `max_examples`, each with history."""
+def training_positions(num_train: int, max_examples: int, positions: str = 'last') -> range:
+  """Target positions in train[u] for the training prompts, each with history: the last `max_examples`
+  ('last'; also where the profile's source ends, see `profile_text.profile_items`) or all ('all')."""
   if max_examples < 1:
     raise ValueError(f'config.prompts.max_examples_per_user must be >= 1, got {max_examples}')
+  if positions not in POSITIONS:
+    raise ValueError(f'config.prompts.positions = {positions!r}: expected one of {POSITIONS}')
+  if positions == 'all':
+    return range(1, num_train)
   return range(max(1, num_train - max_examples), num_train)
+
+
+def variant_use_profile(config, variant: str) -> bool:
+  """Whether `variant`'s prompts show the profile: `prompts.use_profile` and, when the variant sets it,
+  `variants.<variant>.use_profile` (False: compact prompts without it)."""
+  own = config.variants[variant].get('use_profile', None)
+  return bool(config.prompts.use_profile) and (own is None or bool(own))
 
 
 def held_out(split, user: int) -> frozenset[int]:
@@ -192,6 +210,8 @@ def check_config(cfg, tasks: Sequence[str]) -> None:
                      f'{CANDIDATE_ORDERS}')
   if cfg.missed_target not in MISSED_TARGETS:
     raise ValueError(f'config.prompts.missed_target = {cfg.missed_target!r}: expected one of {MISSED_TARGETS}')
+  if cfg.get('positions', 'last') not in POSITIONS:
+    raise ValueError(f'config.prompts.positions = {cfg.positions!r}: expected one of {POSITIONS}')
 
 
 def task_repeats(config, variant: str) -> dict[str, int]:
@@ -221,8 +241,11 @@ class PromptBuilder:
   logit rank.py reads.
   """
 
-  def __init__(self, config, inter, tokenizer, tasks: Sequence[str] = TASKS, retrieval_loss: str = 'tokens'):
+  def __init__(self, config, inter, tokenizer, tasks: Sequence[str] = TASKS, retrieval_loss: str = 'tokens',
+               use_profile: bool | None = None):
     cfg = config.prompts
+    # `use_profile`: a variant's choice (`variant_use_profile`); None = `prompts.use_profile`.
+    self.use_profile = bool(cfg.use_profile) if use_profile is None else bool(use_profile)
     check_config(cfg, tasks)
     if retrieval_loss not in RETRIEVAL_LOSSES:
       raise ValueError(f'retrieval_loss {retrieval_loss!r}: expected one of {RETRIEVAL_LOSSES}')
@@ -272,7 +295,7 @@ class PromptBuilder:
                 candidates: Sequence[int] = ()) -> str:
     cfg = self.cfg
     lines = '\n'.join(cfg.history_line.format(title=self.titles[i]) for i in history)
-    block = cfg.profile_block.format(profile=profile) if cfg.use_profile and profile else ''
+    block = cfg.profile_block.format(profile=profile) if self.use_profile and profile else ''
     cands = '\n'.join(cfg.candidate_line.format(tag=self.tags[j], title=self.titles[i])
                       for j, i in enumerate(candidates))
     return cfg[task].format(history=lines, profile=block, candidates=cands)
@@ -452,7 +475,32 @@ class PromptBuilder:
 def build_examples(builder: PromptBuilder, split, which: str, profiles: Sequence[str] | None,
                    candidates: Candidates | None = None, *, users: Sequence[int] | None = None,
                    insert_target: bool = True, order: int = 0) -> list[Example]:
-  """All examples of one split (`which`), users in order, then positions, then tasks.
+  """All examples of one split (`which`), users in order, then positions, then tasks, as a list
+  (`iter_examples` streams them)."""
+  return list(iter_examples(builder, split, which, profiles, candidates, users=users,
+                            insert_target=insert_target, order=order))
+
+
+def iter_examples(builder: PromptBuilder, split, which: str, profiles: Sequence[str] | None,
+                  candidates: Candidates | None = None, *, users: Sequence[int] | None = None,
+                  insert_target: bool = True, order: int = 0) -> Iterator[Example]:
+  """The examples of `build_examples`, rendered and tokenized `SPEC_CHUNK` at a time and yielded one by
+  one: memory stays that of one chunk however many examples there are (every prefix of every user)."""
+  chunk = []
+  for spec in iter_specs(builder, split, which, profiles, candidates, users=users,
+                         insert_target=insert_target, order=order):
+    chunk.append(spec)
+    if len(chunk) == SPEC_CHUNK:
+      yield from builder.examples(chunk)
+      chunk = []
+  if chunk:
+    yield from builder.examples(chunk)
+
+
+def iter_specs(builder: PromptBuilder, split, which: str, profiles: Sequence[str] | None,
+               candidates: Candidates | None = None, *, users: Sequence[int] | None = None,
+               insert_target: bool = True, order: int = 0) -> Iterator[Spec]:
+  """What each example of one split says, users in order, then positions, then tasks.
 
   `profiles[u]` is the user's profile text ('' or None = none). `candidates` (from `read_candidates` for
   the same split) is needed when recommend_retrieval is a task. With `candidate_order = 'shuffle'`, each
@@ -463,34 +511,40 @@ def build_examples(builder: PromptBuilder, split, which: str, profiles: Sequence
   tasks = builder.tasks
   if 'recommend_retrieval' in tasks and (candidates is None or candidates.split != which):
     raise ValueError(f'recommend_retrieval needs candidates/{which}.jsonl (read_candidates(..., {which!r}))')
-  specs = []
+  cfg = builder.cfg
+  every = cfg.get('positions', 'last') == 'all'
   for u in range(len(split.train)) if users is None else users:
     heldout = held_out(split, u)
     profile = profiles[u] if profiles is not None else ''
     train = [int(i) for i in split.train[u]]
+    # The profile is written from train[u] before this position (profile_text.profile_items): a training
+    # prompt with an earlier target must not show it (it would hold the target or later events).
+    profile_from = training_positions(len(train), cfg.max_examples_per_user).start
     if which == 'train':
       steps = [(p, train[p], [i for i in train[:p] if i not in heldout], heldout, (u, p))
-               for p in training_positions(len(train), builder.cfg.max_examples_per_user)
+               for p in training_positions(len(train), cfg.max_examples_per_user, cfg.get('positions', 'last'))
                if train[p] not in heldout and train[p] not in train[:p]]   # see "Targets" above
     elif which == 'valid':
       steps = [(len(train), int(split.valid[u]), train, frozenset(), u)]
     else:
       steps = [(len(train) + 1, int(split.test[u]), train + [int(split.valid[u])], frozenset(), u)]
     for p, target, history, exclude, key in steps:
+      shown = (profile or '') if p >= profile_from else ''
       for task in tasks:
         cands = ()
         if task == 'recommend' and candidates is not None and not insert_target:   # ranking: keep the list
           cands = builder.visible_candidates(candidates.rows[key], exclude)
         if task == 'recommend_retrieval':
           if key not in candidates.rows:
+            if every and which == 'train':   # every prefix: only those the retriever covered
+              continue
             raise ValueError(f'{candidates.path}: no row for user_index {u}' +
                              (f' position {p}' if which == 'train' else '') +
                              '; candidates/train.jsonl must cover the last config.prompts.'
                              'max_examples_per_user positions (see config.retriever.max_train_positions)')
-          if (insert_target and builder.cfg.missed_target == 'skip'
+          if (insert_target and cfg.missed_target == 'skip'
               and target not in builder.visible_candidates(candidates.rows[key], exclude)):
             continue
           rng = np.random.default_rng((builder.seed, SPLITS.index(which), u, p) + ((order,) if order else ()))
           cands = builder.arrange_candidates(candidates.rows[key], target, exclude, rng, insert_target)
-        specs.append(Spec(task, which, u, p, target, tuple(history), profile or '', tuple(cands)))
-  return builder.examples(specs)
+        yield Spec(task, which, u, p, target, tuple(history), shown, tuple(cands))

@@ -9,6 +9,11 @@ as a PEFT folder (what ranking, export and the tools read); the tokenized exampl
 Processes: collective. Process 0 builds and writes the examples once while the others wait; then every
 process feeds its rows of each global batch to the jitted step on the global mesh.
 
+Checkpoint choice: orbax keeps the latest and the best by `config.train.best_metric`; with
+'valid_ndcg10', a variant that ranks by tag scores ranks a seeded sample of valid users' candidates at each
+evaluation (`palr_jax/train/valid_rank.py`) and `train.early_stop_patience` may end training early (the
+stage then completes normally). Test data is never read here.
+
 Training state belongs to its fingerprint: `W/<variant>/run.json` names the fingerprint the checkpoints
 were written under, and when it differs (any training option, the examples, the base model changed) the
 old checkpoints are cleared, with a log line, instead of resumed. A run stopped by SIGTERM saves, and the
@@ -30,6 +35,7 @@ from palr_jax.data import pipeline
 from palr_jax.stages import base
 from palr_jax.train import checkpointing
 from palr_jax.train import loop
+from palr_jax.train import valid_rank
 
 HASHES = ('seed', 'prompts', 'retriever.num_candidates', 'model.spec', 'model.dtype', 'model.param_dtype',
           'model.remat', 'model.attention', 'lora', 'train', 'batching', 'mesh')
@@ -40,7 +46,10 @@ def declare(config) -> list[base.Stage]:
       name=f'finetune_{variant}', run=functools.partial(run, variant=variant),
       hashes=HASHES + (f'variants.{variant}.tasks', f'variants.{variant}.task_repeats') + (
           (f'variants.{variant}.retrieval_loss',) if 'recommend_retrieval' in config.variants[variant].tasks
-          else ()),
+          else ()) + ((f'variants.{variant}.use_profile',)
+                      if config.variants[variant].get('use_profile', None) is not None else ())
+      + ((f'variants.{variant}.rank_task', f'variants.{variant}.rank_mode', 'rank.batch_size')   # the ranker
+         if config.train.get('best_metric', 'valid_loss') == 'valid_ndcg10' else ()),
       upstream=('retriever', 'profiles'),
       outputs=(f'{variant}/checkpoints', f'{variant}/{checkpointing.ADAPTERS}', f'{variant}/tensorboard'),
       processes=base.COLLECTIVE, scratch=('examples', f'{variant}/run.json'),
@@ -85,14 +94,32 @@ def run(ctx, variant: str) -> None:
   valid_batches = pipeline.EvalBatches(folder / 'valid.tfrecord', config, rows, int(config.train.valid_batches))
   start = time.perf_counter()
   choice_ids = files.read_json(folder / 'meta.json').get('choice_ids')  # used by tag-loss tokens only
-  result = loop.train(config, run_dir, model, train_batches, valid_batches, choice_ids=choice_ids)
-  logging.info('%s: trained to step %d in %.1f s', variant, result['step'], time.perf_counter() - start)
-  if result['step'] < config.train.num_steps:
+  ranker = _valid_ranker(ctx, variant, mesh)
+  result = loop.train(config, run_dir, model, train_batches, valid_batches, choice_ids=choice_ids,
+                      valid_rank=ranker)
+  logging.info('%s: trained to step %d in %.1f s%s', variant, result['step'], time.perf_counter() - start,
+               ' (early stop)' if result.get('stopped_early') else '')
+  if result['step'] < config.train.num_steps and not result.get('stopped_early'):
     raise distributed.Preempted(f'{variant}: training stopped at step {result["step"]} of '
                                 f'{config.train.num_steps} (checkpoint saved)')
   start = time.perf_counter()
   checkpointing.write_adapters(run_dir, model, config.lora, str(ctx.hf_folder))
   logging.info('%s: adapters written in %.1f s', variant, time.perf_counter() - start)
+
+
+def _valid_ranker(ctx, variant: str, mesh):
+  """The valid-sample ranker of `config.train.best_metric = 'valid_ndcg10'`, for a variant that ranks by
+  tag scores after training on Recommend_Retrieval; None otherwise (the loop then keeps by valid loss)."""
+  config = ctx.config
+  v = config.variants[variant]
+  if (config.train.best_metric != 'valid_ndcg10' or v.rank_mode != 'score'
+      or v.rank_task != 'recommend_retrieval'):
+    return None
+  ranker = valid_rank.build(config, ctx.inter, ctx.split, ctx.tokenizer, ctx.profiles(),
+                            ctx.workdir / 'candidates' / 'valid.jsonl', variant,
+                            sharding.Placement(mesh, config.mesh.rules))
+  logging.info('%s: checkpoints chosen on valid NDCG@10 of %d valid users\' candidates', variant, len(ranker))
+  return ranker
 
 
 def _bind_to_fingerprint(run_dir, fingerprint: str) -> None:

@@ -238,7 +238,8 @@ def run(ctx) -> None:
   mine = np.asarray(distributed.share(eval_users(len(ctx.inter.user_ids), config)), np.int64)
   for method in llm_methods(config):
     variant = config.variants[method]
-    builder = prompts.PromptBuilder(config, ctx.inter, ctx.tokenizer, tasks=(variant.rank_task,))
+    builder = prompts.PromptBuilder(config, ctx.inter, ctx.tokenizer, tasks=(variant.rank_task,),
+                                    use_profile=prompts.variant_use_profile(config, method))
     model = ctx.base_model(ctx.local_mesh)
     steps = _steps(ctx, method)
 

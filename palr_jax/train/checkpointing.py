@@ -103,16 +103,19 @@ def checkpoint_steps(workdir) -> list[int]:
   return sorted(orbax_manager(directory).all_steps())
 
 
-def checkpoint_manager(directory: epath.PathLike, train_config) -> ocp.CheckpointManager:
-  """Async orbax manager keeping the last `keep_latest` checkpoints and the `keep_best` by valid loss.
+def checkpoint_manager(directory: epath.PathLike, train_config, metric: str = 'valid_loss'
+                       ) -> ocp.CheckpointManager:
+  """Async orbax manager keeping the last `keep_latest` checkpoints and the `keep_best` by `metric`
+  (valid loss, lowest best; or valid NDCG@10, highest best: `train.valid_rank`).
 
   Leftovers of a save that a crash interrupted are removed on start; only finalized steps count.
   """
   c = train_config
   policies = ocp.checkpoint_managers
+  lower_is_better = metric == 'valid_loss'
   keep = policies.AnyPreservationPolicy([
       policies.LatestN(c.keep_latest),
-      policies.BestN(get_metric_fn=lambda m: m['valid_loss'], reverse=True, n=c.keep_best,
+      policies.BestN(get_metric_fn=lambda m: m[metric], reverse=lower_is_better, n=c.keep_best,
                      keep_checkpoints_without_metrics=False)])
   options = ocp.CheckpointManagerOptions(preservation_policy=keep, enable_async_checkpointing=c.async_checkpoints,
                                          cleanup_tmp_directories=True, create=True)
@@ -132,13 +135,15 @@ def gather_json(obj: Any) -> list[Any]:
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, data_state: dict, config,
-                    valid_loss: float | None) -> None:
-  """Starts an async save of the train state, every process's iterator state and the config."""
+                    valid_loss: float | None, valid_metrics: dict[str, float] | None = None) -> None:
+  """Starts an async save of the train state, every process's iterator state and the config;
+  `valid_metrics` (e.g. valid_ndcg10) are recorded beside `valid_loss` for the best-checkpoint policy."""
   args = ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=ocp.args.JsonSave({'processes': gather_json(data_state)}),
       config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
-  manager.save(step, args=args, metrics=None if valid_loss is None else {'valid_loss': valid_loss}, force=True)
+  recorded = None if valid_loss is None else {'valid_loss': valid_loss, **(valid_metrics or {})}
+  manager.save(step, args=args, metrics=recorded, force=True)
 
 
 def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:

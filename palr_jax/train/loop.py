@@ -6,7 +6,7 @@ checkpoints, and stops at `num_steps` or at a preemption.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 import time
 
 from absl import logging
@@ -18,13 +18,15 @@ import numpy as np
 from palr_jax import distributed
 from palr_jax import sharding
 from palr_jax.train import checkpointing, progress
+from palr_jax.train import valid_rank as valid_rank_lib
 from palr_jax.train.step import (DataIterator, check_batch_layout, device_batch, evaluate, make_eval_step,
                                  setup, with_lora_values, with_shardings)
 
 
 def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIterator,
           valid_batches: Iterable[Mapping[str, np.ndarray]] | None = None, *,
-          choice_ids: Sequence[int] | None = None) -> dict[str, float]:
+          choice_ids: Sequence[int] | None = None,
+          valid_rank: Callable[[nnx.Module], float] | None = None) -> dict[str, float]:
   """Trains `model`'s LoRA adapters per `config.train` on the mesh `config.mesh`; resumes from `workdir`.
 
   Writes WORKDIR/checkpoints and WORKDIR/tensorboard. On return the model holds the trained adapters
@@ -34,6 +36,13 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
   iterator) and yields batches like `train_iter`; pad a short last batch with rows of segment_ids 0. Run
   under `distributed.initialize()` on a pod: every process calls `train` with its own `train_iter`.
   `choice_ids`: the candidates' tag tokens, among which loss tokens marked 2 (a tag) are classified.
+
+  `valid_rank(model) -> NDCG@10` (`train.valid_rank.ValidRanker`): at every evaluation the model with the
+  current adapters ranks a valid sample; `config.train.best_metric` ('valid_loss' | 'valid_ndcg10') is
+  what orbax keeps the best checkpoints by, and with `config.train.early_stop_patience` = n > 0 training
+  stops (saving there; the result has `stopped_early`) after n evaluations without improving on it.
+  'valid_ndcg10' without a `valid_rank` (a variant that does not rank by tag scores) falls back to the
+  valid loss, with a log line.
   """
   c = config.train
   rules = config.mesh.rules
@@ -45,12 +54,20 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
   if valid_batches is not None and iter(valid_batches) is valid_batches:
     raise TypeError('train: valid_batches must be re-iterable (a list or a tf.data.Dataset), not an iterator')
   workdir = epath.Path(workdir)
+  metric = valid_rank_lib.check_metric(c.get('best_metric', 'valid_loss'))
+  if metric == 'valid_ndcg10' and valid_rank is None:
+    logging.info('train: config.train.best_metric = valid_ndcg10 needs a ranking of valid candidates by tag '
+                 'scores, which this run does not have: checkpoints kept by valid_loss')
+    metric = 'valid_loss'
+  patience = int(c.get('early_stop_patience', 0))
+  if patience < 0:
+    raise ValueError(f'config.train.early_stop_patience = {patience}: must be >= 0 (0 = off)')
 
   # Abstract state -> shardings -> state created in place on the mesh; the base is only laid out.
   laid = setup(model, c, mesh, rules)
   parts, frozen, abstract, shardings = laid.parts, laid.frozen, laid.abstract, laid.shardings
 
-  manager = checkpointing.checkpoint_manager(workdir / 'checkpoints', c)
+  manager = checkpointing.checkpoint_manager(workdir / 'checkpoints', c, metric)
   start = manager.latest_step() or 0
   if start:
     try:
@@ -61,7 +78,8 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
       raise
     train_iter.set_state(data_state)
     logging.info('train: resumed from step %d', start)
-    if start % c.checkpoint_every and start != c.num_steps:
+    evaluated = patience > 0 and c.eval_every and start % c.eval_every == 0   # a best kept for early stop
+    if start % c.checkpoint_every and start != c.num_steps and not evaluated:
       # A preemption save, there only to resume from: gone once used, the run keeps (and ranking evaluates)
       # the checkpoints of an uninterrupted run. A hard kill before the next save replays from the last.
       manager.delete(start)
@@ -75,6 +93,7 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
   writer = progress.MetricWriter(workdir / 'tensorboard', c.num_steps, start)
   pending, timed_flops, timed_steps, clock = [], 0.0, 0, time.perf_counter()
   last = {'step': start}
+  best, evals_since_best = None, 0   # early stopping counts this run's evaluations (not before a resume)
   with jax.set_mesh(mesh), distributed.training_window():
     shapes = set()
     for step in range(start + 1, c.num_steps + 1):
@@ -112,20 +131,42 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
         last = {'step': step, **{k: float(v) for k, v in scalars.items()}}
         pending, timed_flops, timed_steps, clock = [], 0.0, 0, now
 
-      valid_loss = None
+      valid_loss, valid_metrics, stop, save_best = None, {}, False, False
       if valid_batches is not None and (step == c.num_steps or (c.eval_every and step % c.eval_every == 0)):
         valid_loss = evaluate(eval_step, state['lora'], frozen, valid_batches, mesh, rules, c)
         writer.write(step, {'valid/loss': valid_loss})
         last['valid/loss'] = valid_loss
+        if valid_rank is not None:
+          ndcg = float(valid_rank(parts.merge(state['lora'], frozen, jax.random.key(0))))
+          valid_metrics['valid_ndcg10'] = ndcg
+          writer.write(step, {'valid/ndcg10': ndcg})
+          last['valid/ndcg10'] = ndcg
+          logging.info('train: step %d, valid loss %.4f, valid NDCG@10 among the candidates %.4f', step,
+                       valid_loss, ndcg)
+        value = valid_loss if metric == 'valid_loss' else valid_metrics[metric]
+        improved = valid_rank_lib.better(metric, value, best)
+        if improved:
+          best, evals_since_best = value, 0
+        else:
+          evals_since_best += 1
+        stop = 0 < patience <= evals_since_best and step < c.num_steps
+        # With early stopping, training may end before the next scheduled save: a new best is saved now.
+        save_best = improved and patience > 0
 
       # Every process asks at every step, so all stop at the same step when any got a SIGTERM.
       preempted = distributed.any_process(distributed.preemption_requested())
-      if step % c.checkpoint_every == 0 or step == c.num_steps or preempted:
-        checkpointing.save_checkpoint(manager, step, state, train_iter.get_state(), config, valid_loss)
+      if step % c.checkpoint_every == 0 or step == c.num_steps or preempted or stop or save_best:
+        checkpointing.save_checkpoint(manager, step, state, train_iter.get_state(), config, valid_loss,
+                                      valid_metrics)
       writer.advance()
       last['step'] = step
       if preempted:
         logging.warning('train: preempted at step %d; checkpoint saved', step)
+        break
+      if stop:
+        logging.info('train: early stop at step %d: %s has not improved on %.4f for %d evaluations', step,
+                     metric, best, evals_since_best)
+        last['stopped_early'] = True
         break
 
   manager.wait_until_finished()
