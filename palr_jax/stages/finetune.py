@@ -11,7 +11,8 @@ process feeds its rows of each global batch to the jitted step on the global mes
 
 Training state belongs to its fingerprint: `W/<variant>/run.json` names the fingerprint the checkpoints
 were written under, and when it differs (any training option, the examples, the base model changed) the
-old checkpoints are cleared, with a log line, instead of resumed. A run stopped by SIGTERM saves, and the
+old checkpoints are cleared, with a log line, instead of resumed. The mesh is not part of it: a run resumes
+on another process count or mesh shape, its checkpoint resharded onto the new mesh. A run stopped by SIGTERM saves, and the
 stage is not recorded as done: the job exits with `distributed.PREEMPTED_EXIT_CODE`, and the same
 command resumes from the saved step.
 """
@@ -31,8 +32,11 @@ from palr_jax.stages import base
 from palr_jax.train import checkpointing
 from palr_jax.train import loop
 
+# Not `mesh`: a checkpoint restores onto any mesh (orbax reshards), so a job resumed on another topology (a
+# v5e-16 slice back as a v4-32, 1 -> 2 SLURM nodes) goes on from its checkpoint. The global batch
+# (`train.batch_size`) and the data order (`seed`, `batching`) stay in: the same run needs both.
 HASHES = ('seed', 'prompts', 'retriever.num_candidates', 'model.spec', 'model.dtype', 'model.param_dtype',
-          'model.remat', 'model.attention', 'lora', 'train', 'batching', 'mesh')
+          'model.remat', 'model.attention', 'lora', 'train', 'batching')
 
 
 def declare(config) -> list[base.Stage]:

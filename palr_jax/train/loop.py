@@ -75,7 +75,9 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
   writer = progress.MetricWriter(workdir / 'tensorboard', c.num_steps, start)
   pending, timed_flops, timed_steps, clock = [], 0.0, 0, time.perf_counter()
   last = {'step': start}
-  with jax.set_mesh(mesh), distributed.training_window():
+  # Log steps wait for the step's results: there, every process has started the step (its collectives).
+  window = distributed.training_window(sync_every=c.log_every, last_step=c.num_steps)
+  with jax.set_mesh(mesh), window:
     shapes = set()
     for step in range(start + 1, c.num_steps + 1):
       batch = device_batch(next(train_iter), mesh, rules, c)
@@ -118,8 +120,9 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
         writer.write(step, {'valid/loss': valid_loss})
         last['valid/loss'] = valid_loss
 
-      # Every process asks at every step, so all stop at the same step when any got a SIGTERM.
-      preempted = distributed.any_process(distributed.preemption_requested())
+      # After the log step's device_get: every process stops at the same step when any got a SIGTERM,
+      # agreed through the coordination service, not a device collective (training_window.stop_here).
+      preempted = window.stop_here(step)
       if step % c.checkpoint_every == 0 or step == c.num_steps or preempted:
         checkpointing.save_checkpoint(manager, step, state, train_iter.get_state(), config, valid_loss)
       writer.advance()
