@@ -91,7 +91,9 @@ def run(ctx, variant: str) -> None:
   choice_ids = files.read_json(folder / 'meta.json').get('choice_ids')  # used by tag-loss tokens only
   result = loop.train(config, run_dir, model, train_batches, valid_batches, choice_ids=choice_ids)
   logging.info('%s: trained to step %d in %.1f s', variant, result['step'], time.perf_counter() - start)
-  if result['step'] < config.train.num_steps:
+  if result['step'] < config.train.num_steps or distributed.preemption_requested():
+    # A SIGTERM agreed on for the last step (or later) still ends the job: the rerun finds the final
+    # checkpoint and writes the adapters.
     raise distributed.Preempted(f'{variant}: training stopped at step {result["step"]} of '
                                 f'{config.train.num_steps} (checkpoint saved)')
   start = time.perf_counter()
