@@ -259,3 +259,29 @@ def test_a_finetune_checkpoint_survives_a_new_mesh_not_a_new_global_batch_or_dat
   bigger.train.batch_size *= 2
   reordered.seed += 1
   assert fingerprint.of(bigger, stage.hashes) != want and fingerprint.of(reordered, stage.hashes) != want
+
+
+FINISHED = """
+import sys
+from palr_jax import distributed
+from palr_jax.stages import profiles
+distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+# What each process would list: process 1 also sees user 7, whose part process 0 wrote since it listed.
+profiles.finished = lambda ctx: {3: {}, 5: {}, **({7: {}} if distributed.jax.process_index() == 1 else {})}
+users = profiles.finished_users(None)
+todo = [u for u in range(10) if u not in users]
+print('share:', users, distributed.share(todo), flush=True)
+"""
+
+
+def test_resumed_profiles_cut_every_share_from_process_0s_list():
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, '-c', FINISHED, f'127.0.0.1:{port}', str(i)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, 'PYTHONPATH': os.pathsep.join(sys.path), 'JAX_PLATFORMS': 'cpu'})
+           for i in range(2)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
+  shares = [next(l for l in o[0].splitlines() if l.startswith('share:')) for o in outs]
+  # Both agree that 3 and 5 are done; together the shares cover every other user once (7 included).
+  assert shares == ['share: [3, 5] [0, 2, 6, 8]', 'share: [3, 5] [1, 4, 7, 9]']
