@@ -26,6 +26,7 @@ What a multi-process job needs beyond that, and how it is done here:
 """
 from __future__ import annotations
 
+import atexit
 from collections.abc import Mapping, Sequence
 import importlib.util
 import itertools
@@ -322,7 +323,26 @@ def _on_sigterm() -> None:
   _exit(PREEMPTED_EXIT_CODE)
 
 
+_at_exit: list = []
+
+
+def at_exit(callback) -> None:
+  """Runs `callback()` when the process ends: normally (atexit), and on the early exits here (SIGTERM, a
+  failure in any process), which leave with os._exit and skip atexit. The main job uploads its logs so."""
+  _at_exit.append(callback)
+  atexit.register(_run_at_exit, callback)
+
+
+def _run_at_exit(callback) -> None:
+  try:
+    callback()
+  except Exception as e:  # noqa: BLE001 - leaving anyway; say why
+    print(f'palr_jax: at exit: {type(e).__name__}: {e}', file=sys.stderr)
+
+
 def _exit(code: int) -> None:
+  for callback in _at_exit:
+    _run_at_exit(callback)
   for stream in (sys.stdout, sys.stderr):
     try:
       stream.flush()

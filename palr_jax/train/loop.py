@@ -125,6 +125,7 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
       preempted = window.stop_here(step)
       if step % c.checkpoint_every == 0 or step == c.num_steps or preempted:
         checkpointing.save_checkpoint(manager, step, state, train_iter.get_state(), config, valid_loss)
+        writer.sync()  # a non-local logdir gets the curve here, not at every event
       writer.advance()
       last['step'] = step
       if preempted:
