@@ -80,7 +80,7 @@ def read_jsonl(path, *, torn_tail_ok: bool = False) -> list[dict]:
   return rows
 
 
-COPY_CHUNK = 16 << 20  # bytes a copy holds at once: a 5 GB safetensors shard is streamed, never read whole
+COPY_CHUNK = 16 << 20  # bytes a copy holds at once: a safetensors shard is streamed, never read whole
 
 
 def copy_file(src, dst, chunk: int = COPY_CHUNK) -> None:
