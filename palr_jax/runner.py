@@ -254,10 +254,15 @@ class Runner:
       return False
     for name in stage.outputs:
       files.copy_tree(src / name, self.workdir / name)
-    record = files.read_json(src / 'done')
+    try:
+      record = files.read_json(src / 'done')
+    except ValueError:  # not a record: copied as it is, read_record then ignores it
+      record = None
     if isinstance(record, dict):  # the copies' own signatures: the recorded digests hold for them
       record['stats'] = _output_stats(self.workdir, stage.outputs)
-    files.atomic_write_json(record_path(self.workdir, stage.name), record)
+      files.atomic_write_json(record_path(self.workdir, stage.name), record)
+    else:
+      files.copy_tree(src / 'done', record_path(self.workdir, stage.name))
     return True
 
   def _to_shared(self, stage: Stage, fp: str) -> None:
