@@ -16,8 +16,9 @@ What a multi-process job needs beyond that, and how it is done here:
 - Preemption: every stage resumes (training from its last checkpoint, profiles and ranking from their
   part files, the others by running again), so any SIGTERM ends the job with `PREEMPTED_EXIT_CODE` (75),
   which the launchers resubmit. In training the first SIGTERM only sets a flag (`preemption_requested`);
-  the trainer asks `any_process` at every step whether any process got one, so all stop at the same step,
-  save, and exit 75. Outside training, or on a second SIGTERM, the process exits 75 at once, whatever its
+  the process that got it publishes a step to stop at under a key of the coordination service, which
+  every process looks up at each step (`training_window.stop_here`: a host RPC, no device collective, so
+  the steps stay pipelined), so all stop at the same step, save, and exit 75. Outside training, or on a second SIGTERM, the process exits 75 at once, whatever its
   main thread is blocked in (a thread acts on the signal, `install_signal_handlers`), and on a
   multi-process job the others' watchdogs follow with 75 too.
 - A shared workdir (`check_shared_workdir`): every process must see the files process 0 writes there; a
@@ -25,6 +26,7 @@ What a multi-process job needs beyond that, and how it is done here:
 """
 from __future__ import annotations
 
+import atexit
 from collections.abc import Mapping, Sequence
 import importlib.util
 import itertools
@@ -42,7 +44,6 @@ from absl import flags
 from absl import logging
 from etils import epath
 import jax
-import numpy as np
 
 from palr_jax import files
 
@@ -198,14 +199,6 @@ def check_shared_workdir(workdir) -> str | None:
           '(gs://BUCKET/..., or a shared filesystem)')
 
 
-def any_process(flag: bool) -> bool:
-  """True on every process when `flag` is true on any; a collective: every process must call it."""
-  if jax.process_count() == 1:
-    return bool(flag)
-  from jax.experimental import multihost_utils
-  return bool(np.asarray(multihost_utils.process_allgather(np.array([int(flag)], np.int32))).any())
-
-
 def share(items: Sequence, index: int | None = None, count: int | None = None) -> list:
   """This process's share of `items` (every count-th item from its index: similar shares of a sorted list)."""
   index = jax.process_index() if index is None else index
@@ -220,16 +213,64 @@ def preemption_requested() -> bool:
   return _state['requested']
 
 
+_windows = itertools.count()
+
+
 class training_window:
   """While inside, a first SIGTERM only asks the trainer to save and stop; outside (and on a second one)
-  SIGTERM ends the process with PREEMPTED_EXIT_CODE (`install_signal_handlers`)."""
+  SIGTERM ends the process with PREEMPTED_EXIT_CODE (`install_signal_handlers`).
+
+  `stop_here(step)` says, on every process alike, whether training stops after `step`. The trainer calls
+  it once per step, after the step's host sync where it has one: `sync_every` is how often the loop
+  waits for a step's results (its log steps; `last_step`, the final step, too). Why every process picks
+  the same step without a device collective: the first process that finds the SIGTERM flag set at step
+  s proposes the first sync step after s, under a key of the coordination service that only the first
+  proposal sets; the others look the key up (a non-blocking host RPC) at every step. No process can have
+  passed that step yet: to pass a sync step a process waits for the step's results, which need every
+  process to have started the step, and the proposer has not gone beyond s. So a stop comes at most
+  `sync_every` steps after the signal.
+  """
+
+  def __init__(self, sync_every: int = 1, last_step: int | None = None):
+    self.sync_every, self.last_step = max(1, int(sync_every)), last_step
+    self.key, self.stop = None, None
 
   def __enter__(self):
     _state['training'] = True
+    self.key, self.stop = f'palr_jax/stop/{next(_windows)}', None  # every process enters in the same order
     return self
 
   def __exit__(self, *exc):
     _state['training'] = False
+
+  def stop_here(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return _state['requested']
+    if self.stop is None and _state['requested']:
+      proposal = (step // self.sync_every + 1) * self.sync_every
+      if self.last_step is not None:
+        proposal = min(proposal, max(int(self.last_step), step))
+      try:
+        _client().key_value_set(self.key, str(proposal))
+      except Exception:  # noqa: BLE001 - another process proposed first: its step holds
+        pass
+      self.stop = int(_client().blocking_key_value_get(self.key, _BARRIER_TIMEOUT_MS))
+      logging.warning('SIGTERM: every process stops at step %d (this one is at %d)', self.stop, step)
+    elif self.stop is None:
+      try:
+        value = _client().key_value_try_get(self.key)
+      except Exception:  # noqa: BLE001 - not set (NotFound)
+        value = None
+      if value:
+        self.stop = int(value)
+        logging.warning('another process got SIGTERM: every process stops at step %d (this one is at %d)',
+                        self.stop, step)
+    if self.stop is None:
+      return False
+    if step > self.stop:  # the guarantee above broken: the processes would save different steps
+      raise RuntimeError(f'preemption: asked to stop at step {self.stop}, already at step {step} '
+                         f'(the trainer must wait for its results every sync_every={self.sync_every} steps)')
+    return step == self.stop
 
 
 _signals = {'read': None, 'write': None}
@@ -282,7 +323,26 @@ def _on_sigterm() -> None:
   _exit(PREEMPTED_EXIT_CODE)
 
 
+_at_exit: list = []
+
+
+def at_exit(callback) -> None:
+  """Runs `callback()` when the process ends: normally (atexit), and on the early exits here (SIGTERM, a
+  failure in any process), which leave with os._exit and skip atexit. The main job uploads its logs so."""
+  _at_exit.append(callback)
+  atexit.register(_run_at_exit, callback)
+
+
+def _run_at_exit(callback) -> None:
+  try:
+    callback()
+  except Exception as e:  # noqa: BLE001 - leaving anyway; say why
+    print(f'palr_jax: at exit: {type(e).__name__}: {e}', file=sys.stderr)
+
+
 def _exit(code: int) -> None:
+  for callback in _at_exit:
+    _run_at_exit(callback)
   for stream in (sys.stdout, sys.stderr):
     try:
       stream.flush()

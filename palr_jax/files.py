@@ -80,8 +80,31 @@ def read_jsonl(path, *, torn_tail_ok: bool = False) -> list[dict]:
   return rows
 
 
+COPY_CHUNK = 16 << 20  # bytes a copy holds at once: a safetensors shard is streamed, never read whole
+
+
+def copy_file(src, dst, chunk: int = COPY_CHUNK) -> None:
+  """Copies one file in chunks of `chunk` bytes (any epath filesystems) to a temporary name, then moves it
+  into place; a failed copy leaves no partial `dst`."""
+  src, dst = epath.Path(src), epath.Path(dst)
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  tmp = temp_path(dst)
+  try:
+    with src.open('rb') as reader, tmp.open('wb') as writer:
+      block = reader.read(chunk)
+      writer.write(block)  # even when empty: some filesystems (TensorFlow's ram://) only then create it
+      while block := reader.read(chunk):
+        writer.write(block)
+    tmp.replace(dst)
+  except BaseException:
+    if tmp.exists():
+      tmp.unlink()
+    raise
+
+
 def copy_tree(src, dst) -> None:
-  """Copies a file or a folder tree (any epath filesystems); an existing `dst` is replaced."""
+  """Copies a file or a folder tree (any epath filesystems), streaming each file; an existing `dst` is
+  replaced."""
   src, dst = epath.Path(src), epath.Path(dst)
   if src.is_dir():
     if dst.exists():
@@ -90,4 +113,4 @@ def copy_tree(src, dst) -> None:
     for child in src.iterdir():
       copy_tree(child, dst / child.name)
   else:
-    atomic_write_bytes(dst, src.read_bytes())
+    copy_file(src, dst)

@@ -28,6 +28,7 @@ says what each process of a pod does and what the launchers do on each exit code
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 import sys
 
@@ -40,6 +41,7 @@ import time
 from absl import flags
 from absl import logging
 from etils import epath
+import jax
 from ml_collections import config_flags
 
 from palr_jax import cli
@@ -127,12 +129,28 @@ def _define_flags() -> None:
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def log_to_files(workdir: epath.Path) -> str:
-  """Sends absl/Python logging (INFO and up) to a file per process under W/logs/ (a local temp folder when
-  W is not on a local disk) and keeps only palr_jax's warnings and errors on stderr (libraries' warnings
-  stay in the file); returns the folder."""
-  fallback = os.path.join(tempfile.gettempdir(), 'palr_jax-logs')
-  folder = str(workdir / 'logs') if files.is_local(workdir) else fallback
+def log_process_guess(env=None) -> int:
+  """This process's index before jax.distributed starts, for its log folder: --process_id, $JAX_PROCESS_ID,
+  SLURM's task id, else 0 (`main` moves the log once jax says otherwise, as on TPU VMs)."""
+  env = os.environ if env is None else env
+  for value in (flags.FLAGS['process_id'].value if 'process_id' in flags.FLAGS else None, env.get('JAX_PROCESS_ID'),
+                env.get('SLURM_PROCID')):
+    try:
+      if value is not None:
+        return int(value)
+    except ValueError:
+      pass  # distributed.initialize names a malformed variable
+  return 0
+
+
+def log_to_files(workdir: epath.Path, process: int = 0) -> str:
+  """Sends absl/Python logging (INFO and up) to a file under W/logs/<process>/ and keeps only palr_jax's
+  warnings and errors on stderr (libraries' warnings stay in the file); returns the folder written to. A
+  workdir not on local disk (gs://) gets the files of a local folder copied there by `upload_logs` (at exit,
+  and on SIGTERM or a failure too), so a slice's logs outlive it."""
+  fallback = os.path.join(tempfile.gettempdir(), 'palr_jax-logs',
+                          hashlib.sha256(os.fspath(workdir).encode()).hexdigest()[:12], str(process))
+  folder = os.path.join(os.fspath(workdir), 'logs', str(process)) if files.is_local(workdir) else fallback
   try:
     os.makedirs(folder, exist_ok=True)
   except OSError:  # an unusable workdir: validate's checks say so in one line
@@ -144,13 +162,32 @@ def log_to_files(workdir: epath.Path) -> str:
   return folder
 
 
+def upload_logs(folder: str, workdir: epath.Path, process: int) -> None:
+  """Copies the log files of `folder` to W/logs/<process>/ when W is not on local disk (else they are
+  there already)."""
+  if files.is_local(workdir):
+    return
+  logging.flush()
+  for name in sorted(os.listdir(folder)):
+    path = os.path.join(folder, name)
+    if os.path.isfile(path) and not os.path.islink(path):
+      files.copy_file(path, epath.Path(workdir) / 'logs' / str(process) / name)
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
-  logs = None if f.verbose else log_to_files(epath.Path(f.workdir))  # before anything logs (jax, distributed)
+  workdir = epath.Path(f.workdir)
+  process = log_process_guess()
+  logs = None if f.verbose else log_to_files(workdir, process)  # before anything logs (jax, distributed)
   cli.use_compilation_cache(f.compilation_cache)
   distributed.initialize_from_flags()
   distributed.install_signal_handlers()
+  if logs and jax.process_index() != process:  # found out only now (a TPU VM's worker id)
+    process = jax.process_index()
+    logs = log_to_files(workdir, process)
+  if logs and not files.is_local(workdir):
+    distributed.at_exit(lambda: upload_logs(logs, workdir, process))
   problem = distributed.check_shared_workdir(f.workdir)  # a node-local workdir: exit 2 at once, every process
   if problem:
     raise validate.ConfigError(problem)
@@ -165,7 +202,6 @@ def main(argv):
   say = print if distributed.is_leader() else (lambda line: None)
   results = distributed.fail_fast(lambda: run(f.config, f.workdir, f.shared_dir, only=f.stages, rerun=f.rerun,
                                               say=say))
-  workdir = epath.Path(f.workdir)
   if distributed.is_leader() and results is not None:
     print((workdir / 'results.md').read_text())
   logging.info('done in %.0f s: %s', time.perf_counter() - start, workdir)

@@ -6,7 +6,9 @@ and its function. Its fingerprint
 hashes those config values, the digests of its upstream stages' outputs and the identity of the files
 outside W it reads (`inputs`: a content hash up to `INPUT_HASH_LIMIT`, size and mtime above). When a stage
 finishes, `W/<stage>.fingerprint.json` records the fingerprint and a digest of every output (content hash
-of files up to `HASH_LIMIT`, size above); a stage is skipped only when both match, else it reruns and the
+of files up to `HASH_LIMIT`, size above; on a workdir not on local disk also each output's size and
+modification time, so that a restart re-hashes, and downloads, only outputs whose metadata changed); a
+stage is skipped only when both match, else it reruns and the
 log says why. So a killed job resumes where it stopped, a changed option or input file reruns exactly the
 stages that read it (and those whose inputs then changed), and a damaged output (a file cut short, edited,
 deleted) is redone, never trusted. A record that is not what the runner wrote (unreadable, not a JSON
@@ -68,6 +70,32 @@ def digest(path: epath.Path) -> str | None:
     return f'size:{size}'
   h.update(path.read_bytes())
   return 'sha256:' + h.hexdigest()[:16]
+
+
+def stat_signature(path: epath.Path) -> str | None:
+  """Size and modification time of every file of a tree, from metadata alone: on an object store (gs://)
+  this reads no content, and every write gives an object a new modification time. None when missing, or
+  when the filesystem keeps no modification times (then only the digest can tell)."""
+  if not path.exists():
+    return None
+  h = hashlib.sha256()
+  if path.is_dir():
+    for child in sorted(path.iterdir(), key=lambda p: p.name):
+      if not child.name.startswith('.'):
+        signature = stat_signature(child)
+        if signature is None:
+          return None
+        h.update(f'{child.name}:{signature};'.encode())
+    return 'dir:' + h.hexdigest()[:16]
+  st = path.stat()
+  return f'{st.length}:{st.mtime}' if st.mtime else None
+
+
+def _output_stats(workdir: epath.Path, names) -> dict | None:
+  """The outputs' stat signatures, recorded beside their digests on a workdir not on local disk (None on a
+  local one, where hashing them again is cheap): a restart then checks a finished stage by metadata and
+  downloads an output only when its signature changed."""
+  return None if files.is_local(workdir) else {name: stat_signature(workdir / name) for name in names}
 
 
 def input_identity(paths: Sequence[str]) -> list:
@@ -152,7 +180,10 @@ class Runner:
     if record.get('fingerprint') != fp:
       return f'its config, inputs or upstream outputs changed (fingerprint {record.get("fingerprint")} -> {fp})'
     recorded = record.get('outputs') or {}
+    stats = record.get('stats') if isinstance(record.get('stats'), dict) else {}
     for name in stage.outputs:
+      if stats.get(name) is not None and stats[name] == stat_signature(self.workdir / name):
+        continue  # unchanged since its digest was taken (a non-local workdir: nothing downloaded)
       now = digest(self.workdir / name)
       if now is None:
         return f'its output {name} is missing'
@@ -205,7 +236,8 @@ class Runner:
     if distributed.is_leader():
       files.atomic_write_json(record_path(self.workdir, stage.name), {
           'stage': stage.name, 'fingerprint': fp, 'hashes': list(stage.hashes), 'upstream': list(stage.upstream),
-          'outputs': {name: digest(self.workdir / name) for name in stage.outputs}})
+          'outputs': {name: digest(self.workdir / name) for name in stage.outputs},
+          'stats': _output_stats(self.workdir, stage.outputs)})
       self._to_shared(stage, fp)
     distributed.barrier(f'{stage.name}-done')
     memory.release_memory()
@@ -222,7 +254,15 @@ class Runner:
       return False
     for name in stage.outputs:
       files.copy_tree(src / name, self.workdir / name)
-    files.copy_tree(src / 'done', record_path(self.workdir, stage.name))
+    try:
+      record = files.read_json(src / 'done')
+    except ValueError:  # not a record: copied as it is, read_record then ignores it
+      record = None
+    if isinstance(record, dict):  # the copies' own signatures: the recorded digests hold for them
+      record['stats'] = _output_stats(self.workdir, stage.outputs)
+      files.atomic_write_json(record_path(self.workdir, stage.name), record)
+    else:
+      files.copy_tree(src / 'done', record_path(self.workdir, stage.name))
     return True
 
   def _to_shared(self, stage: Stage, fp: str) -> None:

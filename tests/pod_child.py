@@ -1,8 +1,8 @@
 """One process of the main job (`python -m palr_jax.main`), as tests/test_pod.py launches it, with test
 hooks chosen by $PALR_TEST_HOOK (none: the plain command):
 
-  slow:DIR      training palr_v1, create DIR/training.<process> when step 3's batch is drawn, then take
-                3 s per batch: a test sends SIGTERM while training runs
+  slow:DIR      training palr_v1, create DIR/training.<process> when step 2's batch is drawn, then take
+                3 s per batch: a test sends SIGTERM while training runs (the processes stop at step 3)
   fail_train    process 1 raises at palr_v1's second batch, while process 0 waits in the step's collectives
   fail_report   process 0 raises in the report stage, while process 1 waits at the stage's barrier
   own_inputs    process 1 sees its own copy of the input files (other mtimes), as a host of a pod does
@@ -64,9 +64,9 @@ def install(hook: str) -> None:
   name, _, arg = hook.partition(':')
   if name == 'slow':
     def slow(drawn):
-      if drawn == 3:
+      if drawn == 2:
         open(os.path.join(arg, f'training.{jax.process_index()}'), 'w').close()
-      if drawn >= 3:
+      if drawn >= 2:
         time.sleep(3)
     hook_training(slow)
   elif name == 'fail_train':

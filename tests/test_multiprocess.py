@@ -2,7 +2,9 @@
 the same loss and LoRA gradients on every mesh, the same training curve, a checkpoint holding both
 processes' iterator states, and a clean, agreed stop when one process gets SIGTERM (preemption)."""
 import json
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 
 from palr_jax import distributed
-from palr_jax.train import loop, progress
+from palr_jax.train import checkpointing, loop, progress
 import train_child as tc
 
 CHILD = os.path.join(os.path.dirname(__file__), 'train_child.py')
@@ -60,33 +62,70 @@ def test_two_processes_give_the_loss_and_grads_of_one(two_process_grads, mesh):
     np.testing.assert_allclose(two_process_grads[f'{tag}/{k}'], g, rtol=1e-5, atol=1e-7, err_msg=k)
 
 
-def test_preempted_two_process_run_stops_together_and_matches_one_process(tmp_path):
+def lora_values(model) -> dict[str, np.ndarray]:
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from palr_jax.model import lora  # pylint: disable=g-import-not-at-top
+  return {'.'.join(map(str, p)): np.asarray(v.value) for p, v in nnx.to_flat_state(lora.lora_state(model))}
+
+
+def test_preempted_pod_stops_together_then_resumes_on_other_meshes(tmp_path, caplog):
+  """2 x 4 devices with fsdp=8; SIGTERM to process 1 only: both stop at the same step (agreed through the
+  coordination service, a log step: log_every=2), save it, and exit 75. The checkpoint then resumes as
+  1 x 8 (in process) and as 1 x 4 with fsdp=4 (a process of 4 devices), to the adapters of an
+  uninterrupted run (data order and dropout masks included)."""
   workdir = tmp_path / 'pod'
   workdir.mkdir()
-  procs = launch('train', '--workdir', str(workdir), '--steps', '100000', '--meshes', '2,4,1')
+  procs = launch('train', '--workdir', str(workdir), '--steps', '100000', '--meshes', '1,8,1', '--log_every', '2')
   deadline = time.time() + 600
   while not all((workdir / f'started.{i}').exists() for i in range(2)):
     assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate()[0][-4000:] for p in procs]
     time.sleep(0.2)
-  procs[0].send_signal(signal.SIGTERM)  # One host is told it will be preempted.
-  wait(procs)
+  procs[1].send_signal(signal.SIGTERM)  # One host, not the coordinator's, is told it will be preempted.
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [distributed.PREEMPTED_EXIT_CODE] * 2, [o[-4000:] for o in outs]
 
   (events,) = (workdir / 'tensorboard').iterdir()  # Process 0 writes, process 1 does not.
   pod_curve = progress.scalars([events], 'train/loss')
   stop = max(pod_curve)
-  assert 3 <= stop < 100000 and sorted(pod_curve) == list(range(1, stop + 1))
+  assert 4 <= stop < 100000 and stop % 2 == 0 and sorted(pod_curve) == list(range(2, stop + 1, 2))
   steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
   assert steps[-1] == stop  # The preemption save, at the step where both processes stopped.
   data = json.loads((workdir / 'checkpoints' / str(stop) / 'data' / 'metadata').read_text())
   assert data == {'processes': [{'position': stop}, {'position': stop}]}
 
-  config = tc.run_config((2, 4, 1), stop)
-  result = loop.train(config, tmp_path / 'one', tc.tiny_model(config, nonzero_b=False),
-                       tc.ArrayIterator(tc.synthetic_examples(24, 16), 8))
-  assert result['step'] == stop
+  final = stop + 3
+  examples = tc.synthetic_examples(24, 16)
+  config = tc.run_config((1, 8, 1), final, log_every=2)
+  reference = tc.tiny_model(config, nonzero_b=False)
+  loop.train(config, tmp_path / 'one', reference, tc.ArrayIterator(examples, 8))
+  want = lora_values(reference)
   one_curve = progress.scalars(list((tmp_path / 'one' / 'tensorboard').iterdir()), 'train/loss')
   np.testing.assert_allclose([pod_curve[s] for s in sorted(pod_curve)], [one_curve[s] for s in sorted(pod_curve)],
                              rtol=1e-5)
+
+  shutil.copytree(workdir, tmp_path / 'four')
+  as_four = subprocess.run([sys.executable, CHILD, 'train', '--workdir', str(tmp_path / 'four'), '--steps',
+                            str(final), '--meshes', '1,4,1', '--log_every', '2', '--cpu_devices', '4'],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+  assert as_four.returncode == 0, as_four.stdout[-4000:]
+
+  resumed = tc.tiny_model(config, nonzero_b=False)
+  with caplog.at_level(logging.INFO):
+    result = loop.train(config, workdir, resumed, tc.ArrayIterator(examples, 8))
+  assert result['step'] == final
+  assert f'train: resumed from step {stop}' in caplog.text
+  initial = lora_values(tc.tiny_model(config, nonzero_b=False))
+  for name, model in (('1 x 8', resumed), ('1 x 4', tc.tiny_model(config, nonzero_b=False))):
+    if name == '1 x 4':
+      checkpointing.restore_adapters(model, tmp_path / 'four' / 'checkpoints', final)
+    got = lora_values(model)
+    assert sorted(got) == sorted(want) and want
+    for key, value in want.items():
+      assert np.abs(value - initial[key]).max() > 1e-4, key  # trained
+      np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=f'{name}: {key}')
+  # The 1 x 4 run went on from the checkpoint: its own events start after the preemption step.
+  (own,) = [p for p in (tmp_path / 'four' / 'tensorboard').iterdir() if p.name != events.name]
+  assert sorted(progress.scalars([own], 'train/loss')) == [stop + 2, final]
 
 
 def test_cluster_detection_and_flag_errors(monkeypatch):
@@ -201,3 +240,46 @@ def test_a_workdir_each_host_has_its_own_copy_of_is_refused(tmp_path, shared):
     assert verdicts == [f'verdict: --workdir {d}: process(es) [1] of 2 do not see the file process 0 wrote there: '
                         'each host has its own folder; a multi-process job needs a workdir every host shares '
                         '(gs://BUCKET/..., or a shared filesystem)' for d in dirs]
+
+
+def test_a_finetune_checkpoint_survives_a_new_mesh_not_a_new_global_batch_or_data_order():
+  """The mesh (process count, axis sizes) is not in the finetune stage's fingerprint, so a job resumed on
+  another topology keeps its checkpoints; the global batch and the data order are."""
+  from palr_jax import defaults, fingerprint  # pylint: disable=g-import-not-at-top
+  from palr_jax.stages import finetune  # pylint: disable=g-import-not-at-top
+  config = defaults.get_config()
+  stage = finetune.declare(config)[0]
+  want = fingerprint.of(config, stage.hashes)
+  other = config.copy_and_resolve_references()
+  other.mesh.dcn_data, other.mesh.data, other.mesh.fsdp, other.mesh.tensor = 2, 2, 4, 1
+  assert fingerprint.of(other, stage.hashes) == want
+  bigger, reordered = config.copy_and_resolve_references(), config.copy_and_resolve_references()
+  bigger.train.batch_size *= 2
+  reordered.seed += 1
+  assert fingerprint.of(bigger, stage.hashes) != want and fingerprint.of(reordered, stage.hashes) != want
+
+
+FINISHED = """
+import sys
+from palr_jax import distributed
+from palr_jax.stages import profiles
+distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+# What each process would list: process 1 also sees user 7, whose part process 0 wrote since it listed.
+profiles.finished = lambda ctx: {3: {}, 5: {}, **({7: {}} if distributed.jax.process_index() == 1 else {})}
+users = profiles.finished_users(None)
+todo = [u for u in range(10) if u not in users]
+print('share:', users, distributed.share(todo), flush=True)
+"""
+
+
+def test_resumed_profiles_cut_every_share_from_process_0s_list():
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, '-c', FINISHED, f'127.0.0.1:{port}', str(i)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, 'PYTHONPATH': os.pathsep.join(sys.path), 'JAX_PLATFORMS': 'cpu'})
+           for i in range(2)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
+  shares = [next(l for l in o[0].splitlines() if l.startswith('share:')) for o in outs]
+  # Both agree that 3 and 5 are done; together the shares cover every other user once (7 included).
+  assert shares == ['share: [3, 5] [0, 2, 6, 8]', 'share: [3, 5] [1, 4, 7, 9]']

@@ -179,8 +179,9 @@ def test_preempted_pod_resumes_to_the_same_results(fixtures, one, tmp_path):
   # The terminal says what the run resumes; library INFO logs (absl lines from .py files) went to W/logs.
   assert 'finetune_palr_v1: resumes training from its checkpoint at step 3 of 4' in resumed.output(0)
   assert not re.search(r'^I\d{4} [\d:.]+ +\d+ \w+\.py:\d+\]', resumed.output(0), re.M), resumed.output(0)[-3000:]
-  logs = ''.join(p.read_text() for p in (workdir / 'logs').glob('palr_jax.main.*.log.INFO.*'))
+  logs = ''.join(p.read_text() for p in (workdir / 'logs').glob('*/palr_jax.main.*.log.INFO.*'))
   assert 'train: resumed from step 3' in logs
+  assert sorted(p.name for p in (workdir / 'logs').iterdir()) == ['0', '1']  # W/logs/<process>
   for variant in ('palr_v1', 'palr_v2'):  # the preemption save is gone once resumed from
     assert sorted(p.name for p in (workdir / variant / 'checkpoints').iterdir()) == ['2', '4']
   assert 'retriever: current, skipped' in resumed.output(0)

@@ -4,7 +4,8 @@ as separate processes (several jax.distributed processes, or a run it kills with
 
   python tests/train_child.py grads --out F.npz --meshes '8,1,1;2,4,1' [--coordinator H:P --num_processes N
       --process_id I --cpu_devices 4]
-  python tests/train_child.py train --workdir W --steps N [--meshes 8,1,1] [distributed flags as above]
+  python tests/train_child.py train --workdir W --steps N [--meshes 8,1,1] [--log_every K] [distributed flags]
+      (exit 75 when SIGTERM stopped the run early, as the main job does)
 """
 from __future__ import annotations
 
@@ -128,11 +129,11 @@ def arm_kill(spec: str) -> None:
   atomicity.AtomicRenameTemporaryPath.finalize = finalize
 
 
-def run_config(mesh, steps: int):
+def run_config(mesh, steps: int, log_every: int = 1):
   """Config of the runs tests launch as processes (and replay in process): a constant rate after the
   warmup, so a run preempted at step S follows an S-step run's curve; dropout on, so a resumed run must
   replay its masks."""
-  config = tiny_config(mesh, num_steps=steps, lr_decay='constant')
+  config = tiny_config(mesh, num_steps=steps, lr_decay='constant', log_every=log_every)
   config.lora.dropout = 0.1
   return config
 
@@ -157,6 +158,7 @@ def main(argv):
   parser.add_argument('--out', help='grads: .npz written by process 0')
   parser.add_argument('--workdir', help='train: the workdir')
   parser.add_argument('--steps', type=int, default=6)
+  parser.add_argument('--log_every', type=int, default=1)
   parser.add_argument('--coordinator')
   parser.add_argument('--num_processes', type=int)
   parser.add_argument('--process_id', type=int)
@@ -183,13 +185,15 @@ def main(argv):
     else:
       if os.environ.get('PALR_TEST_KILL'):
         arm_kill(os.environ['PALR_TEST_KILL'])
-      config = run_config(meshes[0], args.steps)
+      config = run_config(meshes[0], args.steps, args.log_every)
       rows = sharding.process_rows(sharding.make_mesh(config.mesh), config.mesh.rules, config.train.batch_size)
       batches = AnnouncingIterator(synthetic_examples(24, 16), config.train.batch_size, rows,
                                    started=os.path.join(args.workdir, f'started.{jax.process_index()}'))
-      loop.train(config, args.workdir, tiny_model(config, nonzero_b=False), batches)
+      reached = loop.train(config, args.workdir, tiny_model(config, nonzero_b=False), batches)['step']
   if args.coordinator:
     jax.distributed.shutdown()
+  if args.mode == 'train' and reached < args.steps:
+    sys.exit(distributed.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == '__main__':

@@ -16,7 +16,8 @@ stage then completes normally). Test data is never read here.
 
 Training state belongs to its fingerprint: `W/<variant>/run.json` names the fingerprint the checkpoints
 were written under, and when it differs (any training option, the examples, the base model changed) the
-old checkpoints are cleared, with a log line, instead of resumed. A run stopped by SIGTERM saves, and the
+old checkpoints are cleared, with a log line, instead of resumed. The mesh is not part of it: a run resumes
+on another process count or mesh shape, its checkpoint resharded onto the new mesh. A run stopped by SIGTERM saves, and the
 stage is not recorded as done: the job exits with `distributed.PREEMPTED_EXIT_CODE`, and the same
 command resumes from the saved step.
 """
@@ -37,8 +38,11 @@ from palr_jax.train import checkpointing
 from palr_jax.train import loop
 from palr_jax.train import valid_rank
 
+# Not `mesh`: a checkpoint restores onto any mesh (orbax reshards), so a job resumed on another topology (a
+# v5e-16 slice back as a v4-32, 1 -> 2 SLURM nodes) goes on from its checkpoint. The global batch
+# (`train.batch_size`) and the data order (`seed`, `batching`) stay in: the same run needs both.
 HASHES = ('seed', 'prompts', 'retriever.num_candidates', 'model.spec', 'model.dtype', 'model.param_dtype',
-          'model.remat', 'model.attention', 'lora', 'train', 'batching', 'mesh')
+          'model.remat', 'model.attention', 'lora', 'train', 'batching')
 
 
 def declare(config) -> list[base.Stage]:
@@ -99,7 +103,10 @@ def run(ctx, variant: str) -> None:
                       valid_rank=ranker)
   logging.info('%s: trained to step %d in %.1f s%s', variant, result['step'], time.perf_counter() - start,
                ' (early stop)' if result.get('stopped_early') else '')
-  if result['step'] < config.train.num_steps and not result.get('stopped_early'):
+  # A SIGTERM agreed on for the last step (or later) still ends the job: the rerun finds the final
+  # checkpoint and writes the adapters. A run that stopped early is finished (a rerun must not train on).
+  if not result.get('stopped_early') and (result['step'] < config.train.num_steps
+                                          or distributed.preemption_requested()):
     raise distributed.Preempted(f'{variant}: training stopped at step {result["step"]} of '
                                 f'{config.train.num_steps} (checkpoint saved)')
   start = time.perf_counter()

@@ -5,7 +5,8 @@ Processes: sharded. Users are sorted by the length of their request and dealt ro
 processes, so every process gets a similar share of short and long prompts; each writes its batches of
 finished profiles as part files `W/profiles.parts/<fingerprint>/<first user>.jsonl` (one object per part:
 no appends, fine on object stores), then process 0 joins them into `profiles.jsonl`. A killed run resumes
-from the parts of the same fingerprint; parts of another fingerprint are deleted.
+from the parts of the same fingerprint (process 0 lists them for every process, so all cut their shares
+from one list); parts of another fingerprint are deleted.
 """
 from __future__ import annotations
 
@@ -59,6 +60,13 @@ def finished(ctx) -> dict[int, dict]:
   return done
 
 
+def finished_users(ctx) -> list[int]:
+  """The users whose profiles are written, as process 0 lists them, on every process: each process's
+  share is cut from the same list, even when a fast process has written a new part by the time a slow
+  one would list the folder itself."""
+  return distributed.from_leader('profiles-finished', sorted(finished(ctx)) if distributed.is_leader() else None)
+
+
 def run(ctx) -> None:
   config = ctx.config
   cfg = config.profiles
@@ -76,7 +84,7 @@ def generate_profiles(ctx) -> None:
   """LLM profiles of this process's share of the users not written yet, one part file per batch."""
   config, inter, split = ctx.config, ctx.inter, ctx.split
   cfg = config.profiles
-  done = finished(ctx)
+  done = set(finished_users(ctx))
   sources = {u: profile_text.profile_items(split, u, config.prompts.max_examples_per_user)
              for u in range(len(inter.user_ids))}
   todo = [u for u in sources if u not in done]

@@ -94,7 +94,9 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
   pending, timed_flops, timed_steps, clock = [], 0.0, 0, time.perf_counter()
   last = {'step': start}
   best, evals_since_best = None, 0   # early stopping counts this run's evaluations (not before a resume)
-  with jax.set_mesh(mesh), distributed.training_window():
+  # Log steps wait for the step's results: there, every process has started the step (its collectives).
+  window = distributed.training_window(sync_every=c.log_every, last_step=c.num_steps)
+  with jax.set_mesh(mesh), window:
     shapes = set()
     for step in range(start + 1, c.num_steps + 1):
       batch = device_batch(next(train_iter), mesh, rules, c)
@@ -153,11 +155,13 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
         # With early stopping, training may end before the next scheduled save: a new best is saved now.
         save_best = improved and patience > 0
 
-      # Every process asks at every step, so all stop at the same step when any got a SIGTERM.
-      preempted = distributed.any_process(distributed.preemption_requested())
+      # After the log step's device_get: every process stops at the same step when any got a SIGTERM,
+      # agreed through the coordination service, not a device collective (training_window.stop_here).
+      preempted = window.stop_here(step)
       if step % c.checkpoint_every == 0 or step == c.num_steps or preempted or stop or save_best:
         checkpointing.save_checkpoint(manager, step, state, train_iter.get_state(), config, valid_loss,
                                       valid_metrics)
+        writer.sync()  # a non-local logdir gets the curve here, not at every event
       writer.advance()
       last['step'] = step
       if preempted:

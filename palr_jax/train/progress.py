@@ -7,11 +7,14 @@ import contextlib
 import os
 import socket
 import struct
+import tempfile
 import time
 
 from etils import epath
 import jax
 import tqdm
+
+from palr_jax import files
 
 
 def _tensorboard():
@@ -47,19 +50,29 @@ def bar(total: int, desc: str, unit: str = 'user') -> tqdm.tqdm:
 class MetricWriter:
   """TensorBoard scalars and a tqdm bar, from process 0 only (elsewhere every call is a no-op).
 
-  Events are framed by tensorboard's own RecordWriter into an etils.epath file (local, gs://, any epath
-  filesystem), flushed after every event, so a preempted run loses none of its curve.
+  Events are framed by tensorboard's own RecordWriter into an etils.epath file, flushed after every event,
+  so a preempted run loses none of its curve. On a local logdir that file is the one TensorBoard reads; on
+  any other (gs://, any epath filesystem) it is a local file, copied to the logdir at `sync` (the trainer
+  calls it at each checkpoint) and at `close`: an object store rewrites an object whole on every flush,
+  which at every step would run into its write-rate limit and upload the curve again and again.
   """
 
   def __init__(self, logdir: epath.Path, num_steps: int, start_step: int):
     self.active = jax.process_index() == 0
     self.bar = tqdm.tqdm(total=num_steps, initial=start_step, unit='step', disable=not self.active)
+    self.remote = None
     if self.active:
       self.event_pb2, self.summary_pb2, _, record_writer = _tensorboard()
+      logdir = epath.Path(logdir)
       logdir.mkdir(parents=True, exist_ok=True)
       name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.v2'
+      path = logdir / name
+      if not files.is_local(logdir):
+        self.remote, self.local_dir = path, tempfile.TemporaryDirectory(prefix='palr-events-')
+        path = epath.Path(self.local_dir.name) / name
+      self.path = path
       self.file = contextlib.ExitStack()  # epath's gs:// / gfile files are context managers, not files
-      self.records = record_writer.RecordWriter(self.file.enter_context((logdir / name).open('wb')))
+      self.records = record_writer.RecordWriter(self.file.enter_context(path.open('wb')))
       self._write(self.event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
 
   def _write(self, event) -> None:
@@ -77,11 +90,20 @@ class MetricWriter:
   def advance(self) -> None:
     self.bar.update(1)
 
+  def sync(self) -> None:
+    """Copies the local events file to a non-local logdir (nothing to do on a local one)."""
+    if self.active and self.remote is not None:
+      self.records.flush()
+      files.copy_file(self.path, self.remote)
+
   def close(self) -> None:
     self.bar.close()
     if self.active:
       self.records.flush()
       self.file.close()
+      if self.remote is not None:
+        files.copy_file(self.path, self.remote)
+        self.local_dir.cleanup()
 
 
 def read_events(path) -> list:
