@@ -38,6 +38,10 @@ def get_config():
   c.retriever.iterations = 15
   c.retriever.init_scale = 0.1       # std of the normal factor init
   c.retriever.solve_chunk = 16384    # iALS: rows x max(history, factors) per jitted solve (memory bound)
+  # iALS half-step solves: 'cholesky' (exact; ML-100K's numbers) or 'cg' (cg_steps conjugate-gradient
+  # steps per row, warm-started; no F x F matrix per row: the choice at catalog scale, bench/RESULTS.md).
+  c.retriever.solver = 'cholesky'
+  c.retriever.cg_steps = 3
   c.retriever.bpr_reg = 3e-3         # BPR: L2 weight per sampled triple (reg/alpha are iALS's)
   c.retriever.learning_rate = 0.005  # BPR (Adam)
   c.retriever.epochs = 100           # BPR
