@@ -465,6 +465,38 @@ def test_fused_top_k_equals_reference_path_with_pessimistic_ties(weight):
   assert (ref[2][:5] > 0).all()  # tied scores count against the target
 
 
+def test_blocked_top_k_equals_lax_top_k_with_ties():
+  rng = np.random.default_rng(7)
+  for n in (topk._BLOCK * 40, topk._BLOCK * 40 + 77):
+    x = rng.normal(size=(12, n)).astype(np.float32)
+    x[:4] = np.round(x[:4])  # many ties, across blocks
+    x[4] = 0.0
+    x[5, ::3] = -np.inf
+    x[6, :n - 3] = -np.inf  # fewer than k finite
+    for k in (1, 5, 10):
+      want = jax.lax.top_k(x, k)
+      got = topk._blocked_top_k(x, k)
+      np.testing.assert_array_equal(got[1], want[1])
+      np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_padded_blocked_catalog_top_k_equals_reference():
+  """A catalog of whole blocks and more (items padded to blocks, padding never a candidate): the same
+  items, ranks and tie order as the reference path; integer factors, so every score is exact."""
+  rng = np.random.default_rng(8)
+  num_items = topk._BLOCK * 8 + 123
+  users = rng.integers(-2, 3, size=(9, 3)).astype(np.float32)
+  users[0] = 0  # every item tied: the target ranks last among the unmasked
+  items = rng.integers(-2, 3, size=(num_items, 3)).astype(np.float32)
+  histories = [rng.choice(num_items, 30, replace=False) for _ in range(9)]
+  targets = np.array([rng.choice(np.setdiff1d(np.arange(num_items), h)) for h in histories])
+  ref = topk.top_k(users, items, histories, 2, user_batch=4, targets=targets, fused=False)
+  got = topk.top_k(users, items, histories, 2, user_batch=4, targets=targets)
+  for a, b in zip(got, ref):
+    np.testing.assert_array_equal(a, b)
+  assert ref[2][0] == num_items - 30 - 1
+
+
 def test_catalog_of_200k_items_with_few_events_needs_no_i_squared_memory():
   """The table of 200,000 items (a dense one: 160 GB) and a fused top-K over them, in little memory."""
   import resource

@@ -119,15 +119,14 @@ def _sparse_moments(cols, vals):
   return total[:, -1], jnp.sum(jnp.where(last, run * run, 0.0), axis=1)
 
 
-def _fused_scores(users, items, item_stats, recent, recent_weights, table, width, weight):
+def _fused_scores(users, items, item_stats, recent, recent_weights, table, width, weight, n: int):
   """The scores of `_scores` (one device, every item valid) in fewer passes over the [B, I] array: the MF
   moments come from the item statistics (sum_i u.v_i = u.sum(V), sum_i (u.v_i)^2 = u^T V^T V u) and the
   transition moments from the sparse entries, so the dense work is the matmul and
   in-place scatters. Needs 0 <= weight < 1. Returns (scores, scale, shift): the fused score is
   scale * scores + shift per row with scale > 0, so the order and every rank are the fused ones and only
   the top values are mapped."""
-  mf = jnp.matmul(users, items.T, precision=_HIGHEST)
-  n = items.shape[0]
+  mf = jnp.matmul(users, items.T, precision=_HIGHEST)  # items past n: zero padding rows
   item_sum, item_gram = item_stats
   s1 = jnp.matmul(users, item_sum, precision=_HIGHEST)
   s2 = jnp.sum(jnp.matmul(users, item_gram, precision=_HIGHEST) * users, axis=1)
@@ -146,19 +145,52 @@ def _fused_scores(users, items, item_stats, recent, recent_weights, table, width
   return mf.at[rows, cols].add(vals * ratio[:, None], mode='drop'), scale, shift
 
 
-@functools.partial(jax.jit, static_argnames=('k', 'width'))
+_BLOCK = 512  # items per block of `_blocked_top_k`: its candidates are k blocks, its max-reduce reads each once
+
+
+def _blocked_top_k(x, k: int):
+  """`jax.lax.top_k(x, k)` over the last axis, equal in values, indices and tie order (lower index first),
+  reading the [B, n] array once for block maxima and then only k blocks: the exact top k lie in the k
+  blocks with the largest maxima (ties: lower block), because every unselected block's elements are beaten
+  by the k selected maxima; the blocks are kept in index order and the < _BLOCK tail columns appended, so
+  the final top-k's ties still go to the lower index. Plain top_k where the catalog is not much bigger.
+  Cheapest when n is a multiple of _BLOCK (`top_k` pads the items so): no copy of the main part."""
+  b, n = x.shape
+  blocks = n // _BLOCK
+  if blocks < 4 * k:
+    return jax.lax.top_k(x, k)
+  main = x[:, :blocks * _BLOCK].reshape(b, blocks, _BLOCK)
+  _, chosen = jax.lax.top_k(jnp.max(main, axis=2), k)
+  chosen = jnp.sort(chosen, axis=1)                                           # [B, k] in index order
+  picked = jnp.take_along_axis(main, chosen[:, :, None], axis=1).reshape(b, k * _BLOCK)
+  where = (chosen[:, :, None] * _BLOCK + jnp.arange(_BLOCK)).reshape(b, k * _BLOCK)
+  tail = n - blocks * _BLOCK
+  if tail:
+    picked = jnp.concatenate([picked, x[:, blocks * _BLOCK:]], axis=1)
+    where = jnp.concatenate([where, jnp.broadcast_to(blocks * _BLOCK + jnp.arange(tail), (b, tail))], axis=1)
+  values, pos = jax.lax.top_k(picked, k)
+  return values, jnp.take_along_axis(where, pos, axis=1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=('k', 'width', 'num_items'))
 def masked_top_k(users, items, history, targets, recent, recent_weights, table, weight, k: int, width: int,
-                 item_stats=None):
+                 item_stats=None, num_items: int | None = None):
   """Top-k (scores, item indices) [B, k] over items minus history, and targets' ranks [B] (or None).
 
-  With `item_stats` (sum and Gram of `items`), the fused scores come from `_fused_scores` (fewer passes
-  over the catalog: the matmul, in-place scatters, top-k and the rank count); without, from the
-  reference `_scores`."""
+  With `item_stats` (sum and Gram of the first `num_items` rows of `items`; the rest are zero padding),
+  the scores come from `_fused_scores` (fewer passes over the catalog: the matmul, in-place scatters,
+  the blocked top-k and the rank count); without, from the reference `_scores`."""
   if item_stats is not None:
-    scores, scale, shift = _fused_scores(users, items, item_stats, recent, recent_weights, table, width,
-                                         weight)
+    if table is None:
+      scores = jnp.matmul(users, items.T, precision=_HIGHEST)
+      scale, shift = jnp.ones(users.shape[0]), jnp.zeros(users.shape[0])
+    else:
+      scores, scale, shift = _fused_scores(users, items, item_stats, recent, recent_weights, table, width,
+                                           weight, num_items)
     masked = _mask(scores, history, 0)
-    values, indices = jax.lax.top_k(masked, k)
+    if items.shape[0] > num_items:
+      masked = masked.at[:, num_items:].set(-jnp.inf)
+    values, indices = _blocked_top_k(masked, k)
     values = values * scale[:, None] + shift[:, None]
     if targets is None:
       return values, indices, None
@@ -257,9 +289,11 @@ def top_k(user_factors, item_factors, histories: Sequence[np.ndarray], k: int, *
   if mesh is None:
     items = jnp.asarray(item_factors)
     item_stats = None
-    if table is not None and fused and 0 <= weight < 1:  # weight 1: the reference (T alone, MF ignored)
+    if fused and (table is None or 0 <= weight < 1):  # weight 1: the reference (T alone, MF ignored)
       item_stats = (jnp.sum(items, axis=0), jnp.matmul(items.T, items, precision=_HIGHEST))
-    kernel = functools.partial(masked_top_k, k=k, width=width, item_stats=item_stats)
+      if num_items // _BLOCK >= 4 * k:  # whole blocks for _blocked_top_k
+        items = jnp.pad(items, ((0, -num_items % _BLOCK), (0, 0)))
+    kernel = functools.partial(masked_top_k, k=k, width=width, item_stats=item_stats, num_items=num_items)
   else:
     shards = mesh.devices.size
     padded = -(-num_items // shards) * shards
