@@ -59,7 +59,10 @@ def get_config():
   # the table holds at most min(items * top_m, events * window) entries.
   c.retriever.transition_top_m = 1024
   c.retriever.folds = 5              # cross-fitting folds for candidates/train.jsonl
-  c.retriever.max_train_positions = 20  # most recent target positions per user in candidates/train.jsonl
+  # Most recent target positions per user in candidates/train.jsonl. Each train row is one full-catalog
+  # top-K (users x positions x items scores), the stage's largest cost at catalog scale: there, fewer
+  # positions (with solver = 'cg') is what keeps the stage in minutes (bench/RESULTS.md, issue 28).
+  c.retriever.max_train_positions = 20
   c.retriever.user_batch = 1024      # users per jitted top-K call
   c.retriever.score_chunk = 1 << 25  # top-K: users x items per jitted call at most (memory bound at scale)
   c.retriever.shard_items = False    # shard the item factors over the mesh for top-K (one process only)
