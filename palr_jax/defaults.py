@@ -40,6 +40,10 @@ def get_config():
   c.retriever.iterations = 15
   c.retriever.init_scale = 0.1       # std of the normal factor init
   c.retriever.solve_chunk = 16384    # iALS: rows x max(history, factors) per jitted solve (memory bound)
+  # iALS half-step solves: 'cholesky' (exact; ML-100K's numbers) or 'cg' (cg_steps conjugate-gradient
+  # steps per row, warm-started; no F x F matrix per row: the choice at catalog scale, bench/RESULTS.md).
+  c.retriever.solver = 'cholesky'
+  c.retriever.cg_steps = 3
   c.retriever.bpr_reg = 3e-3         # BPR: L2 weight per sampled triple (reg/alpha are iALS's)
   c.retriever.learning_rate = 0.005  # BPR (Adam)
   c.retriever.epochs = 100           # BPR
@@ -57,7 +61,10 @@ def get_config():
   # the table holds at most min(items * top_m, events * window) entries.
   c.retriever.transition_top_m = 1024
   c.retriever.folds = 5              # cross-fitting folds for candidates/train.jsonl
-  c.retriever.max_train_positions = 20  # most recent target positions per user in candidates/train.jsonl
+  # Most recent target positions per user in candidates/train.jsonl. Each train row is one full-catalog
+  # top-K (users x positions x items scores), the stage's largest cost at catalog scale: there, fewer
+  # positions (with solver = 'cg') is what keeps the stage in minutes (bench/RESULTS.md, issue 28).
+  c.retriever.max_train_positions = 20
   c.retriever.user_batch = 1024      # users per jitted top-K call
   c.retriever.score_chunk = 1 << 25  # top-K: users x items per jitted call at most (memory bound at scale)
   c.retriever.shard_items = False    # shard the item factors over the mesh for top-K (one process only)

@@ -153,6 +153,38 @@ def test_fit_ials_learns_groups_and_ends_with_exact_user_step():
   np.testing.assert_allclose(mf.fold_in_users(items, histories, config), users, rtol=1e-4, atol=1e-5)
 
 
+def test_cg_solver_matches_cholesky():
+  """CG half-steps (enough steps to converge on F = 4) reproduce the exact fit; a few warm-started steps
+  stay close, and both end with the exact user step."""
+  histories = block_histories(num_users=40, length=7)
+  exact = mf.fit_ials(histories, 20, retriever_config(factors=4), jax.random.key(2))
+  converged = mf.fit_ials(histories, 20, retriever_config(factors=4, solver='cg', cg_steps=8),
+                          jax.random.key(2))
+  for a, b in zip(exact, converged):
+    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4)
+  users, items = mf.fit_ials(histories, 20, retriever_config(factors=4, solver='cg', cg_steps=3),
+                             jax.random.key(2))
+  exact_scores, scores = np.asarray(exact[0] @ exact[1].T), np.asarray(users @ items.T)
+  assert np.linalg.norm(scores - exact_scores) < 0.05 * np.linalg.norm(exact_scores)
+  assert unseen_own_group_auc(scores, histories) > 0.95
+  np.testing.assert_allclose(mf.fold_in_users(items, histories, retriever_config(factors=4)), users,
+                             rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match='solver'):
+    mf.fit_ials(histories, 20, retriever_config(solver='lu'), jax.random.key(0))
+
+
+def test_cg_chunk_solve_equals_closed_form():
+  """One chunk's CG solve from a cold start with F steps equals the dense closed form per row."""
+  rng = np.random.default_rng(3)
+  items = rng.normal(size=(30, 5)).astype(np.float32)
+  histories = [np.array([1, 4, 4, 9]), np.arange(12), np.array([29])]
+  rows, cols, counts = mf.interaction_counts(histories, 30)
+  chunks = mf._chunks(rows, cols, counts, 3, 5, 64)
+  got = np.asarray(mf._solve_side(items, chunks, 3, 0.7, 3.0, np.zeros((3, 5), np.float32), cg_steps=10))
+  for u, h in enumerate(histories):
+    np.testing.assert_allclose(got[u], closed_form_user(items, h, 0.7, 3.0), rtol=1e-3, atol=1e-4)
+
+
 def test_emptied_user_leaves_item_factors_as_if_absent():
   histories = block_histories()
   config = retriever_config(factors=4)
@@ -405,6 +437,64 @@ def test_sparse_fused_rank_equals_dense_scorer_single_and_sharded(top_m):
     got = candidates.rank(users, items, histories, np.arange(num_users), targets, config, m, table=table)
     np.testing.assert_array_equal(got.ranks, expected_ranks)
     np.testing.assert_array_equal(got.items, expected_items)
+
+
+@pytest.mark.parametrize('weight', [0.0, 0.35, 0.9])
+def test_fused_top_k_equals_reference_path_with_pessimistic_ties(weight):
+  """top_k's one-device fused path (moments from item statistics and sparse entries, the affine map on
+  the top values only) equals the reference `_scores` path: items, ranks, scores; with tied items
+  (duplicate item vectors, zero user vectors) the target still ranks after its ties."""
+  from palr_jax.retrieval import transitions
+  rng = np.random.default_rng(6)
+  num_users, num_items = 41, 90
+  users = rng.normal(size=(num_users, 6)).astype(np.float32)
+  users[:5] = 0  # every MF score tied
+  items = rng.normal(size=(num_items, 6)).astype(np.float32)
+  items[45:] = items[:45]  # pairs of identical items
+  histories = [rng.choice(num_items, rng.integers(1, 12), replace=False) for _ in range(num_users)]
+  targets = np.array([rng.choice(np.setdiff1d(np.arange(num_items), h)) for h in histories])
+  table = transitions.transition_table(histories, num_items, 2, 0.7, 16)
+  recent, weights = transitions.recent_items(histories, 3, 0.7)
+  kw = dict(user_batch=16, targets=targets, transitions=table, recent=recent, recent_weights=weights,
+            transition_weight=weight)
+  ref = topk.top_k(users, items, histories, 7, fused=False, **kw)
+  got = topk.top_k(users, items, histories, 7, fused=True, **kw)
+  np.testing.assert_array_equal(got[2], ref[2])
+  np.testing.assert_array_equal(got[1], ref[1])
+  np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, atol=1e-5)
+  assert (ref[2][:5] > 0).all()  # tied scores count against the target
+
+
+def test_blocked_top_k_equals_lax_top_k_with_ties():
+  rng = np.random.default_rng(7)
+  for n in (topk._BLOCK * 40, topk._BLOCK * 40 + 77):
+    x = rng.normal(size=(12, n)).astype(np.float32)
+    x[:4] = np.round(x[:4])  # many ties, across blocks
+    x[4] = 0.0
+    x[5, ::3] = -np.inf
+    x[6, :n - 3] = -np.inf  # fewer than k finite
+    for k in (1, 5, 10):
+      want = jax.lax.top_k(x, k)
+      got = topk._blocked_top_k(x, k)
+      np.testing.assert_array_equal(got[1], want[1])
+      np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_padded_blocked_catalog_top_k_equals_reference():
+  """A catalog of whole blocks and more (items padded to blocks, padding never a candidate): the same
+  items, ranks and tie order as the reference path; integer factors, so every score is exact."""
+  rng = np.random.default_rng(8)
+  num_items = topk._BLOCK * 8 + 123
+  users = rng.integers(-2, 3, size=(9, 3)).astype(np.float32)
+  users[0] = 0  # every item tied: the target ranks last among the unmasked
+  items = rng.integers(-2, 3, size=(num_items, 3)).astype(np.float32)
+  histories = [rng.choice(num_items, 30, replace=False) for _ in range(9)]
+  targets = np.array([rng.choice(np.setdiff1d(np.arange(num_items), h)) for h in histories])
+  ref = topk.top_k(users, items, histories, 2, user_batch=4, targets=targets, fused=False)
+  got = topk.top_k(users, items, histories, 2, user_batch=4, targets=targets)
+  for a, b in zip(got, ref):
+    np.testing.assert_array_equal(a, b)
+  assert ref[2][0] == num_items - 30 - 1
 
 
 def test_catalog_of_200k_items_with_few_events_needs_no_i_squared_memory():

@@ -92,9 +92,110 @@ def _rank_of(masked, target_scores):
   return jnp.sum(masked >= target_scores[:, None], axis=1, dtype=jnp.int32) - 1
 
 
-@functools.partial(jax.jit, static_argnames=('k', 'width'))
-def masked_top_k(users, items, history, targets, recent, recent_weights, table, weight, k: int, width: int):
-  """Top-k (scores, item indices) [B, k] over items minus history, and targets' ranks [B] (or None)."""
+def _transition_entries(table, recent, recent_weights, width: int, n: int):
+  """The recent items' CSR entries: (columns [B, R*W], n on padding; weighted values [B, R*W], 0 there)."""
+  starts, lengths, indices, values = table
+  r = jnp.maximum(recent, 0)
+  pos = jnp.arange(width)
+  ok = (pos < lengths[r][..., None]) & (recent >= 0)[..., None]
+  at = jnp.where(ok, starts[r][..., None] + pos, 0)
+  cols = jnp.where(ok, indices[at], n)
+  vals = jnp.where(ok, values[at] * recent_weights[..., None], 0.0)
+  b = recent.shape[0]
+  return cols.reshape(b, -1), vals.reshape(b, -1)
+
+
+def _sparse_moments(cols, vals):
+  """Per row, sum and sum of squares of the dense row the entries scatter-add to: entries sharing a
+  column are summed first (sort by column, then per-run sums from one cumulative sum)."""
+  cols, vals = jax.lax.sort((cols, vals), dimension=1, num_keys=1)
+  total = jnp.cumsum(vals, axis=1)
+  before = total - vals                                                       # exclusive cumsum
+  j = jnp.arange(cols.shape[1])
+  first = jnp.concatenate([jnp.ones_like(cols[:, :1], bool), cols[:, 1:] != cols[:, :-1]], axis=1)
+  last = jnp.concatenate([cols[:, 1:] != cols[:, :-1], jnp.ones_like(cols[:, :1], bool)], axis=1)
+  run_start = jax.lax.cummax(jnp.where(first, j, 0), axis=1)
+  run = total - jnp.take_along_axis(before, run_start, axis=1)
+  return total[:, -1], jnp.sum(jnp.where(last, run * run, 0.0), axis=1)
+
+
+def _fused_scores(users, items, item_stats, recent, recent_weights, table, width, weight, n: int):
+  """The scores of `_scores` (one device, every item valid) in fewer passes over the [B, I] array: the MF
+  moments come from the item statistics (sum_i u.v_i = u.sum(V), sum_i (u.v_i)^2 = u^T V^T V u) and the
+  transition moments from the sparse entries, so the dense work is the matmul and
+  in-place scatters. Needs 0 <= weight < 1. Returns (scores, scale, shift): the fused score is
+  scale * scores + shift per row with scale > 0, so the order and every rank are the fused ones and only
+  the top values are mapped."""
+  mf = jnp.matmul(users, items.T, precision=_HIGHEST)  # items past n: zero padding rows
+  item_sum, item_gram = item_stats
+  s1 = jnp.matmul(users, item_sum, precision=_HIGHEST)
+  s2 = jnp.sum(jnp.matmul(users, item_gram, precision=_HIGHEST) * users, axis=1)
+  mean_m = s1 / n
+  std_m = jnp.sqrt(jnp.maximum(s2 / n - mean_m * mean_m, 1e-12))
+  cols, vals = _transition_entries(table, recent, recent_weights, width, n)
+  t1, t2 = _sparse_moments(cols, vals)
+  mean_t = t1 / n
+  std_t = jnp.sqrt(jnp.maximum(t2 / n - mean_t * mean_t, 1e-12))
+  # (1 - w)(mf - mean_m)/std_m + w (T - mean_t)/std_t = scale (mf + ratio T) + shift, 0 <= w < 1: the
+  # transitions are added in place to the matmul's output, and the affine map touches only the top values.
+  scale = (1.0 - weight) / std_m
+  ratio = weight * std_m / ((1.0 - weight) * std_t)
+  shift = -(1.0 - weight) * mean_m / std_m - weight * mean_t / std_t
+  rows = jnp.broadcast_to(jnp.arange(users.shape[0])[:, None], cols.shape)
+  return mf.at[rows, cols].add(vals * ratio[:, None], mode='drop'), scale, shift
+
+
+_BLOCK = 512  # items per block of `_blocked_top_k`: its candidates are k blocks, its max-reduce reads each once
+
+
+def _blocked_top_k(x, k: int):
+  """`jax.lax.top_k(x, k)` over the last axis, equal in values, indices and tie order (lower index first),
+  reading the [B, n] array once for block maxima and then only k blocks: the exact top k lie in the k
+  blocks with the largest maxima (ties: lower block), because every unselected block's elements are beaten
+  by the k selected maxima; the blocks are kept in index order and the < _BLOCK tail columns appended, so
+  the final top-k's ties still go to the lower index. Plain top_k where the catalog is not much bigger.
+  Cheapest when n is a multiple of _BLOCK (`top_k` pads the items so): no copy of the main part."""
+  b, n = x.shape
+  blocks = n // _BLOCK
+  if blocks < 4 * k:
+    return jax.lax.top_k(x, k)
+  main = x[:, :blocks * _BLOCK].reshape(b, blocks, _BLOCK)
+  _, chosen = jax.lax.top_k(jnp.max(main, axis=2), k)
+  chosen = jnp.sort(chosen, axis=1)                                           # [B, k] in index order
+  picked = jnp.take_along_axis(main, chosen[:, :, None], axis=1).reshape(b, k * _BLOCK)
+  where = (chosen[:, :, None] * _BLOCK + jnp.arange(_BLOCK)).reshape(b, k * _BLOCK)
+  tail = n - blocks * _BLOCK
+  if tail:
+    picked = jnp.concatenate([picked, x[:, blocks * _BLOCK:]], axis=1)
+    where = jnp.concatenate([where, jnp.broadcast_to(blocks * _BLOCK + jnp.arange(tail), (b, tail))], axis=1)
+  values, pos = jax.lax.top_k(picked, k)
+  return values, jnp.take_along_axis(where, pos, axis=1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=('k', 'width', 'num_items'))
+def masked_top_k(users, items, history, targets, recent, recent_weights, table, weight, k: int, width: int,
+                 item_stats=None, num_items: int | None = None):
+  """Top-k (scores, item indices) [B, k] over items minus history, and targets' ranks [B] (or None).
+
+  With `item_stats` (sum and Gram of the first `num_items` rows of `items`; the rest are zero padding),
+  the scores come from `_fused_scores` (fewer passes over the catalog: the matmul, in-place scatters,
+  the blocked top-k and the rank count); without, from the reference `_scores`."""
+  if item_stats is not None:
+    if table is None:
+      scores = jnp.matmul(users, items.T, precision=_HIGHEST)
+      scale, shift = jnp.ones(users.shape[0]), jnp.zeros(users.shape[0])
+    else:
+      scores, scale, shift = _fused_scores(users, items, item_stats, recent, recent_weights, table, width,
+                                           weight, num_items)
+    masked = _mask(scores, history, 0)
+    if items.shape[0] > num_items:
+      masked = masked.at[:, num_items:].set(-jnp.inf)
+    values, indices = _blocked_top_k(masked, k)
+    values = values * scale[:, None] + shift[:, None]
+    if targets is None:
+      return values, indices, None
+    target_scores = jnp.take_along_axis(masked, targets[:, None], axis=1)[:, 0]
+    return values, indices, _rank_of(masked, target_scores)
   valid = jnp.ones(items.shape[0], bool)
   masked = _mask(_scores(users, items, recent, recent_weights, table, width, weight, valid), history, 0)
   values, indices = jax.lax.top_k(masked, k)
@@ -145,7 +246,7 @@ def top_k(user_factors, item_factors, histories: Sequence[np.ndarray], k: int, *
           targets: np.ndarray | None = None, mesh: Mesh | None = None,
           transitions: transitions_lib.Table | None = None,
           recent: np.ndarray | None = None, recent_weights: np.ndarray | None = None,
-          transition_weight: float = 0.0):
+          transition_weight: float = 0.0, fused: bool = True):
   """Top-k unseen items for every user, in jitted batches of `user_batch` users.
 
   Args:
@@ -157,6 +258,8 @@ def top_k(user_factors, item_factors, histories: Sequence[np.ndarray], k: int, *
     transitions, recent, recent_weights, transition_weight: the sparse transition table (a
       retrieval/transitions.py Table over I items) and each user's query ([N, R] item indices, -1
       padding, and weights) fused with weight w; None: MF scores alone.
+    fused: one device: the z-moments from item statistics and the sparse entries (`_fused_scores`, fewer
+      passes over each [B, I] batch); False: the reference `_scores` (the same order; the tests compare).
   Returns:
     numpy (scores [N, k] float32, items [N, k] int32, ranks [N] int32 or None). A user with fewer than
     k unmasked items gets -inf scores in the tail.
@@ -185,7 +288,12 @@ def top_k(user_factors, item_factors, histories: Sequence[np.ndarray], k: int, *
              jnp.asarray(np.append(transitions.values, 0), jnp.float32))
   if mesh is None:
     items = jnp.asarray(item_factors)
-    kernel = functools.partial(masked_top_k, k=k, width=width)
+    item_stats = None
+    if fused and (table is None or 0 <= weight < 1):  # weight 1: the reference (T alone, MF ignored)
+      item_stats = (jnp.sum(items, axis=0), jnp.matmul(items.T, items, precision=_HIGHEST))
+      if num_items // _BLOCK >= 4 * k:  # whole blocks for _blocked_top_k
+        items = jnp.pad(items, ((0, -num_items % _BLOCK), (0, 0)))
+    kernel = functools.partial(masked_top_k, k=k, width=width, item_stats=item_stats, num_items=num_items)
   else:
     shards = mesh.devices.size
     padded = -(-num_items // shards) * shards

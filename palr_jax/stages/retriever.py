@@ -65,8 +65,8 @@ def _with(retriever_config, overrides: dict):
 
 
 # The retriever keys the MF fit reads; a search over the others (transitions) reuses the fit.
-MF_KEYS = ('model', 'factors', 'reg', 'alpha', 'iterations', 'init_scale', 'solve_chunk', 'bpr_reg',
-           'learning_rate', 'epochs', 'batch_size')
+MF_KEYS = ('model', 'factors', 'reg', 'alpha', 'iterations', 'init_scale', 'solve_chunk', 'solver',
+           'cg_steps', 'bpr_reg', 'learning_rate', 'epochs', 'batch_size')
 
 
 def _fit(histories, num_items, retriever_config, key):
