@@ -184,3 +184,41 @@ def test_rerun_trains_from_scratch(tiny):
                             "'palr_v2/checkpoints', 'palr_v2/adapters', 'palr_v2/tensorboard', 'examples'")
   assert 'finetune_palr_v2: running (not run yet)' in said
   assert _learning_rates(work / 'palr_v2' / 'tensorboard') == before  # all four steps again, same schedule
+
+
+def test_input_hashes_are_cached_and_a_copy_with_new_mtimes_is_the_same_input(tmp_path, monkeypatch):
+  """Issue 27.7: inputs above 64 MiB were identified by size and mtime, so the --watch setup copy reran
+  every stage. Now by content, hashed once while size, mtime and inode match."""
+  data = tmp_path / 'weights.bin'
+  data.write_bytes(b'x' * 1000)
+  work = tmp_path / 'w'
+  work.mkdir()
+  calls, hashed = [], []
+  real = runner.content_hash
+  monkeypatch.setattr(runner, 'content_hash', lambda path: hashed.append(str(path)) or real(path))
+  _run(_stage(calls, inputs=[str(data)]), work)
+  assert _run(_stage(calls, inputs=[str(data)]), work) == ['s: current, skipped']
+  assert hashed == [str(data)]  # the second run read the cache
+  copy = tmp_path / 'copy.bin'
+  copy.write_bytes(data.read_bytes())
+  os.replace(copy, data)  # a new inode and mtime, the same bytes
+  assert _run(_stage(calls, inputs=[str(data)]), work) == ['s: current, skipped']
+  assert calls == [1] and hashed == [str(data)] * 2
+
+
+def test_new_weights_rerun_the_stages_that_load_the_model_and_a_touch_reruns_nothing(tiny):
+  """Issue 29.1: model.safetensors rewritten in place (same config, new weights) left every stage
+  'current, skipped'; the fine-tunes and rank hashed only the spec string and config.json."""
+  from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+  config, work = _config(tiny), tiny / 'run'
+  first = _say(config, work, only=('rank',))
+  stages = [line.split(':')[0] for line in first if ': running' in line]
+  weights = tiny / 'model' / 'model.safetensors'
+  os.utime(weights, ns=(1, 10**18))  # new mtime, same bytes
+  assert all(line.endswith('current, skipped') for line in _say(config, work, only=('rank',)))
+  tensors = st_numpy.load_file(str(weights))
+  st_numpy.save_file({k: v * 2 for k, v in tensors.items()}, str(weights), metadata={'format': 'pt'})
+  said = _say(config, work, only=('rank',))
+  reran = [line.split(':')[0] for line in said if ': running' in line]
+  assert reran == [s for s in stages if s.startswith(('finetune_', 'rank'))] and len(reran) >= 2, said
+  assert 'retriever: current, skipped' in said

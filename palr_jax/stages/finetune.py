@@ -27,6 +27,7 @@ from palr_jax import files
 from palr_jax import sharding
 from palr_jax import variants
 from palr_jax.data import pipeline
+from palr_jax.hub import load
 from palr_jax.stages import base
 from palr_jax.train import checkpointing
 from palr_jax.train import loop
@@ -44,6 +45,7 @@ def declare(config) -> list[base.Stage]:
       upstream=('retriever', 'profiles'),
       outputs=(f'{variant}/checkpoints', f'{variant}/{checkpointing.ADAPTERS}', f'{variant}/tensorboard'),
       processes=base.COLLECTIVE, scratch=('examples', f'{variant}/run.json'),
+      inputs=tuple(load.model_files(config.model.spec)),
       resumes=functools.partial(resumes, variant=variant),
       per_process='process 0 writes the examples once; then every process feeds its rows of each global batch '
            'to the step on the global mesh; all write orbax checkpoints, process 0 the PEFT adapters')

@@ -30,8 +30,7 @@ def declare(config) -> base.Stage:
   inputs = tuple(interactions.source_files(config.data))
   if config.profiles.kind == 'llm':
     hashes += ('model.spec', 'model.dtype', 'model.param_dtype', 'batching.length_buckets')
-    source = load.model_source(config.model.spec)
-    inputs += (str(source.path / 'config.json') if source.kind == 'hf' else str(source.path),)
+    inputs += tuple(load.model_files(config.model.spec))
   return base.Stage(
       name='profiles', run=run, merge=merge, hashes=hashes, outputs=('profiles.jsonl',),
       processes=base.SHARDED, inputs=inputs, scratch=(PARTS,), resumes=resumes,

@@ -58,7 +58,6 @@ def llm_methods(config) -> list[str]:
 def declare(config) -> base.Stage:
   methods = llm_methods(config)
   trained = [m for m in methods if tuple(config.variants[m].tasks)]
-  source = load.model_source(config.model.spec)
   return base.Stage(
       name='rank', run=run, merge=merge,
       hashes=('seed', 'eval.max_users', 'eval.methods', 'rank', 'prompts', 'retriever.num_candidates',
@@ -66,7 +65,7 @@ def declare(config) -> base.Stage:
               *(f'variants.{m}' for m in methods)),
       upstream=('retriever', 'profiles', *(f'finetune_{m}' for m in trained)), outputs=('rankings.json',),
       processes=base.SHARDED, scratch=(PARTS,), resumes=resumes,
-      inputs=(str(source.path / 'config.json') if source.kind == 'hf' else str(source.path),),
+      inputs=tuple(load.model_files(config.model.spec)),
       per_process='every process ranks its share of the evaluation users on its host-local mesh (adapters from '
            'their PEFT folders) and writes part files; process 0 joins them into rankings.json')
 
