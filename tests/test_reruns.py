@@ -222,3 +222,18 @@ def test_new_weights_rerun_the_stages_that_load_the_model_and_a_touch_reruns_not
   reran = [line.split(':')[0] for line in said if ': running' in line]
   assert reran == [s for s in stages if s.startswith(('finetune_', 'rank'))] and len(reran) >= 2, said
   assert 'retriever: current, skipped' in said
+
+
+def test_a_retriever_rerun_with_the_same_candidates_changes_no_downstream_fingerprint(tiny):
+  """Issue 29.5: retriever_results.json recorded fit seconds, so its digest changed at every run and
+  deleting one candidates file reran both fine-tunes, rank, report and export."""
+  config, work = _config(tiny), tiny / 'run'
+  _say(config, work, only=('retriever',))
+  before = json.loads(runner.record_path(work, 'retriever').read_text())['outputs']
+  (work / 'candidates' / 'test.jsonl').unlink()
+  said = _say(config, work, only=('retriever',))
+  assert said[0] == 'retriever: running (its output candidates/test.jsonl is missing)'
+  assert json.loads(runner.record_path(work, 'retriever').read_text())['outputs'] == before
+  timings = json.loads((work / 'retriever_timings.json').read_text())  # kept beside, out of the digest
+  assert set(timings['fit_seconds']) == {'valid', 'test'}
+  assert 'fit_seconds' not in json.loads((work / 'retriever_results.json').read_text())
