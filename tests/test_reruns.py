@@ -237,3 +237,25 @@ def test_a_retriever_rerun_with_the_same_candidates_changes_no_downstream_finger
   timings = json.loads((work / 'retriever_timings.json').read_text())  # kept beside, out of the digest
   assert set(timings['fit_seconds']) == {'valid', 'test'}
   assert 'fit_seconds' not in json.loads((work / 'retriever_results.json').read_text())
+
+
+def test_a_damaged_rank_or_profiles_part_is_redone_not_fatal(tmp_path):
+  """Issue 29.9: a truncated rank part file failed every rerun ('not valid JSON') and never healed."""
+  import types  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from palr_jax.stages import profiles, rank  # pylint: disable=g-import-not-at-top
+  ctx = types.SimpleNamespace(workdir=tmp_path, fingerprint='f1',
+                              inter=types.SimpleNamespace(user_ids=np.array(['u0', 'u1', 'u2'])))
+  good = {key: [1] for key in rank.PART_KEYS}
+  path = rank._part(ctx, 'zero-valid')
+  path.parent.mkdir(parents=True)
+  for damaged in (json.dumps(good)[:-9], '[1, 2]', '{"users": [1]}'):
+    path.write_text(damaged)
+    assert rank._ranked_part(ctx, 'zero-valid', lambda: good) == good
+    assert json.loads(path.read_text()) == good
+  assert rank._ranked_part(ctx, 'zero-valid', lambda: pytest.fail('an intact part is not redone')) == good
+  parts = tmp_path / profiles.PARTS / 'f1'
+  parts.mkdir(parents=True)
+  (parts / '0.jsonl').write_text(json.dumps({'user': 'u0', 'user_index': 0, 'profile': 'likes x'}) + '\n')
+  (parts / '1.jsonl').write_text('{"user": "u1", "user_index": 1, "prof')
+  assert list(profiles.finished(ctx)) == [0]  # u1 is written again

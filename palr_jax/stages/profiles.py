@@ -53,7 +53,12 @@ def finished(ctx) -> dict[int, dict]:
   done: dict[int, dict] = {}
   if folder.exists():
     for part in sorted(folder.glob('*.jsonl')):
-      for u, row in profile_text.rows_by_user(files.read_jsonl(part), ctx.inter, str(part)).items():
+      try:
+        rows = profile_text.rows_by_user(files.read_jsonl(part), ctx.inter, str(part))
+      except ValueError as e:  # cut short or not ours: its users are written again, never trusted
+        logging.warning('%s: a damaged part file, its users are written again (%s)', part, e)
+        continue
+      for u, row in rows.items():
         done.setdefault(u, row)
   return done
 
