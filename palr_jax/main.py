@@ -45,6 +45,7 @@ from ml_collections import config_flags
 from palr_jax import cli
 from palr_jax import distributed
 from palr_jax import files
+from palr_jax import lock
 from palr_jax import runner
 from palr_jax import validate
 from palr_jax.stages import base
@@ -115,6 +116,8 @@ def _define_flags() -> None:
   flags.DEFINE_list('stages', [], 'Run only these stages (and their upstream when not current).')
   flags.DEFINE_list('rerun', [], 'Run these stages again from scratch, even if current.')
   cli.define_compilation_cache_flag()
+  flags.DEFINE_bool('force_unlock', False, 'Take the workdir lock (W/palr.lock) even when another job, '
+                    'maybe on another host, holds it: only when that job is known to be gone.')
   flags.DEFINE_bool('verbose', False, 'Library INFO logs (absl, orbax, jax) on the terminal too; without it '
                     'they go to W/logs/ and the terminal shows stage lines, progress bars, warnings and '
                     'the results.')
@@ -147,6 +150,19 @@ def main(argv):
   if problem:
     raise validate.ConfigError(problem)
   plan(f.config, f.workdir, only=f.stages, rerun=f.rerun)  # bad config: exit 2 on every process, at once
+  # One job per workdir: process 0 takes the lock, every process learns whether it did.
+  held = distributed.from_leader('lock', lock.acquire(f.workdir, force=f.force_unlock)
+                                 if distributed.is_leader() else None)
+  if held:
+    raise validate.ConfigError(held)
+  try:
+    _run_and_print(f, logs)
+  finally:
+    if distributed.is_leader():
+      lock.release(f.workdir)
+
+
+def _run_and_print(f, logs) -> None:
   if logs and distributed.is_leader():
     print(f'logs: {logs} (--verbose shows them here)')
   # The ~440k objects of the imports (jax, TensorFlow, transformers) live as long as the process: frozen, the
