@@ -128,7 +128,7 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
         logging.warning('train: preempted at step %d; checkpoint saved', step)
         break
 
-  manager.wait_until_finished()
+  checkpointing.finish_saves(manager, last.get('step'))
   manager.close()
   writer.close()
   nnx.update(model, with_lora_values(parts.lora, state['lora']))
