@@ -259,3 +259,44 @@ def test_a_damaged_rank_or_profiles_part_is_redone_not_fatal(tmp_path):
   (parts / '0.jsonl').write_text(json.dumps({'user': 'u0', 'user_index': 0, 'profile': 'likes x'}) + '\n')
   (parts / '1.jsonl').write_text('{"user": "u1", "user_index": 1, "prof')
   assert list(profiles.finished(ctx)) == [0]  # u1 is written again
+
+
+def _state(run_dir):
+  return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted(run_dir.rglob('*'))
+          if p.is_file() and p.parts[len(run_dir.parts)] in ('checkpoints', 'adapters')}
+
+
+def test_a_changed_option_that_fails_deletes_nothing_and_the_old_command_skips(tiny):
+  """Issue 29.2: a changed option cleared the finished fine-tune first, then failed (exit 1); the old
+  command then trained again from scratch."""
+  config, work = _config(tiny), tiny / 'run'
+  only = ('finetune_palr_v2',)
+  _say(config, work, only=only)
+  before = _state(work / 'palr_v2')
+  assert any(name.startswith('adapters/') for name in before)
+  config.prompts.max_length = 8  # too short for any example: fails while the examples are written
+  with pytest.raises(Exception):
+    _say(config, work, only=only)
+  assert _state(work / 'palr_v2') == before
+  config.prompts.max_length = _config(tiny).prompts.max_length
+  assert _say(config, work, only=only)[-1] == 'finetune_palr_v2: current, skipped'
+
+
+def test_a_changed_option_that_fails_in_training_sets_the_old_state_aside_and_takes_it_back(tiny, monkeypatch):
+  from palr_jax.train import loop  # pylint: disable=g-import-not-at-top
+  config, work = _config(tiny), tiny / 'run'
+  only = ('finetune_palr_v2',)
+  _say(config, work, only=only)
+  before = _state(work / 'palr_v2')
+  config.train.learning_rate = 5e-3
+  with monkeypatch.context() as m:
+    m.setattr(loop, 'train', lambda *a, **k: (_ for _ in ()).throw(RuntimeError('out of memory')))
+    with pytest.raises(RuntimeError, match='out of memory'):
+      _say(config, work, only=only)
+  assert _state(work / 'palr_v2' / 'previous') == before  # set aside, not deleted
+  config.train.learning_rate = _config(tiny).train.learning_rate
+  said = _say(config, work, only=only)
+  assert 'finetune_palr_v2: running (its output palr_v2/checkpoints is missing)' in said
+  assert {k: v for k, v in _state(work / 'palr_v2').items() if k.startswith('checkpoints/')} == \
+      {k: v for k, v in before.items() if k.startswith('checkpoints/')}  # resumed at the end: no step trained
+  assert not (work / 'palr_v2' / 'previous').exists()
