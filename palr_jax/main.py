@@ -89,7 +89,7 @@ def plan(config, workdir, *, only=(), rerun=()) -> list[base.Stage]:
 
 def run(config, workdir, shared_dir=None, *, only=(), rerun=(), say=None) -> dict | None:
   """Runs every stage that is not current (or `only` those and their upstream); returns results.json's
-  content when the report exists."""
+  content when the report is among those stages (run now or current), else None."""
   workdir = epath.Path(workdir)
   todo = plan(config, workdir, only=only, rerun=rerun)
   ctx = context.Context(config, workdir)
@@ -103,7 +103,15 @@ def run(config, workdir, shared_dir=None, *, only=(), rerun=(), say=None) -> dic
   for stage in todo:
     job.run(stage, ctx)
   results = workdir / 'results.json'
+  if not any(s.name == 'report' for s in todo):  # W's results.json, if any, is from an earlier run
+    return None
   return files.read_json(results) if results.exists() else None
+
+
+def results_heading(workdir) -> str:
+  """The line printed above results.md: the run that wrote it (this one, or an earlier one)."""
+  record = runner.read_record(workdir, 'report') or {}
+  return f'results.md: report of run {record.get("run", "unrecorded")}, fingerprint {record.get("fingerprint")}'
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -175,7 +183,11 @@ def _run_and_print(f, logs) -> None:
                                               say=say))
   workdir = epath.Path(f.workdir)
   if distributed.is_leader() and results is not None:
+    print(results_heading(workdir))
     print((workdir / 'results.md').read_text())
+  elif distributed.is_leader() and (workdir / 'results.md').exists():
+    print(f'{workdir / "results.md"} is not printed: the report is not among --stages ({results_heading(workdir)}, '
+          'earlier)')
   logging.info('done in %.0f s: %s', time.perf_counter() - start, workdir)
 
 

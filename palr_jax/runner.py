@@ -6,7 +6,7 @@ and its function. Its fingerprint
 hashes those config values, the digests of its upstream stages' outputs and the identity of the files
 outside W it reads (`inputs`, the model's weight and tokenizer files included: a content hash, computed
 once and reused while the file's size, mtime and inode match). When a stage
-finishes, `W/<stage>.fingerprint.json` records the fingerprint and a digest of every output (content hash
+finishes, `W/<stage>.fingerprint.json` records the fingerprint, the run (its start time, UTC) and a digest of every output (content hash
 of files up to `HASH_LIMIT`, size above); a stage is skipped only when both match, else it reruns and the
 log says why. So a killed job resumes where it stopped, a changed option or input file reruns exactly the
 stages that read it (and those whose inputs then changed), and a damaged output (a file cut short, edited,
@@ -158,6 +158,8 @@ class Runner:
     self.ran: list[str] = []
     self.fingerprints: dict[str, str] = {}
     self.forced: set[str] = set()
+    # Which run wrote what: in each record, and on each stage line (a skipped stage names its earlier run).
+    self.run_id = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
 
   def forget(self, stage: Stage) -> None:
     """A forced rerun: deletes (on process 0) the stage's record, outputs and scratch, so that it runs from
@@ -218,7 +220,8 @@ class Runner:
         if reason is None:
           self.say(f'{stage.name}: copied from {self.shared_dir}')
       elif reason is None:
-        self.say(f'{stage.name}: current, skipped')
+        earlier = (read_record(self.workdir, stage.name) or {}).get('run', 'unrecorded')
+        self.say(f'{stage.name}: current, skipped [from run {earlier}, fingerprint {fp}]')
       plan = [fp, reason]
     fp, reason = distributed.from_leader(f'{stage.name}-plan', plan)
     self.fingerprints[stage.name] = fp
@@ -234,7 +237,7 @@ class Runner:
       self.say(f'{stage.name}: {stage.processes}: {stage.per_process}')
     start = time.perf_counter()
     memory.reset_peak_rss()
-    ctx.stage, ctx.fingerprint = stage.name, fp
+    ctx.stage, ctx.fingerprint, ctx.run_id = stage.name, fp, self.run_id
     ctx.upstream = {name: read_record(self.workdir, name)['outputs'] for name in stage.upstream}
     if stage.resumes is not None and distributed.is_leader():
       found = stage.resumes(ctx)
@@ -249,13 +252,14 @@ class Runner:
         stage.merge(ctx)
     if distributed.is_leader():
       files.atomic_write_json(record_path(self.workdir, stage.name), {
-          'stage': stage.name, 'fingerprint': fp, 'hashes': list(stage.hashes), 'upstream': list(stage.upstream),
+          'stage': stage.name, 'fingerprint': fp, 'run': self.run_id, 'hashes': list(stage.hashes), 'upstream': list(stage.upstream),
           'outputs': {name: digest(self.workdir / name) for name in stage.outputs}})
       self._to_shared(stage, fp)
     distributed.barrier(f'{stage.name}-done')
     memory.release_memory()
     self.ran.append(stage.name)
-    self.say(f'{stage.name}: done in {time.perf_counter() - start:.1f} s (peak RSS {memory.peak_rss_gib():.2f} GiB)')
+    self.say(f'{stage.name}: done in {time.perf_counter() - start:.1f} s (peak RSS {memory.peak_rss_gib():.2f} GiB) '
+             f'[run {self.run_id}, fingerprint {fp}]')
 
   def _shared(self, stage: Stage, fp: str) -> epath.Path | None:
     return None if self.shared_dir is None else self.shared_dir / stage.name / fp

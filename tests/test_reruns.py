@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -33,11 +34,16 @@ def _stage(calls, inputs=(), scratch=()):
                     scratch=tuple(scratch))
 
 
+def _plain(lines):
+  """Stage lines without the run they name ([run R, fingerprint F]): test_stage_lines_name_their_run."""
+  return [re.sub(r' \[(from )?run [^\]]*\]$', '', line) for line in lines]
+
+
 def _run(stage, workdir, shared=None):
   said = []
   job = runner.Runner(workdir, shared, say=said.append)
   job.run(stage, Ctx(get_config(), workdir))
-  return said
+  return _plain(said)
 
 
 @pytest.mark.parametrize('record', ['[]', 'garbage{', '{}', '{"fingerprint": 3, "outputs": {}}',
@@ -88,10 +94,10 @@ def test_forget_starts_over_even_from_a_shared_copy(tmp_path):
   job = runner.Runner(work, shared, say=said.append)
   stage = _stage(calls, scratch=['part'])
   job.forget(stage)
-  assert said == ["s: rerun requested, deleted ['s.fingerprint.json', 'out.jsonl', 'part']"]
+  assert _plain(said) == ["s: rerun requested, deleted ['s.fingerprint.json', 'out.jsonl', 'part']"]
   assert not (work / 'out.jsonl').exists() and not (work / 'part').exists()
   job.run(stage, Ctx(get_config(), work))
-  assert calls == [1, 1] and said[-2].startswith('s: running (not run yet)')  # not copied from shared
+  assert calls == [1, 1] and _plain(said)[-2].startswith('s: running (not run yet)')  # not copied from shared
 
 
 # ------------------------------------------------------------------------------ the real pipeline
@@ -107,7 +113,7 @@ def tiny(tmp_path):
 def _say(config, workdir, **kwargs):
   said = []
   palr_main.run(config, workdir, say=said.append, **kwargs)
-  return said
+  return _plain(said)
 
 
 def test_retriever_reruns_for_a_cut_candidate_file_and_an_edited_data_file(tiny):
@@ -300,3 +306,29 @@ def test_a_changed_option_that_fails_in_training_sets_the_old_state_aside_and_ta
   assert {k: v for k, v in _state(work / 'palr_v2').items() if k.startswith('checkpoints/')} == \
       {k: v for k, v in before.items() if k.startswith('checkpoints/')}  # resumed at the end: no step trained
   assert not (work / 'palr_v2' / 'previous').exists()
+
+
+def test_stage_lines_name_their_run_and_fingerprint(tmp_path):
+  """Issue 29.10: a stage line did not say which run it came from."""
+  calls, said = [], []
+  first = runner.Runner(tmp_path, say=said.append)
+  first.run(_stage(calls), Ctx(get_config(), tmp_path))
+  record = json.loads(runner.record_path(tmp_path, 's').read_text())
+  assert record['run'] == first.run_id
+  assert said[-1].startswith('s: done in') and said[-1].endswith(f'[run {first.run_id}, fingerprint '
+                                                                  f'{record["fingerprint"]}]')
+  second = runner.Runner(tmp_path, say=said.append)
+  second.run(_stage(calls), Ctx(get_config(), tmp_path))
+  assert said[-1] == f's: current, skipped [from run {first.run_id}, fingerprint {record["fingerprint"]}]'
+
+
+def test_stages_without_the_report_do_not_present_old_results_as_new(tiny, capsys):
+  """Issue 29.10: `--stages retriever` printed the previous run's results.md as if it were current."""
+  config, work = _config(tiny), tiny / 'run'
+  work.mkdir()
+  (work / 'results.json').write_text('{"from": "an earlier run"}')
+  (work / 'results.md').write_text('# PALR results (earlier)\n')
+  runner.record_path(work, 'report').write_text(json.dumps({'stage': 'report', 'fingerprint': 'f0',
+                                                            'run': '2026-01-01T00:00:00Z', 'outputs': {}}))
+  assert palr_main.run(config, work, only=('retriever',), say=lambda line: None) is None
+  assert palr_main.results_heading(work) == 'results.md: report of run 2026-01-01T00:00:00Z, fingerprint f0'
