@@ -5,10 +5,10 @@ the stages whose outputs it reads, the outputs it writes under the workdir W, ho
 and its function. Its fingerprint
 hashes those config values, the digests of its upstream stages' outputs and the identity of the files
 outside W it reads (`inputs`, the model's weight and tokenizer files included: a content hash, computed
-once and reused while the file's size, mtime and inode match). When a stage
-finishes, `W/<stage>.fingerprint.json` records the fingerprint, the run (its start time, UTC) and a digest of every output (content hash
-of files up to `HASH_LIMIT`, size above); a stage is skipped only when both match, else it reruns and the
-log says why. So a killed job resumes where it stopped, a changed option or input file reruns exactly the
+once and reused while the file's size, mtime, inode and ctime match). When a stage finishes,
+`W/<stage>.fingerprint.json` records the fingerprint, the run (its start time, UTC) and a digest of every
+output (content hash of files up to `HASH_LIMIT`, size above); a stage is skipped only when both match,
+else it reruns and the log says why. So a killed job resumes where it stopped, a changed option or input file reruns exactly the
 stages that read it (and those whose inputs then changed), and a damaged output (a file cut short, edited,
 deleted) is redone, never trusted. A record that is not what the runner wrote (unreadable, not a JSON
 object, missing keys) counts as no record: its stage runs.
@@ -252,7 +252,8 @@ class Runner:
         stage.merge(ctx)
     if distributed.is_leader():
       files.atomic_write_json(record_path(self.workdir, stage.name), {
-          'stage': stage.name, 'fingerprint': fp, 'run': self.run_id, 'hashes': list(stage.hashes), 'upstream': list(stage.upstream),
+          'stage': stage.name, 'fingerprint': fp, 'run': self.run_id, 'hashes': list(stage.hashes),
+          'upstream': list(stage.upstream),
           'outputs': {name: digest(self.workdir / name) for name in stage.outputs}})
       self._to_shared(stage, fp)
     distributed.barrier(f'{stage.name}-done')

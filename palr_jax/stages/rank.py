@@ -11,7 +11,8 @@ devices (the host-local mesh: the model is loaded per host, no collective crosse
 delays only the final barrier) and writes one part file per (method, split, checkpoint) under
 `W/rank_parts/<fingerprint>/`. Choosing a variant's checkpoint needs every process's valid ranks, so the
 processes meet at a barrier between valid and test. Process 0 then joins the parts into
-`W/rankings.json` and removes them. A killed stage resumes at the first part this process had not written; a damaged part is redone.
+`W/rankings.json` and removes them. A killed stage resumes at the first part this process had not written;
+a damaged part is redone.
 
 `W/rankings.json`: {"users": [u...], "num_users": N, "methods": {method: {"valid"|"test": {"ranks",
 "targets", "items", "scores"}, "checkpoint_step", "valid_hr10_by_step"}}}; `items` is each user's
