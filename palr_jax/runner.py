@@ -8,9 +8,9 @@ outside W it reads (`inputs`, the model's weight and tokenizer files included: a
 once and reused while the file's size, mtime, inode and ctime match). When a stage finishes,
 `W/<stage>.fingerprint.json` records the fingerprint, the run (its start time, UTC) and a digest of every
 output (content hash of files up to `HASH_LIMIT`, size above); a stage is skipped only when both match,
-else it reruns and the log says why. So a killed job resumes where it stopped, a changed option or input file reruns exactly the
-stages that read it (and those whose inputs then changed), and a damaged output (a file cut short, edited,
-deleted) is redone, never trusted. A record that is not what the runner wrote (unreadable, not a JSON
+else it reruns and the log says why. So a killed job resumes where it stopped, a changed option or input
+file reruns exactly the stages that read it (and those whose inputs then changed), and a damaged output (a
+file cut short, edited, deleted) is redone, never trusted. A record that is not what the runner wrote (unreadable, not a JSON
 object, missing keys) counts as no record: its stage runs.
 
 `Runner.forget` is a forced rerun (`--rerun`): it deletes the stage's record, outputs and `scratch` (its
