@@ -10,8 +10,8 @@ once and reused while the file's size, mtime, inode and ctime match). When a sta
 output (content hash of files up to `HASH_LIMIT`, size above); a stage is skipped only when both match,
 else it reruns and the log says why. So a killed job resumes where it stopped, a changed option or input
 file reruns exactly the stages that read it (and those whose inputs then changed), and a damaged output (a
-file cut short, edited, deleted) is redone, never trusted. A record that is not what the runner wrote (unreadable, not a JSON
-object, missing keys) counts as no record: its stage runs.
+file cut short, edited, deleted) is redone, never trusted. A record that is not what the runner wrote
+(unreadable, not a JSON object, missing keys) counts as no record: its stage runs.
 
 `Runner.forget` is a forced rerun (`--rerun`): it deletes the stage's record, outputs and `scratch` (its
 resumable partial work: training checkpoints, ranking part files), so the stage starts over instead of
