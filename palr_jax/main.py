@@ -47,6 +47,7 @@ from ml_collections import config_flags
 from palr_jax import cli
 from palr_jax import distributed
 from palr_jax import files
+from palr_jax import lock
 from palr_jax import precision
 from palr_jax import runner
 from palr_jax import validate
@@ -92,7 +93,7 @@ def plan(config, workdir, *, only=(), rerun=()) -> list[base.Stage]:
 
 def run(config, workdir, shared_dir=None, *, only=(), rerun=(), say=None) -> dict | None:
   """Runs every stage that is not current (or `only` those and their upstream); returns results.json's
-  content when the report exists."""
+  content when the report is among those stages (run now or current), else None."""
   workdir = epath.Path(workdir)
   validate.check_config(config)
   config = precision.resolve(config)  # once: every stage, fingerprint and config.json see the concrete dtypes
@@ -110,7 +111,15 @@ def run(config, workdir, shared_dir=None, *, only=(), rerun=(), say=None) -> dic
   for stage in todo:
     job.run(stage, ctx)
   results = workdir / 'results.json'
+  if not any(s.name == 'report' for s in todo):  # W's results.json, if any, is from an earlier run
+    return None
   return files.read_json(results) if results.exists() else None
+
+
+def results_heading(workdir) -> str:
+  """The line printed above results.md: the run that wrote it (this one, or an earlier one)."""
+  record = runner.read_record(workdir, 'report') or {}
+  return f'results.md: report of run {record.get("run", "unrecorded")}, fingerprint {record.get("fingerprint")}'
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -123,6 +132,8 @@ def _define_flags() -> None:
   flags.DEFINE_list('stages', [], 'Run only these stages (and their upstream when not current).')
   flags.DEFINE_list('rerun', [], 'Run these stages again from scratch, even if current.')
   cli.define_compilation_cache_flag()
+  flags.DEFINE_bool('force_unlock', False, 'Take the workdir lock (W/palr.lock) even when another job, '
+                    'maybe on another host, holds it: only when that job is known to be gone.')
   flags.DEFINE_bool('verbose', False, 'Library INFO logs (absl, orbax, jax) on the terminal too; without it '
                     'they go to W/logs/ and the terminal shows stage lines, progress bars, warnings and '
                     'the results.')
@@ -192,6 +203,19 @@ def main(argv):
   if problem:
     raise validate.ConfigError(problem)
   plan(f.config, f.workdir, only=f.stages, rerun=f.rerun)  # bad config: exit 2 on every process, at once
+  # One job per workdir: process 0 takes the lock, every process learns whether it did.
+  held = distributed.from_leader('lock', lock.acquire(f.workdir, force=f.force_unlock)
+                                 if distributed.is_leader() else None)
+  if held:
+    raise validate.ConfigError(held)
+  try:
+    _run_and_print(f, logs)
+  finally:
+    if distributed.is_leader():
+      lock.release(f.workdir)
+
+
+def _run_and_print(f, logs) -> None:
   if logs and distributed.is_leader():
     print(f'logs: {logs} (--verbose shows them here)')
   # The ~440k objects of the imports (jax, TensorFlow, transformers) live as long as the process: frozen, the
@@ -203,7 +227,11 @@ def main(argv):
   results = distributed.fail_fast(lambda: run(f.config, f.workdir, f.shared_dir, only=f.stages, rerun=f.rerun,
                                               say=say))
   if distributed.is_leader() and results is not None:
+    print(results_heading(workdir))
     print((workdir / 'results.md').read_text())
+  elif distributed.is_leader() and (workdir / 'results.md').exists():
+    print(f'{workdir / "results.md"} is not printed: the report is not among --stages ({results_heading(workdir)}, '
+          'earlier)')
   logging.info('done in %.0f s: %s', time.perf_counter() - start, workdir)
 
 

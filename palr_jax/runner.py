@@ -4,15 +4,16 @@ A `Stage` (declared in palr_jax/stages/base.py) is data: its name, the config ke
 the stages whose outputs it reads, the outputs it writes under the workdir W, how it runs on N processes,
 and its function. Its fingerprint
 hashes those config values, the digests of its upstream stages' outputs and the identity of the files
-outside W it reads (`inputs`: a content hash up to `INPUT_HASH_LIMIT`, size and mtime above). When a stage
-finishes, `W/<stage>.fingerprint.json` records the fingerprint and a digest of every output (content hash
-of files up to `HASH_LIMIT`, size above; on a workdir not on local disk also each output's size and
-modification time, so that a restart re-hashes, and downloads, only outputs whose metadata changed); a
-stage is skipped only when both match, else it reruns and the
-log says why. So a killed job resumes where it stopped, a changed option or input file reruns exactly the
-stages that read it (and those whose inputs then changed), and a damaged output (a file cut short, edited,
-deleted) is redone, never trusted. A record that is not what the runner wrote (unreadable, not a JSON
-object, missing keys) counts as no record: its stage runs.
+outside W it reads (`inputs`, the model's weight and tokenizer files included: a content hash, computed
+once and reused while the file's size, mtime, inode and ctime match). When a stage finishes,
+`W/<stage>.fingerprint.json` records the fingerprint, the run (its start time, UTC) and a digest of every
+output (content hash of files up to `HASH_LIMIT`, size above; on a workdir not on local disk also each
+output's size and modification time, so that a restart re-hashes, and downloads, only outputs whose
+metadata changed); a stage is skipped only when both match, else it reruns and the log says why. So a
+killed job resumes where it stopped, a changed option or input file reruns exactly the stages that read it
+(and those whose inputs then changed), and a damaged output (a file cut short, edited, deleted) is redone,
+never trusted. A record that is not what the runner wrote (unreadable, not a JSON object, missing keys)
+counts as no record: its stage runs.
 
 `Runner.forget` is a forced rerun (`--rerun`): it deletes the stage's record, outputs and `scratch` (its
 resumable partial work: training checkpoints, ranking part files), so the stage starts over instead of
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import hashlib
+import os
 import time
 
 from absl import logging
@@ -47,7 +49,7 @@ from palr_jax import memory
 from palr_jax.stages.base import COLLECTIVE, SHARDED, Stage
 
 HASH_LIMIT = 256 << 20  # outputs up to this size are content-hashed; larger ones by size
-INPUT_HASH_LIMIT = 64 << 20  # inputs up to this size are content-hashed; larger ones by size and mtime
+INPUT_HASH_LIMIT = 64 << 20  # hashing an input above this size is logged (it is read once, then cached)
 
 
 def record_path(workdir, stage: str) -> epath.Path:
@@ -98,20 +100,63 @@ def _output_stats(workdir: epath.Path, names) -> dict | None:
   return None if files.is_local(workdir) else {name: stat_signature(workdir / name) for name in names}
 
 
-def input_identity(paths: Sequence[str]) -> list:
-  """(path, content hash) of each input file, or (path, size, mtime) above `INPUT_HASH_LIMIT`: an input
-  edited in place changes its stage's fingerprint, even within the second it was last written."""
-  out = []
+HASH_CACHE = '.input_hashes.json'  # under W: content hashes of inputs, by path, size, mtime and inode
+
+
+def _file_key(path: epath.Path) -> list:
+  """What identifies a file's version without reading it: size, mtime and, on a local disk, inode and
+  ctime (which even an edit that sets the old mtime back changes)."""
+  if files.is_local(path):
+    st = os.stat(os.fspath(path))
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+  st = path.stat()
+  return [st.length, st.mtime, None, None]
+
+
+def content_hash(path: epath.Path) -> str:
+  """sha256 of a file's bytes, read in chunks (a model's weights can be many GB)."""
+  h = hashlib.sha256()
+  with path.open('rb') as f:
+    while chunk := f.read(16 << 20):
+      h.update(chunk)
+  return 'sha256:' + h.hexdigest()[:16]
+
+
+def input_identity(paths: Sequence[str], cache_dir=None) -> list:
+  """(path, content hash) of each input file (None when missing): an input edited in place changes its
+  stage's fingerprint, even within the second it was last written, and a copy with new mtimes (the
+  --watch setup copy) does not. Each hash is kept in `cache_dir/.input_hashes.json` and reused while the
+  file's size, mtime, inode and ctime match, so a large model is read once, not at every run."""
+  cache_path = None if cache_dir is None else epath.Path(cache_dir) / HASH_CACHE
+  cache = {}
+  if cache_path is not None and cache_path.exists():
+    try:
+      cache = files.read_json(cache_path)
+    except ValueError:
+      cache = {}
+    if not isinstance(cache, dict):
+      cache = {}
+  out, changed = [], False
   for p in paths:
     path = epath.Path(p)
     if not path.exists():
       out.append([str(p), None])
       continue
-    st = path.stat()
-    if st.length <= INPUT_HASH_LIMIT:
-      out.append([str(p), digest(path)])
-    else:
-      out.append([str(p), st.length, st.mtime])
+    key = _file_key(path)
+    known = cache.get(str(p))
+    if isinstance(known, dict) and known.get('key') == key and isinstance(known.get('hash'), str):
+      out.append([str(p), known['hash']])
+      continue
+    if key[0] > INPUT_HASH_LIMIT:
+      logging.info('hashing %s (%d MiB) once; kept in %s', p, key[0] >> 20, cache_path)
+    cache[str(p)] = {'key': key, 'hash': content_hash(path)}
+    changed = True
+    out.append([str(p), cache[str(p)]['hash']])
+  if changed and cache_path is not None:
+    try:
+      files.atomic_write_json(cache_path, cache)
+    except OSError as e:  # a cache only: the next run hashes again
+      logging.warning('%s: not written (%s)', cache_path, e)
   return out
 
 
@@ -141,6 +186,8 @@ class Runner:
     self.ran: list[str] = []
     self.fingerprints: dict[str, str] = {}
     self.forced: set[str] = set()
+    # Which run wrote what: in each record, and on each stage line (a skipped stage names its earlier run).
+    self.run_id = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
 
   def forget(self, stage: Stage) -> None:
     """A forced rerun: deletes (on process 0) the stage's record, outputs and scratch, so that it runs from
@@ -169,7 +216,7 @@ class Runner:
         raise RuntimeError(f'stage {stage.name}: its upstream stage {name} has not finished')
       upstream.append([name, record['outputs']])
     return fingerprint.of(config, stage.hashes, upstream=[str(u) for u in upstream],
-                          extra={'inputs': input_identity(stage.inputs), 'extra': stage.also_hashes})
+                          extra={'inputs': input_identity(stage.inputs, self.workdir), 'extra': stage.also_hashes})
 
   def why_not_current(self, stage: Stage, fp: str) -> str | None:
     """None when the stage's recorded outputs are current and intact, else the reason it must run."""
@@ -204,7 +251,8 @@ class Runner:
         if reason is None:
           self.say(f'{stage.name}: copied from {self.shared_dir}')
       elif reason is None:
-        self.say(f'{stage.name}: current, skipped')
+        earlier = (read_record(self.workdir, stage.name) or {}).get('run', 'unrecorded')
+        self.say(f'{stage.name}: current, skipped [from run {earlier}, fingerprint {fp}]')
       plan = [fp, reason]
     fp, reason = distributed.from_leader(f'{stage.name}-plan', plan)
     self.fingerprints[stage.name] = fp
@@ -220,7 +268,7 @@ class Runner:
       self.say(f'{stage.name}: {stage.processes}: {stage.per_process}')
     start = time.perf_counter()
     memory.reset_peak_rss()
-    ctx.stage, ctx.fingerprint = stage.name, fp
+    ctx.stage, ctx.fingerprint, ctx.run_id = stage.name, fp, self.run_id
     ctx.upstream = {name: read_record(self.workdir, name)['outputs'] for name in stage.upstream}
     if stage.resumes is not None and distributed.is_leader():
       found = stage.resumes(ctx)
@@ -235,14 +283,16 @@ class Runner:
         stage.merge(ctx)
     if distributed.is_leader():
       files.atomic_write_json(record_path(self.workdir, stage.name), {
-          'stage': stage.name, 'fingerprint': fp, 'hashes': list(stage.hashes), 'upstream': list(stage.upstream),
+          'stage': stage.name, 'fingerprint': fp, 'run': self.run_id, 'hashes': list(stage.hashes),
+          'upstream': list(stage.upstream),
           'outputs': {name: digest(self.workdir / name) for name in stage.outputs},
           'stats': _output_stats(self.workdir, stage.outputs)})
       self._to_shared(stage, fp)
     distributed.barrier(f'{stage.name}-done')
     memory.release_memory()
     self.ran.append(stage.name)
-    self.say(f'{stage.name}: done in {time.perf_counter() - start:.1f} s (peak RSS {memory.peak_rss_gib():.2f} GiB)')
+    self.say(f'{stage.name}: done in {time.perf_counter() - start:.1f} s (peak RSS {memory.peak_rss_gib():.2f} GiB) '
+             f'[run {self.run_id}, fingerprint {fp}]')
 
   def _shared(self, stage: Stage, fp: str) -> epath.Path | None:
     return None if self.shared_dir is None else self.shared_dir / stage.name / fp

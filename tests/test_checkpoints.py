@@ -659,3 +659,56 @@ def test_trained_adapter_restores_onto_mesh(base_folder, tmp_path):
   adapters.apply_trained_adapter(other, tmp_path)
   np.testing.assert_allclose(eval_logits(other, ids, pos, seg), eval_logits(model, ids, pos, seg),
                              atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- damaged files, full disks
+
+
+@pytest.mark.parametrize('header, says', [
+    ([1, 2], 'its header is a JSON list, expected an object of tensors'),
+    ({'w': {'dtype': 'F32', 'shape': [2]}}, "tensor 'w': expected dtype, shape and data_offsets"),
+    ({'w': {'dtype': 'F32', 'shape': [2], 'data_offsets': [0]}}, "tensor 'w': expected dtype"),
+    ({'w': 'F32'}, "tensor 'w': expected dtype")])
+def test_a_malformed_safetensors_header_names_the_file(tmp_path, header, says):
+  """Issue 29.11: a header that is a list, or a tensor without data_offsets, raised a raw TypeError or
+  KeyError naming no file."""
+  blob = json.dumps(header).encode()
+  (tmp_path / hf.SINGLE_FILE).write_bytes(len(blob).to_bytes(8, 'little') + blob + bytes(8))
+  with pytest.raises(ValueError) as e:
+    hf.stored_tensors(tmp_path)
+  assert str(e.value).startswith(f'{tmp_path / hf.SINGLE_FILE}: not a safetensors file') and says in str(e.value)
+  assert '\n' not in str(e.value)
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line(tmp_path, monkeypatch):
+  """Issue 29.11: a full disk ended with tensorstore's 3 KB spec as the error line."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from palr_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
+  config = get_config()
+  config.train.async_checkpoints = False
+  manager = checkpointing.checkpoint_manager(tmp_path / 'checkpoints', config.train)
+  spec = json.dumps({'driver': 'zarr3', 'kvstore': {'path': str(tmp_path), 'driver': 'file'}, 'x': 'y' * 3000})
+
+  def full(*args, **kwargs):
+    try:
+      raise OSError(28, 'No space left on device')
+    except OSError as cause:
+      raise ValueError(f'UNKNOWN: Error writing local file "{tmp_path}/d/x": [OS error: No space left on device] '
+                       f'[tensorstore_spec={spec!r}]') from cause
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', full)
+  state = {'step': jax.numpy.array(1), 'lora': {'a': jax.numpy.ones((2,))}}
+  with pytest.raises(OSError) as e:
+    checkpointing.save_checkpoint(manager, 1, state, {'position': 1}, config, None)
+  message = str(e.value)
+  assert 'no space left on device while saving the checkpoint of step 1' in message and len(message) < 400
+  assert str(tmp_path / 'checkpoints') in message
+  monkeypatch.setattr(ocp.CheckpointManager, 'wait_until_finished', full)
+  with pytest.raises(OSError, match='no space left on device while saving the checkpoint of step 3'):
+    checkpointing.finish_saves(manager, 3)
+  def other(*args):
+    raise ValueError('other')
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'wait_until_finished', other)
+  with pytest.raises(ValueError, match='other'):  # not a full disk: raised as it was
+    checkpointing.finish_saves(manager, 3)

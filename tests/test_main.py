@@ -188,3 +188,39 @@ def test_compilation_cache_is_used_and_env_wins(tmp_path):
                        env={k: v for k, v in env.items() if k != 'JAX_COMPILATION_CACHE_DIR'}, check=True,
                        capture_output=True, text=True).stdout.split()
   assert out[-1] == 'None'
+
+
+def test_a_second_job_on_a_held_workdir_exits_2_naming_the_holder(tmp_path):
+  """Issue 29.8: two jobs on one workdir both computed everything and one died on the other's part file."""
+  import socket  # pylint: disable=g-import-not-at-top
+  from palr_jax import lock  # pylint: disable=g-import-not-at-top
+  pipeline_fixtures.write_fixtures(tmp_path)
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / lock.LOCK).write_text(json.dumps({'host': socket.gethostname(), 'pid': os.getpid(),
+                                               'started': '2026-01-02 03:04:05 UTC', 'command': 'first job'}))
+  env = {**os.environ, 'PYTHONPATH': os.getcwd()}
+  out = subprocess.run([sys.executable, '-m', 'palr_jax.main', f'--config=tests/pipeline_fixtures.py:{tmp_path}',
+                        f'--workdir={workdir}', '--stages=retriever'], env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 2, out.stderr[-2000:]
+  line = out.stderr.strip().splitlines()[-1]
+  assert f'pid {os.getpid()}' in line and '2026-01-02 03:04:05 UTC' in line and 'first job' in line, line
+  assert not (workdir / 'candidates').exists()
+  assert json.loads((workdir / lock.LOCK).read_text())['pid'] == os.getpid()  # not taken from its holder
+
+
+def test_a_stale_lock_is_taken_over_and_force_unlock_takes_any(tmp_path):
+  import socket  # pylint: disable=g-import-not-at-top
+  from palr_jax import lock  # pylint: disable=g-import-not-at-top
+  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True,
+                        text=True, check=True)
+  (tmp_path / lock.LOCK).write_text(json.dumps({'host': socket.gethostname(), 'pid': int(dead.stdout)}))
+  assert lock.acquire(tmp_path) is None  # its pid is gone: stale
+  assert lock.holder(tmp_path)['pid'] == os.getpid()
+  assert lock.acquire(tmp_path) is None  # ours already
+  lock.release(tmp_path)
+  assert lock.holder(tmp_path) is None
+  (tmp_path / lock.LOCK).write_text(json.dumps({'host': 'another-host', 'pid': 1}))
+  assert "host 'another-host', pid 1" in lock.acquire(tmp_path)
+  assert lock.acquire(tmp_path, force=True) is None and lock.holder(tmp_path)['pid'] == os.getpid()

@@ -176,3 +176,10 @@ def test_report_fuses_each_llm_method_with_a_weight_from_valid():
   assert chosen['palr_v2']['weight'] == 0.0
   assert chosen['palr_v2']['valid_by_weight'] == pytest.approx({'0.0': 1.0, '4.0': 1 / np.log2(3)})
   assert methods['palr_v2+fusion']['test']['ranks'] == [2.0]
+
+
+def test_results_md_names_the_report_fingerprint():
+  """Issue 29.10: results.md said nothing of the run it came from."""
+  text = report.markdown_report({'test': {'num_users': 3, 'metrics': {}, 'vs_retriever': {}, 'reordering': {}}},
+                                [1], 'abc123')
+  assert 'Report fingerprint `abc123`' in text

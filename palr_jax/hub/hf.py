@@ -101,7 +101,19 @@ def _header(path: epath.Path) -> tuple[dict[str, Any], int]:
       header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError):
       raise ValueError(f'{path}: not a safetensors file (unreadable header)') from None
+  if not isinstance(header, dict):
+    raise ValueError(f'{path}: not a safetensors file (its header is a JSON {type(header).__name__}, '
+                     'expected an object of tensors)')
   header.pop('__metadata__', None)
+  for name, info in header.items():
+    ok = (isinstance(info, dict) and isinstance(info.get('dtype'), str) and isinstance(info.get('shape'), list)
+          and all(isinstance(d, int) and d >= 0 for d in info['shape'])
+          and isinstance(info.get('data_offsets'), list) and len(info['data_offsets']) == 2
+          and all(isinstance(o, int) and o >= 0 for o in info['data_offsets'])
+          and info['data_offsets'][0] <= info['data_offsets'][1])
+    if not ok:
+      raise ValueError(f'{path}: not a safetensors file (tensor {name!r}: expected dtype, shape and '
+                       f'data_offsets [begin, end], got {json.dumps(info)[:200]})')
   return header, 8 + n
 
 

@@ -50,6 +50,23 @@ def model_source(spec: str) -> Source:
   raise ValueError(f'config.model.spec: expected {SPEC_FORMS}, got {spec!r}')
 
 
+# What loading a Hugging Face folder reads: weights, config, tokenizer (the names a fingerprint hashes).
+MODEL_FILE_SUFFIXES = ('.safetensors', '.json', '.model', '.txt', '.tiktoken')
+
+
+def model_files(spec: str) -> list[str]:
+  """The files the model of `spec` is read from (the GGUF file; an HF folder's weight, config and
+  tokenizer files), for the fingerprints of the stages that load it; the folder's config.json when the
+  folder cannot be listed (validation then names the problem)."""
+  source = model_source(spec)
+  if source.kind == 'gguf':
+    return [str(source.path)]
+  if not source.path.is_dir():
+    return [str(source.path / 'config.json')]
+  return sorted(str(p) for p in source.path.iterdir()
+                if p.suffix in MODEL_FILE_SUFFIXES and not p.name.startswith('.') and p.is_file())
+
+
 def hf_folder(model_config) -> epath.Path:
   """The HF folder behind `model_config.spec`, converting a GGUF once."""
   source = model_source(model_config.spec)

@@ -16,8 +16,11 @@ stage then completes normally). Test data is never read here.
 
 Training state belongs to its fingerprint: `W/<variant>/run.json` names the fingerprint the checkpoints
 were written under, and when it differs (any training option, the examples, the base model changed) the
-old checkpoints are cleared, with a log line, instead of resumed. The mesh is not part of it: a run resumes
-on another process count or mesh shape, its checkpoint resharded onto the new mesh. A run stopped by SIGTERM saves, and the
+old checkpoints, adapters and events are set aside in `W/<variant>/previous/` (not resumed), only once the
+examples are written and the model is loaded, and deleted once the new adapters are written; the old
+command run again before that takes them back. The mesh is not part of the fingerprint: a run resumes on
+another process count or mesh shape, its checkpoint resharded onto the new mesh. A run stopped by SIGTERM
+saves, and the
 stage is not recorded as done: the job exits with `distributed.PREEMPTED_EXIT_CODE`, and the same
 command resumes from the saved step.
 """
@@ -33,10 +36,14 @@ from palr_jax import files
 from palr_jax import sharding
 from palr_jax import variants
 from palr_jax.data import pipeline
+from palr_jax.hub import load
 from palr_jax.stages import base
 from palr_jax.train import checkpointing
 from palr_jax.train import loop
 from palr_jax.train import valid_rank
+
+PREVIOUS = 'previous'  # another fingerprint's training state, set aside until this run is complete
+STATE = ('checkpoints', checkpointing.ADAPTERS, 'tensorboard')
 
 # Not `mesh`: a checkpoint restores onto any mesh (orbax reshards), so a job resumed on another topology (a
 # v5e-16 slice back as a v4-32, 1 -> 2 SLURM nodes) goes on from its checkpoint. The global batch
@@ -56,7 +63,8 @@ def declare(config) -> list[base.Stage]:
          if config.train.get('best_metric', 'valid_loss') == 'valid_ndcg10' else ()),
       upstream=('retriever', 'profiles'),
       outputs=(f'{variant}/checkpoints', f'{variant}/{checkpointing.ADAPTERS}', f'{variant}/tensorboard'),
-      processes=base.COLLECTIVE, scratch=('examples', f'{variant}/run.json'),
+      processes=base.COLLECTIVE, scratch=('examples', f'{variant}/run.json', f'{variant}/{PREVIOUS}'),
+      inputs=tuple(load.model_files(config.model.spec)),
       resumes=functools.partial(resumes, variant=variant),
       per_process='process 0 writes the examples once; then every process feeds its rows of each global batch '
            'to the step on the global mesh; all write orbax checkpoints, process 0 the PEFT adapters')
@@ -78,7 +86,6 @@ def resumes(ctx, variant: str) -> str | None:
 def run(ctx, variant: str) -> None:
   config, workdir = ctx.config, ctx.workdir
   run_dir = workdir / variant
-  _bind_to_fingerprint(run_dir, ctx.fingerprint)
   upstream = [str(ctx.upstream[name]) for name in ('retriever', 'profiles')]
   fingerprint = pipeline.examples_fingerprint(config, variant, upstream)
   start = time.perf_counter()
@@ -98,6 +105,8 @@ def run(ctx, variant: str) -> None:
   valid_batches = pipeline.EvalBatches(folder / 'valid.tfrecord', config, rows, int(config.train.valid_batches))
   start = time.perf_counter()
   choice_ids = files.read_json(folder / 'meta.json').get('choice_ids')  # used by tag-loss tokens only
+  # Only now, with the examples written and the model loaded, may another fingerprint's state be set aside.
+  _bind_to_fingerprint(run_dir, ctx.fingerprint)
   ranker = _valid_ranker(ctx, variant, mesh)
   result = loop.train(config, run_dir, model, train_batches, valid_batches, choice_ids=choice_ids,
                       valid_rank=ranker)
@@ -112,6 +121,27 @@ def run(ctx, variant: str) -> None:
   start = time.perf_counter()
   checkpointing.write_adapters(run_dir, model, config.lora, str(ctx.hf_folder))
   logging.info('%s: adapters written in %.1f s', variant, time.perf_counter() - start)
+  if distributed.is_leader() and (run_dir / PREVIOUS).exists():
+    (run_dir / PREVIOUS).rmtree()  # the new state is complete: the one set aside goes
+
+
+def _move(src, dst) -> None:
+  """A rename on a local disk; a copy, then a delete, on object stores (no folder renames there)."""
+  if files.is_local(src):
+    src.rename(dst)
+    return
+  files.copy_tree(src, dst)
+  if src.is_dir():
+    src.rmtree()
+  else:
+    src.unlink()
+
+
+def _fingerprint_of(record) -> str | None:
+  try:
+    return files.read_json(record).get('fingerprint') if record.exists() else None
+  except (ValueError, AttributeError):  # damaged: treat as another fingerprint
+    return 'unreadable'
 
 
 def _valid_ranker(ctx, variant: str, mesh):
@@ -130,19 +160,42 @@ def _valid_ranker(ctx, variant: str, mesh):
 
 
 def _bind_to_fingerprint(run_dir, fingerprint: str) -> None:
-  """Clears checkpoints written under another fingerprint, so a changed option never resumes them."""
+  """Makes `run_dir`'s training state the one of `fingerprint`, so a changed option never resumes another's.
+  The state of another fingerprint is set aside in `PREVIOUS` (not deleted: it goes once the new run's
+  adapters are written), and the state set aside for this fingerprint comes back: a changed option that
+  fails in training, then the old command again, resumes the old state instead of training from scratch."""
   record = run_dir / 'run.json'
   if distributed.is_leader():
-    try:
-      old = files.read_json(record).get('fingerprint') if record.exists() else None
-    except (ValueError, AttributeError):  # damaged: treat as another fingerprint
-      old = 'unreadable'
+    old = _fingerprint_of(record)
     if old != fingerprint:
-      if old is not None or (run_dir / 'checkpoints').exists():
-        logging.warning('%s: written under fingerprint %s, this run is %s: clearing its checkpoints, '
-                        'adapters and TensorBoard events', run_dir, old, fingerprint)
-        for name in ('checkpoints', checkpointing.ADAPTERS, 'tensorboard'):
+      aside = run_dir / PREVIOUS
+      back = _fingerprint_of(aside / 'run.json') == fingerprint
+      has_state = any((run_dir / name).exists() for name in STATE)
+      if back:
+        logging.warning('%s: written under fingerprint %s, this run is %s: its own state, set aside earlier, '
+                        'comes back', run_dir, old, fingerprint)
+        swap = run_dir / (PREVIOUS + '.swap')
+        if swap.exists():
+          swap.rmtree()
+        _move(aside, swap)
+        aside = swap
+      if old is not None or has_state:
+        if not back:
+          logging.warning('%s: written under fingerprint %s, this run is %s: its checkpoints, adapters and '
+                          'TensorBoard events are set aside in %s until this run has written its adapters',
+                          run_dir, old, fingerprint, PREVIOUS)
+        keep = run_dir / PREVIOUS
+        if keep.exists():
+          keep.rmtree()
+        keep.mkdir(parents=True)
+        for name in (*STATE, 'run.json'):
           if (run_dir / name).exists():
-            (run_dir / name).rmtree()
-      files.atomic_write_json(record, {'fingerprint': fingerprint})
+            _move(run_dir / name, keep / name)
+      if back:
+        for name in (*STATE, 'run.json'):
+          if (aside / name).exists():
+            _move(aside / name, run_dir / name)
+        aside.rmtree()
+      else:
+        files.atomic_write_json(record, {'fingerprint': fingerprint})
   distributed.barrier(f'bind-{run_dir.name}')

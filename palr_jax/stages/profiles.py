@@ -31,8 +31,7 @@ def declare(config) -> base.Stage:
   inputs = tuple(interactions.source_files(config.data))
   if config.profiles.kind == 'llm':
     hashes += ('model.spec', 'model.dtype', 'model.param_dtype', 'batching.length_buckets')
-    source = load.model_source(config.model.spec)
-    inputs += (str(source.path / 'config.json') if source.kind == 'hf' else str(source.path),)
+    inputs += tuple(load.model_files(config.model.spec))
   return base.Stage(
       name='profiles', run=run, merge=merge, hashes=hashes, outputs=('profiles.jsonl',),
       processes=base.SHARDED, inputs=inputs, scratch=(PARTS,), resumes=resumes,
@@ -55,7 +54,12 @@ def finished(ctx) -> dict[int, dict]:
   done: dict[int, dict] = {}
   if folder.exists():
     for part in sorted(folder.glob('*.jsonl')):
-      for u, row in profile_text.rows_by_user(files.read_jsonl(part), ctx.inter, str(part)).items():
+      try:
+        rows = profile_text.rows_by_user(files.read_jsonl(part), ctx.inter, str(part))
+      except ValueError as e:  # cut short or not ours: its users are written again, never trusted
+        logging.warning('%s: a damaged part file, its users are written again (%s)', part, e)
+        continue
+      for u, row in rows.items():
         done.setdefault(u, row)
   return done
 

@@ -13,7 +13,8 @@ devices (the host-local mesh: the model is loaded per host, no collective crosse
 delays only the final barrier) and writes one part file per (method, split, checkpoint) under
 `W/rank_parts/<fingerprint>/`. Choosing a variant's checkpoint needs every process's valid ranks, so the
 processes meet at a barrier between valid and test. Process 0 then joins the parts into
-`W/rankings.json` and removes them. A killed stage resumes at the first part this process had not written.
+`W/rankings.json` and removes them. A killed stage resumes at the first part this process had not written;
+a damaged part is redone.
 
 `W/rankings.json`: {"users": [u...], "num_users": N, "methods": {method: {"valid"|"test": {"ranks",
 "targets", "items", "scores"}, "checkpoint_step", "valid_hr10_by_step"}}}; `items` is each user's
@@ -46,6 +47,7 @@ from palr_jax.train import progress
 
 SPLITS = ('valid', 'test')
 PARTS = 'rank_parts'
+PART_KEYS = ('users', 'targets', 'items', 'ranks', 'scores')  # what a part file holds, per user
 
 
 def llm_methods(config) -> list[str]:
@@ -61,7 +63,6 @@ def llm_methods(config) -> list[str]:
 def declare(config) -> base.Stage:
   methods = llm_methods(config)
   trained = [m for m in methods if tuple(config.variants[m].tasks)]
-  source = load.model_source(config.model.spec)
   return base.Stage(
       name='rank', run=run, merge=merge,
       hashes=('seed', 'eval.max_users', 'eval.methods', 'rank', 'prompts', 'retriever.num_candidates',
@@ -69,7 +70,7 @@ def declare(config) -> base.Stage:
               *(f'variants.{m}' for m in methods)),
       upstream=('retriever', 'profiles', *(f'finetune_{m}' for m in trained)), outputs=('rankings.json',),
       processes=base.SHARDED, scratch=(PARTS,), resumes=resumes,
-      inputs=(str(source.path / 'config.json') if source.kind == 'hf' else str(source.path),),
+      inputs=tuple(load.model_files(config.model.spec)),
       per_process='every process ranks its share of the evaluation users on its host-local mesh (adapters from '
            'their PEFT folders) and writes part files; process 0 joins them into rankings.json')
 
@@ -196,7 +197,14 @@ def _ranked_part(ctx, name: str, compute) -> dict:
   a CPU run) resumes at the first (method, split, checkpoint) it had not finished."""
   path = _part(ctx, name)
   if path.exists():
-    return files.read_json(path)
+    try:
+      part = files.read_json(path)
+    except ValueError as e:  # cut short or overwritten by something else: redone, never trusted
+      part = e
+    if isinstance(part, dict) and all(isinstance(part.get(key), list) for key in PART_KEYS):
+      return part
+    logging.warning('%s: a damaged part file (%s); ranking it again', path,
+                    part if isinstance(part, ValueError) else 'not the rows a part holds')
   result = compute()
   files.atomic_write_json(path, result)
   return result
@@ -205,7 +213,7 @@ def _ranked_part(ctx, name: str, compute) -> dict:
 def _joined(ctx, name: str) -> dict:
   """Every process's part `name`, joined in user order."""
   parts = [files.read_json(_part(ctx, name, p)) for p in range(jax.process_count())]
-  joined = {key: [x for p in parts for x in p[key]] for key in ('users', 'targets', 'items', 'ranks', 'scores')}
+  joined = {key: [x for p in parts for x in p[key]] for key in PART_KEYS}
   order = np.argsort(joined['users'], kind='stable')
   return {key: [values[i] for i in order] for key, values in joined.items()}
 

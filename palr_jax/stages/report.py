@@ -55,7 +55,9 @@ def run(ctx) -> None:
                           methods['retriever'][which]['targets'],
                           ranks={m: v[which]['ranks'] for m, v in methods.items()})}
   files.atomic_write_json(workdir / 'results.json', results)
-  files.atomic_write_text(workdir / 'results.md', markdown_report(results, ks))
+  # The fingerprint says which config, inputs and upstream outputs these numbers come from (the run's time
+  # stays out: a report rerun on the same inputs writes the same bytes).
+  files.atomic_write_text(workdir / 'results.md', markdown_report(results, ks, ctx.fingerprint))
 
   final = next((m for m in (f'{config.export.variant}{FUSED}', config.export.variant) if m in methods),
                'retriever')
@@ -94,10 +96,12 @@ def read_losses(logdir: epath.Path) -> dict[str, list[tuple[int, float]]]:
   return {kind: sorted(progress.scalars(paths, f'{kind}/loss').items()) for kind in ('train', 'valid')}
 
 
-def markdown_report(results: dict, ks: Sequence[int]) -> str:
+def markdown_report(results: dict, ks: Sequence[int], fingerprint: str = '') -> str:
   """results.md: one table per split, then each method's difference from the retriever with its
   95% paired-bootstrap interval (an interval that excludes 0 is a difference beyond sampling noise)."""
   lines = ['# PALR results', '']
+  if fingerprint:
+    lines += [f'Report fingerprint `{fingerprint}` (W/report.fingerprint.json names the run that wrote it).', '']
   if results.get('users_note'):
     lines += [results['users_note'], '']
   lines += ['Rows: `retriever` is what the LLM reranks (its first K items are the candidates); a row named '

@@ -12,6 +12,7 @@ to do.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging as py_logging
@@ -134,6 +135,33 @@ def gather_json(obj: Any) -> list[Any]:
   return [json.loads(bytes(row[:size])) for row, size in zip(rows, sizes)]
 
 
+def _out_of_space(error: BaseException) -> bool:
+  """Whether `error` (or one it came from) is a full disk; tensorstore says so only in its message."""
+  seen = 0
+  while error is not None and seen < 20:
+    if getattr(error, 'errno', None) == errno.ENOSPC or 'No space left on device' in str(error):
+      return True
+    error, seen = error.__cause__ or error.__context__, seen + 1
+  return False
+
+
+def finish_saves(manager: ocp.CheckpointManager, step: int | None = None) -> None:
+  """`manager.wait_until_finished()`; a full disk (here or in `save_checkpoint`) ends in one line."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # noqa: BLE001 - re-raised unless it is a full disk
+    if not _out_of_space(e):
+      raise
+    raise _disk_full(manager, step, e) from None
+
+
+def _disk_full(manager, step, error) -> OSError:
+  py_logging.getLogger(__name__).error('checkpoint save failed: %s', error)  # the full spec, in the log
+  where = f' of step {step}' if step is not None else ''
+  return OSError(errno.ENOSPC, f'{manager.directory}: no space left on device while saving the checkpoint{where}; '
+                 'free space and rerun the same command (it resumes from the last complete checkpoint)')
+
+
 def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, data_state: dict, config,
                     valid_loss: float | None, valid_metrics: dict[str, float] | None = None) -> None:
   """Starts an async save of the train state, every process's iterator state and the config;
@@ -143,7 +171,12 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, data_state
       data=ocp.args.JsonSave({'processes': gather_json(data_state)}),
       config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
   recorded = None if valid_loss is None else {'valid_loss': valid_loss, **(valid_metrics or {})}
-  manager.save(step, args=args, metrics=recorded, force=True)
+  try:
+    manager.save(step, args=args, metrics=recorded, force=True)
+  except Exception as e:  # noqa: BLE001 - re-raised unless it is a full disk
+    if not _out_of_space(e):
+      raise
+    raise _disk_full(manager, step, e) from None
 
 
 def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:

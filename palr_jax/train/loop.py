@@ -173,7 +173,7 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
         last['stopped_early'] = True
         break
 
-  manager.wait_until_finished()
+  checkpointing.finish_saves(manager, last.get('step'))
   manager.close()
   writer.close()
   nnx.update(model, with_lora_values(parts.lora, state['lora']))
