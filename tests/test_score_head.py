@@ -1,0 +1,116 @@
+"""palr_jax/model/score_head.py: the residual score head (gate * tag logit + scale * z): the scale's fit, the
+retriever's order at gate 0 (ranking a tiny random model's tag scores), the tag loss with the head against a
+hand computation, the gate's gradient and first step, and the scalars saved and read back."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.special
+
+from palr_jax.model import score_head
+from palr_jax.model import rerank
+from palr_jax.train import step as train_step
+import train_child as tc
+
+
+def test_standardize():
+  z = score_head.standardize([3.0, 1.0, 2.0])
+  np.testing.assert_allclose(z, (np.array([3, 1, 2]) - 2) / np.std([3, 1, 2]), rtol=1e-6)
+  assert not score_head.standardize([5.0, 5.0]).any()
+
+
+def test_fit_scale_maximizes_the_softmax_likelihood():
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(200, 6))
+  labels = np.array([rng.choice(6, p=scipy.special.softmax(1.7 * row)) for row in z])
+  a = score_head.fit_scale(z, labels)
+  nll = lambda s: -np.sum(scipy.special.log_softmax(s * z, axis=1)[np.arange(200), labels])  # noqa: E731
+  assert nll(a) <= min(nll(a - 1e-3), nll(a + 1e-3))  # a stationary point of a concave objective
+  assert 1.0 < a < 2.5
+  assert score_head.fit_scale(np.zeros((0, 3)), np.zeros(0)) == 0.0
+
+
+def test_gate_zero_ranks_exactly_as_the_retriever():
+  """A tiny random model's tag scores, passed through the head at gate 0: every user's order is the
+  retriever's (ties in the retriever's score included: they keep its order)."""
+  config = tc.tiny_config((1, 1, 1))
+  model = tc.tiny_model(config)
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(1, 40, size=int(n)) for n in rng.integers(5, 14, size=6)]
+  tags = [rng.choice(np.arange(40, 64), size=7, replace=False) for _ in prompts]
+  llm = rerank.score_tags(model, prompts, tags, batch_size=2, buckets=(16,))
+  assert np.isfinite(llm).all() and np.ptp(llm, axis=1).min() > 0  # the LLM alone would reorder
+  for n in range(len(prompts)):
+    retriever = np.sort(rng.normal(size=7))[::-1].copy()
+    retriever[3] = retriever[4]  # a tie: the retriever's order keeps position 3 before 4
+    shuffled = rng.permutation(7)  # the candidates as the prompt showed them
+    z = score_head.standardize(retriever[shuffled])
+    scores = score_head.residual_scores(llm[n], z, gate=0.0, scale=1.3)
+    order = shuffled[score_head.retriever_consistent_order(scores, shuffled)]
+    np.testing.assert_array_equal(order, np.arange(7))
+    # With a gate the LLM moves candidates; the head still returns a permutation.
+    moved = score_head.residual_scores(llm[n], z, gate=50.0, scale=1.3)
+    assert sorted(score_head.retriever_consistent_order(moved, shuffled).tolist()) == list(range(7))
+
+
+def _tag_batch():
+  batch = tc.synthetic_examples(4, 12, seed=5, response=(2, 4))
+  choice_ids = np.array([7, 11, 13, 21, 40], np.int32)
+  for b in range(4):
+    t = int(np.flatnonzero(batch['loss_mask'][b])[0])
+    batch['input_ids'][b, t] = choice_ids[b]
+    batch['loss_mask'][b, t] = 2
+  z = np.stack([score_head.standardize(r) for r in np.random.default_rng(2).normal(size=(4, 5))])
+  return batch, choice_ids, z
+
+
+def test_tag_loss_with_the_head_equals_a_hand_computation():
+  config = tc.tiny_config((1, 1, 1), max_loss_tokens=0)
+  model = tc.tiny_model(config)
+  batch, choice_ids, z = _tag_batch()
+  gate, scale = 0.7, 1.9
+  logits = np.asarray(model(*(jnp.asarray(batch[k]) for k in ('input_ids', 'positions', 'segment_ids'))),
+                      np.float64)
+  logp = scipy.special.log_softmax(logits, axis=-1)
+  want = 0.0
+  for b, t in zip(*np.nonzero(batch['loss_mask'])):
+    token = batch['input_ids'][b, t]
+    if batch['loss_mask'][b, t] == 2:
+      k = scipy.special.log_softmax(gate * logits[b, t - 1, choice_ids] + scale * z[b])
+      want -= k[list(choice_ids).index(token)]
+    else:
+      want -= logp[b, t - 1, token]
+  jbatch = {**{k: jnp.asarray(v) for k, v in batch.items()}, 'candidate_z': jnp.asarray(z)}
+  head = {score_head.GATE: jnp.float32(gate), score_head.SCALE: jnp.float32(scale)}
+  got = train_step.loss_sum(model, jbatch, 0, config.mesh.rules, choice_ids, head)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize('microbatches', [1, 2])
+def test_gradient_reaches_the_gate_and_one_step_moves_it(microbatches):
+  config = tc.tiny_config((1, 1, 1), max_loss_tokens=0, warmup_steps=0)  # step 0 has a learning rate
+  model = tc.tiny_model(config)
+  batch, choice_ids, z = _tag_batch()
+  parts, values, frozen = train_step.split_model(model)
+  values = train_step.with_head(values, scale=1.0)
+  jbatch = {**{k: jnp.asarray(v) for k, v in batch.items()}, 'candidate_z': jnp.asarray(z, jnp.float32)}
+  loss, grads, _ = train_step.loss_and_grad(parts, values, frozen, jbatch, jax.random.key(0),
+                                            microbatches=microbatches, max_loss_tokens=0,
+                                            rules=config.mesh.rules, choice_ids=choice_ids)
+  assert float(jnp.abs(grads[score_head.GATE])) > 0 and float(jnp.abs(grads[score_head.SCALE])) > 0
+  optimizer = train_step.make_optimizer(config.train)
+  state = train_step.init_state(values, optimizer)
+  updates, _ = optimizer.update(grads, state['opt_state'], state['lora'])
+  new = optax.apply_updates(state['lora'], updates)
+  assert float(new[score_head.GATE]) != 0.0 and new[score_head.GATE].dtype == jnp.float32
+
+
+def test_save_and_load(tmp_path):
+  path = score_head.save(tmp_path / 'peft', 0.125, -2.5)
+  assert path.name == score_head.FILE
+  assert score_head.load(tmp_path / 'peft') == (0.125, -2.5)
+  (tmp_path / 'bad').mkdir()
+  (tmp_path / 'bad' / score_head.FILE).write_bytes(b'nonsense')
+  with pytest.raises(ValueError, match='score_head.safetensors'):
+    score_head.load(tmp_path / 'bad')
