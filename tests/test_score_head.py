@@ -62,6 +62,10 @@ def _tag_batch():
     batch['input_ids'][b, t] = choice_ids[b]
     batch['loss_mask'][b, t] = 2
   z = np.stack([score_head.standardize(r) for r in np.random.default_rng(2).normal(size=(4, 5))])
+  per_token = np.zeros((*batch['input_ids'].shape, 5), np.float32)  # z at each row's tag token only
+  for b in range(4):
+    per_token[b, np.flatnonzero(batch['loss_mask'][b] == 2)[0]] = z[b]
+  batch['candidate_z'] = per_token
   return batch, choice_ids, z
 
 
@@ -77,11 +81,12 @@ def test_tag_loss_with_the_head_equals_a_hand_computation():
   for b, t in zip(*np.nonzero(batch['loss_mask'])):
     token = batch['input_ids'][b, t]
     if batch['loss_mask'][b, t] == 2:
+      assert batch['candidate_z'][b, t].any()
       k = scipy.special.log_softmax(gate * logits[b, t - 1, choice_ids] + scale * z[b])
       want -= k[list(choice_ids).index(token)]
     else:
       want -= logp[b, t - 1, token]
-  jbatch = {**{k: jnp.asarray(v) for k, v in batch.items()}, 'candidate_z': jnp.asarray(z)}
+  jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
   head = {score_head.GATE: jnp.float32(gate), score_head.SCALE: jnp.float32(scale)}
   got = train_step.loss_sum(model, jbatch, 0, config.mesh.rules, choice_ids, head)
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
@@ -94,7 +99,7 @@ def test_gradient_reaches_the_gate_and_one_step_moves_it(microbatches):
   batch, choice_ids, z = _tag_batch()
   parts, values, frozen = train_step.split_model(model)
   values = train_step.with_head(values, scale=1.0)
-  jbatch = {**{k: jnp.asarray(v) for k, v in batch.items()}, 'candidate_z': jnp.asarray(z, jnp.float32)}
+  jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
   loss, grads, _ = train_step.loss_and_grad(parts, values, frozen, jbatch, jax.random.key(0),
                                             microbatches=microbatches, max_loss_tokens=0,
                                             rules=config.mesh.rules, choice_ids=choice_ids)
@@ -114,3 +119,23 @@ def test_save_and_load(tmp_path):
   (tmp_path / 'bad' / score_head.FILE).write_bytes(b'nonsense')
   with pytest.raises(ValueError, match='score_head.safetensors'):
     score_head.load(tmp_path / 'bad')
+
+
+def test_rank_stage_residual_row_at_gate_zero_is_the_retriever_order():
+  """The rank stage's residual path: tag scores of the shown (shuffled) candidates -> scores in the
+  retriever's order; at gate 0 the stage's order (retriever-consistent ties) is the retriever's list."""
+  from palr_jax.data import prompts
+  from palr_jax.stages import rank
+  row = {'items': [9, 4, 7, 1, 3], 'scores': [2.0, 1.5, 1.5, 0.3, -1.0]}
+  shown = (7, 1, 9, 3, 4)
+  example = prompts.Example(task='recommend_retrieval', split='test', user=0, position=5, target=7,
+                            history=(), candidates=shown, prompt='', answer='', input_ids=np.zeros(1, np.int32),
+                            loss_mask=np.zeros(1, np.int32), prompt_length=1)
+  tag_scores = np.array([-0.1, -3.0, -5.0, -0.2, -0.4])  # the LLM alone would put 7 first
+  for gate, want in ((0.0, [9, 4, 7, 1, 3]), (100.0, [7, 3, 4, 1, 9])):
+    scores, reordered = rank.residual_row(row, example, tag_scores, (gate, 2.0))
+    assert reordered.candidates == tuple(row['items'])
+    order = score_head.retriever_consistent_order(scores, np.arange(5))
+    assert [row['items'][j] for j in order] == want
+  with pytest.raises(ValueError, match='not the retriever'):
+    rank.residual_row({'items': [9, 4], 'scores': [1.0, 0.0]}, example, tag_scores, (0.0, 1.0))

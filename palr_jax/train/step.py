@@ -61,8 +61,9 @@ def loss_sum(model, batch: Mapping[str, jax.Array], max_loss_tokens: int, rules,
   answer's tag), over the candidates' tag tokens `choice_ids` alone: a K-way softmax that asks which
   candidate, not how its title is spelled.
   With the residual score head (`head`: {score_head.GATE, score_head.SCALE} fp32 scalars, and the batch's
-  `candidate_z` [B, K] float, the retriever's standardized score of the candidate behind each tag), the
-  K-way logits are `gate * tag_logit + scale * z` (palr_jax/model/score_head.py).
+  `candidate_z` float [B, T, K]: at a tag token, the retriever's standardized score of the candidate
+  behind each tag, zeros elsewhere, so packed rows carry one z per tag), the K-way logits are
+  `gate * tag_logit + scale * z` (palr_jax/model/score_head.py).
   """
   weights = loss_weights(batch)
   length = weights.shape[1]
@@ -78,7 +79,7 @@ def loss_sum(model, batch: Mapping[str, jax.Array], max_loss_tokens: int, rules,
     choices = jnp.take(logits, jnp.asarray(choice_ids), axis=-1)                  # [B, n, K]
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     if head is not None:
-      z = jnp.asarray(batch['candidate_z'], jnp.float32)[:, None, :]              # [B, 1, K]
+      z = jnp.take_along_axis(jnp.asarray(batch['candidate_z'], jnp.float32), idx[..., None], axis=1)
       choices = head[score_head.GATE] * choices + head[score_head.SCALE] * z
       chosen = (targets[..., None] == jnp.asarray(choice_ids)).astype(jnp.float32)
       picked = jnp.sum(chosen * choices, axis=-1)
@@ -179,8 +180,8 @@ def loss_and_grad(parts: LoraModel, values: Mapping[str, jax.Array], frozen: nnx
 
   def accumulate(carry, micro_and_index):
     micro, index = micro_and_index
-    micro = {k: sharding.constrain(v, ('batch', None if k == 'candidate_z' else 'length'), rules)
-             for k, v in micro.items()}
+    micro = {k: sharding.constrain(v, ('batch', 'length', None) if k == 'candidate_z' else ('batch', 'length'),
+                                   rules) for k, v in micro.items()}
     loss, grads = grad_fn(values, micro, index)
     return (carry[0] + loss, jax.tree.map(lambda a, g: a + g.astype(jnp.float32), carry[1], grads)), None
 
