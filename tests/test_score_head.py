@@ -139,3 +139,21 @@ def test_rank_stage_residual_row_at_gate_zero_is_the_retriever_order():
     assert [row['items'][j] for j in order] == want
   with pytest.raises(ValueError, match='not the retriever'):
     rank.residual_row({'items': [9, 4], 'scores': [1.0, 0.0]}, example, tag_scores, (0.0, 1.0))
+
+
+def test_trained_head_is_checkpointed_and_exported_beside_the_adapter(tmp_path):
+  """loop.train with the head: its scalars move, are saved in the orbax checkpoint with the adapters, read
+  back (`restore_head`) and written as score_head.safetensors beside the PEFT adapter, equal; the
+  adapters still restore from a checkpoint that holds the head."""
+  from palr_jax.train import checkpointing, loop
+  config = tc.tiny_config((8, 1, 1), max_loss_tokens=0, warmup_steps=0, num_steps=2, checkpoint_every=2)
+  model = tc.tiny_model(config)
+  batch, choice_ids, _ = _tag_batch()
+  examples = {k: np.concatenate([v, v]) for k, v in batch.items()}  # 8 rows: one global batch
+  last = loop.train(config, tmp_path, model, tc.ArrayIterator(examples, 8), choice_ids=choice_ids,
+                    head_scale=1.5)
+  gate, scale = last[score_head.GATE], last[score_head.SCALE]
+  assert gate != 0.0 and scale != 1.5
+  assert checkpointing.restore_head(tmp_path / 'checkpoints', 2) == pytest.approx((gate, scale), rel=1e-6)
+  assert checkpointing.write_adapters(tmp_path, model, config.lora, 'tiny') == [2]
+  assert score_head.load(checkpointing.adapter_dir(tmp_path, 2)) == pytest.approx((gate, scale), rel=1e-6)

@@ -17,6 +17,7 @@ import numpy as np
 
 from palr_jax import distributed
 from palr_jax import sharding
+from palr_jax.model import score_head
 from palr_jax.train import checkpointing, progress
 from palr_jax.train.step import (DataIterator, check_batch_layout, device_batch, evaluate, make_eval_step,
                                  setup, with_lora_values, with_shardings)
@@ -24,7 +25,7 @@ from palr_jax.train.step import (DataIterator, check_batch_layout, device_batch,
 
 def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIterator,
           valid_batches: Iterable[Mapping[str, np.ndarray]] | None = None, *,
-          choice_ids: Sequence[int] | None = None) -> dict[str, float]:
+          choice_ids: Sequence[int] | None = None, head_scale: float | None = None) -> dict[str, float]:
   """Trains `model`'s LoRA adapters per `config.train` on the mesh `config.mesh`; resumes from `workdir`.
 
   Writes WORKDIR/checkpoints and WORKDIR/tensorboard. On return the model holds the trained adapters
@@ -34,6 +35,8 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
   iterator) and yields batches like `train_iter`; pad a short last batch with rows of segment_ids 0. Run
   under `distributed.initialize()` on a pod: every process calls `train` with its own `train_iter`.
   `choice_ids`: the candidates' tag tokens, among which loss tokens marked 2 (a tag) are classified.
+  `head_scale`: also train the residual score head (palr_jax/model/score_head.py) from gate 0 and this
+  scale; its batches carry `candidate_z`, and the result holds its final `score_head.gate` / `.scale`.
   """
   c = config.train
   rules = config.mesh.rules
@@ -47,7 +50,7 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
   workdir = epath.Path(workdir)
 
   # Abstract state -> shardings -> state created in place on the mesh; the base is only laid out.
-  laid = setup(model, c, mesh, rules)
+  laid = setup(model, c, mesh, rules, head_scale)
   parts, frozen, abstract, shardings = laid.parts, laid.frozen, laid.abstract, laid.shardings
 
   manager = checkpointing.checkpoint_manager(workdir / 'checkpoints', c)
@@ -132,4 +135,7 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
   manager.close()
   writer.close()
   nnx.update(model, with_lora_values(parts.lora, state['lora']))
+  for key in score_head.HEAD_KEYS:
+    if key in state['lora']:
+      last[key] = float(jax.device_get(state['lora'][key]))
   return last

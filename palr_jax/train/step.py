@@ -266,9 +266,12 @@ class Setup:
                            self.frozen_shardings, seed, choice_ids)
 
 
-def setup(model: nnx.Module, train_config, mesh, rules) -> Setup:
-  """Abstract state -> shardings; the base is placed, the state is not created yet (a resume restores it)."""
+def setup(model: nnx.Module, train_config, mesh, rules, head_scale: float | None = None) -> Setup:
+  """Abstract state -> shardings; the base is placed, the state is not created yet (a resume restores it).
+  `head_scale`: train the residual score head too, from gate 0 and this scale."""
   parts, values, frozen = split_model(model)
+  if head_scale is not None:
+    values = with_head(values, head_scale)
   optimizer = make_optimizer(train_config)
   abstract = jax.eval_shape(lambda v: init_state(v, optimizer), values)
   shardings = state_shardings(abstract, parts, optimizer, mesh, rules)
@@ -339,8 +342,14 @@ def device_batch(local: Mapping[str, Any], mesh, rules, train_config) -> dict[st
   if 0 < train_config.max_loss_tokens < most:
     raise ValueError(f'train batch: a row has {most} loss tokens, more than '
                      f'config.train.max_loss_tokens={train_config.max_loss_tokens}')
-  return {k: sharding.global_batch_array(a.astype(np.int32), mesh, rules, train_config.batch_size)
-          for k, a in arrays.items()}
+  out = {k: sharding.global_batch_array(a.astype(np.int32), mesh, rules, train_config.batch_size)
+         for k, a in arrays.items()}
+  if 'candidate_z' in local:  # the residual head's retriever z at tag tokens: float [rows, T, K]
+    z = np.asarray(local['candidate_z'], np.float32)
+    if z.ndim != 3 or z.shape[:2] != arrays['input_ids'].shape:
+      raise ValueError(f'train batch: candidate_z has shape {z.shape}; expected [{rows}, T, K] like input_ids')
+    out['candidate_z'] = sharding.global_batch_array(z, mesh, rules, train_config.batch_size)
+  return out
 
 
 def check_batch_layout(train_config, mesh, rules) -> None:
