@@ -191,6 +191,9 @@ def _check_variants(config) -> None:
     if v.rank_mode in ('score', 'residual') and v.rank_task != 'recommend_retrieval':
       raise bad(f'{key}.rank_mode', v.rank_mode, "'generate' or 'likelihood' for rank_task "
                 f"{v.rank_task!r} ('score' reads candidate tags: rank_task 'recommend_retrieval')")
+    if v.rank_mode == 'residual' and tasks and config.batching.pack:
+      raise bad('batching.pack', config.batching.pack, "False with a trained rank_mode 'residual' variant "
+                f'({name}: its examples carry the retriever z per tag, which packed rows do not)')
     if v.rank_mode == 'residual' and tasks and v.retrieval_loss != 'tag':
       raise bad(f'{key}.retrieval_loss', v.retrieval_loss, "'tag' for rank_mode 'residual' (the head is "
                 'trained in the tag loss)')

@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / 'palr_jax'
 LAYERS = (
     ('foundation', ('palr_jax.batching', 'palr_jax.defaults', 'palr_jax.distributed', 'palr_jax.files',
                     'palr_jax.fingerprint', 'palr_jax.memory', 'palr_jax.metrics', 'palr_jax.rng',
-                    'palr_jax.sharding', 'palr_jax.variants')),
+                    'palr_jax.score_head', 'palr_jax.sharding', 'palr_jax.variants')),
     ('libraries', ('palr_jax.data', 'palr_jax.retrieval', 'palr_jax.model')),
     ('model files', ('palr_jax.hub',)),
     ('training', ('palr_jax.train',)),

@@ -1,4 +1,4 @@
-"""palr_jax/model/score_head.py: the residual score head (gate * tag logit + scale * z): the scale's fit, the
+"""palr_jax/score_head.py: the residual score head (gate * tag logit + scale * z): the scale's fit, the
 retriever's order at gate 0 (ranking a tiny random model's tag scores), the tag loss with the head against a
 hand computation, the gate's gradient and first step, and the scalars saved and read back."""
 import jax
@@ -8,7 +8,7 @@ import optax
 import pytest
 import scipy.special
 
-from palr_jax.model import score_head
+from palr_jax import score_head
 from palr_jax.model import rerank
 from palr_jax.train import step as train_step
 import train_child as tc

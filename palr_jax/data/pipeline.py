@@ -36,6 +36,7 @@ from palr_jax import fingerprint
 from palr_jax.batching import BATCH_KEYS
 from palr_jax.data import prompts
 from palr_jax.data import tf_cpu
+from palr_jax import score_head
 
 tf = tf_cpu.tensorflow()
 
@@ -61,6 +62,8 @@ def examples_fingerprint(config, variant: str, upstream: Sequence[str] = ()) -> 
   extra = {'tasks': tasks, 'repeats': {t: repeats[t] for t in tasks if repeats[t] != 1}}
   if 'recommend_retrieval' in tasks:
     extra['retrieval_loss'] = retrieval_loss(config, variant)
+  if writes_candidate_z(config, variant):
+    extra['candidate_z'] = True
   return fingerprint.of(config, EXAMPLE_KEYS, upstream, extra=extra)
 
 
@@ -70,53 +73,78 @@ def retrieval_loss(config, variant: str) -> str:
   return config.variants[variant].retrieval_loss
 
 
-def _serialize(input_ids: np.ndarray, loss_mask: np.ndarray) -> bytes:
+def writes_candidate_z(config, variant: str) -> bool:
+  """A variant ranked by the residual score head trains it: its examples carry `candidate_z`."""
+  v = config.variants[variant]
+  return v.rank_mode == 'residual' and 'recommend_retrieval' in tuple(v.tasks)
+
+
+def _serialize(input_ids: np.ndarray, loss_mask: np.ndarray, candidate_z: np.ndarray | None = None) -> bytes:
   feature = {k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[np.asarray(v, '<i4').tobytes()]))
              for k, v in (('input_ids', input_ids), ('loss_mask', loss_mask))}
+  if candidate_z is not None:
+    feature['candidate_z'] = tf.train.Feature(float_list=tf.train.FloatList(value=np.asarray(candidate_z,
+                                                                                             np.float32)))
   return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
-def write_tfrecord(path, examples: Sequence) -> int:
-  """Writes examples (objects with int32 `input_ids`, `loss_mask`) to `path` atomically; returns tokens."""
+def write_tfrecord(path, examples: Sequence, candidate_z: Sequence[np.ndarray] | None = None) -> int:
+  """Writes examples (objects with int32 `input_ids`, `loss_mask`) to `path` atomically; returns tokens.
+  `candidate_z[n]`: example n's float [K] feature `candidate_z` (the residual head's retriever z per tag)."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = files.temp_path(path)
   tokens = 0
   with tf.io.TFRecordWriter(str(tmp)) as writer:
-    for ex in examples:
+    for n, ex in enumerate(examples):
       if len(ex.input_ids) != len(ex.loss_mask) or not len(ex.input_ids):
         raise ValueError(f'{path}: an example has {len(ex.input_ids)} ids and {len(ex.loss_mask)} mask '
                          'entries; expected the same positive length')
-      writer.write(_serialize(ex.input_ids, ex.loss_mask))
+      writer.write(_serialize(ex.input_ids, ex.loss_mask, None if candidate_z is None else candidate_z[n]))
       tokens += len(ex.input_ids)
   tmp.replace(path)
   return tokens
 
 
-def read_tfrecord(path) -> tf.data.Dataset:
-  """Examples as {'input_ids', 'loss_mask'}: int32 [L], in file order."""
+def read_tfrecord(path, candidate_z: int = 0) -> tf.data.Dataset:
+  """Examples as {'input_ids', 'loss_mask'}: int32 [L], in file order; with `candidate_z` = K > 0 also
+  'candidate_z' float32 [L, K]: the example's z at its tag token (loss_mask 2), zeros elsewhere."""
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f'{path}: not found; build the examples first (pipeline.write_examples)')
   spec = {k: tf.io.FixedLenFeature([], tf.string) for k in FEATURES}
+  if candidate_z:
+    spec['candidate_z'] = tf.io.FixedLenFeature([candidate_z], tf.float32)
 
   def parse(record):
     raw = tf.io.parse_single_example(record, spec)
-    return {k: tf.io.decode_raw(raw[k], tf.int32, little_endian=True) for k in FEATURES}
+    out = {k: tf.io.decode_raw(raw[k], tf.int32, little_endian=True) for k in FEATURES}
+    if candidate_z:
+      tag = tf.cast(tf.equal(out['loss_mask'], 2), tf.float32)
+      out['candidate_z'] = tag[:, None] * raw['candidate_z'][None, :]
+    return out
 
   return tf.data.TFRecordDataset(str(path)).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
                                                 deterministic=True)
 
 
 def write_examples(out, max_length: int, examples_by_split: Mapping[str, Sequence],
-                   choice_ids: Sequence[int] | None = None) -> epath.Path:
+                   choice_ids: Sequence[int] | None = None,
+                   candidate_z: Mapping[str, Sequence[np.ndarray]] | None = None,
+                   head_scale: float | None = None) -> epath.Path:
   """Writes `out/{split}.tfrecord` + `meta.json` (last); returns `out`. `choice_ids`: the candidates' tag
   tokens, which the tag loss (loss_mask 2) chooses among; None when the tags are not usable (no
-  Recommend_Retrieval task and tags that are not single tokens)."""
+  Recommend_Retrieval task and tags that are not single tokens). `candidate_z[split][n]`: float [K] per
+  example (the residual head's), its width kept in meta.json (`candidate_z_width`) with the head's initial
+  `score_head_scale`."""
   out = epath.Path(out)
   meta = {'fingerprint': out.name, 'max_length': int(max_length), 'choice_ids': choice_ids, 'splits': {}}
+  if candidate_z is not None:
+    meta['candidate_z_width'] = len(choice_ids or ())
+    meta['score_head_scale'] = head_scale
   for split, examples in examples_by_split.items():
-    tokens = write_tfrecord(out / f'{split}.tfrecord', examples)
+    tokens = write_tfrecord(out / f'{split}.tfrecord', examples,
+                            None if candidate_z is None else candidate_z[split])
     lengths = [len(e.input_ids) for e in examples]
     meta['splits'][split] = {
         'examples': len(examples), 'tokens': tokens, 'max_length': max(lengths, default=0),
@@ -157,6 +185,11 @@ def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence
     by_split[which] = prompts.build_examples(builder, split, which, profiles, cands)
   repeats = prompts.task_repeats(config, variant)   # weights the training mix; valid stays one of each
   by_split['train'] = [e for e in by_split['train'] for _ in range(repeats[e.task])]
+  z = head_scale = None
+  if writes_candidate_z(config, variant):
+    z = {which: examples_z(epath.Path(workdir) / 'candidates' / f'{which}.jsonl', which, examples,
+                           int(config.retriever.num_candidates)) for which, examples in by_split.items()}
+    head_scale = initial_head_scale(by_split['train'], z['train'])
   # The tag tokens go with every variant's examples, tag loss or not: only loss tokens marked 2 (written
   # under the tag loss) use them, so the train step is one program for every variant, and a batch shape
   # compiled for one variant is loaded from the compilation cache for the next.
@@ -165,7 +198,40 @@ def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence
   except ValueError:  # tags a Recommend-only variant never writes need not be single tokens
     choices = None
   return write_examples(epath.Path(workdir) / 'examples' / fingerprint, config.prompts.max_length, by_split,
-                        choice_ids=choices)
+                        choice_ids=choices, candidate_z=z, head_scale=head_scale)
+
+
+def examples_z(path, which: str, examples: Sequence, width: int) -> list[np.ndarray]:
+  """Per example, float32 [width]: the retriever's score of each shown candidate (tag order) standardized
+  over the candidates it scored (`candidates/{which}.jsonl`: train rows by (user, position), else by user);
+  a candidate it did not score (a target put in for training) gets the lowest z - 1; zeros past the
+  candidates and for examples of other tasks."""
+  scores = {}
+  for row in files.read_jsonl(path):
+    key = (int(row['user_index']), int(row['position'])) if which == 'train' else int(row['user_index'])
+    scores[key] = dict(zip((int(i) for i in row['items']), (float(s) for s in row['scores'])))
+  out = []
+  for e in examples:
+    z = np.zeros(width, np.float32)
+    if e.task == 'recommend_retrieval':
+      by_item = scores[(e.user, e.position) if which == 'train' else e.user]
+      known = score_head.standardize(list(by_item.values()))
+      zs = dict(zip(by_item, known.tolist()))
+      low = min(zs.values(), default=0.0) - 1.0
+      z[:len(e.candidates)] = [zs.get(int(i), low) for i in e.candidates]
+    out.append(z)
+  return out
+
+
+def initial_head_scale(examples: Sequence, z: Sequence[np.ndarray]) -> float:
+  """The residual head's scale fitted on the train examples (the target's tag index as the label)."""
+  rows = [(zz[:len(e.candidates)], list(e.candidates).index(e.target)) for e, zz in zip(examples, z)
+          if e.task == 'recommend_retrieval' and e.target in e.candidates]
+  width = max((len(r) for r, _ in rows), default=0)
+  if not rows or any(len(r) != width for r, _ in rows):
+    return score_head.fit_scale(np.zeros((0, 1)), np.zeros(0)) if not rows else float(np.mean([
+        score_head.fit_scale(r[None], np.array([label])) for r, label in rows]))
+  return score_head.fit_scale(np.stack([r for r, _ in rows]), np.array([label for _, label in rows]))
 
 
 # ------------------------------------------------------------------------------------- batching
@@ -226,8 +292,17 @@ def _pack(ds: tf.data.Dataset, length: int, max_loss_tokens: int, window: int,
 
 def _with_layout(ex):
   n = tf.size(ex['input_ids'])
-  return {'input_ids': ex['input_ids'], 'positions': tf.range(n), 'segment_ids': tf.ones([n], tf.int32),
-          'loss_mask': ex['loss_mask']}
+  out = {'input_ids': ex['input_ids'], 'positions': tf.range(n), 'segment_ids': tf.ones([n], tf.int32),
+         'loss_mask': ex['loss_mask']}
+  if 'candidate_z' in ex:
+    out['candidate_z'] = ex['candidate_z']
+  return out
+
+
+def _pad_time(v, extra_rows, extra_length):
+  """Pads [B, T] or [B, T, K] with zeros: rows, then time steps."""
+  pads = [[0, extra_rows], [0, extra_length]] + [[0, 0]] * (len(v.shape) - 2)
+  return tf.pad(v, pads)
 
 
 def _pad_to_bucket(batch, buckets: Sequence[int]):
@@ -236,13 +311,13 @@ def _pad_to_bucket(batch, buckets: Sequence[int]):
   length = tf.shape(batch['input_ids'])[1]
   tf.debugging.assert_less_equal(length, table[-1], 'an example is longer than the largest length bucket')
   bucket = tf.gather(table, tf.argmax(tf.cast(table >= length, tf.int32)))
-  return {k: tf.pad(v, [[0, 0], [0, bucket - length]]) for k, v in batch.items()}
+  return {k: _pad_time(v, 0, bucket - length) for k, v in batch.items()}
 
 
 def _fill_batch(batch, batch_size: int):
   """Pads a short last batch with rows of segment_ids 0 (no tokens, no loss)."""
   missing = batch_size - tf.shape(batch['input_ids'])[0]
-  return {k: tf.pad(v, [[0, missing], [0, 0]]) for k, v in batch.items()}
+  return {k: _pad_time(v, missing, 0) for k, v in batch.items()}
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -261,6 +336,9 @@ def global_batches(ds: tf.data.Dataset, batching, *, batch_size: int, max_length
     seed, buffer = shuffle
     ds = ds.shuffle(max(int(buffer), 1), seed=seed, reshuffle_each_iteration=False)
   if batching.pack:
+    if 'candidate_z' in ds.element_spec:
+      raise ValueError("config.batching.pack: the residual head's examples (rank_mode 'residual') are "
+                       'padded, not packed: set config.batching.pack = False')
     ds = _pack(ds, max_length, max_loss_tokens, batching.pack_window,
                None if shuffle is None else shuffle[0])
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
@@ -303,11 +381,17 @@ def _local(ds: tf.data.Dataset, rows: np.ndarray, prefetch: int) -> tf.data.Data
   stages for tens of seconds after their last step on a CPU (bench/RESULTS.md, ":quick end to end").
   """
   idx = tf.constant(np.asarray(rows, np.int32))
-  ds = ds.map(lambda b: {k: tf.gather(b[k], idx) for k in BATCH_KEYS})
+  ds = ds.map(lambda b: {k: tf.gather(b[k], idx) for k in (*BATCH_KEYS, 'candidate_z') if k in b})
   ds = ds.prefetch(prefetch) if prefetch > 0 else ds
   options = tf.data.Options()
   options.autotune.enabled = False
   return ds.with_options(options)
+
+
+def z_width(path) -> int:
+  """K of the `candidate_z` feature of the examples file `path` (meta.json beside it), 0 without it."""
+  meta = epath.Path(path).parent / 'meta.json'
+  return int(files.read_json(meta).get('candidate_z_width') or 0) if meta.exists() else 0
 
 
 class TrainBatches:
@@ -326,7 +410,7 @@ class TrainBatches:
 
   def _start(self) -> None:
     c = self._config
-    ds = global_batches(read_tfrecord(self._path), c.batching, batch_size=c.train.batch_size,
+    ds = global_batches(read_tfrecord(self._path, z_width(self._path)), c.batching, batch_size=c.train.batch_size,
                         max_length=c.prompts.max_length, max_loss_tokens=c.train.max_loss_tokens,
                         shuffle=(epoch_seed(c.seed, self.epoch), self._buffer), drop_remainder=True)
     self._it = _local(ds.skip(self.batch), self._rows, c.batching.prefetch).as_numpy_iterator()
@@ -367,7 +451,7 @@ class EvalBatches:
 
   def __init__(self, path, config, rows: Sequence[int], limit: int = 0):
     c = config
-    ds = global_batches(read_tfrecord(path), c.batching, batch_size=c.train.batch_size,
+    ds = global_batches(read_tfrecord(path, z_width(path)), c.batching, batch_size=c.train.batch_size,
                         max_length=c.prompts.max_length, max_loss_tokens=c.train.max_loss_tokens,
                         drop_remainder=False)
     if limit > 0:

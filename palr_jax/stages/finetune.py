@@ -84,8 +84,14 @@ def run(ctx, variant: str) -> None:
   train_batches = pipeline.TrainBatches(folder / 'train.tfrecord', config, rows)
   valid_batches = pipeline.EvalBatches(folder / 'valid.tfrecord', config, rows, int(config.train.valid_batches))
   start = time.perf_counter()
-  choice_ids = files.read_json(folder / 'meta.json').get('choice_ids')  # used by tag-loss tokens only
-  result = loop.train(config, run_dir, model, train_batches, valid_batches, choice_ids=choice_ids)
+  meta = files.read_json(folder / 'meta.json')
+  choice_ids = meta.get('choice_ids')  # used by tag-loss tokens only
+  head_scale = meta.get('score_head_scale') if pipeline.writes_candidate_z(config, variant) else None
+  if head_scale is not None:
+    logging.info('%s: residual score head from gate 0, scale %.4f (fit on the train examples)', variant,
+                 head_scale)
+  result = loop.train(config, run_dir, model, train_batches, valid_batches, choice_ids=choice_ids,
+                      head_scale=head_scale)
   logging.info('%s: trained to step %d in %.1f s', variant, result['step'], time.perf_counter() - start)
   if result['step'] < config.train.num_steps:
     raise distributed.Preempted(f'{variant}: training stopped at step {result["step"]} of '

@@ -38,7 +38,7 @@ from palr_jax import variants
 from palr_jax.data import prompts
 from palr_jax.hub import load
 from palr_jax.model import rerank
-from palr_jax.model import score_head
+from palr_jax import score_head
 from palr_jax.stages import base
 from palr_jax.stages import retriever
 from palr_jax.train import checkpointing

@@ -31,7 +31,7 @@ from palr_jax import files
 from palr_jax import fingerprint
 from palr_jax.hub import peft
 from palr_jax.model import lora
-from palr_jax.model import score_head
+from palr_jax import score_head
 
 ITEMS = ('state', 'data', 'config')  # the items of a checkpoint step
 ADAPTERS = 'adapters'   # W/adapters/step_<N>: each kept checkpoint's adapters as a PEFT folder

@@ -17,7 +17,7 @@ import numpy as np
 
 from palr_jax import distributed
 from palr_jax import sharding
-from palr_jax.model import score_head
+from palr_jax import score_head
 from palr_jax.train import checkpointing, progress
 from palr_jax.train.step import (DataIterator, check_batch_layout, device_batch, evaluate, make_eval_step,
                                  setup, with_lora_values, with_shardings)
@@ -35,7 +35,7 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
   iterator) and yields batches like `train_iter`; pad a short last batch with rows of segment_ids 0. Run
   under `distributed.initialize()` on a pod: every process calls `train` with its own `train_iter`.
   `choice_ids`: the candidates' tag tokens, among which loss tokens marked 2 (a tag) are classified.
-  `head_scale`: also train the residual score head (palr_jax/model/score_head.py) from gate 0 and this
+  `head_scale`: also train the residual score head (palr_jax/score_head.py) from gate 0 and this
   scale; its batches carry `candidate_z`, and the result holds its final `score_head.gate` / `.scale`.
   """
   c = config.train

@@ -27,7 +27,7 @@ import optax
 
 from palr_jax import sharding
 from palr_jax.batching import BATCH_KEYS
-from palr_jax.model import score_head
+from palr_jax import score_head
 
 
 class DataIterator(Protocol):
@@ -63,7 +63,7 @@ def loss_sum(model, batch: Mapping[str, jax.Array], max_loss_tokens: int, rules,
   With the residual score head (`head`: {score_head.GATE, score_head.SCALE} fp32 scalars, and the batch's
   `candidate_z` float [B, T, K]: at a tag token, the retriever's standardized score of the candidate
   behind each tag, zeros elsewhere, so packed rows carry one z per tag), the K-way logits are
-  `gate * tag_logit + scale * z` (palr_jax/model/score_head.py).
+  `gate * tag_logit + scale * z` (palr_jax/score_head.py).
   """
   weights = loss_weights(batch)
   length = weights.shape[1]
