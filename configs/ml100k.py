@@ -4,6 +4,7 @@ Variants (`configs/ml100k.py:ARG`):
   ''      the default run
   quick   a smoke run of the whole pipeline on a laptop CPU: stats profiles, 10 candidates, short prompts,
           16 LoRA steps of 8 prompts per variant, a seeded subset of 32 users for the LLM evaluation
+          (with palr_v2_residual, v2 with the residual score head, as in :full)
   full    all users, LLM profiles, the paper's two tasks; sized for an 8-hour budget on a 2-core CPU
 bench/RESULTS.md holds the measured times and results (":quick end to end", ":full quality").
 
@@ -106,4 +107,11 @@ def get_config(arg: str = ''):
     c.train.keep_best = 1
     c.train.valid_batches = 8
     c.eval.max_users = 0
+  if arg in ('quick', 'full'):
+    # v2 with the residual score head (palr_jax/score_head.py): gate * tag logit + scale * z(retriever
+    # score), gate from 0, so it starts as the retriever and learns a correction; its examples are padded
+    # (these runs do not pack). Copied last: every v2 setting above is its too.
+    c.variants.palr_v2_residual = c.variants.palr_v2.copy_and_resolve_references()
+    c.variants.palr_v2_residual.rank_mode = 'residual'
+    c.eval.methods = (*c.eval.methods, 'palr_v2_residual')
   return c
