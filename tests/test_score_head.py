@@ -157,3 +157,40 @@ def test_trained_head_is_checkpointed_and_exported_beside_the_adapter(tmp_path):
   assert checkpointing.restore_head(tmp_path / 'checkpoints', 2) == pytest.approx((gate, scale), rel=1e-6)
   assert checkpointing.write_adapters(tmp_path, model, config.lora, 'tiny') == [2]
   assert score_head.load(checkpointing.adapter_dir(tmp_path, 2)) == pytest.approx((gate, scale), rel=1e-6)
+
+
+def test_whole_pipeline_with_a_residual_variant(tmp_path):
+  """Every stage with one residual variant: the head is trained from the fitted scale, written beside each
+  kept PEFT adapter and the export, read back by the rank stage; its method's items are the candidates
+  ordered by gate * tag score + scale * z (the stored scores)."""
+  pytest.importorskip('transformers')
+  import json
+  from palr_jax import main as palr_main
+  from palr_jax.train import checkpointing
+  import pipeline_fixtures
+  pipeline_fixtures.write_fixtures(tmp_path)
+  config = pipeline_fixtures.config(tmp_path)
+  v2 = config.variants.palr_v2.copy_and_resolve_references()
+  for name in list(config.variants):
+    del config.variants[name]
+  config.variants.res = v2
+  config.variants.res.rank_mode = 'residual'
+  config.eval.methods = ('retriever', 'res')
+  config.export.variant = 'res'
+  config.export.formats = ('peft',)
+  workdir = tmp_path / 'run'
+  results = palr_main.run(config, workdir)
+  steps = checkpointing.adapter_steps(workdir / 'res')
+  heads = {s: score_head.load(checkpointing.adapter_dir(workdir / 'res', s)) for s in steps}
+  meta = [json.loads(p.read_text()) for p in (workdir / 'examples').glob('*/meta.json')]
+  assert [m['candidate_z_width'] for m in meta] == [4]
+  assert all(gate != 0.0 for gate, _ in heads.values())
+  ranked = json.loads((workdir / 'rankings.json').read_text())['methods']
+  step = ranked['res']['checkpoint_step']
+  assert score_head.load(workdir / 'export' / 'peft') == heads[step]
+  for which in ('valid', 'test'):
+    retr, res = ranked['retriever'][which], ranked['res'][which]
+    for items, cands, scores in zip(res['items'], retr['items'], res['scores']):
+      order = score_head.retriever_consistent_order(np.asarray(scores, np.float64), np.arange(len(cands)))
+      assert items[:len(cands)] == [cands[j] for j in order]
+  assert set(results['test']['metrics']) >= {'retriever', 'res', 'res+fusion'}
