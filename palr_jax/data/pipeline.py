@@ -224,13 +224,12 @@ def examples_z(path, which: str, examples: Sequence, width: int) -> list[np.ndar
 
 
 def initial_head_scale(examples: Sequence, z: Sequence[np.ndarray]) -> float:
-  """The residual head's scale fitted on the train examples (the target's tag index as the label)."""
-  rows = [(zz[:len(e.candidates)], list(e.candidates).index(e.target)) for e, zz in zip(examples, z)
+  """The residual head's scale fitted on the train examples (the target's tag index as the label), over
+  the full-width z rows the tag loss sees (zeros past a user's candidates)."""
+  rows = [(zz, list(e.candidates).index(e.target)) for e, zz in zip(examples, z)
           if e.task == 'recommend_retrieval' and e.target in e.candidates]
-  width = max((len(r) for r, _ in rows), default=0)
-  if not rows or any(len(r) != width for r, _ in rows):
-    return score_head.fit_scale(np.zeros((0, 1)), np.zeros(0)) if not rows else float(np.mean([
-        score_head.fit_scale(r[None], np.array([label])) for r, label in rows]))
+  if not rows:
+    return score_head.fit_scale(np.zeros((0, 1)), np.zeros(0))
   return score_head.fit_scale(np.stack([r for r, _ in rows]), np.array([label for _, label in rows]))
 
 
