@@ -4,6 +4,7 @@ Variants (`configs/ml100k.py:ARG`):
   ''      the default run
   quick   a smoke run of every stage on a laptop CPU: stats profiles, 6 candidates, short prompts, 6 LoRA
           steps of 4 prompts per variant, a seeded subset of 16 users for the LLM evaluation
+          (with palr_v2_residual, v2 with the residual score head, as in :full)
   full    all users, LLM profiles, the paper's two tasks; sized for an 8-hour budget on a 2-core CPU
 bench/RESULTS.md holds the measured times and results (":quick end to end", ":full quality").
 
@@ -52,9 +53,9 @@ def get_config(arg: str = ''):
   if arg == 'quick':
     # A smoke run of every stage, sized for a 2-core CPU without native bf16 (fp32) to meet issue 26's time
     # and memory targets (bench/RESULTS.md, ":quick end to end"); the default and :full runs are the ones
-    # for results. Less of everything: 2 cross-fitting folds, 6 candidates, 4 history titles, one training target per user,
-    # 6 LoRA steps of 4 prompts, 16 evaluation users; two length buckets, so each variant compiles few
-    # shapes (compiling is most of a short stage).
+    # for results. Less of everything: 2 cross-fitting folds, 6 candidates, 4 history titles, one training
+    # target per user, 6 LoRA steps of 4 prompts, 16 evaluation users; two length buckets, so each variant
+    # compiles few shapes (compiling is most of a short stage).
     c.retriever.num_candidates = 6
     c.retriever.folds = 2
     c.profiles.kind = 'stats'
@@ -127,4 +128,11 @@ def get_config(arg: str = ''):
     c.train.rank_valid_users = 128
     c.train.early_stop_patience = 3
     c.eval.max_users = 0
+  if arg in ('quick', 'full'):
+    # v2 with the residual score head (palr_jax/score_head.py): gate * tag logit + scale * z(retriever
+    # score), gate from 0, so it starts as the retriever and learns a correction; its examples are padded
+    # (these runs do not pack). Copied last: every v2 setting above is its too.
+    c.variants.palr_v2_residual = c.variants.palr_v2.copy_and_resolve_references()
+    c.variants.palr_v2_residual.rank_mode = 'residual'
+    c.eval.methods = (*c.eval.methods, 'palr_v2_residual')
   return c

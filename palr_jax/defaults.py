@@ -92,7 +92,9 @@ def get_config():
   # The experiment: LLM methods that rerank the retriever's candidates. `tasks` are the PALR tasks a
   # variant is LoRA-tuned on (() = the base model, untuned); it ranks with the prompt of `rank_task` by
   # `rank_mode`: score (one-token tag logits, one forward; recommend_retrieval only), generate (constrained
-  # decoding of the candidates, the paper's way) or likelihood (each candidate's answer log-probability).
+  # decoding of the candidates, the paper's way), likelihood (each candidate's answer log-probability) or
+  # residual (the tag scores through a learned residual head on the retriever's standardized score:
+  # palr_jax/score_head.py; recommend_retrieval, tag loss and padded batches only).
   # `task_repeats` writes each training example of a task that many times (weights the task mix).
   c.variants = ml_collections.ConfigDict()
   c.variants.zero_shot = _variant((), 'recommend_retrieval', 'score')

@@ -196,9 +196,15 @@ def _check_variants(config) -> None:
       raise bad(f'{key}.retrieval_loss', v.retrieval_loss, f'one of {prompts.RETRIEVAL_LOSSES}')
     if value(config, f'{key}.rank_mode') not in variants.RANK_MODES:
       raise bad(f'{key}.rank_mode', v.rank_mode, f'one of {variants.RANK_MODES}')
-    if v.rank_mode == 'score' and v.rank_task != 'recommend_retrieval':
+    if v.rank_mode in ('score', 'residual') and v.rank_task != 'recommend_retrieval':
       raise bad(f'{key}.rank_mode', v.rank_mode, "'generate' or 'likelihood' for rank_task "
                 f"{v.rank_task!r} ('score' reads candidate tags: rank_task 'recommend_retrieval')")
+    if v.rank_mode == 'residual' and tasks and config.batching.pack:
+      raise bad('batching.pack', config.batching.pack, "False with a trained rank_mode 'residual' variant "
+                f'({name}: its examples carry the retriever z per tag, which packed rows do not)')
+    if v.rank_mode == 'residual' and tasks and v.retrieval_loss != 'tag':
+      raise bad(f'{key}.retrieval_loss', v.retrieval_loss, "'tag' for rank_mode 'residual' (the head is "
+                'trained in the tag loss)')
     _reraise(prompts.task_repeats, config, name)
   if value(config, 'rank.orders') > 1 and config.prompts.candidate_order != 'shuffle':
     raise bad('rank.orders', config.rank.orders, "1 unless config.prompts.candidate_order is 'shuffle' (the "

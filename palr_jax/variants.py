@@ -5,7 +5,9 @@ Low on purpose: the stages, the config checks (palr_jax/validate.py) and the rep
 from __future__ import annotations
 
 # How a variant's LLM ranks its candidates (`variants.<name>.rank_mode`; palr_jax/stages/rank.py).
-RANK_MODES = ('score', 'generate', 'likelihood')
+# 'residual': the tag scores through the residual score head (palr_jax/score_head.py), gate * tag
+# logit + scale * z(retriever score); a variant ranked so is trained with the head in its tag loss.
+RANK_MODES = ('score', 'generate', 'likelihood', 'residual')
 
 
 def trained_variants(config) -> list[str]:

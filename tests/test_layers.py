@@ -13,8 +13,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / 'palr_jax'
 # Lowest first: (layer, its units). A unit is a module or a package; the longest matching name wins.
 LAYERS = (
     ('workdir files', ('palr_jax.files',)),
-    ('foundation', ('palr_jax.batching', 'palr_jax.defaults', 'palr_jax.distributed', 'palr_jax.fingerprint', 'palr_jax.lock', 'palr_jax.memory', 'palr_jax.metrics', 'palr_jax.precision', 'palr_jax.rng',
-                    'palr_jax.sharding', 'palr_jax.variants')),
+    ('foundation', ('palr_jax.batching', 'palr_jax.defaults', 'palr_jax.distributed', 'palr_jax.fingerprint',
+                    'palr_jax.lock', 'palr_jax.memory', 'palr_jax.metrics', 'palr_jax.precision', 'palr_jax.rng',
+                    'palr_jax.score_head', 'palr_jax.sharding', 'palr_jax.variants')),
     ('libraries', ('palr_jax.data', 'palr_jax.retrieval', 'palr_jax.model')),
     ('model files', ('palr_jax.hub',)),
     ('training', ('palr_jax.train',)),

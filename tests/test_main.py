@@ -80,6 +80,20 @@ def test_pipeline_end_to_end_then_skips_then_reruns_ranking_only(tmp_path, monke
     expected = p['ranked_items'].index(p['target']) if p['target'] in p['ranked_items'] else row['target_rank']
     assert p['rank'] == expected
   assert '| palr_v2 |' in (workdir / 'results.md').read_text()
+  # The evidence: every method's test lists, raw ids, recompute every test metric from the raw data alone.
+  from palr_jax.data import interactions
+  from palr_jax.tools import recompute
+  lines = recompute.read_lines(workdir / 'test_predictions.jsonl')
+  again = recompute.recompute(lines, recompute.held_out(interactions.load(config.data)), (1, 3, 5))
+  chosen = results['palr']['method']
+  assert set(again) == set(results['test']['metrics']) | {'palr'}
+  for method, values in again.items():
+    assert values['users'] == pipeline_fixtures.NUM_USERS
+    expected = results['test']['metrics'][chosen if method == 'palr' else method]
+    assert 'HR@5' not in values  # past the 4 candidates the lists hold
+    for name in ('HR@1', 'NDCG@1', 'HR@3', 'NDCG@3'):
+      assert values[name] == pytest.approx(expected[name]), (method, name)
+  assert chosen.removesuffix('+fusion') in config.variants
   # Reordering diagnostics: the retriever agrees with itself, and its HR@10 when the target was retrieved
   # is its HR@10 over those users.
   ro = results['test']['reordering']

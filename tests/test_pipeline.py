@@ -521,3 +521,49 @@ def test_shuffled_train_order_writes_the_same_examples_users_permuted(tmp_path):
   a, b = read(by_user, 'train.tfrecord'), read(shuffled, 'train.tfrecord')
   assert sorted(a) == sorted(b) and a != b
   assert read(by_user, 'valid.tfrecord') == read(shuffled, 'valid.tfrecord')
+
+
+def test_residual_variant_writes_the_retriever_z_at_each_tag(tmp_path):
+  """A rank_mode 'residual' variant's examples carry `candidate_z`: at the tag token, the retriever's
+  scores of the shown candidates (tag order) standardized over the user's candidates; zeros elsewhere;
+  meta.json holds its width and the head's fitted initial scale; packing is refused."""
+  from palr_jax import score_head
+  inter = tiny_interactions()
+  split = interactions.leave_one_out(inter)
+  write_candidates(tmp_path / 'candidates', inter, split, count=4)
+  config = tiny_config()
+  plain = pipeline.examples_fingerprint(config, 'palr_v2')
+  config.variants.palr_v2.rank_mode = 'residual'
+  assert pipeline.examples_fingerprint(config, 'palr_v2') != plain
+  out = pipeline.build_and_write(config, tmp_path, inter, split, tiny_tokenizer(), None, 'palr_v2')
+  meta = json.loads((out / 'meta.json').read_text())
+  assert meta['candidate_z_width'] == len(meta['choice_ids']) == 4
+  assert np.isfinite(meta['score_head_scale'])
+  rows = {(r['user_index'], r['position']): r
+          for r in map(json.loads, (tmp_path / 'candidates' / 'train.jsonl').open())}
+  builder = prompts.PromptBuilder(config, inter, tiny_tokenizer())
+  built = prompts.build_examples(builder, split, 'train', None,
+                                 prompts.read_candidates(tmp_path / 'candidates' / 'train.jsonl', split, 'train'))
+  records = list(pipeline.read_tfrecord(out / 'train.tfrecord', 4).as_numpy_iterator())
+  assert len(records) == len(built)
+  checked = 0
+  for e, r in zip(built, records):
+    assert r['candidate_z'].shape == (len(r['input_ids']), 4)
+    tags = np.flatnonzero(r['loss_mask'] == 2)
+    assert not np.delete(r['candidate_z'], tags, axis=0).any()
+    if e.task == 'recommend_retrieval' and all(i in rows[(e.user, e.position)]['items'] for i in e.candidates):
+      row = rows[(e.user, e.position)]
+      z = dict(zip(row['items'], score_head.standardize(row['scores'])))
+      k = len(e.candidates)
+      np.testing.assert_allclose(r['candidate_z'][tags[0], :k], [z[i] for i in e.candidates], rtol=1e-6)
+      assert not r['candidate_z'][tags[0], k:].any()
+      checked += 1
+  assert checked
+  config.batching.pack, config.batching.length_buckets = False, (64, 128, 256, config.prompts.max_length)
+  batches = pipeline.TrainBatches(out / 'train.tfrecord', config, np.arange(config.train.batch_size))
+  batch = next(batches)
+  assert batch['candidate_z'].shape == (*batch['input_ids'].shape, 4)
+  config.batching.pack = True
+  with pytest.raises(ValueError, match='batching.pack'):
+    list(pipeline.global_batches(pipeline.read_tfrecord(out / 'train.tfrecord', 4), config.batching,
+                                 batch_size=4, max_length=config.prompts.max_length, drop_remainder=False))

@@ -56,7 +56,7 @@ def test_shipped_configs_pass(spec):
     ('eval.methods', ('retriever', 'palr_v3'), "unknown ['palr_v3']"),
     ('export.variant', 'zero_shot', 'a trained variant'),
     ('export.formats', ('gguf',), "('merged', 'peft')"),
-    ('variants.palr_v2.rank_mode', 'scroe', "('score', 'generate', 'likelihood')"),
+    ('variants.palr_v2.rank_mode', 'scroe', "('score', 'generate', 'likelihood', 'residual')"),
     ('variants.palr_v1.rank_mode', 'score', "rank_task 'recommend_retrieval'"),
     ('variants.palr_v1.tasks', ('recomend',), 'a subset of'),
     ('profiles.kind', 'gpt', "('llm', 'stats')"),

@@ -25,7 +25,7 @@ before any TF op.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from absl import logging
@@ -38,6 +38,7 @@ from palr_jax import rng
 from palr_jax.batching import BATCH_KEYS
 from palr_jax.data import prompts
 from palr_jax.data import tf_cpu
+from palr_jax import score_head
 
 tf = tf_cpu.tensorflow()
 
@@ -65,6 +66,8 @@ def examples_fingerprint(config, variant: str, upstream: Sequence[str] = ()) -> 
     extra['retrieval_loss'] = retrieval_loss(config, variant)
   if config.variants[variant].get('use_profile', None) is not None:   # unset: the fingerprint of before
     extra['use_profile'] = prompts.variant_use_profile(config, variant)
+  if writes_candidate_z(config, variant):
+    extra['candidate_z'] = True
   return fingerprint.of(config, EXAMPLE_KEYS, upstream, extra=extra)
 
 
@@ -74,9 +77,18 @@ def retrieval_loss(config, variant: str) -> str:
   return config.variants[variant].retrieval_loss
 
 
-def _serialize(input_ids: np.ndarray, loss_mask: np.ndarray) -> bytes:
+def writes_candidate_z(config, variant: str) -> bool:
+  """A variant ranked by the residual score head trains it: its examples carry `candidate_z`."""
+  v = config.variants[variant]
+  return v.rank_mode == 'residual' and 'recommend_retrieval' in tuple(v.tasks)
+
+
+def _serialize(input_ids: np.ndarray, loss_mask: np.ndarray, candidate_z: np.ndarray | None = None) -> bytes:
   feature = {k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[np.asarray(v, '<i4').tobytes()]))
              for k, v in (('input_ids', input_ids), ('loss_mask', loss_mask))}
+  if candidate_z is not None:
+    feature['candidate_z'] = tf.train.Feature(float_list=tf.train.FloatList(value=np.asarray(candidate_z,
+                                                                                             np.float32)))
   return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
@@ -122,8 +134,9 @@ class TokenStats:
 
 
 def write_tfrecord(path, examples: Iterable, stats: TokenStats | None = None) -> int:
-  """Writes examples (objects with int32 `input_ids`, `loss_mask`; any iterable, consumed once as a
-  stream: nothing is kept) to `path` atomically; returns tokens. `stats` accumulates what was written."""
+  """Writes examples (objects with int32 `input_ids`, `loss_mask`, optionally float [K] `candidate_z`:
+  the residual head's retriever z per tag; any iterable, consumed once as a stream: nothing is kept) to
+  `path` atomically; returns tokens. `stats` accumulates what was written."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = files.temp_path(path)
@@ -133,7 +146,7 @@ def write_tfrecord(path, examples: Iterable, stats: TokenStats | None = None) ->
       if len(ex.input_ids) != len(ex.loss_mask) or not len(ex.input_ids):
         raise ValueError(f'{path}: an example has {len(ex.input_ids)} ids and {len(ex.loss_mask)} mask '
                          'entries; expected the same positive length')
-      writer.write(_serialize(ex.input_ids, ex.loss_mask))
+      writer.write(_serialize(ex.input_ids, ex.loss_mask, getattr(ex, 'candidate_z', None)))
       tokens += len(ex.input_ids)
       if stats is not None:
         stats.add(ex)
@@ -141,16 +154,23 @@ def write_tfrecord(path, examples: Iterable, stats: TokenStats | None = None) ->
   return tokens
 
 
-def read_tfrecord(path) -> tf.data.Dataset:
-  """Examples as {'input_ids', 'loss_mask'}: int32 [L], in file order."""
+def read_tfrecord(path, candidate_z: int = 0) -> tf.data.Dataset:
+  """Examples as {'input_ids', 'loss_mask'}: int32 [L], in file order; with `candidate_z` = K > 0 also
+  'candidate_z' float32 [L, K]: the example's z at its tag token (loss_mask 2), zeros elsewhere."""
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f'{path}: not found; build the examples first (pipeline.write_examples)')
   spec = {k: tf.io.FixedLenFeature([], tf.string) for k in FEATURES}
+  if candidate_z:
+    spec['candidate_z'] = tf.io.FixedLenFeature([candidate_z], tf.float32)
 
   def parse(record):
     raw = tf.io.parse_single_example(record, spec)
-    return {k: tf.io.decode_raw(raw[k], tf.int32, little_endian=True) for k in FEATURES}
+    out = {k: tf.io.decode_raw(raw[k], tf.int32, little_endian=True) for k in FEATURES}
+    if candidate_z:
+      tag = tf.cast(tf.equal(out['loss_mask'], 2), tf.float32)
+      out['candidate_z'] = tag[:, None] * raw['candidate_z'][None, :]
+    return out
 
   return tf.data.TFRecordDataset(str(path)).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
                                                 deterministic=True)
@@ -158,12 +178,16 @@ def read_tfrecord(path) -> tf.data.Dataset:
 
 def write_examples(out, max_length: int, examples_by_split: Mapping[str, Iterable],
                    choice_ids: Sequence[int] | None = None, *,
-                   distinct: Mapping[str, TokenStats] | None = None) -> epath.Path:
+                   distinct: Mapping[str, TokenStats] | None = None, candidate_z: bool = False,
+                   head_scale: float | Callable[[], float] | None = None) -> epath.Path:
   """Writes `out/{split}.tfrecord` + `meta.json` (last); returns `out`. Each split's examples may be a
   stream (a generator): they are written as they come, never held. `choice_ids`: the candidates' tag
   tokens, which the tag loss (loss_mask 2) chooses among; None when the tags are not usable (no
   Recommend_Retrieval task and tags that are not single tokens). `distinct[split]`: stats of the split's
-  examples before task repeats, filled while the stream is consumed (meta's `distinct_examples`)."""
+  examples before task repeats, filled while the stream is consumed (meta's `distinct_examples`).
+  `candidate_z`: the examples carry float [K] `candidate_z` (the residual head's), its width kept in
+  meta.json (`candidate_z_width`) with the head's initial `score_head_scale` (`head_scale`, or its value
+  once every split is written: a fit over the streamed train examples)."""
   out = epath.Path(out)
   meta = {'fingerprint': out.name, 'max_length': int(max_length), 'choice_ids': choice_ids, 'splits': {}}
   for split, examples in examples_by_split.items():
@@ -177,6 +201,9 @@ def write_examples(out, max_length: int, examples_by_split: Mapping[str, Iterabl
       meta['splits'][split]['distinct_examples'] = distinct[split].examples
       meta['splits'][split]['distinct_tasks'] = distinct[split].tasks()
       meta['splits'][split]['distinct_tokens_per_example'] = distinct[split].tokens_per_example()
+  if candidate_z:
+    meta['candidate_z_width'] = len(choice_ids or ())
+    meta['score_head_scale'] = head_scale() if callable(head_scale) else head_scale
   files.atomic_write_json(out / 'meta.json', meta)
   return out
 
@@ -210,6 +237,13 @@ def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence
                                   use_profile=prompts.variant_use_profile(config, variant))
   repeats = prompts.task_repeats(config, variant)   # weights the training mix; valid stays one of each
   distinct = {which: TokenStats() for which in WRITTEN_SPLITS}
+  # The residual head's z per example (writes_candidate_z), and the train (z, label) rows its initial scale
+  # is fit on (kept while streaming: K floats per retrieval example).
+  z_rows, width = None, int(config.retriever.num_candidates)
+  if writes_candidate_z(config, variant):
+    z_rows = {which: candidate_z_rows(epath.Path(workdir) / 'candidates' / f'{which}.jsonl', which)
+              for which in WRITTEN_SPLITS}
+    z_rows['fit'] = ([], [])
 
   def stream(which):
     cands = (prompts.read_candidates(epath.Path(workdir) / 'candidates' / f'{which}.jsonl', split, which)
@@ -221,6 +255,12 @@ def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence
     examples = prompts.iter_examples(builder, split, which, profiles, cands, users=users)
     for n, e in enumerate(examples, 1):
       distinct[which].add(e)
+      if z_rows is not None:
+        z = example_z(e, z_rows[which], which, width)
+        if which == 'train' and e.task == 'recommend_retrieval' and e.target in e.candidates:
+          z_rows['fit'][0].append(z)
+          z_rows['fit'][1].append(list(e.candidates).index(e.target))
+        e = _WithZ(e, z)
       if n % 10000 == 0:
         logging.info('examples %s/%s: %d written', variant, which, n)
       for _ in range(repeats[e.task] if which == 'train' else 1):
@@ -235,7 +275,8 @@ def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence
     choices = None
   out = write_examples(epath.Path(workdir) / 'examples' / fingerprint, config.prompts.max_length,
                        {which: stream(which) for which in WRITTEN_SPLITS}, choice_ids=choices,
-                       distinct=distinct)
+                       distinct=distinct, candidate_z=z_rows is not None,
+                       head_scale=None if z_rows is None else lambda: initial_head_scale(*z_rows['fit']))
   for which in WRITTEN_SPLITS:
     tok = distinct[which].tokens_per_example()['all']
     logging.info('examples %s/%s: %d distinct (%s), %d written; tokens per example: mean %.1f, p95 %d, '
@@ -243,6 +284,47 @@ def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence
                  files.read_json(out / 'meta.json')['splits'][which]['examples'], tok['mean'], tok['p95'],
                  tok['max'])
   return out
+
+
+def candidate_z_rows(path, which: str) -> dict:
+  """The retriever's scores of `candidates/{which}.jsonl`, standardized per row over the candidates it
+  scored: {key: (items int64 [n], z float32 [n])}, train rows keyed by (user, position), else by user."""
+  out = {}
+  for row in files.read_jsonl(path):
+    key = (int(row['user_index']), int(row['position'])) if which == 'train' else int(row['user_index'])
+    out[key] = (np.asarray(row['items'], np.int64), score_head.standardize([float(s) for s in row['scores']]))
+  return out
+
+
+def example_z(e, rows: Mapping, which: str, width: int) -> np.ndarray:
+  """float32 [width]: the retriever's standardized score of each shown candidate (tag order) of example
+  `e`; a candidate it did not score (a target put in for training) gets the lowest z - 1; zeros past the
+  candidates and for examples of other tasks."""
+  z = np.zeros(width, np.float32)
+  if e.task == 'recommend_retrieval':
+    items, known = rows[(e.user, e.position) if which == 'train' else e.user]
+    zs = dict(zip(items.tolist(), known.tolist()))
+    low = min(zs.values(), default=0.0) - 1.0
+    z[:len(e.candidates)] = [zs.get(int(i), low) for i in e.candidates]
+  return z
+
+
+class _WithZ:
+  """An example with its `candidate_z` (the other fields read through)."""
+
+  def __init__(self, example, candidate_z: np.ndarray):
+    self._example, self.candidate_z = example, candidate_z
+
+  def __getattr__(self, name):
+    return getattr(self._example, name)
+
+
+def initial_head_scale(z: Sequence[np.ndarray], labels: Sequence[int]) -> float:
+  """The residual head's scale fitted on the train examples (the target's tag index as the label), over
+  the full-width z rows the tag loss sees (zeros past a user's candidates)."""
+  if not len(z):
+    return score_head.fit_scale(np.zeros((0, 1)), np.zeros(0))
+  return score_head.fit_scale(np.stack(z), np.asarray(labels))
 
 
 # ------------------------------------------------------------------------------------- batching
@@ -303,8 +385,17 @@ def _pack(ds: tf.data.Dataset, length: int, max_loss_tokens: int, window: int,
 
 def _with_layout(ex):
   n = tf.size(ex['input_ids'])
-  return {'input_ids': ex['input_ids'], 'positions': tf.range(n), 'segment_ids': tf.ones([n], tf.int32),
-          'loss_mask': ex['loss_mask']}
+  out = {'input_ids': ex['input_ids'], 'positions': tf.range(n), 'segment_ids': tf.ones([n], tf.int32),
+         'loss_mask': ex['loss_mask']}
+  if 'candidate_z' in ex:
+    out['candidate_z'] = ex['candidate_z']
+  return out
+
+
+def _pad_time(v, extra_rows, extra_length):
+  """Pads [B, T] or [B, T, K] with zeros: rows, then time steps."""
+  pads = [[0, extra_rows], [0, extra_length]] + [[0, 0]] * (len(v.shape) - 2)
+  return tf.pad(v, pads)
 
 
 def _pad_to_bucket(batch, buckets: Sequence[int]):
@@ -313,13 +404,13 @@ def _pad_to_bucket(batch, buckets: Sequence[int]):
   length = tf.shape(batch['input_ids'])[1]
   tf.debugging.assert_less_equal(length, table[-1], 'an example is longer than the largest length bucket')
   bucket = tf.gather(table, tf.argmax(tf.cast(table >= length, tf.int32)))
-  return {k: tf.pad(v, [[0, 0], [0, bucket - length]]) for k, v in batch.items()}
+  return {k: _pad_time(v, 0, bucket - length) for k, v in batch.items()}
 
 
 def _fill_batch(batch, batch_size: int):
   """Pads a short last batch with rows of segment_ids 0 (no tokens, no loss)."""
   missing = batch_size - tf.shape(batch['input_ids'])[0]
-  return {k: tf.pad(v, [[0, missing], [0, 0]]) for k, v in batch.items()}
+  return {k: _pad_time(v, missing, 0) for k, v in batch.items()}
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -338,6 +429,9 @@ def global_batches(ds: tf.data.Dataset, batching, *, batch_size: int, max_length
     seed, buffer = shuffle
     ds = ds.shuffle(max(int(buffer), 1), seed=seed, reshuffle_each_iteration=False)
   if batching.pack:
+    if 'candidate_z' in ds.element_spec:
+      raise ValueError("config.batching.pack: the residual head's examples (rank_mode 'residual') are "
+                       'padded, not packed: set config.batching.pack = False')
     ds = _pack(ds, max_length, max_loss_tokens, batching.pack_window,
                None if shuffle is None else shuffle[0])
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
@@ -380,11 +474,17 @@ def _local(ds: tf.data.Dataset, rows: np.ndarray, prefetch: int) -> tf.data.Data
   stages for tens of seconds after their last step on a CPU (bench/RESULTS.md, ":quick end to end").
   """
   idx = tf.constant(np.asarray(rows, np.int32))
-  ds = ds.map(lambda b: {k: tf.gather(b[k], idx) for k in BATCH_KEYS})
+  ds = ds.map(lambda b: {k: tf.gather(b[k], idx) for k in (*BATCH_KEYS, 'candidate_z') if k in b})
   ds = ds.prefetch(prefetch) if prefetch > 0 else ds
   options = tf.data.Options()
   options.autotune.enabled = False
   return ds.with_options(options)
+
+
+def z_width(path) -> int:
+  """K of the `candidate_z` feature of the examples file `path` (meta.json beside it), 0 without it."""
+  meta = epath.Path(path).parent / 'meta.json'
+  return int(files.read_json(meta).get('candidate_z_width') or 0) if meta.exists() else 0
 
 
 class TrainBatches:
@@ -403,7 +503,7 @@ class TrainBatches:
 
   def _start(self) -> None:
     c = self._config
-    ds = global_batches(read_tfrecord(self._path), c.batching, batch_size=c.train.batch_size,
+    ds = global_batches(read_tfrecord(self._path, z_width(self._path)), c.batching, batch_size=c.train.batch_size,
                         max_length=c.prompts.max_length, max_loss_tokens=c.train.max_loss_tokens,
                         shuffle=(epoch_seed(c.seed, self.epoch), self._buffer), drop_remainder=True)
     self._it = _local(ds.skip(self.batch), self._rows, c.batching.prefetch).as_numpy_iterator()
@@ -444,7 +544,7 @@ class EvalBatches:
 
   def __init__(self, path, config, rows: Sequence[int], limit: int = 0):
     c = config
-    ds = global_batches(read_tfrecord(path), c.batching, batch_size=c.train.batch_size,
+    ds = global_batches(read_tfrecord(path, z_width(path)), c.batching, batch_size=c.train.batch_size,
                         max_length=c.prompts.max_length, max_loss_tokens=c.train.max_loss_tokens,
                         drop_remainder=False)
     if limit > 0:

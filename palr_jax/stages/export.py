@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from palr_jax import exporter
 from palr_jax import files
+from palr_jax import score_head
 from palr_jax.stages import base
 from palr_jax.train import checkpointing
 
@@ -38,3 +39,6 @@ def run(ctx) -> None:
   for fmt in config.export.formats:
     exporter.export_model(model_config, workdir / 'export' / fmt, fmt, workdir=workdir / variant, step=step,
                  overwrite=True, mesh=ctx.local_mesh, rules=config.mesh.rules)
+    head = checkpointing.adapter_dir(workdir / variant, step) / score_head.FILE
+    if fmt == 'peft' and head.exists():  # the residual head's two scalars, beside the adapter they go with
+      score_head.save(workdir / 'export' / fmt, *score_head.load(head.parent))

@@ -104,12 +104,17 @@ def run(ctx, variant: str) -> None:
   train_batches = pipeline.TrainBatches(folder / 'train.tfrecord', config, rows)
   valid_batches = pipeline.EvalBatches(folder / 'valid.tfrecord', config, rows, int(config.train.valid_batches))
   start = time.perf_counter()
-  choice_ids = files.read_json(folder / 'meta.json').get('choice_ids')  # used by tag-loss tokens only
+  meta = files.read_json(folder / 'meta.json')
+  choice_ids = meta.get('choice_ids')  # used by tag-loss tokens only
+  head_scale = meta.get('score_head_scale') if pipeline.writes_candidate_z(config, variant) else None
+  if head_scale is not None:
+    logging.info('%s: residual score head from gate 0, scale %.4f (fit on the train examples)', variant,
+                 head_scale)
   # Only now, with the examples written and the model loaded, may another fingerprint's state be set aside.
   _bind_to_fingerprint(run_dir, ctx.fingerprint)
   ranker = _valid_ranker(ctx, variant, mesh)
   result = loop.train(config, run_dir, model, train_batches, valid_batches, choice_ids=choice_ids,
-                      valid_rank=ranker)
+                      valid_rank=ranker, head_scale=head_scale)
   logging.info('%s: trained to step %d in %.1f s%s', variant, result['step'], time.perf_counter() - start,
                ' (early stop)' if result.get('stopped_early') else '')
   # A SIGTERM agreed on for the last step (or later) still ends the job: the rerun finds the final

@@ -25,6 +25,7 @@ alone is a method too (its own top K as `items`, no scores).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import dataclasses
 import time
 
 from absl import logging
@@ -40,6 +41,7 @@ from palr_jax import variants
 from palr_jax.data import prompts
 from palr_jax.hub import load
 from palr_jax.model import rerank
+from palr_jax import score_head
 from palr_jax.stages import base
 from palr_jax.stages import retriever
 from palr_jax.train import checkpointing
@@ -103,9 +105,9 @@ def rank_users(model, builder: prompts.PromptBuilder, examples: Sequence[prompts
   ranking_prompts = [builder.ranking_prompt(e) for e in examples]
   common = dict(batch_size=int(c.batch_size), buckets=tuple(config.batching.length_buckets),
                 placement=placement, progress=advance)
-  if mode == 'score':
+  if mode in ('score', 'residual'):  # residual: the head is applied per user in rank_split
     if any(e.task != 'recommend_retrieval' for e in examples):
-      raise ValueError("rank_mode 'score' reads the candidates' tags: it needs rank_task "
+      raise ValueError(f"rank_mode {mode!r} reads the candidates' tags: it needs rank_task "
                        "'recommend_retrieval'")
     tags = [builder.tag_ids[:len(e.candidates)] for e in examples]
     scores = rerank.score_tags(model, ranking_prompts, tags, **common)
@@ -155,14 +157,15 @@ def catalog_rank(ranked: Sequence[int], target: int, retriever_rank: int,
 
 
 def rank_split(ctx, model, builder, which: str, users: np.ndarray, mode: str,
-               advance: Callable[[float], None] | None = None) -> dict:
+               advance: Callable[[float], None] | None = None, head: tuple[float, float] = (0.0, 1.0)) -> dict:
   """Ranks `users`' candidates of split `which`: {'users', 'targets', 'items' (each user's candidates as
   the LLM ordered them), 'ranks' (over the catalog), 'scores' (the LLM's score of each candidate in the
   retriever's order, None where it gave none)}. `advance(n)`: n more users ranked (a fraction per
-  candidate order when `rank.orders` > 1)."""
+  candidate order when `rank.orders` > 1). Mode 'residual' scores `gate * tag score + scale *
+  z(retriever score)` with `head` = (gate, scale); equals keep the retriever's order."""
   rows = _candidate_rows(ctx, which)
   candidates = prompts.read_candidates(ctx.workdir / 'candidates' / f'{which}.jsonl', ctx.split, which)
-  orders = int(ctx.config.rank.orders) if mode == 'score' else 1
+  orders = int(ctx.config.rank.orders) if mode in ('score', 'residual') else 1
   profiles, user_list, runs = ctx.profiles(), [int(u) for u in users], []
   for order in range(orders):
     examples = prompts.build_examples(builder, ctx.split, which, profiles, candidates, users=user_list,
@@ -173,7 +176,12 @@ def rank_split(ctx, model, builder, which: str, users: np.ndarray, mode: str,
   items, ranks, scores = [], [], []
   for e, row_scores, u in zip(examples, llm_scores, users):
     row = rows[int(u)]
-    chosen = [e.candidates[j] for j in rerank.order_from_scores(row_scores[None])[0]]
+    if mode == 'residual':
+      row_scores, e = residual_row(row, e, row_scores, head)
+      chosen = list(row['items'])  # the candidates in the retriever's order
+      chosen = [chosen[j] for j in score_head.retriever_consistent_order(row_scores, np.arange(len(chosen)))]
+    else:
+      chosen = [e.candidates[j] for j in rerank.order_from_scores(row_scores[None])[0]]
     ranked = chosen + [i for i in row['items'] if i not in set(chosen)]
     items.append(ranked)
     by_item = dict(zip(e.candidates, row_scores.tolist()))
@@ -181,6 +189,18 @@ def rank_split(ctx, model, builder, which: str, users: np.ndarray, mode: str,
     scores.append([by_item[i] if np.isfinite(by_item.get(i, -np.inf)) else None for i in row['items']])
   return {'users': [int(u) for u in users], 'targets': [e.target for e in examples], 'items': items,
           'ranks': ranks, 'scores': scores}
+
+
+def residual_row(row: dict, example, tag_scores: np.ndarray, head: tuple[float, float]):
+  """(scores of the retriever's candidates in its order through the head, the example with its candidates
+  in that order): z is the retriever's score standardized over the user's candidates."""
+  items = list(row['items'])
+  by_item = dict(zip(example.candidates, np.asarray(tag_scores, np.float64).tolist()))
+  if set(by_item) != set(items):
+    raise ValueError(f"rank: user {example.user}: the prompt's candidates are not the retriever's {items}")
+  z = score_head.standardize(row['scores'])
+  scores = score_head.residual_scores(np.array([by_item[i] for i in items]), z, *head)
+  return scores, dataclasses.replace(example, candidates=tuple(items))
 
 
 def _candidate_rows(ctx, which: str) -> dict[int, dict]:
@@ -241,6 +261,14 @@ def _best_step(ctx, method: str) -> tuple[int | None, dict[int, float]]:
   return best, by_step
 
 
+def trained_head(ctx, method: str, step: int | None, mode: str) -> tuple[float, float]:
+  """(gate, scale) of the residual head: read beside the PEFT adapter of checkpoint `step`
+  (`score_head.safetensors`); the base model's is (0, 1), which ranks as the retriever."""
+  if mode != 'residual' or step is None:
+    return (0.0, 1.0)
+  return score_head.load(checkpointing.adapter_dir(ctx.workdir / method, step))
+
+
 def run(ctx) -> None:
   config = ctx.config
   mine = np.asarray(distributed.share(eval_users(len(ctx.inter.user_ids), config)), np.int64)
@@ -259,7 +287,8 @@ def run(ctx) -> None:
                                               rules=config.mesh.rules)
         at = '' if step is None else f' (checkpoint {step})'
         with progress.bar(len(mine), f'rank {method} {which}{at}') as bar:
-          out = rank_split(ctx, model, builder, which, mine, mode, bar.update)
+          out = rank_split(ctx, model, builder, which, mine, mode, bar.update,
+                           head=trained_head(ctx, method, step, mode))
         logging.info('rank: %s %s (checkpoint %s, %s): %d users in %.1f s', method, which, step, mode,
                      len(mine), time.perf_counter() - start)
         return out

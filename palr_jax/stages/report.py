@@ -1,5 +1,10 @@
 """Stage `report`: HR@K / NDCG@K of every method with paired-bootstrap intervals -> results.json, results.md,
-predictions/test.jsonl, plots/.
+predictions/test.jsonl, test_predictions.jsonl, plots/.
+
+`test_predictions.jsonl` is the evidence: one line per (user, method), `{"user": raw user id, "method",
+"ranked_item_ids": [raw item ids]}` for every method of the report (`retriever`: its top K; each LLM method
+and fused row under its own name; `palr`: the LLM method chosen on valid), from which `python -m
+palr_jax.tools.recompute` recomputes every test HR@K / NDCG@K from the raw data.
 
 Processes: host (process 0 evaluates and writes; seconds of CPU).
 """
@@ -19,7 +24,10 @@ from palr_jax.stages import rank
 from palr_jax.train import progress
 
 FUSED = '+fusion'
-OUTPUTS = ('results.json', 'results.md', 'predictions/test.jsonl', 'plots/hr_at_k.png', 'plots/loss.png')
+EVIDENCE = 'test_predictions.jsonl'
+PALR = 'palr'  # the method name, in the evidence, of the LLM method chosen on valid
+OUTPUTS = ('results.json', 'results.md', 'predictions/test.jsonl', EVIDENCE, 'plots/hr_at_k.png',
+           'plots/loss.png')
 
 
 def declare(config) -> base.Stage:
@@ -46,6 +54,7 @@ def run(ctx) -> None:
   methods = dict(rankings['methods'])
   results['fusion'] = fused_methods(config, methods)
   results['methods'] = list(methods)
+  results['palr'] = chosen_on_valid(config, methods)
   for which in rank.SPLITS:
     per_user = {m: metrics.per_user_metrics(np.asarray(v[which]['ranks']), ks) for m, v in methods.items()}
     results[which] = {'num_users': len(users),
@@ -67,6 +76,7 @@ def run(ctx) -> None:
        'target_id': str(inter.item_ids[t]), 'rank': r, 'method': final, 'ranked_items': items,
        'ranked_item_ids': [str(inter.item_ids[i]) for i in items]}
       for u, t, r, items in zip(users.tolist(), test['targets'], test['ranks'], test['items'])])
+  files.atomic_write_jsonl(workdir / EVIDENCE, evidence_rows(methods, results['palr'], users, inter))
   files.atomic_write_bytes(workdir / 'plots' / 'hr_at_k.png', plot_hr_at_k(results, ks))
   files.atomic_write_bytes(workdir / 'plots' / 'loss.png', plot_losses(
       {v: read_losses(workdir / v / 'tensorboard') for v in variants.trained_variants(config)}))
@@ -88,6 +98,42 @@ def fused_methods(config, methods: dict) -> dict:
                                    for which in rank.SPLITS}
     chosen[method] = {'weight': best, 'valid_by_weight': by_weight}
   return chosen
+
+
+def chosen_on_valid(config, methods: dict) -> dict | None:
+  """The LLM method (a variant or its fused row) with the best valid `config.eval.fusion_metric` (the
+  first of equals, in report order): {'method', 'metric', 'valid'}; None without LLM methods."""
+  metric = str(config.eval.fusion_metric)
+  k = int(metric.split('@')[1])
+  scores = {m: metrics.metrics_from_ranks(v['valid']['ranks'], [k])[metric] for m, v in methods.items()
+            if m.removesuffix(FUSED) in config.variants}
+  if not scores:
+    return None
+  best = max(scores, key=lambda m: (scores[m], -list(scores).index(m)))
+  return {'method': best, 'metric': metric, 'valid': scores[best]}
+
+
+def evidence_order(items: Sequence[int], target: int, rank: float) -> list[int]:
+  """`items` with the target moved to its counted rank where the two differ (a method's rank counts
+  ties against the target, its order keeps the retriever's order among equals), so that the target's
+  place in the written list is the rank the metrics used."""
+  items = [int(i) for i in items]
+  if target in items and rank < len(items) and items.index(target) != int(rank):
+    items.remove(target)
+    items.insert(int(rank), target)
+  return items
+
+
+def evidence_rows(methods: dict, palr: dict | None, users: np.ndarray, inter) -> list[dict]:
+  """The lines of `test_predictions.jsonl`: every method's test list per user, raw ids, plus `palr`."""
+  named = [(m, m) for m in methods] + ([(PALR, palr['method'])] if palr else [])
+  out = []
+  for name, method in named:
+    test = methods[method]['test']
+    for u, t, r, items in zip(users.tolist(), test['targets'], test['ranks'], test['items']):
+      out.append({'user': str(inter.user_ids[u]), 'method': name,
+                  'ranked_item_ids': [str(inter.item_ids[i]) for i in evidence_order(items, int(t), r)]})
+  return out
 
 
 def read_losses(logdir: epath.Path) -> dict[str, list[tuple[int, float]]]:

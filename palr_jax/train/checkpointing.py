@@ -32,6 +32,7 @@ from palr_jax import files
 from palr_jax import fingerprint
 from palr_jax.hub import peft
 from palr_jax.model import lora
+from palr_jax import score_head
 
 ITEMS = ('state', 'data', 'config')  # the items of a checkpoint step
 ADAPTERS = 'adapters'   # W/adapters/step_<N>: each kept checkpoint's adapters as a PEFT folder
@@ -225,7 +226,8 @@ def check_adapter_shapes(manager: ocp.CheckpointManager, step: int, expected: di
     absl_logger.setLevel(level)
   if not isinstance(tree, dict):
     return
-  stored = {name: tuple(meta.shape) for name, meta in (tree.get('lora') or {}).items()}
+  stored = {name: tuple(meta.shape) for name, meta in (tree.get('lora') or {}).items()
+            if name in expected or name not in score_head.HEAD_KEYS}  # the head's scalars: restore_head
   if stored == {name: tuple(shape) for name, shape in expected.items()}:
     return
   wrong = sorted(set(stored) ^ set(expected)) or sorted(n for n in expected if stored[n] != tuple(expected[n]))
@@ -300,6 +302,24 @@ def restore_adapters(model: nnx.Module, directory: epath.Path, step: int) -> Non
   nnx.update(model, nnx.from_flat_state([(path, var.replace(restored[key(path)])) for path, var in flat]))
 
 
+def restore_head(directory: epath.Path, step: int) -> tuple[float, float] | None:
+  """(gate, scale) of the residual score head trained beside the adapters in orbax checkpoint `step`, or
+  None when that run had no head."""
+  manager = orbax_manager(directory)
+  path = os.path.join(_step_dir(manager, step), 'state')
+  try:
+    tree = getattr(ocp.PyTreeCheckpointer().metadata(path).item_metadata, 'tree', None)
+  except Exception:  # noqa: BLE001 - unreadable: restore_adapters says what is damaged
+    tree = None
+  if not isinstance(tree, dict) or score_head.GATE not in (tree.get('lora') or {}):
+    return None
+  target = {k: jax.ShapeDtypeStruct((), np.float32) for k in score_head.HEAD_KEYS}
+  restored = _restore(manager, step, ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item={'lora': target}, restore_args=ocp.checkpoint_utils.construct_restore_args({'lora': target}),
+      partial_restore=True)))['state']['lora']
+  return tuple(float(np.asarray(jax.device_get(restored[k]))) for k in score_head.HEAD_KEYS)
+
+
 def _host(x) -> np.ndarray:
   return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
 
@@ -314,8 +334,11 @@ def write_adapters(workdir, model: nnx.Module, lora_config, base_name: str) -> l
   for step in steps:
     restore_adapters(model, workdir / 'checkpoints', step)
     values = {'.'.join(map(str, path)): _host(var.value) for path, var in nnx.to_flat_state(lora.lora_state(model))}
+    head = restore_head(workdir / 'checkpoints', step)
     if jax.process_index() == 0:
       peft.save_adapter(adapter_dir(workdir, step), model, lora_config, base_name, values)
+      if head is not None:  # beside the adapter: the rank stage's residual mode reads it there
+        score_head.save(adapter_dir(workdir, step), *head)
   if jax.process_index() == 0:
     for old in set(adapter_steps(workdir)) - set(steps):
       adapter_dir(workdir, old).rmtree()

@@ -17,6 +17,7 @@ import numpy as np
 
 from palr_jax import distributed
 from palr_jax import sharding
+from palr_jax import score_head
 from palr_jax.train import checkpointing, progress
 from palr_jax.train import valid_rank as valid_rank_lib
 from palr_jax.train.step import (DataIterator, check_batch_layout, device_batch, evaluate, make_eval_step,
@@ -26,7 +27,8 @@ from palr_jax.train.step import (DataIterator, check_batch_layout, device_batch,
 def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIterator,
           valid_batches: Iterable[Mapping[str, np.ndarray]] | None = None, *,
           choice_ids: Sequence[int] | None = None,
-          valid_rank: Callable[[nnx.Module], float] | None = None) -> dict[str, float]:
+          valid_rank: Callable[[nnx.Module], float] | None = None,
+          head_scale: float | None = None) -> dict[str, float]:
   """Trains `model`'s LoRA adapters per `config.train` on the mesh `config.mesh`; resumes from `workdir`.
 
   Writes WORKDIR/checkpoints and WORKDIR/tensorboard. On return the model holds the trained adapters
@@ -43,6 +45,8 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
   stops (saving there; the result has `stopped_early`) after n evaluations without improving on it.
   'valid_ndcg10' without a `valid_rank` (a variant that does not rank by tag scores) falls back to the
   valid loss, with a log line.
+  `head_scale`: also train the residual score head (palr_jax/score_head.py) from gate 0 and this
+  scale; its batches carry `candidate_z`, and the result holds its final `score_head.gate` / `.scale`.
   """
   c = config.train
   rules = config.mesh.rules
@@ -64,7 +68,7 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
     raise ValueError(f'config.train.early_stop_patience = {patience}: must be >= 0 (0 = off)')
 
   # Abstract state -> shardings -> state created in place on the mesh; the base is only laid out.
-  laid = setup(model, c, mesh, rules)
+  laid = setup(model, c, mesh, rules, head_scale)
   parts, frozen, abstract, shardings = laid.parts, laid.frozen, laid.abstract, laid.shardings
 
   manager = checkpointing.checkpoint_manager(workdir / 'checkpoints', c, metric)
@@ -177,4 +181,7 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
   manager.close()
   writer.close()
   nnx.update(model, with_lora_values(parts.lora, state['lora']))
+  for key in score_head.HEAD_KEYS:
+    if key in state['lora']:
+      last[key] = float(jax.device_get(state['lora'][key]))
   return last

@@ -27,6 +27,7 @@ import optax
 
 from palr_jax import sharding
 from palr_jax.batching import BATCH_KEYS
+from palr_jax import score_head
 
 
 class DataIterator(Protocol):
@@ -49,7 +50,7 @@ def loss_weights(batch: Mapping[str, jax.Array]) -> jax.Array:
 
 
 def loss_sum(model, batch: Mapping[str, jax.Array], max_loss_tokens: int, rules,
-             choice_ids: jax.Array | None = None) -> jax.Array:
+             choice_ids: jax.Array | None = None, head: Mapping[str, jax.Array] | None = None) -> jax.Array:
   """Sum of the token losses of `batch`, with logits only at its loss tokens.
 
   Each row's loss tokens are moved to the front (in order) and the first `max_loss_tokens` of them are
@@ -59,6 +60,10 @@ def loss_sum(model, batch: Mapping[str, jax.Array], max_loss_tokens: int, rules,
   A token's loss is the cross-entropy over the vocabulary, or, where `loss_mask` is 2 (a Recommend_Retrieval
   answer's tag), over the candidates' tag tokens `choice_ids` alone: a K-way softmax that asks which
   candidate, not how its title is spelled.
+  With the residual score head (`head`: {score_head.GATE, score_head.SCALE} fp32 scalars, and the batch's
+  `candidate_z` float [B, T, K]: at a tag token, the retriever's standardized score of the candidate
+  behind each tag, zeros elsewhere, so packed rows carry one z per tag), the K-way logits are
+  `gate * tag_logit + scale * z` (palr_jax/score_head.py).
   """
   weights = loss_weights(batch)
   length = weights.shape[1]
@@ -73,6 +78,11 @@ def loss_sum(model, batch: Mapping[str, jax.Array], max_loss_tokens: int, rules,
   if choice_ids is not None:
     choices = jnp.take(logits, jnp.asarray(choice_ids), axis=-1)                  # [B, n, K]
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    if head is not None:
+      z = jnp.take_along_axis(jnp.asarray(batch['candidate_z'], jnp.float32), idx[..., None], axis=1)
+      choices = head[score_head.GATE] * choices + head[score_head.SCALE] * z
+      chosen = (targets[..., None] == jnp.asarray(choice_ids)).astype(jnp.float32)
+      picked = jnp.sum(chosen * choices, axis=-1)
     choice = jax.nn.logsumexp(choices, axis=-1) - picked
     kind = jnp.take_along_axis(batch['loss_mask'], idx, axis=1)
     losses = jnp.where(kind == 2, choice, losses)
@@ -135,6 +145,19 @@ def with_lora_values(lora: nnx.State, values: Mapping[str, Any]) -> nnx.State:
                               for path, var in nnx.to_flat_state(lora)])
 
 
+def head_of(values: Mapping[str, jax.Array]) -> dict[str, jax.Array] | None:
+  """The residual score head's scalars among the trained values, or None when it is not trained."""
+  if score_head.GATE not in values:
+    return None
+  return {k: values[k].astype(jnp.float32) for k in score_head.HEAD_KEYS}
+
+
+def with_head(values: Mapping[str, jax.Array], scale: float, gate: float = 0.0) -> dict[str, jax.Array]:
+  """The trained values plus the residual head's scalars (fp32): gate 0 ranks as the retriever."""
+  return {**values, score_head.GATE: jnp.asarray(gate, jnp.float32),
+          score_head.SCALE: jnp.asarray(scale, jnp.float32)}
+
+
 def loss_and_grad(parts: LoraModel, values: Mapping[str, jax.Array], frozen: nnx.State,
                   batch: Mapping[str, jax.Array], dropout_key: jax.Array, *, microbatches: int,
                   max_loss_tokens: int, rules, choice_ids=None
@@ -148,7 +171,7 @@ def loss_and_grad(parts: LoraModel, values: Mapping[str, jax.Array], frozen: nnx
 
   def micro_loss(values, micro, index):
     model = parts.merge(values, frozen, jax.random.fold_in(dropout_key, index))
-    return loss_sum(model, micro, max_loss_tokens, rules, choice_ids) / jnp.maximum(count, 1.0)
+    return loss_sum(model, micro, max_loss_tokens, rules, choice_ids, head_of(values)) / jnp.maximum(count, 1.0)
 
   grad_fn = jax.value_and_grad(micro_loss)
   if microbatches == 1:
@@ -157,7 +180,8 @@ def loss_and_grad(parts: LoraModel, values: Mapping[str, jax.Array], frozen: nnx
 
   def accumulate(carry, micro_and_index):
     micro, index = micro_and_index
-    micro = {k: sharding.constrain(v, ('batch', 'length'), rules) for k, v in micro.items()}
+    micro = {k: sharding.constrain(v, ('batch', 'length', None) if k == 'candidate_z' else ('batch', 'length'),
+                                   rules) for k, v in micro.items()}
     loss, grads = grad_fn(values, micro, index)
     return (carry[0] + loss, jax.tree.map(lambda a, g: a + g.astype(jnp.float32), carry[1], grads)), None
 
@@ -211,6 +235,7 @@ def state_shardings(abstract_state, parts: LoraModel, optimizer: optax.GradientT
   """Shardings of the train state: adapters by their logical axes, Adam moments like their parameter."""
   replicated = NamedSharding(mesh, P())
   lora_shardings = lora_values(sharding.state_shardings(parts.lora, mesh, rules))
+  lora_shardings.update({k: replicated for k in abstract_state['lora'] if k in score_head.HEAD_KEYS})
   opt_shardings = optax.tree_utils.tree_map_params(
       optimizer, lambda _, s: s, abstract_state['opt_state'], lora_shardings,
       transform_non_params=lambda _: replicated)
@@ -241,9 +266,12 @@ class Setup:
                            self.frozen_shardings, seed, choice_ids)
 
 
-def setup(model: nnx.Module, train_config, mesh, rules) -> Setup:
-  """Abstract state -> shardings; the base is placed, the state is not created yet (a resume restores it)."""
+def setup(model: nnx.Module, train_config, mesh, rules, head_scale: float | None = None) -> Setup:
+  """Abstract state -> shardings; the base is placed, the state is not created yet (a resume restores it).
+  `head_scale`: train the residual score head too, from gate 0 and this scale."""
   parts, values, frozen = split_model(model)
+  if head_scale is not None:
+    values = with_head(values, head_scale)
   optimizer = make_optimizer(train_config)
   abstract = jax.eval_shape(lambda v: init_state(v, optimizer), values)
   shardings = state_shardings(abstract, parts, optimizer, mesh, rules)
@@ -284,7 +312,7 @@ def make_eval_step(parts: LoraModel, train_config, rules, choice_ids=None):
   def eval_loss(values, frozen, batch):
     model = parts.merge(values, frozen, jax.random.key(0))
     model.eval()  # No dropout.
-    return (loss_sum(model, batch, train_config.max_loss_tokens, rules, choice_ids),
+    return (loss_sum(model, batch, train_config.max_loss_tokens, rules, choice_ids, head_of(values)),
             jnp.sum(loss_weights(batch)))
 
   return jax.jit(eval_loss)
@@ -314,8 +342,14 @@ def device_batch(local: Mapping[str, Any], mesh, rules, train_config) -> dict[st
   if 0 < train_config.max_loss_tokens < most:
     raise ValueError(f'train batch: a row has {most} loss tokens, more than '
                      f'config.train.max_loss_tokens={train_config.max_loss_tokens}')
-  return {k: sharding.global_batch_array(a.astype(np.int32), mesh, rules, train_config.batch_size)
-          for k, a in arrays.items()}
+  out = {k: sharding.global_batch_array(a.astype(np.int32), mesh, rules, train_config.batch_size)
+         for k, a in arrays.items()}
+  if 'candidate_z' in local:  # the residual head's retriever z at tag tokens: float [rows, T, K]
+    z = np.asarray(local['candidate_z'], np.float32)
+    if z.ndim != 3 or z.shape[:2] != arrays['input_ids'].shape:
+      raise ValueError(f'train batch: candidate_z has shape {z.shape}; expected [{rows}, T, K] like input_ids')
+    out['candidate_z'] = sharding.global_batch_array(z, mesh, rules, train_config.batch_size)
+  return out
 
 
 def check_batch_layout(train_config, mesh, rules) -> None:
