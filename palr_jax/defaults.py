@@ -163,6 +163,11 @@ def get_config():
       ('mlp', 'tensor'),
       ('lora_rank', None),
       ('length', None),
+      # The item projector (palr_jax/model/item_tokens.py): factor table rows and width replicated (small),
+      # its hidden layer split like an MLP's.
+      ('item_vocab', None),
+      ('item_factor', None),
+      ('item_hidden', 'tensor'),
   )
 
   # User profiles (palr_jax/data/profile_text.py, stage palr_jax/stages/profiles.py). One profile per user,

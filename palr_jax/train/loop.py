@@ -24,7 +24,7 @@ from palr_jax.train.step import (DataIterator, check_batch_layout, device_batch,
 
 def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIterator,
           valid_batches: Iterable[Mapping[str, np.ndarray]] | None = None, *,
-          choice_ids: Sequence[int] | None = None) -> dict[str, float]:
+          choice_ids: Sequence[int] | None = None, item_curriculum_steps: int = 0) -> dict[str, float]:
   """Trains `model`'s LoRA adapters per `config.train` on the mesh `config.mesh`; resumes from `workdir`.
 
   Writes WORKDIR/checkpoints and WORKDIR/tensorboard. On return the model holds the trained adapters
@@ -34,6 +34,7 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
   iterator) and yields batches like `train_iter`; pad a short last batch with rows of segment_ids 0. Run
   under `distributed.initialize()` on a pod: every process calls `train` with its own `train_iter`.
   `choice_ids`: the candidates' tag tokens, among which loss tokens marked 2 (a tag) are classified.
+  `item_curriculum_steps`: batches with `item_ids` are read text-only for that many steps (`make_train_step`).
   """
   c = config.train
   rules = config.mesh.rules
@@ -69,7 +70,7 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
     state = laid.initial_state()
 
   choices = None if choice_ids is None else np.asarray(choice_ids, np.int32)
-  train_step = laid.train_step(c, rules, config.seed, choices)
+  train_step = laid.train_step(c, rules, config.seed, choices, item_curriculum_steps)
   eval_step = make_eval_step(parts, c, rules, choices)
   lora_params = sum(v.size for v in abstract['lora'].values())
   writer = progress.MetricWriter(workdir / 'tensorboard', c.num_steps, start)

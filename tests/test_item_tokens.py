@@ -1,0 +1,161 @@
+"""Collaborative item tokens (palr_jax/model/item_tokens.py): the soft-token path equals the text path when
+the projector outputs the token's own embedding; the projector is sharded, trained (gradients reach it),
+checkpointed, restored and exported beside the PEFT adapter."""
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from palr_jax import sharding
+from palr_jax.hub import peft
+from palr_jax.model import item_tokens, llama, lora
+from palr_jax.train import checkpointing, loop
+from palr_jax.train import step as train_step
+from test_llama import dense_inputs, forward
+import train_child as tc
+
+NUM_ITEMS = 5
+TOKENS = np.array([7, 11, 13, 17, 19])   # the token whose embedding item i's soft token reproduces
+
+
+def identity_projector(model):
+  """Makes item i's soft token equal the embedding row of TOKENS[i]: one-hot factors, fc1 = I, so the
+  hidden layer is gelu(1) e_i, and fc2's row i = embedding[TOKENS[i]] / gelu(1)."""
+  module = item_tokens.attach(model, np.eye(NUM_ITEMS, dtype=np.float32), NUM_ITEMS, nnx.Rngs(3))
+  table = np.asarray(model.embed_tokens.embedding[...], np.float32)
+  g = float(jax.nn.gelu(jnp.float32(1.0)))
+  module.fc1.kernel.set_value(jnp.eye(NUM_ITEMS, dtype=jnp.float32))
+  module.fc2.kernel.set_value(jnp.asarray(table[TOKENS] / g))
+  return module
+
+
+def placeholder_batch(seed=0, b=2, t=12):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(1, tc.TINY['vocab_size'], (b, t)).astype(np.int32)
+  items = np.full((b, t), -1, np.int32)
+  for row in range(b):
+    at = np.sort(rng.choice(np.arange(2, t), 3, replace=False))
+    items[row, at] = rng.integers(0, NUM_ITEMS, 3)
+  return ids, items
+
+
+@pytest.mark.parametrize('with_lora', [False, True])
+def test_item_token_path_equals_text_path_with_the_tokens_own_embedding(with_lora):
+  model = llama.Llama(llama.LlamaConfig(**tc.TINY), nnx.Rngs(0))
+  if with_lora:
+    lora.apply_lora(model, tc.tiny_config().lora, nnx.Rngs(1))
+  ids, items = placeholder_batch()
+  text_ids = np.where(items >= 0, TOKENS[np.maximum(items, 0)], ids)   # the text path: the tokens themselves
+  plain = np.asarray(forward(model, *dense_inputs(text_ids)))
+  identity_projector(model)
+  hybrid = np.asarray(forward(model, *dense_inputs(ids), item_ids=jnp.asarray(items)))
+  np.testing.assert_allclose(hybrid, plain, rtol=1e-5, atol=1e-5)
+  # A different projector changes the logits from the first placeholder on, never before it (causal).
+  model.item_tokens.fc2.bias.set_value(jnp.full(model.config.hidden_size, 0.5, jnp.float32))
+  moved = np.asarray(forward(model, *dense_inputs(ids), item_ids=jnp.asarray(items)))
+  for row in range(len(ids)):
+    first = int(np.argmax(items[row] >= 0))
+    np.testing.assert_allclose(moved[row, :first], plain[row, :first], rtol=1e-5, atol=1e-5)
+    assert np.abs(moved[row, first:] - plain[row, first:]).max() > 1e-3
+  # No item ids: the token path, placeholders embed as their own tokens.
+  np.testing.assert_allclose(np.asarray(forward(model, *dense_inputs(text_ids), item_ids=jnp.full_like(
+      jnp.asarray(items), -1))), plain, rtol=1e-6, atol=1e-6)
+
+
+def test_item_ids_without_a_projector_is_an_error():
+  model = llama.Llama(llama.LlamaConfig(**tc.TINY), nnx.Rngs(0))
+  ids, items = placeholder_batch()
+  with pytest.raises(ValueError, match='no item projector'):
+    model(*dense_inputs(ids), item_ids=jnp.asarray(items))
+
+
+def item_examples(n=16, length=16, seed=0):
+  """Synthetic training rows with 3 placeholder positions each in the prompt; the answer depends on the item."""
+  ex = tc.synthetic_examples(n, length, seed, response=(2, 3))
+  rng = np.random.default_rng(seed + 1)
+  ex['item_ids'] = np.full_like(ex['input_ids'], -1)
+  for i in range(n):
+    prompt = int(np.argmax(ex['loss_mask'][i] > 0))
+    at = rng.choice(np.arange(prompt), min(3, prompt), replace=False)
+    ex['item_ids'][i, at] = rng.integers(0, NUM_ITEMS, len(at))
+  return ex
+
+
+def test_gradients_reach_the_projector_and_a_step_changes_it():
+  config = tc.tiny_config(mesh=(2, 2, 2), num_steps=2, warmup_steps=0)
+  model = tc.tiny_model(config)
+  item_tokens.attach(model, np.random.default_rng(0).normal(size=(NUM_ITEMS, 6)).astype(np.float32), 8,
+                     nnx.Rngs(4))
+  parts, values, _ = train_step.split_model(model)
+  names = {k for k in values if k.startswith('item_tokens.')}
+  assert names == {f'item_tokens.fc{i}.{w}' for i in (1, 2) for w in ('kernel', 'bias')}  # factors stay frozen
+  ex = item_examples()
+  _, grads = tc.grads_on_mesh(config, model, ex)
+  for name in names:
+    assert np.abs(grads[name]).max() > 0, name
+  # Without item ids the projector gets no gradient (it is not in the computation).
+  _, plain = tc.grads_on_mesh(config, model, {k: v for k, v in ex.items() if k != 'item_ids'})
+  assert all(not np.any(plain[name]) for name in names)
+  # One real train step moves the projector's weights; the curriculum keeps it still (text-only) at step 0.
+  mesh = sharding.make_mesh(config.mesh)
+  rules = config.mesh.rules
+  laid = train_step.setup(model, config.train, mesh, rules)
+  batch = train_step.device_batch({k: v[:8] for k, v in ex.items()}, mesh, rules, config.train)
+  assert 'item_ids' in batch
+  for curriculum, moves in ((0, True), (5, False)):
+    with jax.set_mesh(mesh):
+      step = laid.train_step(config.train, rules, 0, item_curriculum_steps=curriculum)
+      state, metrics = step(laid.initial_state(), laid.frozen, batch)
+    before, after = laid.values['item_tokens.fc2.kernel'], state['lora']['item_tokens.fc2.kernel']
+    assert np.isfinite(float(metrics['loss']))
+    assert (np.abs(np.asarray(after) - np.asarray(before)).max() > 0) == moves, curriculum
+
+
+def test_projector_sharded_checkpointed_restored_and_exported(tmp_path):
+  config = tc.tiny_config(mesh=(1, 4, 2), num_steps=2, checkpoint_every=2, warmup_steps=0)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = config.mesh.rules
+  factors = np.random.default_rng(0).normal(size=(NUM_ITEMS, 6)).astype(np.float32)
+  model = tc.tiny_model(config)
+  item_tokens.attach(model, factors, 8, nnx.Rngs(4), mesh, rules)
+  proj = model.item_tokens
+  # Sharded by the rules table: hidden over `tensor`, the LLM width over `fsdp`, the factors replicated.
+  assert proj.fc1.kernel.get_value().sharding.spec == jax.P(None, 'tensor')
+  assert proj.fc2.kernel.get_value().sharding.spec == jax.P('tensor', 'fsdp')
+  assert proj.factors.get_value().sharding.spec == jax.P(None, None)
+  initial = np.asarray(proj.fc2.kernel.get_value())
+  # Train two steps with item tokens: orbax checkpoints hold the projector with the adapters.
+  ex = item_examples()
+  result = loop.train(config, tmp_path / 'run', model, tc.ArrayIterator(ex, config.train.batch_size))
+  assert result['step'] == 2
+  trained = {k: np.asarray(v) for k, v in item_tokens.projector_tensors(model).items()}
+  assert np.abs(trained['fc2.kernel'] - initial).max() > 0
+  np.testing.assert_array_equal(trained['factors'], factors)
+  # Restored from orbax into a fresh model with a fresh projector, on the mesh, keeping the shardings.
+  fresh = tc.tiny_model(config, seed=5)
+  item_tokens.attach(fresh, factors, 8, nnx.Rngs(9), mesh, rules)
+  checkpointing.restore_adapters(fresh, tmp_path / 'run' / 'checkpoints', 2)
+  for name, want in trained.items():
+    np.testing.assert_array_equal(np.asarray(item_tokens.projector_tensors(fresh)[name]), want, err_msg=name)
+  assert fresh.item_tokens.fc2.kernel.get_value().sharding.spec == jax.P('tensor', 'fsdp')
+  # Exported beside the PEFT adapter, with its loader note; read back into a model that has no projector.
+  steps = checkpointing.write_adapters(tmp_path / 'run', model, config.lora, 'tiny-base')
+  folder = checkpointing.adapter_dir(tmp_path / 'run', steps[-1])
+  assert (folder / item_tokens.WEIGHTS_FILE).exists() and (folder / item_tokens.NOTE_FILE).exists()
+  adapter = safetensors.numpy.load((folder / peft.WEIGHTS_FILE).read_bytes())
+  assert adapter and not any('item' in k for k in adapter)   # the PEFT file stays PEFT's
+  reloaded = tc.tiny_model(config, nonzero_b=False)   # the same base, other adapters (B = 0)
+  peft.load_adapter(reloaded, folder, mesh, rules)
+  for name, want in trained.items():
+    np.testing.assert_allclose(np.asarray(item_tokens.projector_tensors(reloaded)[name]), want, err_msg=name)
+  ids, items = placeholder_batch()
+  want = np.asarray(forward(model, *dense_inputs(ids), item_ids=jnp.asarray(items)))
+  got = np.asarray(forward(reloaded, *dense_inputs(ids), item_ids=jnp.asarray(items)))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # A projector of another shape is refused with the file named.
+  other = tc.tiny_model(config)
+  item_tokens.attach(other, np.zeros((NUM_ITEMS + 1, 6), np.float32), 8, nnx.Rngs(0))
+  with pytest.raises(ValueError, match='item_projector.safetensors: factors has shape'):
+    item_tokens.load_projector(other, folder)
