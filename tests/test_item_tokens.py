@@ -159,3 +159,75 @@ def test_projector_sharded_checkpointed_restored_and_exported(tmp_path):
   item_tokens.attach(other, np.zeros((NUM_ITEMS + 1, 6), np.float32), 8, nnx.Rngs(0))
   with pytest.raises(ValueError, match='item_projector.safetensors: factors has shape'):
     item_tokens.load_projector(other, folder)
+
+
+# ------------------------------------------------------------------------- prompts and TFRecords
+
+
+@pytest.fixture(scope='module')
+def hybrid(tmp_path_factory):
+  """Train and valid examples of the fixture data, text-only and with item tokens."""
+  from prompt_fixtures import tiny_config, tiny_interactions, tiny_tokenizer, write_candidates  # noqa: PLC0415
+  from palr_jax.data import interactions, prompts  # noqa: PLC0415
+  tmp = tmp_path_factory.mktemp('hybrid')
+  inter = tiny_interactions()
+  split = interactions.leave_one_out(inter)
+  write_candidates(tmp / 'candidates', inter, split, count=4)
+  config, tok = tiny_config(), tiny_tokenizer()
+  out = {}
+  for mode in (False, True):
+    builder = prompts.PromptBuilder(config, inter, tok, item_tokens=mode)
+    out[mode] = (builder, [e for which in ('train', 'valid') for e in prompts.build_examples(
+        builder, split, which, ['likes comedy'] * 4,
+        prompts.read_candidates(tmp / f'candidates/{which}.jsonl', split, which))])
+  return tok, out, tmp
+
+
+def test_hybrid_prompts_mark_every_shown_title_with_its_item(hybrid):
+  tok, out, _ = hybrid
+  builder, examples = out[True]
+  _, plain = out[False]
+  assert builder.item_marker == '<|endoftext|>' and builder.item_token_id == tok.convert_tokens_to_ids(
+      '<|endoftext|>')   # the fixture's only special token outside the template (its pad)
+  assert out[False][0].item_token_id is None and all(e.item_ids is None for e in plain)
+  assert len(examples) == len(plain)
+  for ex, text in zip(examples, plain):
+    # The same prompt with the marker after each shown title: history (oldest first), then the candidates.
+    shown = list(ex.history) + (list(ex.candidates) if ex.task == 'recommend_retrieval' else [])
+    at = np.flatnonzero(ex.item_ids >= 0)
+    np.testing.assert_array_equal(ex.item_ids[at], shown)
+    assert np.all(ex.input_ids[at] == builder.item_token_id) and at.max() < ex.prompt_length
+    assert np.sum(ex.input_ids == builder.item_token_id) == len(shown)
+    assert ex.prompt.replace(builder.item_marker, '') == text.prompt and ex.answer == text.answer
+    titles = [builder.titles[i] + builder.item_marker for i in shown]
+    assert [t in ex.prompt for t in titles] == [True] * len(titles)
+    np.testing.assert_array_equal(ex.answer_ids, text.answer_ids)   # answers never carry placeholders
+    np.testing.assert_array_equal(ex.loss_mask[ex.prompt_length:], text.loss_mask[text.prompt_length:])
+
+
+def test_item_ids_survive_tfrecords_padding_and_packing(hybrid):
+  from palr_jax.data import pipeline  # noqa: PLC0415
+  from prompt_fixtures import tiny_config  # noqa: PLC0415
+  _, out, tmp = hybrid
+  builder, examples = out[True]
+  folder = pipeline.write_examples(tmp / 'ex', 1024, {'train': examples}, item_token_id=builder.item_token_id)
+  path = folder / 'train.tfrecord'
+  assert pipeline.has_item_ids(path)
+  back = list(pipeline.read_tfrecord(path).as_numpy_iterator())
+  for ex, rec in zip(examples, back):
+    np.testing.assert_array_equal(rec['item_ids'] - 1, ex.item_ids)   # carried as item + 1 inside tf.data
+  config = tiny_config()
+  rows = np.arange(4)
+  for pack in (False, True):
+    config.batching.pack = pack
+    config.batching.length_buckets = (64, 128, 256, 512, 1024)
+    ds = pipeline.global_batches(pipeline.read_tfrecord(path), config.batching, batch_size=4, max_length=1024,
+                                 drop_remainder=False)
+    got = []
+    for batch in pipeline._local(ds, rows, 0).as_numpy_iterator():
+      assert set(batch) == {'input_ids', 'positions', 'segment_ids', 'loss_mask', 'item_ids'}
+      assert np.all(batch['item_ids'][batch['segment_ids'] == 0] == -1)   # padding carries no item
+      marked = batch['item_ids'] >= 0
+      assert np.all(batch['input_ids'][marked] == builder.item_token_id)
+      got += sorted(batch['item_ids'][marked].tolist())
+    assert sorted(got) == sorted(int(i) for e in examples for i in e.item_ids if i >= 0)

@@ -40,6 +40,10 @@ from palr_jax.data import tf_cpu
 tf = tf_cpu.tensorflow()
 
 FEATURES = ('input_ids', 'loss_mask')
+# Written only by a variant with collaborative item tokens (`variants.<v>.item_tokens`; meta.json then
+# names `item_token_id`): int32 [L], the item index at each placeholder token, -1 elsewhere. Inside tf.data
+# it is carried as item + 1, so that padding (0) means none; batches give it back as `item_ids` (-1 = none).
+ITEM_FEATURE = 'item_ids'
 WRITTEN_SPLITS = ('train', 'valid')
 # What a variant's tokenized examples depend on, besides its tasks, its task weights and the upstream
 # outputs (candidates, profiles) the caller names.
@@ -61,6 +65,8 @@ def examples_fingerprint(config, variant: str, upstream: Sequence[str] = ()) -> 
   extra = {'tasks': tasks, 'repeats': {t: repeats[t] for t in tasks if repeats[t] != 1}}
   if 'recommend_retrieval' in tasks:
     extra['retrieval_loss'] = retrieval_loss(config, variant)
+  if item_tokens(config, variant):   # only then: the examples of other variants keep their fingerprint
+    extra['item_tokens'] = True
   return fingerprint.of(config, EXAMPLE_KEYS, upstream, extra=extra)
 
 
@@ -70,9 +76,16 @@ def retrieval_loss(config, variant: str) -> str:
   return config.variants[variant].retrieval_loss
 
 
-def _serialize(input_ids: np.ndarray, loss_mask: np.ndarray) -> bytes:
+def item_tokens(config, variant: str) -> bool:
+  """Whether the variant's prompts carry collaborative item tokens (palr_jax/model/item_tokens.py)."""
+  return bool(config.variants[variant].get('item_tokens', False))
+
+
+def _serialize(input_ids: np.ndarray, loss_mask: np.ndarray, item_ids: np.ndarray | None = None) -> bytes:
+  pairs = (('input_ids', input_ids), ('loss_mask', loss_mask)) + (
+      () if item_ids is None else ((ITEM_FEATURE, item_ids),))
   feature = {k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[np.asarray(v, '<i4').tobytes()]))
-             for k, v in (('input_ids', input_ids), ('loss_mask', loss_mask))}
+             for k, v in pairs}
   return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
@@ -87,34 +100,52 @@ def write_tfrecord(path, examples: Sequence) -> int:
       if len(ex.input_ids) != len(ex.loss_mask) or not len(ex.input_ids):
         raise ValueError(f'{path}: an example has {len(ex.input_ids)} ids and {len(ex.loss_mask)} mask '
                          'entries; expected the same positive length')
-      writer.write(_serialize(ex.input_ids, ex.loss_mask))
+      items = getattr(ex, 'item_ids', None)
+      if items is not None and len(items) != len(ex.input_ids):
+        raise ValueError(f'{path}: an example has {len(ex.input_ids)} ids and {len(items)} item_ids')
+      writer.write(_serialize(ex.input_ids, ex.loss_mask, items))
       tokens += len(ex.input_ids)
   tmp.replace(path)
   return tokens
 
 
-def read_tfrecord(path) -> tf.data.Dataset:
-  """Examples as {'input_ids', 'loss_mask'}: int32 [L], in file order."""
+def read_tfrecord(path, with_item_ids: bool | None = None) -> tf.data.Dataset:
+  """Examples as {'input_ids', 'loss_mask'}: int32 [L], in file order; plus `item_ids` (as item + 1, see
+  ITEM_FEATURE) when `with_item_ids`, or by default when the folder's meta.json says the examples have them."""
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f'{path}: not found; build the examples first (pipeline.write_examples)')
-  spec = {k: tf.io.FixedLenFeature([], tf.string) for k in FEATURES}
+  if with_item_ids is None:
+    with_item_ids = has_item_ids(path)
+  features = FEATURES + ((ITEM_FEATURE,) if with_item_ids else ())
+  spec = {k: tf.io.FixedLenFeature([], tf.string) for k in features}
 
   def parse(record):
     raw = tf.io.parse_single_example(record, spec)
-    return {k: tf.io.decode_raw(raw[k], tf.int32, little_endian=True) for k in FEATURES}
+    out = {k: tf.io.decode_raw(raw[k], tf.int32, little_endian=True) for k in features}
+    if with_item_ids:
+      out[ITEM_FEATURE] = out[ITEM_FEATURE] + 1
+    return out
 
   return tf.data.TFRecordDataset(str(path)).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
                                                 deterministic=True)
 
 
+def has_item_ids(path) -> bool:
+  """Whether the examples file `path` has the `item_ids` feature (its folder's meta.json says so)."""
+  meta = epath.Path(path).parent / 'meta.json'
+  return meta.exists() and files.read_json(meta).get('item_token_id') is not None
+
+
 def write_examples(out, max_length: int, examples_by_split: Mapping[str, Sequence],
-                   choice_ids: Sequence[int] | None = None) -> epath.Path:
+                   choice_ids: Sequence[int] | None = None, item_token_id: int | None = None) -> epath.Path:
   """Writes `out/{split}.tfrecord` + `meta.json` (last); returns `out`. `choice_ids`: the candidates' tag
   tokens, which the tag loss (loss_mask 2) chooses among; None when the tags are not usable (no
   Recommend_Retrieval task and tags that are not single tokens)."""
   out = epath.Path(out)
   meta = {'fingerprint': out.name, 'max_length': int(max_length), 'choice_ids': choice_ids, 'splits': {}}
+  if item_token_id is not None:
+    meta['item_token_id'] = int(item_token_id)
   for split, examples in examples_by_split.items():
     tokens = write_tfrecord(out / f'{split}.tfrecord', examples)
     lengths = [len(e.input_ids) for e in examples]
@@ -149,7 +180,8 @@ def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence
   if done is not None:
     return done
   tasks = tuple(config.variants[variant].tasks)
-  builder = prompts.PromptBuilder(config, inter, tokenizer, tasks, retrieval_loss(config, variant))
+  builder = prompts.PromptBuilder(config, inter, tokenizer, tasks, retrieval_loss(config, variant),
+                                  item_tokens=item_tokens(config, variant))
   by_split = {}
   for which in WRITTEN_SPLITS:
     cands = (prompts.read_candidates(epath.Path(workdir) / 'candidates' / f'{which}.jsonl', split, which)
@@ -165,13 +197,14 @@ def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence
   except ValueError:  # tags a Recommend-only variant never writes need not be single tokens
     choices = None
   return write_examples(epath.Path(workdir) / 'examples' / fingerprint, config.prompts.max_length, by_split,
-                        choice_ids=choices)
+                        choice_ids=choices, item_token_id=builder.item_token_id)
 
 
 # ------------------------------------------------------------------------------------- batching
 
 
-def _pack_window(ids: tf.RaggedTensor, mask: tf.RaggedTensor, length: int, cap: int, seed, index):
+def _pack_window(ids: tf.RaggedTensor, mask: tf.RaggedTensor, length: int, cap: int, seed, index,
+                 items: tf.RaggedTensor | None = None):
   """One window of examples -> packed rows {BATCH_KEYS: [R, length]}, in TF ops only (no Python
   callbacks, which would deadlock tf.data's threads at interpreter exit).
 
@@ -210,7 +243,9 @@ def _pack_window(ids: tf.RaggedTensor, mask: tf.RaggedTensor, length: int, cap: 
   shape = tf.stack([rows, length])
   values = {'input_ids': ids.values, 'positions': t, 'segment_ids': tf.gather(segment, example),
             'loss_mask': mask.values}
-  return {k: tf.ensure_shape(tf.scatter_nd(at, values[k], shape), [None, length]) for k in BATCH_KEYS}
+  if items is not None:
+    values[ITEM_FEATURE] = items.values
+  return {k: tf.ensure_shape(tf.scatter_nd(at, v, shape), [None, length]) for k, v in values.items()}
 
 
 def _pack(ds: tf.data.Dataset, length: int, max_loss_tokens: int, window: int,
@@ -219,15 +254,19 @@ def _pack(ds: tf.data.Dataset, length: int, max_loss_tokens: int, window: int,
   cap = max_loss_tokens if max_loss_tokens > 0 else np.iinfo(np.int32).max
 
   def pack(index, batch):
-    return _pack_window(batch['input_ids'], batch['loss_mask'], length, cap, seed, index)
+    return _pack_window(batch['input_ids'], batch['loss_mask'], length, cap, seed, index,
+                        batch.get(ITEM_FEATURE))
 
   return ds.ragged_batch(window).enumerate().map(pack).unbatch()
 
 
 def _with_layout(ex):
   n = tf.size(ex['input_ids'])
-  return {'input_ids': ex['input_ids'], 'positions': tf.range(n), 'segment_ids': tf.ones([n], tf.int32),
-          'loss_mask': ex['loss_mask']}
+  out = {'input_ids': ex['input_ids'], 'positions': tf.range(n), 'segment_ids': tf.ones([n], tf.int32),
+         'loss_mask': ex['loss_mask']}
+  if ITEM_FEATURE in ex:
+    out[ITEM_FEATURE] = ex[ITEM_FEATURE]
+  return out
 
 
 def _pad_to_bucket(batch, buckets: Sequence[int]):
@@ -303,7 +342,9 @@ def _local(ds: tf.data.Dataset, rows: np.ndarray, prefetch: int) -> tf.data.Data
   stages for tens of seconds after their last step on a CPU (bench/RESULTS.md, ":quick end to end").
   """
   idx = tf.constant(np.asarray(rows, np.int32))
-  ds = ds.map(lambda b: {k: tf.gather(b[k], idx) for k in BATCH_KEYS})
+  # item_ids back from item + 1 (0 = none or padding) to the model's -1 = none.
+  ds = ds.map(lambda b: {k: tf.gather(b[k], idx) - (1 if k == ITEM_FEATURE else 0)
+                         for k in BATCH_KEYS + ((ITEM_FEATURE,) if ITEM_FEATURE in b else ())})
   ds = ds.prefetch(prefetch) if prefetch > 0 else ds
   options = tf.data.Options()
   options.autotune.enabled = False

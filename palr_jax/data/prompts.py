@@ -74,6 +74,7 @@ class Example:
   input_ids: np.ndarray         # int32 [L]: prompt tokens then answer tokens
   loss_mask: np.ndarray         # int32 [L]: 1 on the answer tokens (or 2 on its tag alone, see above)
   prompt_length: int            # tokens of the prompt; the answer's follow
+  item_ids: np.ndarray | None = None  # int32 [L] with item tokens: the item at each placeholder, else -1
 
   @property
   def prompt_ids(self) -> np.ndarray:
@@ -218,7 +219,8 @@ class PromptBuilder:
   logit rank.py reads.
   """
 
-  def __init__(self, config, inter, tokenizer, tasks: Sequence[str] = TASKS, retrieval_loss: str = 'tokens'):
+  def __init__(self, config, inter, tokenizer, tasks: Sequence[str] = TASKS, retrieval_loss: str = 'tokens',
+               item_tokens: bool = False):
     cfg = config.prompts
     check_config(cfg, tasks)
     if retrieval_loss not in RETRIEVAL_LOSSES:
@@ -231,6 +233,9 @@ class PromptBuilder:
     self.answer_prefix, self.answer_suffix = self._probe_answer_framing()
     self.tags = list(cfg.tags)
     self.tag_ids = self._check_tags() if 'recommend_retrieval' in self.tasks else None
+    # Collaborative item tokens: one placeholder token right after each shown title (`item_placeholder`).
+    self.item_marker, self.item_token_id = (
+        item_placeholder(tokenizer, self.chat_prompt('q'), cfg.get('item_token', '')) if item_tokens else ('', None))
 
   # Rendering.
 
@@ -264,9 +269,10 @@ class PromptBuilder:
   def user_text(self, task: str, history: Sequence[int], profile: str,
                 candidates: Sequence[int] = ()) -> str:
     cfg = self.cfg
-    lines = '\n'.join(cfg.history_line.format(title=self.titles[i]) for i in history)
+    mark = self.item_marker
+    lines = '\n'.join(cfg.history_line.format(title=self.titles[i] + mark) for i in history)
     block = cfg.profile_block.format(profile=profile) if cfg.use_profile and profile else ''
-    cands = '\n'.join(cfg.candidate_line.format(tag=self.tags[j], title=self.titles[i])
+    cands = '\n'.join(cfg.candidate_line.format(tag=self.tags[j], title=self.titles[i] + mark)
                       for j, i in enumerate(candidates))
     return cfg[task].format(history=lines, profile=block, candidates=cands)
 
@@ -379,8 +385,24 @@ class PromptBuilder:
         mask[len(p_ids) + self._tag_index(a_ids, s)] = 2
       else:
         mask[len(p_ids):] = 1
-      out.append(Example(s.task, s.split, s.user, s.position, s.target, s.history[len(s.history) - n:],
-                         s.candidates, prompt, answer, ids, mask, len(p_ids)))
+      shown = s.history[len(s.history) - n:]
+      items = None if self.item_token_id is None else self._item_ids(s, shown, ids, len(p_ids))
+      out.append(Example(s.task, s.split, s.user, s.position, s.target, shown,
+                         s.candidates, prompt, answer, ids, mask, len(p_ids), items))
+    return out
+
+  def _item_ids(self, spec: Spec, shown: Sequence[int], ids: np.ndarray, prompt_length: int) -> np.ndarray:
+    """[L] int32: the item of each placeholder of the prompt (shown history, then the candidates the
+    prompt lists), -1 elsewhere; the placeholders must be exactly those."""
+    listed = tuple(spec.candidates) if '{candidates}' in self.cfg[spec.task] else ()
+    want = list(shown) + list(listed)
+    at = np.flatnonzero(ids == self.item_token_id)
+    if len(at) != len(want) or (len(at) and at[-1] >= prompt_length):
+      raise ValueError(f'{spec.task} example of user {spec.user}: {len(at)} item placeholder token(s) '
+                       f'{self.item_marker!r} where {len(want)} titles are shown; the placeholder must be a '
+                       'token no title or template produces (config.prompts.item_token)')
+    out = np.full(len(ids), -1, np.int32)
+    out[at] = np.asarray(want, np.int32)
     return out
 
   def _tag_index(self, answer_ids: Sequence[int], spec: Spec) -> int:
@@ -426,6 +448,29 @@ class PromptBuilder:
     if self.cfg.candidate_order == 'shuffle':
       items = [items[j] for j in rng.permutation(len(items))]
     return items
+
+
+def item_placeholder(tokenizer, template_text: str, name: str = '') -> tuple[str, int]:
+  """(text, token id) of the placeholder whose position carries an item's soft token: `name` (a special
+  token of the tokenizer), or else the highest-id special token that is neither bos, eos, pad nor in the
+  rendered chat template (`template_text`), else unk, else pad. A special token is one token wherever it
+  appears, and text never produces it."""
+  specials = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+  if name:
+    if name not in specials:
+      raise ValueError(f'config.prompts.item_token = {name!r}: not a special token of the tokenizer '
+                       f'(its special tokens: {sorted(specials)[:12]})')
+    return name, specials[name]
+  busy = {tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token}
+  free = [(i, t) for t, i in specials.items() if t not in busy and t not in template_text]
+  if free:
+    i, t = max(free)
+    return t, i
+  for t in (tokenizer.unk_token, tokenizer.pad_token):
+    if t and t in specials and t not in template_text and t not in (tokenizer.bos_token, tokenizer.eos_token):
+      return t, specials[t]
+  raise ValueError('collaborative item tokens: the tokenizer has no special token free for the item '
+                   'placeholder (not bos/eos, not in the chat template); set config.prompts.item_token')
 
 
 def build_examples(builder: PromptBuilder, split, which: str, profiles: Sequence[str] | None,

@@ -133,6 +133,21 @@ def embed(model: nnx.Module, x: jax.Array, item_ids: jax.Array | None) -> jax.Ar
 # ----------------------------------------------------------------------------------------- files
 
 
+def read_factors(path) -> np.ndarray:
+  """The retriever's item factors [N, F] (float32 .npy, `stages/retriever.py` ITEM_FACTORS)."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f'{path}: not found; run the retriever stage (it writes the MF item factors)')
+  import io  # noqa: PLC0415
+  try:
+    factors = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+  except ValueError as e:
+    raise ValueError(f'{path}: not a readable .npy array ({e})') from None
+  if factors.ndim != 2 or not factors.shape[0]:
+    raise ValueError(f'{path}: shape {factors.shape}; expected [num_items, factors]')
+  return factors.astype(np.float32)
+
+
 def _host(x) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils  # noqa: PLC0415

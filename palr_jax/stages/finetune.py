@@ -21,16 +21,22 @@ import functools
 import time
 
 from absl import logging
+from flax import nnx
 
 from palr_jax import distributed
 from palr_jax import files
+from palr_jax import rng
 from palr_jax import sharding
 from palr_jax import variants
 from palr_jax.data import pipeline
+from palr_jax.model import item_tokens
 from palr_jax.stages import base
+from palr_jax.stages import retriever
 from palr_jax.train import checkpointing
 from palr_jax.train import loop
 
+# Collaborative item tokens (palr_jax/model/item_tokens.py), hashed only for a variant that sets them.
+ITEM_TOKEN_KEYS = ('item_tokens', 'item_token_curriculum_steps', 'item_projector_hidden')
 HASHES = ('seed', 'prompts', 'retriever.num_candidates', 'model.spec', 'model.dtype', 'model.param_dtype',
           'model.remat', 'model.attention', 'lora', 'train', 'batching', 'mesh')
 
@@ -40,7 +46,7 @@ def declare(config) -> list[base.Stage]:
       name=f'finetune_{variant}', run=functools.partial(run, variant=variant),
       hashes=HASHES + (f'variants.{variant}.tasks', f'variants.{variant}.task_repeats') + (
           (f'variants.{variant}.retrieval_loss',) if 'recommend_retrieval' in config.variants[variant].tasks
-          else ()),
+          else ()) + tuple(f'variants.{variant}.{k}' for k in ITEM_TOKEN_KEYS if k in config.variants[variant]),
       upstream=('retriever', 'profiles'),
       outputs=(f'{variant}/checkpoints', f'{variant}/{checkpointing.ADAPTERS}', f'{variant}/tensorboard'),
       processes=base.COLLECTIVE, scratch=('examples', f'{variant}/run.json'),
@@ -80,18 +86,24 @@ def run(ctx, variant: str) -> None:
 
   mesh = ctx.mesh
   model = ctx.lora_model(mesh, config.lora, f'{variant}-lora')
+  meta = files.read_json(folder / 'meta.json')
+  if pipeline.item_tokens(config, variant):
+    item_tokens.attach(model, item_tokens.read_factors(workdir / retriever.ITEM_FACTORS),
+                       int(config.variants[variant].get('item_projector_hidden', 0)),
+                       nnx.Rngs(params=rng.jax_key(int(config.seed), f'{variant}-projector')), mesh, config.mesh.rules)
   rows = sharding.process_rows(mesh, config.mesh.rules, int(config.train.batch_size))
   train_batches = pipeline.TrainBatches(folder / 'train.tfrecord', config, rows)
   valid_batches = pipeline.EvalBatches(folder / 'valid.tfrecord', config, rows, int(config.train.valid_batches))
   start = time.perf_counter()
-  choice_ids = files.read_json(folder / 'meta.json').get('choice_ids')  # used by tag-loss tokens only
-  result = loop.train(config, run_dir, model, train_batches, valid_batches, choice_ids=choice_ids)
+  choice_ids = meta.get('choice_ids')  # used by tag-loss tokens only
+  result = loop.train(config, run_dir, model, train_batches, valid_batches, choice_ids=choice_ids,
+                      item_curriculum_steps=int(config.variants[variant].get('item_token_curriculum_steps', 0)))
   logging.info('%s: trained to step %d in %.1f s', variant, result['step'], time.perf_counter() - start)
   if result['step'] < config.train.num_steps:
     raise distributed.Preempted(f'{variant}: training stopped at step {result["step"]} of '
                                 f'{config.train.num_steps} (checkpoint saved)')
   start = time.perf_counter()
-  checkpointing.write_adapters(run_dir, model, config.lora, str(ctx.hf_folder))
+  checkpointing.write_adapters(run_dir, model, config.lora, str(ctx.hf_folder), meta.get('item_token_id'))
   logging.info('%s: adapters written in %.1f s', variant, time.perf_counter() - start)
 
 

@@ -10,6 +10,8 @@ user folds (palr_jax/retrieval/candidates.py says why). Writes, under the workdi
                                         (the first fit of a process includes XLA compilation)
   retriever_baselines.json              with transitions fused: the MF model alone (every user's valid
                                         and test rank and top K), the ablation's first row; else {}
+  retriever/item_factors.npy            the valid model's (train-only) item factors [items, F], float32:
+                                        what collaborative item tokens project (model/item_tokens.py)
 The retriever is MF (iALS or BPR), optionally fused with item-to-item transitions
 (palr_jax/retrieval/transitions.py), which bring the order of events that MF ignores.
 Processes: host (process 0 fits and writes; seconds on a CPU for ML-100K/ML-1M).
@@ -17,6 +19,7 @@ Processes: host (process 0 fits and writes; seconds on a CPU for ML-100K/ML-1M).
 from __future__ import annotations
 
 import itertools
+import io
 import json
 import time
 
@@ -35,8 +38,11 @@ from palr_jax.retrieval import mf
 from palr_jax.stages import base
 
 BASELINES = 'retriever_baselines.json'  # the MF model alone: every user's valid/test rank and top K
+# The chosen MF fit's item factors [num_items, F] (float32 .npy, dense item order), the fit on train only:
+# one table for the train, valid and test prompts of collaborative item tokens (palr_jax/model/item_tokens.py).
+ITEM_FACTORS = 'retriever/item_factors.npy'
 OUTPUTS = ('candidates/train.jsonl', 'candidates/valid.jsonl', 'candidates/test.jsonl',
-           'retriever_results.json', BASELINES)
+           'retriever_results.json', BASELINES, ITEM_FACTORS)
 
 
 def declare(config) -> base.Stage:
@@ -165,6 +171,9 @@ def run(ctx) -> dict:
         which: {'ranks': r.ranks.tolist(), 'items': r.items.tolist()} for which, r in baselines.items()}})
   else:
     files.atomic_write_json(workdir / BASELINES, {})
+  buffer = io.BytesIO()
+  np.save(buffer, np.asarray(jax.device_get(valid_items), np.float32), allow_pickle=False)
+  files.atomic_write_bytes(workdir / ITEM_FACTORS, buffer.getvalue())
   files.atomic_write_json(workdir / 'retriever_results.json', results)
   headline = metrics.metrics_from_ranks(test.ranks, (10, 20, 50))
   logging.info('retriever %s + transitions (w %.2f): test HR@10 %.4f NDCG@10 %.4f Recall@20 %.4f HR@50 %.4f '
