@@ -231,3 +231,26 @@ def test_item_ids_survive_tfrecords_padding_and_packing(hybrid):
       assert np.all(batch['input_ids'][marked] == builder.item_token_id)
       got += sorted(batch['item_ids'][marked].tolist())
     assert sorted(got) == sorted(int(i) for e in examples for i in e.item_ids if i >= 0)
+
+
+def test_score_mode_with_item_tokens_equals_the_text_path():
+  from palr_jax.model import rerank  # noqa: PLC0415
+  model = llama.Llama(llama.LlamaConfig(**tc.TINY), nnx.Rngs(0))
+  identity_projector(model)
+  rng = np.random.default_rng(3)
+  prompts, items, texts = [], [], []
+  for n in range(5):   # ragged prompts, left-padded in batches of 4
+    length = int(rng.integers(6, 14))
+    ids = rng.integers(1, tc.TINY['vocab_size'], length).astype(np.int32)
+    item = np.full(length, -1, np.int32)
+    at = rng.choice(length - 1, 2, replace=False)
+    item[at] = rng.integers(0, NUM_ITEMS, 2)
+    prompts.append(ids)
+    items.append(item)
+    texts.append(np.where(item >= 0, TOKENS[np.maximum(item, 0)], ids))
+  tags = np.tile(np.arange(20, 24), (5, 1))
+  common = dict(batch_size=4, buckets=(16,))
+  want = rerank.score_tags(model, texts, tags, **common)
+  got = rerank.score_tags(model, prompts, tags, item_ids=items, **common)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert np.abs(rerank.score_tags(model, prompts, tags, **common) - want).max() > 1e-4   # the ids alone differ
