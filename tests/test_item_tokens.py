@@ -141,7 +141,7 @@ def test_projector_sharded_checkpointed_restored_and_exported(tmp_path):
     np.testing.assert_array_equal(np.asarray(item_tokens.projector_tensors(fresh)[name]), want, err_msg=name)
   assert fresh.item_tokens.fc2.kernel.get_value().sharding.spec == jax.P('tensor', 'fsdp')
   # Exported beside the PEFT adapter, with its loader note; read back into a model that has no projector.
-  steps = checkpointing.write_adapters(tmp_path / 'run', model, config.lora, 'tiny-base')
+  steps = checkpointing.write_adapters(tmp_path / 'run', model, config.lora, 'tiny-base', placeholder_id=3)
   folder = checkpointing.adapter_dir(tmp_path / 'run', steps[-1])
   assert (folder / item_tokens.WEIGHTS_FILE).exists() and (folder / item_tokens.NOTE_FILE).exists()
   adapter = safetensors.numpy.load((folder / peft.WEIGHTS_FILE).read_bytes())
@@ -150,6 +150,14 @@ def test_projector_sharded_checkpointed_restored_and_exported(tmp_path):
   peft.load_adapter(reloaded, folder, mesh, rules)
   for name, want in trained.items():
     np.testing.assert_allclose(np.asarray(item_tokens.projector_tensors(reloaded)[name]), want, err_msg=name)
+  assert reloaded.item_tokens.placeholder_id == 3 and 'token id 3' in (folder / item_tokens.NOTE_FILE).read_text()
+  assert reloaded.item_tokens.fc2.kernel.get_value().sharding.spec == jax.P('tensor', 'fsdp')
+  # Exported again (the export stage's PEFT path): the same file contents, placeholder kept.
+  peft.save_adapter(tmp_path / 'export', reloaded, config.lora, 'tiny-base')
+  again = item_tokens.read_projector(tmp_path / 'export')
+  assert again.pop('__placeholder_id__') == 3
+  for name, want in trained.items():
+    np.testing.assert_array_equal(again[name], want, err_msg=name)
   ids, items = placeholder_batch()
   want = np.asarray(forward(model, *dense_inputs(ids), item_ids=jnp.asarray(items)))
   got = np.asarray(forward(reloaded, *dense_inputs(ids), item_ids=jnp.asarray(items)))

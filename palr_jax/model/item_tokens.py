@@ -16,6 +16,8 @@ The model then takes `item_ids` [B, T] (int32, -1 where a position is an ordinar
 from __future__ import annotations
 
 from collections.abc import Mapping
+import io
+import json
 from typing import Any
 
 from etils import epath
@@ -70,6 +72,7 @@ class ItemProjector(nnx.Module):
                        f'{factors.shape} and hidden={hidden}')
     f = factors.shape[1]
     self.dtype = dtype
+    self.placeholder_id = None   # the placeholder token, when read from an exported file (the loader note)
     self.factors = ItemFactors(jnp.asarray(factors, param_dtype), logical_axes=('item_vocab', 'item_factor'))
     init = nnx.initializers.lecun_normal()
     self.fc1 = _Dense(init(rngs.params(), (f, hidden), param_dtype), ('item_factor', 'item_hidden'))
@@ -138,7 +141,6 @@ def read_factors(path) -> np.ndarray:
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f'{path}: not found; run the retriever stage (it writes the MF item factors)')
-  import io  # noqa: PLC0415
   try:
     factors = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
   except ValueError as e:
@@ -177,6 +179,8 @@ def save_projector(out_dir, model: nnx.Module, placeholder_id: int | None = None
   tensors = projector_tensors(model, values)
   if not tensors:
     return False
+  if placeholder_id is None:   # a projector read from a folder keeps the placeholder its file named
+    placeholder_id = getattr(projector(model), 'placeholder_id', None)
   out_dir = epath.Path(out_dir)
   meta = {'format': 'np', 'placeholder_id': str(-1 if placeholder_id is None else int(placeholder_id))}
   files.atomic_write_bytes(out_dir / WEIGHTS_FILE, st_save(tensors, metadata=meta))
@@ -190,11 +194,14 @@ def read_projector(folder) -> dict[str, np.ndarray] | None:
   path = epath.Path(folder) / WEIGHTS_FILE
   if not path.exists():
     return None
-  tensors = st_load(path.read_bytes())
+  data = path.read_bytes()
+  tensors = st_load(data)
   missing = sorted(set(TENSORS) - set(tensors))
   if missing:
     raise ValueError(f'{path}: missing tensor(s) {missing}; expected {list(TENSORS)}')
-  return tensors
+  header = json.loads(data[8:8 + int.from_bytes(data[:8], 'little')])   # safetensors: u64 length, JSON
+  placeholder = int(header.get('__metadata__', {}).get('placeholder_id', -1))
+  return {**tensors, '__placeholder_id__': placeholder}
 
 
 def load_projector(model: nnx.Module, folder, mesh=None, rules=None, dtype: str = 'float32') -> bool:
@@ -207,6 +214,8 @@ def load_projector(model: nnx.Module, folder, mesh=None, rules=None, dtype: str 
   if module is None:
     module = attach(model, tensors['factors'], int(tensors['fc1.kernel'].shape[1]), nnx.Rngs(0), mesh, rules,
                     dtype)
+  placeholder = int(tensors.pop('__placeholder_id__'))
+  module.placeholder_id = None if placeholder < 0 else placeholder
   own = {'fc1.kernel': module.fc1.kernel, 'fc1.bias': module.fc1.bias, 'fc2.kernel': module.fc2.kernel,
          'fc2.bias': module.fc2.bias, 'factors': module.factors}
   for name, var in own.items():
