@@ -9,11 +9,13 @@ import pytest
 import safetensors.numpy
 
 from palr_jax import sharding
+from palr_jax.data import interactions, pipeline, prompts
 from palr_jax.hub import peft
-from palr_jax.model import item_tokens, llama, lora
+from palr_jax.model import item_tokens, llama, lora, rerank
 from palr_jax.train import checkpointing, loop
 from palr_jax.train import step as train_step
 from test_llama import dense_inputs, forward
+from prompt_fixtures import tiny_config, tiny_interactions, tiny_tokenizer, write_candidates
 import train_child as tc
 
 NUM_ITEMS = 5
@@ -88,7 +90,7 @@ def test_gradients_reach_the_projector_and_a_step_changes_it():
   model = tc.tiny_model(config)
   item_tokens.attach(model, np.random.default_rng(0).normal(size=(NUM_ITEMS, 6)).astype(np.float32), 8,
                      nnx.Rngs(4))
-  parts, values, _ = train_step.split_model(model)
+  _, values, _ = train_step.split_model(model)
   names = {k for k in values if k.startswith('item_tokens.')}
   assert names == {f'item_tokens.fc{i}.{w}' for i in (1, 2) for w in ('kernel', 'bias')}  # factors stay frozen
   ex = item_examples()
@@ -175,8 +177,6 @@ def test_projector_sharded_checkpointed_restored_and_exported(tmp_path):
 @pytest.fixture(scope='module')
 def hybrid(tmp_path_factory):
   """Train and valid examples of the fixture data, text-only and with item tokens."""
-  from prompt_fixtures import tiny_config, tiny_interactions, tiny_tokenizer, write_candidates  # noqa: PLC0415
-  from palr_jax.data import interactions, prompts  # noqa: PLC0415
   tmp = tmp_path_factory.mktemp('hybrid')
   inter = tiny_interactions()
   split = interactions.leave_one_out(inter)
@@ -214,8 +214,6 @@ def test_hybrid_prompts_mark_every_shown_title_with_its_item(hybrid):
 
 
 def test_item_ids_survive_tfrecords_padding_and_packing(hybrid):
-  from palr_jax.data import pipeline  # noqa: PLC0415
-  from prompt_fixtures import tiny_config  # noqa: PLC0415
   _, out, tmp = hybrid
   builder, examples = out[True]
   folder = pipeline.write_examples(tmp / 'ex', 1024, {'train': examples}, item_token_id=builder.item_token_id)
@@ -242,7 +240,6 @@ def test_item_ids_survive_tfrecords_padding_and_packing(hybrid):
 
 
 def test_score_mode_with_item_tokens_equals_the_text_path():
-  from palr_jax.model import rerank  # noqa: PLC0415
   model = llama.Llama(llama.LlamaConfig(**tc.TINY), nnx.Rngs(0))
   identity_projector(model)
   rng = np.random.default_rng(3)

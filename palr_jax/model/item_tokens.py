@@ -23,6 +23,7 @@ from typing import Any
 from etils import epath
 from flax import nnx
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load as st_load
@@ -152,7 +153,6 @@ def read_factors(path) -> np.ndarray:
 
 def _host(x) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.ascontiguousarray(np.asarray(x, np.float32))
 
