@@ -135,4 +135,14 @@ def get_config(arg: str = ''):
     c.variants.palr_v2_residual = c.variants.palr_v2.copy_and_resolve_references()
     c.variants.palr_v2_residual.rank_mode = 'residual'
     c.eval.methods = (*c.eval.methods, 'palr_v2_residual')
+  if arg in ('', 'full'):
+    # v2 with collaborative item tokens (LLaRA-style hybrid prompts, palr_jax/model/item_tokens.py): a soft
+    # token projected from the retriever's MF item factor after each history and candidate title; the
+    # first fifth of the steps text-only, then hybrid (the curriculum). The projector's hidden width is
+    # the LLM's (0).
+    c.variants.palr_v2_items = c.variants.palr_v2.copy_and_resolve_references()
+    c.variants.palr_v2_items.item_tokens = True
+    c.variants.palr_v2_items.item_token_curriculum_steps = c.train.num_steps // 5
+    c.variants.palr_v2_items.item_projector_hidden = 0
+    c.eval.methods = tuple(c.eval.methods) + ('palr_v2_items',)
   return c

@@ -62,5 +62,5 @@ def apply_trained_adapter(model: nnx.Module, workdir, step: int | None = None, *
   lora_config = peft.lora_config_for(folder, model, 'float32')
   if not has_adapters:
     load.add_lora(model, lora_config, nnx.Rngs(0), mesh, rules)
-  peft.load_adapter(model, folder)
+  peft.load_adapter(model, folder, mesh, rules)
   return f'{folder} (PEFT)', lora_config

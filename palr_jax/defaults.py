@@ -184,6 +184,11 @@ def get_config():
       ('mlp', 'tensor'),
       ('lora_rank', None),
       ('length', None),
+      # The item projector (palr_jax/model/item_tokens.py): factor table rows and width replicated (small),
+      # its hidden layer split like an MLP's.
+      ('item_vocab', None),
+      ('item_factor', None),
+      ('item_hidden', 'tensor'),
   )
 
   # User profiles (palr_jax/data/profile_text.py, stage palr_jax/stages/profiles.py). One profile per user,
@@ -222,6 +227,10 @@ def get_config():
   c.prompts.use_profile = True
   c.prompts.max_title_tokens = 24  # longer titles are cut
   c.prompts.max_length = 1024      # tokens per example (and per packed row); oldest history dropped first
+  # Collaborative item tokens (variants.<v>.item_tokens): the special token written after each shown title,
+  # whose position carries the item's soft token; '' = the tokenizer's highest unused special token, else
+  # unk or pad (data/prompts.py, item_placeholder).
+  c.prompts.item_token = ''
   c.prompts.system = ''            # system message; '' = the chat template's default
   c.prompts.history_line = '- {title}'
   c.prompts.candidate_line = '{tag}. {title}'

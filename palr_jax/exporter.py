@@ -22,7 +22,7 @@ import jax
 from palr_jax import adapters
 from palr_jax import files
 from palr_jax.hub import hf, load, peft
-from palr_jax.model import llama, lora
+from palr_jax.model import item_tokens, llama, lora
 
 FORMATS = ('merged', 'peft')
 _SIZE = re.compile(r'(\d+(?:\.\d+)?)\s*([KMG]?B?)', re.IGNORECASE)
@@ -87,8 +87,10 @@ def export_model(model_config, out, fmt: str, *, workdir='', step: int | None = 
   dtype = dtype or hf.stored_dtype(base)
   if _local(out):
     hf.save_folder(out, config, params, tokenizer, dtype, max_shard_bytes)
+    item_tokens.save_projector(out, model)   # collaborative item tokens: the projector beside the weights
   else:  # an object store: write locally, then copy
     with tempfile.TemporaryDirectory(prefix='palr-export-') as tmp:
       hf.save_folder(epath.Path(tmp) / 'merged', config, params, tokenizer, dtype, max_shard_bytes)
+      item_tokens.save_projector(epath.Path(tmp) / 'merged', model)
       files.copy_tree(epath.Path(tmp) / 'merged', out)
   return source

@@ -24,7 +24,6 @@ from etils import epath
 import numpy as np
 
 from palr_jax import exporter
-from palr_jax import files
 from palr_jax import fingerprint
 from palr_jax import precision
 from palr_jax import variants
@@ -206,6 +205,14 @@ def _check_variants(config) -> None:
       raise bad(f'{key}.retrieval_loss', v.retrieval_loss, "'tag' for rank_mode 'residual' (the head is "
                 'trained in the tag loss)')
     _reraise(prompts.task_repeats, config, name)
+    if v.get('item_tokens', False):   # collaborative item tokens (palr_jax/model/item_tokens.py)
+      if not tasks or v.rank_mode != 'score':
+        raise bad(f'{key}.item_tokens', True, "a trained variant (tasks) that ranks in rank_mode 'score' "
+                  f'(has tasks {tasks}, rank_mode {v.rank_mode!r}): the projector is learned with the adapters')
+      for option in ('item_token_curriculum_steps', 'item_projector_hidden'):
+        n = v.get(option, 0)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+          raise bad(f'{key}.{option}', n, 'an int >= 0')
   if value(config, 'rank.orders') > 1 and config.prompts.candidate_order != 'shuffle':
     raise bad('rank.orders', config.rank.orders, "1 unless config.prompts.candidate_order is 'shuffle' (the "
               'other orders are other seeded shuffles of the candidates)')

@@ -43,6 +43,10 @@ from palr_jax import score_head
 tf = tf_cpu.tensorflow()
 
 FEATURES = ('input_ids', 'loss_mask')
+# Written only by a variant with collaborative item tokens (`variants.<v>.item_tokens`; meta.json then
+# names `item_token_id`): int32 [L], the item index at each placeholder token, -1 elsewhere. Inside tf.data
+# it is carried as item + 1, so that padding (0) means none; batches give it back as `item_ids` (-1 = none).
+ITEM_FEATURE = 'item_ids'
 WRITTEN_SPLITS = ('train', 'valid')
 # What a variant's tokenized examples depend on, besides its tasks, its task weights and the upstream
 # outputs (candidates, profiles) the caller names.
@@ -68,6 +72,8 @@ def examples_fingerprint(config, variant: str, upstream: Sequence[str] = ()) -> 
     extra['use_profile'] = prompts.variant_use_profile(config, variant)
   if writes_candidate_z(config, variant):
     extra['candidate_z'] = True
+  if item_tokens(config, variant):   # only then: the examples of other variants keep their fingerprint
+    extra['item_tokens'] = True
   return fingerprint.of(config, EXAMPLE_KEYS, upstream, extra=extra)
 
 
@@ -83,9 +89,17 @@ def writes_candidate_z(config, variant: str) -> bool:
   return v.rank_mode == 'residual' and 'recommend_retrieval' in tuple(v.tasks)
 
 
-def _serialize(input_ids: np.ndarray, loss_mask: np.ndarray, candidate_z: np.ndarray | None = None) -> bytes:
+def item_tokens(config, variant: str) -> bool:
+  """Whether the variant's prompts carry collaborative item tokens (palr_jax/model/item_tokens.py)."""
+  return bool(config.variants[variant].get('item_tokens', False))
+
+
+def _serialize(input_ids: np.ndarray, loss_mask: np.ndarray, item_ids: np.ndarray | None = None,
+               candidate_z: np.ndarray | None = None) -> bytes:
+  pairs = (('input_ids', input_ids), ('loss_mask', loss_mask)) + (
+      () if item_ids is None else ((ITEM_FEATURE, item_ids),))
   feature = {k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[np.asarray(v, '<i4').tobytes()]))
-             for k, v in (('input_ids', input_ids), ('loss_mask', loss_mask))}
+             for k, v in pairs}
   if candidate_z is not None:
     feature['candidate_z'] = tf.train.Feature(float_list=tf.train.FloatList(value=np.asarray(candidate_z,
                                                                                              np.float32)))
@@ -146,7 +160,10 @@ def write_tfrecord(path, examples: Iterable, stats: TokenStats | None = None) ->
       if len(ex.input_ids) != len(ex.loss_mask) or not len(ex.input_ids):
         raise ValueError(f'{path}: an example has {len(ex.input_ids)} ids and {len(ex.loss_mask)} mask '
                          'entries; expected the same positive length')
-      writer.write(_serialize(ex.input_ids, ex.loss_mask, getattr(ex, 'candidate_z', None)))
+      items = getattr(ex, 'item_ids', None)
+      if items is not None and len(items) != len(ex.input_ids):
+        raise ValueError(f'{path}: an example has {len(ex.input_ids)} ids and {len(items)} item_ids')
+      writer.write(_serialize(ex.input_ids, ex.loss_mask, items, getattr(ex, 'candidate_z', None)))
       tokens += len(ex.input_ids)
       if stats is not None:
         stats.add(ex)
@@ -154,19 +171,26 @@ def write_tfrecord(path, examples: Iterable, stats: TokenStats | None = None) ->
   return tokens
 
 
-def read_tfrecord(path, candidate_z: int = 0) -> tf.data.Dataset:
+def read_tfrecord(path, candidate_z: int = 0, with_item_ids: bool | None = None) -> tf.data.Dataset:
   """Examples as {'input_ids', 'loss_mask'}: int32 [L], in file order; with `candidate_z` = K > 0 also
-  'candidate_z' float32 [L, K]: the example's z at its tag token (loss_mask 2), zeros elsewhere."""
+  'candidate_z' float32 [L, K]: the example's z at its tag token (loss_mask 2), zeros elsewhere; plus
+  `item_ids` (as item + 1, see ITEM_FEATURE) when `with_item_ids`, or by default when the folder's
+  meta.json says the examples have them."""
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f'{path}: not found; build the examples first (pipeline.write_examples)')
-  spec = {k: tf.io.FixedLenFeature([], tf.string) for k in FEATURES}
+  if with_item_ids is None:
+    with_item_ids = has_item_ids(path)
+  features = FEATURES + ((ITEM_FEATURE,) if with_item_ids else ())
+  spec = {k: tf.io.FixedLenFeature([], tf.string) for k in features}
   if candidate_z:
     spec['candidate_z'] = tf.io.FixedLenFeature([candidate_z], tf.float32)
 
   def parse(record):
     raw = tf.io.parse_single_example(record, spec)
-    out = {k: tf.io.decode_raw(raw[k], tf.int32, little_endian=True) for k in FEATURES}
+    out = {k: tf.io.decode_raw(raw[k], tf.int32, little_endian=True) for k in features}
+    if with_item_ids:
+      out[ITEM_FEATURE] = out[ITEM_FEATURE] + 1
     if candidate_z:
       tag = tf.cast(tf.equal(out['loss_mask'], 2), tf.float32)
       out['candidate_z'] = tag[:, None] * raw['candidate_z'][None, :]
@@ -176,12 +200,19 @@ def read_tfrecord(path, candidate_z: int = 0) -> tf.data.Dataset:
                                                 deterministic=True)
 
 
+def has_item_ids(path) -> bool:
+  """Whether the examples file `path` has the `item_ids` feature (its folder's meta.json says so)."""
+  meta = epath.Path(path).parent / 'meta.json'
+  return meta.exists() and files.read_json(meta).get('item_token_id') is not None
+
+
 def write_examples(out, max_length: int, examples_by_split: Mapping[str, Iterable],
-                   choice_ids: Sequence[int] | None = None, *,
+                   choice_ids: Sequence[int] | None = None, item_token_id: int | None = None, *,
                    distinct: Mapping[str, TokenStats] | None = None, candidate_z: bool = False,
                    head_scale: float | Callable[[], float] | None = None) -> epath.Path:
   """Writes `out/{split}.tfrecord` + `meta.json` (last); returns `out`. Each split's examples may be a
-  stream (a generator): they are written as they come, never held. `choice_ids`: the candidates' tag
+  stream (a generator): they are written as they come, never held. `item_token_id`: the placeholder
+  token of collaborative item tokens (examples then carry `item_ids`). `choice_ids`: the candidates' tag
   tokens, which the tag loss (loss_mask 2) chooses among; None when the tags are not usable (no
   Recommend_Retrieval task and tags that are not single tokens). `distinct[split]`: stats of the split's
   examples before task repeats, filled while the stream is consumed (meta's `distinct_examples`).
@@ -190,6 +221,8 @@ def write_examples(out, max_length: int, examples_by_split: Mapping[str, Iterabl
   once every split is written: a fit over the streamed train examples)."""
   out = epath.Path(out)
   meta = {'fingerprint': out.name, 'max_length': int(max_length), 'choice_ids': choice_ids, 'splits': {}}
+  if item_token_id is not None:
+    meta['item_token_id'] = int(item_token_id)
   for split, examples in examples_by_split.items():
     stats = TokenStats()
     tokens = write_tfrecord(out / f'{split}.tfrecord', examples, stats)
@@ -234,7 +267,8 @@ def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence
     return done
   tasks = tuple(config.variants[variant].tasks)
   builder = prompts.PromptBuilder(config, inter, tokenizer, tasks, retrieval_loss(config, variant),
-                                  use_profile=prompts.variant_use_profile(config, variant))
+                                  use_profile=prompts.variant_use_profile(config, variant),
+                                  item_tokens=item_tokens(config, variant))
   repeats = prompts.task_repeats(config, variant)   # weights the training mix; valid stays one of each
   distinct = {which: TokenStats() for which in WRITTEN_SPLITS}
   # The residual head's z per example (writes_candidate_z), and the train (z, label) rows its initial scale
@@ -275,7 +309,7 @@ def build_and_write(config, workdir, inter, split, tokenizer, profiles: Sequence
     choices = None
   out = write_examples(epath.Path(workdir) / 'examples' / fingerprint, config.prompts.max_length,
                        {which: stream(which) for which in WRITTEN_SPLITS}, choice_ids=choices,
-                       distinct=distinct, candidate_z=z_rows is not None,
+                       item_token_id=builder.item_token_id, distinct=distinct, candidate_z=z_rows is not None,
                        head_scale=None if z_rows is None else lambda: initial_head_scale(*z_rows['fit']))
   for which in WRITTEN_SPLITS:
     tok = distinct[which].tokens_per_example()['all']
@@ -330,7 +364,8 @@ def initial_head_scale(z: Sequence[np.ndarray], labels: Sequence[int]) -> float:
 # ------------------------------------------------------------------------------------- batching
 
 
-def _pack_window(ids: tf.RaggedTensor, mask: tf.RaggedTensor, length: int, cap: int, seed, index):
+def _pack_window(ids: tf.RaggedTensor, mask: tf.RaggedTensor, length: int, cap: int, seed, index,
+                 items: tf.RaggedTensor | None = None):
   """One window of examples -> packed rows {BATCH_KEYS: [R, length]}, in TF ops only (no Python
   callbacks, which would deadlock tf.data's threads at interpreter exit).
 
@@ -369,7 +404,9 @@ def _pack_window(ids: tf.RaggedTensor, mask: tf.RaggedTensor, length: int, cap: 
   shape = tf.stack([rows, length])
   values = {'input_ids': ids.values, 'positions': t, 'segment_ids': tf.gather(segment, example),
             'loss_mask': mask.values}
-  return {k: tf.ensure_shape(tf.scatter_nd(at, values[k], shape), [None, length]) for k in BATCH_KEYS}
+  if items is not None:
+    values[ITEM_FEATURE] = items.values
+  return {k: tf.ensure_shape(tf.scatter_nd(at, v, shape), [None, length]) for k, v in values.items()}
 
 
 def _pack(ds: tf.data.Dataset, length: int, max_loss_tokens: int, window: int,
@@ -378,7 +415,8 @@ def _pack(ds: tf.data.Dataset, length: int, max_loss_tokens: int, window: int,
   cap = max_loss_tokens if max_loss_tokens > 0 else np.iinfo(np.int32).max
 
   def pack(index, batch):
-    return _pack_window(batch['input_ids'], batch['loss_mask'], length, cap, seed, index)
+    return _pack_window(batch['input_ids'], batch['loss_mask'], length, cap, seed, index,
+                        batch.get(ITEM_FEATURE))
 
   return ds.ragged_batch(window).enumerate().map(pack).unbatch()
 
@@ -389,6 +427,8 @@ def _with_layout(ex):
          'loss_mask': ex['loss_mask']}
   if 'candidate_z' in ex:
     out['candidate_z'] = ex['candidate_z']
+  if ITEM_FEATURE in ex:
+    out[ITEM_FEATURE] = ex[ITEM_FEATURE]
   return out
 
 
@@ -474,7 +514,9 @@ def _local(ds: tf.data.Dataset, rows: np.ndarray, prefetch: int) -> tf.data.Data
   stages for tens of seconds after their last step on a CPU (bench/RESULTS.md, ":quick end to end").
   """
   idx = tf.constant(np.asarray(rows, np.int32))
-  ds = ds.map(lambda b: {k: tf.gather(b[k], idx) for k in (*BATCH_KEYS, 'candidate_z') if k in b})
+  # item_ids back from item + 1 (0 = none or padding) to the model's -1 = none.
+  ds = ds.map(lambda b: {k: tf.gather(b[k], idx) - (1 if k == ITEM_FEATURE else 0)
+                         for k in (*BATCH_KEYS, ITEM_FEATURE, 'candidate_z') if k in b})
   ds = ds.prefetch(prefetch) if prefetch > 0 else ds
   options = tf.data.Options()
   options.autotune.enabled = False

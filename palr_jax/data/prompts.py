@@ -83,6 +83,7 @@ class Example:
   input_ids: np.ndarray         # int32 [L]: prompt tokens then answer tokens
   loss_mask: np.ndarray         # int32 [L]: 1 on the answer tokens (or 2 on its tag alone, see above)
   prompt_length: int            # tokens of the prompt; the answer's follow
+  item_ids: np.ndarray | None = None  # int32 [L] with item tokens: the item at each placeholder, else -1
 
   @property
   def prompt_ids(self) -> np.ndarray:
@@ -242,7 +243,7 @@ class PromptBuilder:
   """
 
   def __init__(self, config, inter, tokenizer, tasks: Sequence[str] = TASKS, retrieval_loss: str = 'tokens',
-               use_profile: bool | None = None):
+               use_profile: bool | None = None, item_tokens: bool = False):
     cfg = config.prompts
     # `use_profile`: a variant's choice (`variant_use_profile`); None = `prompts.use_profile`.
     self.use_profile = bool(cfg.use_profile) if use_profile is None else bool(use_profile)
@@ -258,6 +259,9 @@ class PromptBuilder:
     self.answer_prefix, self.answer_suffix = self._probe_answer_framing()
     self.tags = list(cfg.tags)
     self.tag_ids = self._check_tags() if 'recommend_retrieval' in self.tasks else None
+    # Collaborative item tokens: one placeholder token right after each shown title (`item_placeholder`).
+    self.item_marker, self.item_token_id = (
+        item_placeholder(tokenizer, self.chat_prompt('q'), cfg.get('item_token', '')) if item_tokens else ('', None))
 
   # Rendering.
 
@@ -270,7 +274,21 @@ class PromptBuilder:
 
   def prompt_segments(self, user_text: str) -> list[tuple[str, bool]]:
     """The chat prompt as (text, from the template) pieces: the messages' contents are data."""
-    return self.template.segments(self._messages(user_text))[1]
+    return self._marked(self.template.segments(self._messages(user_text))[1])
+
+  def _marked(self, segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """`segments` with each item placeholder in the data text a control piece: the marker is appended to
+    titles, which are otherwise encoded as plain text (`chat.encode_segments`), so it stays one token."""
+    if self.item_token_id is None:
+      return segments
+    out = []
+    for text, template in segments:
+      for k, part in enumerate([text] if template else text.split(self.item_marker)):
+        if k:
+          out.append((self.item_marker, True))
+        if part:
+          out.append((part, template))
+    return out
 
   def _probe_answer_framing(self) -> tuple[str, str]:
     """What the template puts around an assistant message: (text before it, text through end-of-turn)."""
@@ -294,9 +312,10 @@ class PromptBuilder:
   def user_text(self, task: str, history: Sequence[int], profile: str,
                 candidates: Sequence[int] = ()) -> str:
     cfg = self.cfg
-    lines = '\n'.join(cfg.history_line.format(title=self.titles[i]) for i in history)
+    mark = self.item_marker
+    lines = '\n'.join(cfg.history_line.format(title=self.titles[i] + mark) for i in history)
     block = cfg.profile_block.format(profile=profile) if self.use_profile and profile else ''
-    cands = '\n'.join(cfg.candidate_line.format(tag=self.tags[j], title=self.titles[i])
+    cands = '\n'.join(cfg.candidate_line.format(tag=self.tags[j], title=self.titles[i] + mark)
                       for j, i in enumerate(candidates))
     return cfg[task].format(history=lines, profile=block, candidates=cands)
 
@@ -382,7 +401,8 @@ class PromptBuilder:
   def _prompt_ids(self, specs: Sequence[Spec], counts: Sequence[int]) -> tuple[list[str], list[list[int]]]:
     """The chat-templated prompts of `specs` with `counts` history titles, and their token ids."""
     rendered = [self.template.segments(self._messages(self._user_text(s, n))) for s, n in zip(specs, counts)]
-    return [text for text, _ in rendered], chat.encode_segments(self.tokenizer, [p for _, p in rendered])
+    return [text for text, _ in rendered], chat.encode_segments(self.tokenizer,
+                                                                [self._marked(p) for _, p in rendered])
 
   def _truncate(self, spec: Spec, answer_len: int) -> tuple[int, str, list[int]]:
     """The most recent history titles (at least one) whose prompt fits beside the answer."""
@@ -423,8 +443,24 @@ class PromptBuilder:
         mask[len(p_ids) + self._tag_index(a_ids, s)] = 2
       else:
         mask[len(p_ids):] = 1
-      out.append(Example(s.task, s.split, s.user, s.position, s.target, s.history[len(s.history) - n:],
-                         s.candidates, prompt, answer, ids, mask, len(p_ids)))
+      shown = s.history[len(s.history) - n:]
+      items = None if self.item_token_id is None else self._item_ids(s, shown, ids, len(p_ids))
+      out.append(Example(s.task, s.split, s.user, s.position, s.target, shown,
+                         s.candidates, prompt, answer, ids, mask, len(p_ids), items))
+    return out
+
+  def _item_ids(self, spec: Spec, shown: Sequence[int], ids: np.ndarray, prompt_length: int) -> np.ndarray:
+    """[L] int32: the item of each placeholder of the prompt (shown history, then the candidates the
+    prompt lists), -1 elsewhere; the placeholders must be exactly those."""
+    listed = tuple(spec.candidates) if '{candidates}' in self.cfg[spec.task] else ()
+    want = list(shown) + list(listed)
+    at = np.flatnonzero(ids == self.item_token_id)
+    if len(at) != len(want) or (len(at) and at[-1] >= prompt_length):
+      raise ValueError(f'{spec.task} example of user {spec.user}: {len(at)} item placeholder token(s) '
+                       f'{self.item_marker!r} where {len(want)} titles are shown; the placeholder must be a '
+                       'token no title or template produces (config.prompts.item_token)')
+    out = np.full(len(ids), -1, np.int32)
+    out[at] = np.asarray(want, np.int32)
     return out
 
   def _tag_index(self, answer_ids: Sequence[int], spec: Spec) -> int:
@@ -470,6 +506,29 @@ class PromptBuilder:
     if self.cfg.candidate_order == 'shuffle':
       items = [items[j] for j in rng.permutation(len(items))]
     return items
+
+
+def item_placeholder(tokenizer, template_text: str, name: str = '') -> tuple[str, int]:
+  """(text, token id) of the placeholder whose position carries an item's soft token: `name` (a special
+  token of the tokenizer), or else the highest-id special token that is neither bos, eos, pad nor in the
+  rendered chat template (`template_text`), else unk, else pad. A special token is one token wherever it
+  appears, and text never produces it."""
+  specials = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+  if name:
+    if name not in specials:
+      raise ValueError(f'config.prompts.item_token = {name!r}: not a special token of the tokenizer '
+                       f'(its special tokens: {sorted(specials)[:12]})')
+    return name, specials[name]
+  busy = {tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token}
+  free = [(i, t) for t, i in specials.items() if t not in busy and t not in template_text]
+  if free:
+    i, t = max(free)
+    return t, i
+  for t in (tokenizer.unk_token, tokenizer.pad_token):
+    if t and t in specials and t not in template_text and t not in (tokenizer.bos_token, tokenizer.eos_token):
+      return t, specials[t]
+  raise ValueError('collaborative item tokens: the tokenizer has no special token free for the item '
+                   'placeholder (not bos/eos, not in the chat template); set config.prompts.item_token')
 
 
 def build_examples(builder: PromptBuilder, split, which: str, profiles: Sequence[str] | None,

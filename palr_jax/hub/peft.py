@@ -16,7 +16,7 @@ from flax import nnx
 from safetensors.numpy import load, save
 
 from palr_jax import files
-from palr_jax.model import llama, lora
+from palr_jax.model import item_tokens, llama, lora
 
 CONFIG_FILE = 'adapter_config.json'
 WEIGHTS_FILE = 'adapter_model.safetensors'
@@ -43,7 +43,8 @@ def target_modules(model) -> list[str] | str:
   return '|'.join(re.escape(lora.hf_module_path(p)) for p in adapted)
 
 
-def save_adapter(out_dir, model, lora_config, base_model_name_or_path: str, values=None) -> None:
+def save_adapter(out_dir, model, lora_config, base_model_name_or_path: str, values=None,
+                 placeholder_id: int | None = None) -> None:
   """Writes the PEFT folder for `model`'s adapters, or for `values` ({dotted adapter path: host array},
   the trainer's flat form) on `model`'s modules. Each file is written whole and moved into place (any
   epath filesystem); the adapter file comes first, the config last."""
@@ -64,6 +65,8 @@ def save_adapter(out_dir, model, lora_config, base_model_name_or_path: str, valu
   out_dir = epath.Path(out_dir)
   files.atomic_write_bytes(out_dir / WEIGHTS_FILE, save({k: np.ascontiguousarray(v, np.float32) for k, v in
                                                      tensors.items()}, metadata={'format': 'pt'}))
+  # Collaborative item tokens: the projector trained with the adapter, beside it (no-op without one).
+  item_tokens.save_projector(out_dir, model, placeholder_id, values)
   files.atomic_write_json(out_dir / CONFIG_FILE, adapter_config)
 
 
@@ -96,8 +99,10 @@ def lora_config_for(folder, model, dtype: str) -> ml_collections.ConfigDict:
       'targets': tuple(re.escape(p) for p in paths), 'dtype': dtype})
 
 
-def load_adapter(model, folder) -> None:
-  """Sets a LoRA-wrapped model's adapters from a PEFT folder (wrapped as `lora_config_for` says)."""
+def load_adapter(model, folder, mesh=None, rules=None) -> None:
+  """Sets a LoRA-wrapped model's adapters from a PEFT folder (wrapped as `lora_config_for` says), and its
+  item projector from `item_projector.safetensors` when the folder has one (attached, laid out on `mesh`
+  by `rules`, if the model has none yet)."""
   path = epath.Path(folder) / WEIGHTS_FILE
   if not path.exists():
     raise FileNotFoundError(f'{path}: not found')
@@ -109,3 +114,4 @@ def load_adapter(model, folder) -> None:
     lora.load_peft_state_dict(model, tensors)
   except ValueError as e:
     raise ValueError(f'{path}: {e}') from None
+  item_tokens.load_projector(model, folder, mesh, rules)

@@ -207,10 +207,11 @@ def grow_cache(cache, extra: int):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def last_token_logprobs(graphdef, state, ids, positions, segments, tokens):
-  """log p(token | prompt) at the last column for each row's `tokens` [B, K] (-1 = none: -inf)."""
+def last_token_logprobs(graphdef, state, ids, positions, segments, tokens, item_ids=None):
+  """log p(token | prompt) at the last column for each row's `tokens` [B, K] (-1 = none: -inf).
+  `item_ids` [B, T]: collaborative item tokens (-1 = none; palr_jax/model/item_tokens.py)."""
   model = nnx.merge(graphdef, state)
-  logits = model(ids, positions, segments, logits_at=_last_column(ids))[:, 0]
+  logits = model(ids, positions, segments, logits_at=_last_column(ids), item_ids=item_ids)[:, 0]
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   scores = jnp.take_along_axis(logp, jnp.maximum(tokens, 0), axis=-1)
   return jnp.where(tokens >= 0, scores, -jnp.inf)

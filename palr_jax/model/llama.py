@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from palr_jax.model import attention
+from palr_jax.model import item_tokens
 from palr_jax.model import scan
 
 ROPE_TYPES = ('default', 'linear', 'llama3')
@@ -312,15 +313,20 @@ class Llama(nnx.Module):
                             out_dtype='float32')
 
   def __call__(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
-               cache: KVCache | None = None, logits_at: jax.Array | None = None, hidden: bool = False):
+               cache: KVCache | None = None, logits_at: jax.Array | None = None, hidden: bool = False,
+               item_ids: jax.Array | None = None):
     """Logits (fp32) [B, T, V], or [B, N, V] at the [B, N] indices `logits_at`.
 
     With a cache, returns (logits, cache) where the T new tokens were written at `cache.end`. `hidden`
     returns the last layer's output instead of logits, for `head` to turn into logits a slice at a time.
+    `item_ids` [B, T] (-1 = none): the soft token of that item replaces the token's embedding there
+    (collaborative item tokens; the model needs `item_tokens.attach`).
     """
     config = self.config
     inv_freq = rope_inv_freq(config)
     x = self.embed_tokens(input_ids)
+    if item_ids is not None:
+      x = item_tokens.embed(self, x, item_ids)
     if cache is None:
       x = scan.apply_layers(self.layers, x, lambda layer, h: layer(h, positions, segment_ids, inv_freq)[0],
                             remat=config.remat, scan=config.scan_layers)

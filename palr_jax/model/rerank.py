@@ -48,18 +48,22 @@ def _ragged(rows, what: str, fill) -> np.ndarray:
 
 def score_tags(model: nnx.Module, prompts: Sequence[Sequence[int]], tag_token_ids, *, batch_size: int,
                buckets: Sequence[int], placement: Placement | None = None,
-               progress: Callable[[int], None] | None = None) -> np.ndarray:
+               progress: Callable[[int], None] | None = None,
+               item_ids: Sequence[Sequence[int]] | None = None) -> np.ndarray:
   """Log-probability of each candidate's tag token at the answer position: float32 [N, K].
 
   `prompts[n]` ends where the answer starts (after the assistant header); `tag_token_ids[n][k]` is the
   one-token tag of user n's candidate k ([N, K] array, or ragged lists: a user with fewer candidates gets
-  -inf past them). Rank with `order_from_scores`.
+  -inf past them). Rank with `order_from_scores`. `item_ids[n]` (as long as prompts[n], -1 = none): the item
+  whose soft token replaces each placeholder (collaborative item tokens; the model has a projector).
   """
   vocab = model.config.vocab_size
   prompts = decode.token_rows(prompts, vocab, 'rank: prompts')
   tags = _ragged(tag_token_ids, 'tag_token_ids', -1)
   if len(tags) != len(prompts):
     raise ValueError(f'rank: {len(prompts)} prompts but {len(tags)} rows of tag_token_ids')
+  if item_ids is not None and [len(r) for r in item_ids] != [len(p) for p in prompts]:
+    raise ValueError('rank: item_ids must have one row per prompt, as long as it')
   if tags.size and (tags.max() >= vocab or (tags < -1).any()):
     raise ValueError(f'rank: tag_token_ids must lie in [0, {vocab})')
   placement = placement or Placement()
@@ -69,8 +73,14 @@ def score_tags(model: nnx.Module, prompts: Sequence[Sequence[int]], tag_token_id
   for rows, ids, positions, segments in batching.left_padded_batches(prompts, batch_size, buckets):
     batch_tags = np.full((batch_size, tags.shape[1]), -1, np.int32)
     batch_tags[:len(rows)] = tags[rows]
+    items = None
+    if item_ids is not None:   # left-padded like the prompts
+      items = np.full(ids.shape, -1, np.int32)
+      for b, n in enumerate(rows):
+        items[b, ids.shape[1] - len(item_ids[n]):] = item_ids[n]
+      items = placement.put(items)
     scores = decode.last_token_logprobs(graphdef, state, *map(placement.put, (ids, positions, segments,
-                                                                               batch_tags)))
+                                                                               batch_tags)), items)
     out[rows] = placement.to_host(scores)[:len(rows)]
     if progress is not None:
       progress(len(rows))

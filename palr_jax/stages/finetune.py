@@ -30,20 +30,26 @@ import functools
 import time
 
 from absl import logging
+from flax import nnx
 
 from palr_jax import distributed
 from palr_jax import files
+from palr_jax import rng
 from palr_jax import sharding
 from palr_jax import variants
 from palr_jax.data import pipeline
 from palr_jax.hub import load
+from palr_jax.model import item_tokens
 from palr_jax.stages import base
+from palr_jax.stages import retriever
 from palr_jax.train import checkpointing
 from palr_jax.train import loop
 from palr_jax.train import valid_rank
 
 PREVIOUS = 'previous'  # another fingerprint's training state, set aside until this run is complete
 STATE = ('checkpoints', checkpointing.ADAPTERS, 'tensorboard')
+# Collaborative item tokens (palr_jax/model/item_tokens.py), hashed only for a variant that sets them.
+ITEM_TOKEN_KEYS = ('item_tokens', 'item_token_curriculum_steps', 'item_projector_hidden')
 
 # Not `mesh`: a checkpoint restores onto any mesh (orbax reshards), so a job resumed on another topology (a
 # v5e-16 slice back as a v4-32, 1 -> 2 SLURM nodes) goes on from its checkpoint. The global batch
@@ -59,6 +65,7 @@ def declare(config) -> list[base.Stage]:
           (f'variants.{variant}.retrieval_loss',) if 'recommend_retrieval' in config.variants[variant].tasks
           else ()) + ((f'variants.{variant}.use_profile',)
                       if config.variants[variant].get('use_profile', None) is not None else ())
+      + tuple(f'variants.{variant}.{k}' for k in ITEM_TOKEN_KEYS if k in config.variants[variant])
       + ((f'variants.{variant}.rank_task', f'variants.{variant}.rank_mode', 'rank.batch_size')   # the ranker
          if config.train.get('best_metric', 'valid_loss') == 'valid_ndcg10' else ()),
       upstream=('retriever', 'profiles'),
@@ -100,11 +107,15 @@ def run(ctx, variant: str) -> None:
 
   mesh = ctx.mesh
   model = ctx.lora_model(mesh, config.lora, f'{variant}-lora')
+  meta = files.read_json(folder / 'meta.json')
+  if pipeline.item_tokens(config, variant):
+    item_tokens.attach(model, item_tokens.read_factors(workdir / retriever.ITEM_FACTORS),
+                       int(config.variants[variant].get('item_projector_hidden', 0)),
+                       nnx.Rngs(params=rng.jax_key(int(config.seed), f'{variant}-projector')), mesh, config.mesh.rules)
   rows = sharding.process_rows(mesh, config.mesh.rules, int(config.train.batch_size))
   train_batches = pipeline.TrainBatches(folder / 'train.tfrecord', config, rows)
   valid_batches = pipeline.EvalBatches(folder / 'valid.tfrecord', config, rows, int(config.train.valid_batches))
   start = time.perf_counter()
-  meta = files.read_json(folder / 'meta.json')
   choice_ids = meta.get('choice_ids')  # used by tag-loss tokens only
   head_scale = meta.get('score_head_scale') if pipeline.writes_candidate_z(config, variant) else None
   if head_scale is not None:
@@ -114,7 +125,8 @@ def run(ctx, variant: str) -> None:
   _bind_to_fingerprint(run_dir, ctx.fingerprint)
   ranker = _valid_ranker(ctx, variant, mesh)
   result = loop.train(config, run_dir, model, train_batches, valid_batches, choice_ids=choice_ids,
-                      valid_rank=ranker, head_scale=head_scale)
+                      valid_rank=ranker, head_scale=head_scale,
+                      item_curriculum_steps=int(config.variants[variant].get('item_token_curriculum_steps', 0)))
   logging.info('%s: trained to step %d in %.1f s%s', variant, result['step'], time.perf_counter() - start,
                ' (early stop)' if result.get('stopped_early') else '')
   # A SIGTERM agreed on for the last step (or later) still ends the job: the rerun finds the final
@@ -124,7 +136,7 @@ def run(ctx, variant: str) -> None:
     raise distributed.Preempted(f'{variant}: training stopped at step {result["step"]} of '
                                 f'{config.train.num_steps} (checkpoint saved)')
   start = time.perf_counter()
-  checkpointing.write_adapters(run_dir, model, config.lora, str(ctx.hf_folder))
+  checkpointing.write_adapters(run_dir, model, config.lora, str(ctx.hf_folder), meta.get('item_token_id'))
   logging.info('%s: adapters written in %.1f s', variant, time.perf_counter() - start)
   if distributed.is_leader() and (run_dir / PREVIOUS).exists():
     (run_dir / PREVIOUS).rmtree()  # the new state is complete: the one set aside goes

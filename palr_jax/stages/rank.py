@@ -105,12 +105,17 @@ def rank_users(model, builder: prompts.PromptBuilder, examples: Sequence[prompts
   ranking_prompts = [builder.ranking_prompt(e) for e in examples]
   common = dict(batch_size=int(c.batch_size), buckets=tuple(config.batching.length_buckets),
                 placement=placement, progress=advance)
+  hybrid = builder.item_token_id is not None   # collaborative item tokens: the items at the placeholders
+  if hybrid and mode != 'score':
+    raise ValueError(f"rank_mode {mode!r}: a variant with item_tokens ranks in 'score' mode only")
   if mode in ('score', 'residual'):  # residual: the head is applied per user in rank_split
     if any(e.task != 'recommend_retrieval' for e in examples):
       raise ValueError(f"rank_mode {mode!r} reads the candidates' tags: it needs rank_task "
                        "'recommend_retrieval'")
     tags = [builder.tag_ids[:len(e.candidates)] for e in examples]
-    scores = rerank.score_tags(model, ranking_prompts, tags, **common)
+    items = [np.concatenate([e.item_ids[:e.prompt_length], np.full(len(p) - e.prompt_length, -1, np.int32)])
+             for e, p in zip(examples, ranking_prompts)] if hybrid else None
+    scores = rerank.score_tags(model, ranking_prompts, tags, item_ids=items, **common)
   elif mode == 'generate':  # generation stops items by the trie: the answers' content is enough
     answers = [builder.candidate_answers(e, end_of_turn=False) for e in examples]
     scores = rerank.generate_scores(model, ranking_prompts, answers, separator=builder.encode_text(c.separator),
@@ -275,7 +280,8 @@ def run(ctx) -> None:
   for method in llm_methods(config):
     variant = config.variants[method]
     builder = prompts.PromptBuilder(config, ctx.inter, ctx.tokenizer, tasks=(variant.rank_task,),
-                                    use_profile=prompts.variant_use_profile(config, method))
+                                    use_profile=prompts.variant_use_profile(config, method),
+                                    item_tokens=bool(variant.get('item_tokens', False)))
     model = ctx.base_model(ctx.local_mesh)
     steps = _steps(ctx, method)
 

@@ -13,6 +13,8 @@ user folds (palr_jax/retrieval/candidates.py says why). Writes, under the workdi
                                         output, so a rerun that writes the same candidates reruns nothing
   retriever_baselines.json              with transitions fused: the MF model alone (every user's valid
                                         and test rank and top K), the ablation's first row; else {}
+  retriever/item_factors.npy            the valid model's (train-only) item factors [items, F], float32:
+                                        what collaborative item tokens project (model/item_tokens.py)
 The retriever is MF (iALS or BPR), optionally fused with item-to-item transitions
 (palr_jax/retrieval/transitions.py), which bring the order of events that MF ignores.
 Processes: host (process 0 fits and writes; seconds on a CPU for ML-100K/ML-1M).
@@ -20,6 +22,7 @@ Processes: host (process 0 fits and writes; seconds on a CPU for ML-100K/ML-1M).
 from __future__ import annotations
 
 import itertools
+import io
 import json
 import time
 
@@ -39,8 +42,11 @@ from palr_jax.stages import base
 
 TIMINGS = 'retriever_timings.json'  # not in OUTPUTS: timings differ at every run
 BASELINES = 'retriever_baselines.json'  # the MF model alone: every user's valid/test rank and top K
+# The chosen MF fit's item factors [num_items, F] (float32 .npy, dense item order), the fit on train only:
+# one table for the train, valid and test prompts of collaborative item tokens (palr_jax/model/item_tokens.py).
+ITEM_FACTORS = 'retriever/item_factors.npy'
 OUTPUTS = ('candidates/train.jsonl', 'candidates/valid.jsonl', 'candidates/test.jsonl',
-           'retriever_results.json', BASELINES)
+           'retriever_results.json', BASELINES, ITEM_FACTORS)
 
 
 def declare(config) -> base.Stage:
@@ -169,6 +175,9 @@ def run(ctx) -> dict:
         which: {'ranks': r.ranks.tolist(), 'items': r.items.tolist()} for which, r in baselines.items()}})
   else:
     files.atomic_write_json(workdir / BASELINES, {})
+  buffer = io.BytesIO()
+  np.save(buffer, np.asarray(jax.device_get(valid_items), np.float32), allow_pickle=False)
+  files.atomic_write_bytes(workdir / ITEM_FACTORS, buffer.getvalue())
   files.atomic_write_json(workdir / 'retriever_results.json', results)
   files.atomic_write_json(workdir / TIMINGS, {'search': search_seconds,
                                               'fit_seconds': {'valid': valid_seconds, 'test': test_seconds}})

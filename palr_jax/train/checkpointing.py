@@ -324,11 +324,13 @@ def _host(x) -> np.ndarray:
   return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
 
 
-def write_adapters(workdir, model: nnx.Module, lora_config, base_name: str) -> list[int]:
+def write_adapters(workdir, model: nnx.Module, lora_config, base_name: str,
+                   placeholder_id: int | None = None) -> list[int]:
   """After training, on every process (a collective): each kept checkpoint's adapters, gathered to the
   host, as the PEFT folder `W/adapters/step_<N>`, written by process 0. Inference stages, export and the
   tools read these, never orbax, so they need neither the global mesh nor the other processes.
-  Returns the steps."""
+  A model with collaborative item tokens gets `item_projector.safetensors` beside each adapter (its
+  loader note names `placeholder_id`). Returns the steps."""
   workdir = epath.Path(workdir)
   steps = checkpoint_steps(workdir)
   for step in steps:
@@ -336,7 +338,7 @@ def write_adapters(workdir, model: nnx.Module, lora_config, base_name: str) -> l
     values = {'.'.join(map(str, path)): _host(var.value) for path, var in nnx.to_flat_state(lora.lora_state(model))}
     head = restore_head(workdir / 'checkpoints', step)
     if jax.process_index() == 0:
-      peft.save_adapter(adapter_dir(workdir, step), model, lora_config, base_name, values)
+      peft.save_adapter(adapter_dir(workdir, step), model, lora_config, base_name, values, placeholder_id)
       if head is not None:  # beside the adapter: the rank stage's residual mode reads it there
         score_head.save(adapter_dir(workdir, step), *head)
   if jax.process_index() == 0:

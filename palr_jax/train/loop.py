@@ -28,7 +28,7 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
           valid_batches: Iterable[Mapping[str, np.ndarray]] | None = None, *,
           choice_ids: Sequence[int] | None = None,
           valid_rank: Callable[[nnx.Module], float] | None = None,
-          head_scale: float | None = None) -> dict[str, float]:
+          head_scale: float | None = None, item_curriculum_steps: int = 0) -> dict[str, float]:
   """Trains `model`'s LoRA adapters per `config.train` on the mesh `config.mesh`; resumes from `workdir`.
 
   Writes WORKDIR/checkpoints and WORKDIR/tensorboard. On return the model holds the trained adapters
@@ -47,6 +47,7 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
   valid loss, with a log line.
   `head_scale`: also train the residual score head (palr_jax/score_head.py) from gate 0 and this
   scale; its batches carry `candidate_z`, and the result holds its final `score_head.gate` / `.scale`.
+  `item_curriculum_steps`: batches with `item_ids` are read text-only for that many steps (`make_train_step`).
   """
   c = config.train
   rules = config.mesh.rules
@@ -91,7 +92,7 @@ def train(config, workdir: epath.PathLike, model: nnx.Module, train_iter: DataIt
     state = laid.initial_state()
 
   choices = None if choice_ids is None else np.asarray(choice_ids, np.int32)
-  train_step = laid.train_step(c, rules, config.seed, choices)
+  train_step = laid.train_step(c, rules, config.seed, choices, item_curriculum_steps)
   eval_step = make_eval_step(parts, c, rules, choices)
   lora_params = sum(v.size for v in abstract['lora'].values())
   writer = progress.MetricWriter(workdir / 'tensorboard', c.num_steps, start)

@@ -29,6 +29,10 @@ from palr_jax import sharding
 from palr_jax.batching import BATCH_KEYS
 from palr_jax import score_head
 
+# Batch keys a batch may add: `item_ids` [B, T] (int32, -1 = none), the item of each placeholder token
+# (collaborative item tokens, palr_jax/model/item_tokens.py).
+OPTIONAL_KEYS = ('item_ids',)
+
 
 class DataIterator(Protocol):
   """A batch source the trainer can checkpoint: `next` gives this process's rows of the next global
@@ -70,7 +74,7 @@ def loss_sum(model, batch: Mapping[str, jax.Array], max_loss_tokens: int, rules,
   n = length - 1 if max_loss_tokens <= 0 else min(max_loss_tokens, length - 1)
   idx = jnp.argsort((weights == 0).astype(jnp.int32), axis=1, stable=True)[:, :n]
   logits = model(batch['input_ids'], batch['positions'], batch['segment_ids'],
-                 logits_at=jnp.maximum(idx - 1, 0))
+                 logits_at=jnp.maximum(idx - 1, 0), item_ids=batch.get('item_ids'))
   logits = sharding.constrain(logits, ('batch', None, 'vocab'), rules)
   targets = jnp.take_along_axis(batch['input_ids'], idx, axis=1)
   logits = logits.astype(jnp.float32)
@@ -261,9 +265,9 @@ class Setup:
     """The train state created in place on the mesh."""
     return jax.jit(lambda v: init_state(v, self.optimizer), out_shardings=self.shardings)(self.values)
 
-  def train_step(self, train_config, rules, seed: int, choice_ids=None):
+  def train_step(self, train_config, rules, seed: int, choice_ids=None, item_curriculum_steps: int = 0):
     return make_train_step(self.parts, self.optimizer, train_config, rules, self.shardings,
-                           self.frozen_shardings, seed, choice_ids)
+                           self.frozen_shardings, seed, choice_ids, item_curriculum_steps)
 
 
 def setup(model: nnx.Module, train_config, mesh, rules, head_scale: float | None = None) -> Setup:
@@ -284,12 +288,16 @@ def setup(model: nnx.Module, train_config, mesh, rules, head_scale: float | None
 
 
 def make_train_step(parts: LoraModel, optimizer, train_config, rules, shardings, frozen_shardings, seed: int,
-                    choice_ids=None):
+                    choice_ids=None, item_curriculum_steps: int = 0):
   """jit(step)(state, frozen, batch) -> (state, metrics); the state is donated. `choice_ids`: the tag
-  tokens of the tag loss (`loss_sum`)."""
+  tokens of the tag loss (`loss_sum`). A batch with `item_ids` (collaborative item tokens) is read
+  text-only for the first `item_curriculum_steps` steps: its placeholders keep their own token embedding
+  (LLaRA's curriculum), then the projected items replace them."""
   schedule = learning_rate_schedule(train_config)
 
   def step(state, frozen, batch):
+    if 'item_ids' in batch and item_curriculum_steps > 0:
+      batch = dict(batch, item_ids=jnp.where(state['step'] < item_curriculum_steps, -1, batch['item_ids']))
     dropout_key = jax.random.fold_in(jax.random.key(seed), state['step'])
     loss, grads, _ = loss_and_grad(parts, state['lora'], frozen, batch, dropout_key,
                                    microbatches=train_config.microbatches,
@@ -330,7 +338,7 @@ def device_batch(local: Mapping[str, Any], mesh, rules, train_config) -> dict[st
   missing = [k for k in BATCH_KEYS if k not in local]
   if missing:
     raise ValueError(f'train batch: missing key(s) {missing}; expected {list(BATCH_KEYS)}')
-  arrays = {k: np.asarray(local[k]) for k in BATCH_KEYS}
+  arrays = {k: np.asarray(local[k]) for k in BATCH_KEYS + tuple(k for k in OPTIONAL_KEYS if k in local)}
   rows = len(sharding.process_rows(mesh, rules, train_config.batch_size))
   for k, a in arrays.items():
     if a.shape != arrays['input_ids'].shape or a.ndim != 2 or a.shape[0] != rows:

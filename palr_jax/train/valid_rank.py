@@ -72,13 +72,17 @@ class ValidRanker:
     self.tags = [builder.tag_ids[:len(e.candidates)] for e in examples]
     self.targets = [e.target_tag_index for e in examples]
     self.users = [e.user for e in examples]
+    # Collaborative item tokens: the items at the prompts' placeholders (-1 past the prompt), as rank.py.
+    self.item_ids = None if builder.item_token_id is None else [
+        np.concatenate([e.item_ids[:e.prompt_length], np.full(len(p) - e.prompt_length, -1, np.int32)])
+        for e, p in zip(examples, self.prompts)]
     self._common = dict(batch_size=int(batch_size), buckets=tuple(buckets), placement=placement)
 
   def __len__(self) -> int:
     return len(self.prompts)
 
   def __call__(self, model) -> float:
-    scores = rerank.score_tags(model, self.prompts, self.tags, **self._common)
+    scores = rerank.score_tags(model, self.prompts, self.tags, item_ids=self.item_ids, **self._common)
     return ndcg_at_10([row[:len(t)] for row, t in zip(scores, self.tags)], self.targets)
 
 
@@ -87,7 +91,8 @@ def build(config, inter, split, tokenizer, profiles, candidates_path, variant: s
   """The ranker of `variant` on `config.train.rank_valid_users` seeded valid users (its own profile
   choice; candidates from `candidates/valid.jsonl` at `candidates_path`)."""
   builder = prompts.PromptBuilder(config, inter, tokenizer, ('recommend_retrieval',),
-                                  use_profile=prompts.variant_use_profile(config, variant))
+                                  use_profile=prompts.variant_use_profile(config, variant),
+                                  item_tokens=bool(config.variants[variant].get('item_tokens', False)))
   users = sample_users(len(split.train), int(config.train.rank_valid_users), int(config.seed))
   cands = prompts.read_candidates(candidates_path, split, 'valid')
   examples = prompts.build_examples(builder, split, 'valid', profiles, cands, users=[int(u) for u in users],
