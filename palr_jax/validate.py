@@ -24,7 +24,6 @@ from etils import epath
 import numpy as np
 
 from palr_jax import exporter
-from palr_jax import files
 from palr_jax import fingerprint
 from palr_jax import precision
 from palr_jax import variants
