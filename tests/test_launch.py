@@ -167,7 +167,7 @@ def test_tpu_vm_detached_job_outlives_its_session_and_records_its_status(tmp_pat
   probe = start_job(tmp_path, gcloud,
                     ['sh', '-c', "while [ ! -e go ]; do sleep 0.05; done; echo \"it's done\"; exit 75"],
                     home)
-  assert probe() == 'running'  # the submission returned while the job waits
+  assert wait_for(probe, 'running') == 'running'  # the submission returned while the job waits
   go.touch()
   assert wait_for(probe, 'exit 75') == 'exit 75'
   assert (home / 'palr-jax' / 'job logs' / 'd.exit').read_text() == '75\n'
@@ -185,7 +185,7 @@ def test_tpu_vm_job_status_survives_sigterm_and_a_lost_wrapper_reads_as_no_job(t
   probe = start_job(tmp_path, gcloud, ['sh', '-c', 'trap "exit 75" TERM; touch started; while :; do sleep 0.1; done'],
                     home)
   pid = int((home / 'palr-jax' / 'job logs' / 'd.pid').read_text())
-  assert probe() == 'running'
+  assert wait_for(probe, 'running') == 'running'  # the detached job may take a moment on a busy box
   deadline = time.time() + 30
   while not (home / 'palr-jax' / 'started').exists() and time.time() < deadline:
     time.sleep(0.05)
@@ -194,7 +194,7 @@ def test_tpu_vm_job_status_survives_sigterm_and_a_lost_wrapper_reads_as_no_job(t
 
   probe = start_job(tmp_path, gcloud, ['sleep', '300'], home)
   pid = int((home / 'palr-jax' / 'job logs' / 'd.pid').read_text())
-  assert probe() == 'running'
+  assert wait_for(probe, 'running') == 'running'
   os.killpg(pid, signal.SIGKILL)  # the whole job and its wrapper, as a VM reset does
   assert wait_for(probe, 'none') == 'none'
 
@@ -203,7 +203,7 @@ def test_tpu_vm_job_status_survives_sigterm_and_a_lost_wrapper_reads_as_no_job(t
   start_job(tmp_path, gcloud, ['sleep', '300'], home)  # the stale copy is stopped before the new one starts
   new = int((home / 'palr-jax' / 'job logs' / 'd.pid').read_text())
   try:
-    assert new != old and probe() == 'running'
+    assert new != old and wait_for(probe, 'running') == 'running'
     with pytest.raises(ProcessLookupError):
       os.killpg(old, 0)
   finally:
