@@ -1,7 +1,8 @@
 """Retriever speed and quality against named peers, on ML-100K (leave-one-out, test protocol).
 
 1. Fit: our jitted iALS (exact Cholesky solves) vs `implicit` 0.7.3 ALS (CPU, conjugate gradient, all
-   cores as its own threads, BLAS single-threaded as implicit asks), same train+valid data, same factors / reg / iterations and the same confidences
+   cores as its own threads, BLAS single-threaded as implicit asks), same train+valid data, same factors / reg /
+   iterations and the same confidences
    (implicit weighs a positive by alpha_implicit * r, ours by 1 + alpha * r, so alpha_implicit = 1 + alpha).
    Both are scored with the same ranking code: test HR@10 / NDCG@10 / HR@50 over the catalog minus history.
    Our seed s uses the key the retriever stage gives its test model, so these are the numbers of

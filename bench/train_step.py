@@ -251,7 +251,7 @@ def spawn(*argv: str, cap_s: float | None = None, isa: str = 'native') -> tuple[
   except subprocess.TimeoutExpired:
     proc.kill()
     out, err = proc.communicate()
-  records = {tag: [json.loads(l[len(tag) + 1:]) for l in out.splitlines() if l.startswith(tag + ' ')]
+  records = {tag: [json.loads(line[len(tag) + 1:]) for line in out.splitlines() if line.startswith(tag + ' ')]
              for tag in ('RESULT', 'STEP')}
   if not records['RESULT'] and not records['STEP']:
     raise RuntimeError(f'{argv} failed ({proc.returncode}):\n{err[-4000:]}')

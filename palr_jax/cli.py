@@ -91,7 +91,7 @@ def last_line(message: str) -> str:
   lines = [line.strip() for line in message.splitlines() if line.strip()]
   if not lines:
     return message
-  return f'{lines[0].split(": ")[0]}: {lines[-1]}' if any(l.startswith('Traceback') for l in lines) else lines[0]
+  return f'{lines[0].split(": ")[0]}: {lines[-1]}' if any(line.startswith('Traceback') for line in lines) else lines[0]
 
 
 def config_flag_names() -> list[str]:

@@ -18,7 +18,8 @@ What a multi-process job needs beyond that, and how it is done here:
   which the launchers resubmit. In training the first SIGTERM only sets a flag (`preemption_requested`);
   the process that got it publishes a step to stop at under a key of the coordination service, which
   every process looks up at each step (`training_window.stop_here`: a host RPC, no device collective, so
-  the steps stay pipelined), so all stop at the same step, save, and exit 75. Outside training, or on a second SIGTERM, the process exits 75 at once, whatever its
+  the steps stay pipelined), so all stop at the same step, save, and exit 75. Outside training, or on a
+  second SIGTERM, the process exits 75 at once, whatever its
   main thread is blocked in (a thread acts on the signal, `install_signal_handlers`), and on a
   multi-process job the others' watchdogs follow with 75 too.
 - A shared workdir (`check_shared_workdir`): every process must see the files process 0 writes there; a

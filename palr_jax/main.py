@@ -226,6 +226,7 @@ def _run_and_print(f, logs) -> None:
   say = print if distributed.is_leader() else (lambda line: None)
   results = distributed.fail_fast(lambda: run(f.config, f.workdir, f.shared_dir, only=f.stages, rerun=f.rerun,
                                               say=say))
+  workdir = epath.Path(f.workdir)
   if distributed.is_leader() and results is not None:
     print(results_heading(workdir))
     print((workdir / 'results.md').read_text())

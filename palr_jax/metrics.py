@@ -165,9 +165,9 @@ def fuse(retriever: dict, llm: dict, weight: float) -> dict:
   'items', 'targets'}, items in fused order (ties keep the retriever's order).
   """
   ranks, items = [], []
-  for cands, r, l, target, rank in zip(retriever['items'], retriever['scores'], llm['scores'],
+  for cands, r, s, target, rank in zip(retriever['items'], retriever['scores'], llm['scores'],
                                        retriever['targets'], retriever['ranks']):
-    f = _standardized(r) + weight * _standardized(l)
+    f = _standardized(r) + weight * _standardized(s)
     order = np.argsort(-f, kind='stable')
     items.append([cands[j] for j in order])
     if target in cands:

@@ -18,9 +18,11 @@ def _float32_matmuls():
     yield
 
 
-@pytest.fixture(autouse=True)
-def _auto_precision_is_float32(monkeypatch):
-  """model.dtype 'auto' (the default) is float32 in every test on every machine: the tests compare with
-  fp32 references. tests/test_precision.py fakes the machine itself."""
+@pytest.fixture(autouse=True, scope='session')
+def _auto_precision_is_float32():
+  """model.dtype 'auto' (the default) is float32 in every test on every machine, module-scoped fixtures
+  included: the tests compare with fp32 references. tests/test_precision.py fakes the machine itself."""
   from palr_jax import precision  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(precision, 'detect', lambda: ('float32', 'tests: float32 on every machine'))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(precision, 'detect', lambda: ('float32', 'tests: float32 on every machine'))
+    yield

@@ -11,6 +11,7 @@ from flax import nnx
 import jax
 import pytest
 
+from palr_jax import defaults as common
 from palr_jax.tools import check
 from palr_jax import sharding
 from palr_jax.train import step as train_step
@@ -19,7 +20,6 @@ from palr_jax.model import llama
 from palr_jax.model import lora as lora_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-from palr_jax import defaults as common
 
 # Sizes that exercise fit_spec: vocab 99 does not divide by tensor=2 (replicated there), 4 heads do.
 TINY = dict(model_type='llama', architectures=['LlamaForCausalLM'], vocab_size=99, hidden_size=64,

@@ -24,7 +24,8 @@ def launch(script, *args, env=None, timeout=120):
                         env={**os.environ, **(env or {})}, timeout=timeout)
 
 
-NOT_FOUND = "ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource 'projects/p/locations/z/nodes/n' was not found"
+NOT_FOUND = ("ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource 'projects/p/locations/z/nodes/n' "
+             'was not found')
 
 
 @pytest.fixture
@@ -163,9 +164,10 @@ def test_tpu_vm_detached_job_outlives_its_session_and_records_its_status(tmp_pat
   the watcher's probe says running, then the status."""
   home = tmp_path / 'worker'
   go = home / 'palr-jax' / 'go'
-  probe = start_job(tmp_path, gcloud, ['sh', '-c', "while [ ! -e go ]; do sleep 0.05; done; echo \"it's done\"; exit 75"],
+  probe = start_job(tmp_path, gcloud,
+                    ['sh', '-c', "while [ ! -e go ]; do sleep 0.05; done; echo \"it's done\"; exit 75"],
                     home)
-  assert probe() == 'running'  # the submission returned while the job waits
+  assert wait_for(probe, 'running') == 'running'  # the submission returned while the job waits
   go.touch()
   assert wait_for(probe, 'exit 75') == 'exit 75'
   assert (home / 'palr-jax' / 'job logs' / 'd.exit').read_text() == '75\n'
@@ -183,7 +185,7 @@ def test_tpu_vm_job_status_survives_sigterm_and_a_lost_wrapper_reads_as_no_job(t
   probe = start_job(tmp_path, gcloud, ['sh', '-c', 'trap "exit 75" TERM; touch started; while :; do sleep 0.1; done'],
                     home)
   pid = int((home / 'palr-jax' / 'job logs' / 'd.pid').read_text())
-  assert probe() == 'running'
+  assert wait_for(probe, 'running') == 'running'  # the detached job may take a moment on a busy box
   deadline = time.time() + 30
   while not (home / 'palr-jax' / 'started').exists() and time.time() < deadline:
     time.sleep(0.05)
@@ -192,7 +194,7 @@ def test_tpu_vm_job_status_survives_sigterm_and_a_lost_wrapper_reads_as_no_job(t
 
   probe = start_job(tmp_path, gcloud, ['sleep', '300'], home)
   pid = int((home / 'palr-jax' / 'job logs' / 'd.pid').read_text())
-  assert probe() == 'running'
+  assert wait_for(probe, 'running') == 'running'
   os.killpg(pid, signal.SIGKILL)  # the whole job and its wrapper, as a VM reset does
   assert wait_for(probe, 'none') == 'none'
 
@@ -201,7 +203,7 @@ def test_tpu_vm_job_status_survives_sigterm_and_a_lost_wrapper_reads_as_no_job(t
   start_job(tmp_path, gcloud, ['sleep', '300'], home)  # the stale copy is stopped before the new one starts
   new = int((home / 'palr-jax' / 'job logs' / 'd.pid').read_text())
   try:
-    assert new != old and probe() == 'running'
+    assert new != old and wait_for(probe, 'running') == 'running'
     with pytest.raises(ProcessLookupError):
       os.killpg(old, 0)
   finally:
@@ -340,7 +342,8 @@ def test_tpu_vm_watch_reads_a_gcloud_error_as_unknown_not_as_a_lost_slice(tmp_pa
   job is found running when gcloud answers again. Errors without end give up, leaving the slice (no
   --delete) and the job alone."""
   out, calls = gcloud('--name', 'g', '--zone', 'z', '--type', 'v4-8', '--watch', '--poll', '0', '--no-setup',
-                      '--delete', '--', 'x', states=['READY', 'ERROR', 'ERROR', 'READY', 'READY'], jobs=['none', 'running', 'exit 0'])
+                      '--delete', '--', 'x', states=['READY', 'ERROR', 'ERROR', 'READY', 'READY'],
+                      jobs=['none', 'running', 'exit 0'])
   assert out.returncode == 0, out.stderr
   assert 'gcloud could not describe g (ERROR: (gcloud.auth) There was a problem refreshing' in out.stderr
   assert not [c for c in calls if ' create ' in c or c.startswith('tar') or ' scp ' in c], calls
@@ -505,7 +508,7 @@ def test_local_two_processes_form_one_job():
   out = launch('local.sh', '--processes', '2', '--cpu-devices', '4', '--port', str(free_port()), '--venv', sys.prefix,
                '--', 'python', '-c', code, env={'PYTHONPATH': str(ROOT)})
   assert out.returncode == 0, out.stdout + out.stderr
-  assert sorted(l for l in out.stdout.splitlines() if 'job' in l) == ['[0] job 0 2 8', '[1] job 1 2 8']
+  assert sorted(line for line in out.stdout.splitlines() if 'job' in line) == ['[0] job 0 2 8', '[1] job 1 2 8']
   out = launch('local.sh', '--processes', '2', '--venv', sys.prefix, '--', 'python', '-c',
                'import os, sys, time; i = int(os.environ["JAX_PROCESS_ID"]); '
                'sys.exit(3) if i else time.sleep(60)')
@@ -520,7 +523,7 @@ def test_local_job_whose_hosts_each_have_their_own_workdir_exits_2_at_once(tmp_p
   out = launch('local.sh', '--processes', '2', '--cpu-devices', '1', '--port', str(free_port()), '--venv',
                sys.prefix, '--', 'sh', '-c', job, env={'PYTHONPATH': str(ROOT)})
   assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
-  lines = sorted(l for l in out.stdout.splitlines() if 'palr_jax.main:' in l)
+  lines = sorted(line for line in out.stdout.splitlines() if 'palr_jax.main:' in line)
   assert lines == [f'[{i}] palr_jax.main: --workdir {tmp_path}/host{i}: process(es) [1] of 2 do not see the file '
                    'process 0 wrote there: each host has its own folder; a multi-process job needs a workdir every '
                    'host shares (gs://BUCKET/..., or a shared filesystem)' for i in (0, 1)]
@@ -540,6 +543,6 @@ def test_local_passes_sigterm_on_and_exits_with_the_preemption_code(tmp_path):
   proc.send_signal(signal.SIGTERM)
   out = proc.communicate(timeout=60)[0]
   assert proc.returncode == 75, out[-3000:]
-  assert sorted(l for l in out.splitlines() if 'palr_jax: SIGTERM' in l) == [
+  assert sorted(line for line in out.splitlines() if 'palr_jax: SIGTERM' in line) == [
       f'[{i}] palr_jax: SIGTERM outside training; exiting with code 75: rerun the same command to resume'
       for i in (0, 1)]

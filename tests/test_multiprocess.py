@@ -232,7 +232,7 @@ def test_a_workdir_each_host_has_its_own_copy_of_is_refused(tmp_path, shared):
            for i in range(2)]
   outs = [p.communicate(timeout=120) for p in procs]
   assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
-  verdicts = [next(l for l in o[0].splitlines() if l.startswith('verdict:')) for o in outs]
+  verdicts = [next(line for line in o[0].splitlines() if line.startswith('verdict:')) for o in outs]
   if shared:
     assert verdicts == ['verdict: None'] * 2
     assert list((tmp_path / 'w').iterdir()) == []  # the probe file is removed
@@ -280,6 +280,6 @@ def test_resumed_profiles_cut_every_share_from_process_0s_list():
            for i in range(2)]
   outs = [p.communicate(timeout=120) for p in procs]
   assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
-  shares = [next(l for l in o[0].splitlines() if l.startswith('share:')) for o in outs]
+  shares = [next(line for line in o[0].splitlines() if line.startswith('share:')) for o in outs]
   # Both agree that 3 and 5 are done; together the shares cover every other user once (7 included).
   assert shares == ['share: [3, 5] [0, 2, 6, 8]', 'share: [3, 5] [1, 4, 7, 9]']

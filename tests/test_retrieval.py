@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from palr_jax import defaults as common
 from palr_jax import sharding
 from palr_jax.data import interactions
 from palr_jax.retrieval import candidates
@@ -16,7 +17,6 @@ from palr_jax.retrieval import mf
 from palr_jax.retrieval import topk
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from palr_jax import defaults as common
 
 
 def retriever_config(**overrides):

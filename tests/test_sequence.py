@@ -75,7 +75,8 @@ def test_fused_top_k_equals_numpy(sharded):
   users, items, histories, targets, table, recent, weights = fused_problem()
   mesh = sharding.make_mesh(defaults.get_config().mesh) if sharded else None
   _, got, ranks = topk.top_k(users, items, histories, 5, user_batch=8, targets=targets, mesh=mesh,
-                             transitions=transitions.Table.from_dense(table), recent=recent, recent_weights=weights, transition_weight=0.4)
+                             transitions=transitions.Table.from_dense(table), recent=recent, recent_weights=weights,
+                             transition_weight=0.4)
   order, expected_ranks = numpy_fused(users, items, table, recent, weights, 0.4, histories, targets, 5)
   np.testing.assert_array_equal(got, order)
   np.testing.assert_array_equal(ranks, expected_ranks)

@@ -32,6 +32,7 @@ MESSAGES = [{'role': 'user', 'content': 'Name three movies like Toy Story.'}]
 def ours(tmp_path_factory):
   c = get_config().model
   c.spec, c.cache_dir = 'smollm2', str(tmp_path_factory.mktemp('cache'))
+  c.dtype = c.param_dtype = 'float32'  # the reference's; a module fixture is built before conftest pins 'auto'
   return load.load_model(c)
 
 
