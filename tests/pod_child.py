@@ -76,8 +76,9 @@ def install(hook: str) -> None:
     report.run = lambda ctx: fail('report') if jax.process_index() == 0 else real(ctx)  # declare reads it
   elif name == 'own_inputs':
     real_identity = runner.input_identity
-    runner.input_identity = lambda paths: [row[:2] + [row[2] + 7 * jax.process_index()] if len(row) == 3 else row
-                                           for row in real_identity(paths)]
+    # Each host sees its own copy of the inputs: the identities differ by process (process 0's decides).
+    runner.input_identity = lambda paths, *args: [[row[0], f'{row[1]}+{jax.process_index()}']
+                                                  for row in real_identity(paths, *args)]
   elif name:
     raise ValueError(f'PALR_TEST_HOOK={hook!r}')
 

@@ -375,12 +375,13 @@ def test_tpu_vm_watch_deletes_the_slice_when_the_user_interrupts_it(tmp_path, gc
   (tmp_path / 'JOBS').write_text('none\n' + 'running\n' * 10000)
   (tmp_path / 'calls').write_text('')
   proc = subprocess.Popen(['bash', str(LAUNCH / 'tpu_vm.sh'), '--name', 'i', '--zone', 'z', '--watch', '--poll', '1',
-                           '--delete', '--', 'x'], stderr=subprocess.PIPE, text=True,
+                           '--delete', '--', 'x'], stderr=subprocess.PIPE, text=True, start_new_session=True,
                           env={**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'TMPDIR': str(tmp_path)})
   deadline = time.time() + 30
   while 'setsid' not in (tmp_path / 'calls').read_text() and time.time() < deadline:
     time.sleep(0.1)
-  proc.send_signal(signal.SIGINT)
+  # Ctrl-C: the terminal signals the whole foreground group, so a child the watcher waits on ends too.
+  os.killpg(proc.pid, signal.SIGINT)
   assert proc.wait(timeout=30) == 130, proc.stderr.read()
   assert (tmp_path / 'calls').read_text().splitlines()[-1] == 'compute tpus tpu-vm delete i --zone=z --quiet'
 

@@ -307,7 +307,7 @@ def test_retrieve_cli_writes_candidates_and_results(tmp_path):
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'retriever: done in' in proc.stdout and 'test HR@10' not in proc.stderr  # library logs: W/logs
-  assert 'test HR@10' in ''.join(p.read_text() for p in (workdir / 'logs').glob('palr_jax.main.*.log.INFO.*'))
+  assert 'test HR@10' in ''.join(p.read_text() for p in (workdir / 'logs').rglob('palr_jax.main.*.log.INFO.*'))
 
   data_config = common.get_config().data
   data_config.path, data_config.name = str(data), 'tiny'
